@@ -1,0 +1,96 @@
+"""`make build`: checkpoint -> exported graphs (checked against PyTorch) -> rendered Triton model repository.
+
+    python -m wan_build --model CKPT_DIR|tiny --deployment DEPLOYMENT.yaml --repo REPO_DIR [--artifacts DIR]
+
+`--model tiny` makes the embedded default: a tiny random-weight checkpoint with the real architecture.
+Graphs are exported only for components whose deployment engine is onnxruntime (or tensorrt, whose plans are
+built from the same ONNX graphs), and skipped when already exported from the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import sys
+from pathlib import Path
+
+from wan_triton.checkpoint import Checkpoint, CheckpointError
+from wan_triton.deployment import Deployment
+from wan_triton.engines.base import EngineKind
+from wan_triton.specs import ShapeLimits
+
+from .render import RenderError, render_repository
+from .tiny_model import make_tiny_checkpoint
+
+logger = logging.getLogger("wan_build")
+
+# Deployment component -> the graphs export_onnx writes for it.
+EXPORTED_COMPONENTS = {
+    "text_encoder": ["text_encoder"],
+    "denoiser": ["transformer", "transformer_2"],
+    "vae_decoder": ["vae_decoder"],
+}
+
+
+def shape_limits(deployment: Deployment) -> ShapeLimits:
+    lim, d = deployment.limits, deployment.defaults
+    return ShapeLimits(
+        max_height=lim.max_height,
+        max_width=lim.max_width,
+        max_num_frames=lim.max_num_frames,
+        opt_height=deployment.opt_height or d.height,
+        opt_width=deployment.opt_width or d.width,
+        opt_num_frames=deployment.opt_num_frames or d.num_frames,
+    )
+
+
+def resolve_model(model: str, artifacts_root: Path) -> Path:
+    if model != "tiny":
+        return Path(model)
+    path = artifacts_root / "tiny" / "checkpoint"
+    if not (path / "model_index.json").is_file():
+        make_tiny_checkpoint(path)
+    return path
+
+
+def default_artifacts(ckpt: Checkpoint, artifacts_root: Path) -> Path:
+    # One folder per checkpoint path, so two checkpoints never share exported graphs.
+    digest = hashlib.sha256(str(ckpt.root).encode()).hexdigest()[:10]
+    return artifacts_root / "onnx" / f"{ckpt.root.name}-{digest}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m wan_build", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="checkpoint directory in the Diffusers layout, or 'tiny'")
+    parser.add_argument("--deployment", type=Path, required=True)
+    parser.add_argument("--repo", type=Path, required=True, help="model repository to write")
+    parser.add_argument("--artifacts-root", type=Path, default=Path("artifacts"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    try:
+        deployment = Deployment.load(args.deployment)
+        ckpt = Checkpoint.open(resolve_model(args.model, args.artifacts_root))
+        artifacts = default_artifacts(ckpt, args.artifacts_root)
+        graphs = [
+            graph
+            for component, names in EXPORTED_COMPONENTS.items()
+            if getattr(deployment.components, component).engine != EngineKind.TORCH
+            for graph in names
+        ]
+        if graphs:
+            from .export_onnx import export_all, format_rows
+
+            rows = export_all(ckpt, shape_limits(deployment), artifacts, components=graphs)
+            print(format_rows(rows))
+        repo = render_repository(deployment, ckpt.root, artifacts, args.repo)
+    except (CheckpointError, RenderError, ValueError, FileNotFoundError) as exc:
+        print(f"build failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"model repository: {repo}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

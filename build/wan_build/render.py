@@ -1,0 +1,127 @@
+"""Render a Triton model repository from the templates in `model_repository/templates` and one deployment file.
+
+Every model is rendered in one pass; a template key left unfilled, or a `${...}` left in the output, is an
+error. The I/O sections and the ensemble's wiring come from `wan_triton.serving.model_io`, so names cannot
+disagree between models. Exported graphs are linked into each model's version folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from string import Template
+
+from wan_triton.deployment import ComponentConfig, Deployment
+from wan_triton.engines.base import EngineKind
+from wan_triton.serving import model_io
+from wan_triton.serving.triton import DEPLOYMENT_FILE, REPOSITORY_MARKER
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository" / "templates"
+MARKER = REPOSITORY_MARKER
+VERSION = "1"
+
+CLASS_NAMES = {
+    "preprocess": "Preprocess",
+    "text_encoder": "TextEncoder",
+    "scheduler": "Scheduler",
+    "vae_decoder": "VaeDecoder",
+    "postprocess": "Postprocess",
+}
+# Which deployment component each step runs, and the exported graphs (globs) it needs with an ONNX engine.
+STEP_COMPONENT = {"text_encoder": "text_encoder", "scheduler": "denoiser", "vae_decoder": "vae_decoder"}
+STEP_GRAPHS = {
+    "text_encoder": ["text_encoder.onnx*"],
+    "scheduler": ["transformer.onnx*", "transformer_2.onnx*"],
+    "vae_decoder": ["vae_decoder_phase*.onnx*"],
+}
+
+
+class RenderError(ValueError):
+    pass
+
+
+def fill(template_name: str, values: dict[str, str]) -> str:
+    text = (TEMPLATES / template_name).read_text()
+    try:
+        out = Template(text).substitute(values)
+    except KeyError as exc:
+        raise RenderError(f"template {template_name}: no value for key ${{{exc.args[0]}}}") from None
+    except ValueError as exc:
+        raise RenderError(f"template {template_name}: {exc}") from None
+    leftover = re.findall(r"\$\{[^}]*\}", out)
+    if leftover:
+        raise RenderError(f"template {template_name}: unfilled keys {leftover}")
+    return out
+
+
+def _component(deployment: Deployment, role: str) -> ComponentConfig | None:
+    name = STEP_COMPONENT.get(role)
+    return None if name is None else getattr(deployment.components, name)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path, repo: Path) -> Path:
+    """Write the model repository for `deployment` to `repo` (replacing an earlier render there)."""
+    repo = repo.resolve()
+    if repo.exists() and any(repo.iterdir()) and not (repo / MARKER).exists():
+        raise RenderError(f"{repo} exists and was not made by this renderer; refusing to overwrite it")
+    deployment = deployment.model_copy(update={"checkpoint": str(checkpoint.resolve())})
+    staging = repo.with_name(repo.name + ".rendering")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / MARKER).write_text("rendered by wan_build.render\n")
+
+    name = deployment.model_name
+    ensemble = staging / name
+    (ensemble / VERSION).mkdir(parents=True)
+    (ensemble / "config.pbtxt").write_text(
+        fill("ensemble.pbtxt", {"model_name": name, "io": model_io.ensemble_io(), "steps": model_io.ensemble_steps(name)})
+    )
+
+    for step in model_io.STEPS:
+        model_dir = staging / f"{name}_{step.role}"
+        version_dir = model_dir / VERSION
+        version_dir.mkdir(parents=True)
+        component = _component(deployment, step.role)
+        on_gpu = component is not None and component.device == "cuda"
+        (model_dir / "config.pbtxt").write_text(
+            fill(
+                "step.pbtxt",
+                {
+                    "model_name": f"{name}_{step.role}",
+                    "ensemble_name": name,
+                    "role": step.role,
+                    "io": model_io.config_io(step),
+                    "instance_count": str(component.instance_count if component else 1),
+                    "instance_kind": "KIND_GPU" if on_gpu else "KIND_CPU",
+                },
+            )
+        )
+        (version_dir / "model.py").write_text(
+            fill("model.py", {"role": step.role, "class_name": CLASS_NAMES[step.role]})
+        )
+        (model_dir / DEPLOYMENT_FILE).write_text(deployment.to_json())
+        if component is not None and component.engine == EngineKind.ONNXRUNTIME:
+            for pattern in STEP_GRAPHS[step.role]:
+                matches = sorted(artifacts.glob(pattern))
+                if not matches:
+                    raise RenderError(f"{artifacts}: no exported graph matching {pattern!r} for {step.role}")
+                for src in matches:
+                    _link_or_copy(src, version_dir / src.name)
+
+    if repo.exists():
+        shutil.rmtree(repo)
+    staging.rename(repo)
+    logger.info("rendered model repository %s (%d models)", repo, len(model_io.STEPS) + 1)
+    return repo

@@ -1,0 +1,1 @@
+"""Wan2.2 text-to-video serving library behind the Triton Python-backend models."""

@@ -1,0 +1,87 @@
+"""Build each component (text encoder, denoiser experts, VAE decoder) with the engine its config names."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .checkpoint import EXPERTS, Checkpoint
+from .deployment import ComponentConfig
+from .denoise import Denoiser
+from .engines.base import Engine, EngineKind
+from .vae import VaeDecoder, torch_vae_decode_fn
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device(cfg: ComponentConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("the deployment asks for device 'cuda' but no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+def _onnx_engine(path: Path, cfg: ComponentConfig) -> Engine:
+    from .engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    if cfg.precision != "float32":
+        raise ValueError(f"the onnxruntime engine runs float32 graphs; precision {cfg.precision!r} is not supported")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: exported graph missing; run `make build`")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cfg.device == "cuda" else ["CPUExecutionProvider"]
+    return OnnxRuntimeEngine(path, providers=providers)
+
+
+def _reserved_tensorrt(component: str) -> Engine:
+    from .engines.tensorrt_engine import TensorRTEngine
+
+    return TensorRTEngine(component)
+
+
+def build_text_encoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -> Engine:
+    match cfg.engine:
+        case EngineKind.TORCH:
+            from .engines.torch_engine import text_encoder_engine
+
+            device, dtype = _device(cfg), DTYPES[cfg.precision]
+            return text_encoder_engine(ckpt.load_text_encoder(dtype, str(device)), device, dtype)
+        case EngineKind.ONNXRUNTIME:
+            return _onnx_engine(artifacts / "text_encoder.onnx", cfg)
+        case EngineKind.TENSORRT:
+            return _reserved_tensorrt("text_encoder")
+    raise ValueError(f"unknown engine {cfg.engine}")
+
+
+def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -> Denoiser:
+    device, dtype = _device(cfg), DTYPES[cfg.precision]
+    experts: dict[str, Engine] = {}
+    for name in EXPERTS:
+        match cfg.engine:
+            case EngineKind.TORCH:
+                from .engines.torch_engine import denoiser_engine
+
+                experts[name] = denoiser_engine(ckpt.load_transformer(name, dtype, str(device)), device, dtype)
+            case EngineKind.ONNXRUNTIME:
+                experts[name] = _onnx_engine(artifacts / f"{name}.onnx", cfg)
+                device, dtype = torch.device("cpu"), torch.float32  # ORT takes host tensors
+            case EngineKind.TENSORRT:
+                experts[name] = _reserved_tensorrt(name)
+    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype)
+
+
+def build_vae_decoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -> VaeDecoder:
+    match cfg.engine:
+        case EngineKind.TORCH:
+            device, dtype = _device(cfg), DTYPES[cfg.precision]
+            return VaeDecoder(ckpt, torch_vae_decode_fn(ckpt.load_vae(dtype, str(device))), device, dtype)
+        case EngineKind.ONNXRUNTIME:
+            from .vae_chunks import onnx_vae_decode_fn
+
+            return VaeDecoder(ckpt, onnx_vae_decode_fn(artifacts, lambda p: _onnx_engine(p, cfg)),
+                              torch.device("cpu"), torch.float32)
+        case EngineKind.TENSORRT:
+            _reserved_tensorrt("vae_decoder")
+    raise ValueError(f"unknown engine {cfg.engine}")

@@ -1,0 +1,96 @@
+"""The denoising loop of Wan2.2 T2V, step for step as diffusers' `WanPipeline` runs it.
+
+Flow-matching UniPC from the checkpoint's scheduler config; classifier-free guidance with the prompt and the
+negative prompt run as one batch of 2 (one forward per step instead of two); the high-noise expert
+`transformer` with `guidance_scale` while t >= boundary_ratio x num_train_timesteps, then the low-noise expert
+`transformer_2` with `guidance_scale_2`. The initial noise is drawn as `WanPipeline` draws it, from
+`torch.Generator("cpu").manual_seed(seed)`, so a served video can be reproduced offline.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import Checkpoint
+from .engines.base import Engine
+from .request import GenerationRequest
+
+logger = logging.getLogger(__name__)
+
+# Called after each step with (step_index, num_steps); raising from it stops the loop (cancellation).
+StepCallback = Callable[[int, int], None]
+
+
+def latent_shape(ckpt: Checkpoint, height: int, width: int, num_frames: int) -> tuple[int, int, int, int, int]:
+    """[1, C, latent_frames, height / 8, width / 8] for one video."""
+    sp = ckpt.vae_scale_factor_spatial
+    return (1, ckpt.latent_channels, ckpt.num_latent_frames(num_frames), height // sp, width // sp)
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The same draw as diffusers' `randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed))`."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32)
+
+
+@dataclass
+class Denoiser:
+    """Both experts and the solver settings of one checkpoint."""
+
+    ckpt: Checkpoint
+    experts: dict[str, Engine]  # "transformer" (high noise) and, when the checkpoint has it, "transformer_2"
+    device: torch.device
+    dtype: torch.dtype  # the experts' precision; latents stay float32 between steps, as in the reference
+
+    @property
+    def boundary_timestep(self) -> float | None:
+        ratio = self.ckpt.boundary_ratio
+        return None if ratio is None else ratio * self.ckpt.num_train_timesteps
+
+    def __call__(
+        self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step: StepCallback | None = None
+    ) -> torch.Tensor:
+        """Run every step and return the final latents.
+
+        Args:
+            request: a validated request (size, steps, seed, guidance pair).
+            prompt_embeds: [2, text_len, text_dim] (prompt, negative prompt) with guidance, else [1, ...].
+            on_step: progress / cancellation hook.
+        Returns:
+            latents, float32 [1, C, latent_frames, height / 8, width / 8], on `self.device`.
+        """
+        cfg = request.do_classifier_free_guidance
+        batch = 2 if cfg else 1
+        if prompt_embeds.shape[0] != batch:
+            raise ValueError(f"expected {batch} prompt embeddings, got {prompt_embeds.shape[0]}")
+        embeds = prompt_embeds.to(self.device, self.dtype)
+
+        scheduler = self.ckpt.make_scheduler()
+        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
+        scheduler.set_begin_index(0)
+        timesteps = scheduler.timesteps
+
+        shape = latent_shape(self.ckpt, request.height, request.width, request.num_frames)
+        latents = initial_noise(shape, request.seed).to(self.device)
+        boundary = self.boundary_timestep
+
+        for i, t in enumerate(timesteps):
+            if boundary is None or t >= boundary:
+                expert, scale = "transformer", request.guidance_scale
+            else:
+                expert, scale = "transformer_2", request.guidance_scale_2
+            model_input = latents.to(self.dtype).expand(batch, *shape[1:])
+            noise_pred = self.experts[expert].run(
+                {"hidden_states": model_input, "timestep": t.expand(batch), "encoder_hidden_states": embeds}
+            )["noise_pred"]
+            if cfg:
+                cond, uncond = noise_pred[0:1], noise_pred[1:2]
+                noise_pred = uncond + scale * (cond - uncond)
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            if on_step is not None:
+                on_step(i, len(timesteps))
+        return latents

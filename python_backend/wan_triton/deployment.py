@@ -1,0 +1,98 @@
+"""The deployment config: engines, devices, precision, request limits and defaults, in one YAML file.
+
+`make build` renders every Triton model from one of these files and writes the resolved result next to each
+model as `deployment.json`, which the model.py files read at load time. Unknown keys are errors, so a typo in a
+deployment file fails the build instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .engines.base import EngineKind
+
+Device = Literal["cpu", "cuda"]
+Precision = Literal["float32", "bfloat16", "float16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentConfig(_Strict):
+    engine: EngineKind
+    device: Device = "cpu"
+    precision: Precision = "float32"
+    instance_count: int = Field(default=1, ge=1)
+
+
+class Components(_Strict):
+    text_encoder: ComponentConfig
+    denoiser: ComponentConfig
+    vae_decoder: ComponentConfig
+
+
+class Limits(_Strict):
+    """The largest request accepted. Engine shape ranges (ONNX dims, TensorRT profiles) are derived from these."""
+
+    max_height: int = Field(gt=0)
+    max_width: int = Field(gt=0)
+    max_pixels: int = Field(gt=0, description="height x width")
+    max_num_frames: int = Field(gt=0)
+    max_num_inference_steps: int = Field(gt=0)
+    max_prompt_chars: int = Field(gt=0)
+    max_guidance_scale: float = Field(default=50.0, gt=0)
+    max_fps: int = Field(default=120, gt=0)
+
+
+class Defaults(_Strict):
+    """Values used for optional request inputs that a request leaves out."""
+
+    negative_prompt: str = ""
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: float
+    fps: int
+
+
+class Deployment(_Strict):
+    model_name: str = "wan_t2v"
+    checkpoint: str | None = Field(default=None, description="checkpoint directory; set by `make build MODEL=`")
+    components: Components
+    limits: Limits
+    defaults: Defaults
+    # Shapes the engines are tuned for (TensorRT profile "opt"; warm-up later).
+    opt_height: int | None = None
+    opt_width: int | None = None
+    opt_num_frames: int | None = None
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Deployment:
+        d, lim = self.defaults, self.limits
+        problems = []
+        if d.height > lim.max_height or d.width > lim.max_width or d.height * d.width > lim.max_pixels:
+            problems.append(f"default size {d.width}x{d.height} is above the limits")
+        if d.num_frames > lim.max_num_frames:
+            problems.append(f"default num_frames {d.num_frames} > max_num_frames {lim.max_num_frames}")
+        if not 1 <= d.num_inference_steps <= lim.max_num_inference_steps:
+            problems.append(f"default num_inference_steps {d.num_inference_steps} outside [1, max]")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> Deployment:
+        text = Path(path).read_text()
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        return cls.model_validate(data)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)

@@ -1,0 +1,24 @@
+"""The engine interface: named torch tensors in, named torch tensors out."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from enum import StrEnum
+
+import torch
+
+
+class EngineKind(StrEnum):
+    ONNXRUNTIME = "onnxruntime"  # the exported ONNX graphs; the default on CPU
+    TORCH = "torch"  # the library modules (diffusers/transformers); the default on GPU
+    TENSORRT = "tensorrt"  # reserved: compiled plans built from the same specs' profiles
+
+
+class Engine(ABC):
+    """Runs one graph. Returned tensors are owned by the caller (never internal buffers that a later call reuses)."""
+
+    kind: EngineKind
+
+    @abstractmethod
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run once. `inputs` holds every input the component's spec names."""

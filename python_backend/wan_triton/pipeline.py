@@ -1,0 +1,62 @@
+"""The whole text-to-video path in one process: tokenize, encode, denoise, decode.
+
+The Triton models run these same stages one model each; this in-process form serves offline reproduction,
+benchmarks and fast tests of the numerics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import Checkpoint
+from .components import build_denoiser, build_text_encoder, build_vae_decoder
+from .denoise import Denoiser, StepCallback
+from .deployment import Deployment
+from .engines.base import Engine
+from .request import GenerationRequest
+from .text import PromptTokenizer, zero_pad_past_length
+from .vae import VaeDecoder
+from .video import to_uint8_frames
+
+logger = logging.getLogger(__name__)
+
+
+def prompts_for(request: GenerationRequest) -> list[str]:
+    """The prompts to encode: the negative prompt only when guidance is on, as in the reference."""
+    return [request.prompt, request.negative_prompt] if request.do_classifier_free_guidance else [request.prompt]
+
+
+def encode_prompts(tokenizer: PromptTokenizer, engine: Engine, prompts: list[str]) -> torch.Tensor:
+    tokens = tokenizer(prompts)
+    ids, mask = torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
+    hidden = engine.run({"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
+    return zero_pad_past_length(hidden.float(), mask)
+
+
+@dataclass
+class LocalPipeline:
+    tokenizer: PromptTokenizer
+    text_encoder: Engine
+    denoiser: Denoiser
+    vae_decoder: VaeDecoder
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, deployment: Deployment, artifacts: Path) -> LocalPipeline:
+        c = deployment.components
+        return cls(
+            tokenizer=PromptTokenizer(ckpt.load_tokenizer()),
+            text_encoder=build_text_encoder(ckpt, c.text_encoder, artifacts),
+            denoiser=build_denoiser(ckpt, c.denoiser, artifacts),
+            vae_decoder=build_vae_decoder(ckpt, c.vae_decoder, artifacts),
+        )
+
+    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> np.ndarray:
+        """Returns frames, uint8 [num_frames, height, width, 3]."""
+        embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts_for(request))
+        latents = self.denoiser(request, embeds, on_step)
+        return to_uint8_frames(self.vae_decoder(latents))

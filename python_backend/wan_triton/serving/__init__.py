@@ -1,0 +1,1 @@
+"""The Triton side: tensor names of every model, and the Python-backend model classes behind the model.py files."""

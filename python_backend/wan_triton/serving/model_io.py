@@ -1,0 +1,118 @@
+"""Every Triton model's inputs and outputs, and how the `wan_t2v` ensemble wires them, in one table.
+
+The renderer writes the I/O sections of every `config.pbtxt` and the ensemble's steps from here, and the model
+classes read their tensors by these names, so a name exists in exactly one place. Ensemble inputs and outputs are
+lower snake case (`prompt`, `video`); intermediate ensemble tensors are `_`-prefixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..checkpoint import MAX_SEQUENCE_LENGTH
+
+
+@dataclass(frozen=True)
+class IO:
+    name: str
+    triton_dtype: str  # config.pbtxt data_type
+    dims: tuple[int, ...]  # -1 for a variable dim
+    optional: bool = False
+    doc: str = ""
+
+
+# The request contract. Everything but `prompt` is optional; defaults come from the deployment config.
+REQUEST_INPUTS: tuple[IO, ...] = (
+    IO("prompt", "TYPE_STRING", (1,), doc="UTF-8 text"),
+    IO("negative_prompt", "TYPE_STRING", (1,), optional=True, doc="UTF-8 text; used when guidance_scale > 1"),
+    IO("height", "TYPE_INT64", (1,), optional=True, doc="pixels, multiple of 16"),
+    IO("width", "TYPE_INT64", (1,), optional=True, doc="pixels, multiple of 16"),
+    IO("num_frames", "TYPE_INT64", (1,), optional=True, doc="4k+1"),
+    IO("num_inference_steps", "TYPE_INT64", (1,), optional=True),
+    IO("seed", "TYPE_INT64", (1,), optional=True, doc="initial noise from torch.Generator('cpu').manual_seed(seed)"),
+    IO("guidance_scale", "TYPE_FP32", (1,), optional=True, doc="high-noise expert"),
+    IO("guidance_scale_2", "TYPE_FP32", (1,), optional=True, doc="low-noise expert"),
+    IO("fps", "TYPE_INT64", (1,), optional=True, doc="frames per second of the MP4"),
+)
+RESPONSE_OUTPUTS: tuple[IO, ...] = (
+    IO("video", "TYPE_STRING", (1,), doc="H.264 MP4 file"),
+    IO("frames", "TYPE_UINT8", (-1, -1, -1, 3), doc="[num_frames, height, width, 3] RGB"),
+    IO("used_seed", "TYPE_INT64", (1,), doc="the seed used (drawn at random when the request gave none)"),
+)
+
+# Intermediate tensors, named as the producing model's output.
+REQUEST_JSON = IO("request", "TYPE_STRING", (1,), doc="the validated request with defaults filled, JSON")
+INPUT_IDS = IO("input_ids", "TYPE_INT64", (-1, MAX_SEQUENCE_LENGTH))
+ATTENTION_MASK = IO("attention_mask", "TYPE_INT64", (-1, MAX_SEQUENCE_LENGTH))
+PROMPT_EMBEDS = IO("prompt_embeds", "TYPE_FP32", (-1, MAX_SEQUENCE_LENGTH, -1), doc="prompt[, negative prompt]")
+LATENTS = IO("latents", "TYPE_FP32", (1, -1, -1, -1, -1))
+DECODED = IO("decoded_video", "TYPE_FP32", (1, 3, -1, -1, -1), doc="[-1, 1]")
+USED_SEED = RESPONSE_OUTPUTS[2]
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    role: str  # suffix of the Triton model name: <deployment model_name>_<role>
+    inputs: tuple[IO, ...]
+    outputs: tuple[IO, ...]
+
+
+PREPROCESS = ModelIO("preprocess", REQUEST_INPUTS, (REQUEST_JSON, INPUT_IDS, ATTENTION_MASK, USED_SEED))
+TEXT_ENCODER = ModelIO("text_encoder", (INPUT_IDS, ATTENTION_MASK), (PROMPT_EMBEDS,))
+SCHEDULER = ModelIO("scheduler", (REQUEST_JSON, PROMPT_EMBEDS), (LATENTS,))
+VAE_DECODER = ModelIO("vae_decoder", (LATENTS,), (DECODED,))
+POSTPROCESS = ModelIO("postprocess", (REQUEST_JSON, DECODED), RESPONSE_OUTPUTS[:2])
+
+STEPS: tuple[ModelIO, ...] = (PREPROCESS, TEXT_ENCODER, SCHEDULER, VAE_DECODER, POSTPROCESS)
+
+
+def ensemble_tensor(producer: ModelIO, io: IO) -> str:
+    """The ensemble's name for a step output: response outputs keep their names, the rest get a `_` prefix."""
+    if io in RESPONSE_OUTPUTS:
+        return io.name
+    return f"_{io.name}"
+
+
+def producers() -> dict[str, ModelIO]:
+    """Which step produces each intermediate tensor (by IO name)."""
+    table: dict[str, ModelIO] = {}
+    for step in STEPS:
+        for out in step.outputs:
+            if out.name in table:
+                raise ValueError(f"tensor {out.name!r} produced by both {table[out.name].role} and {step.role}")
+            table[out.name] = step
+    return table
+
+
+def _io_block(kind: str, items: tuple[IO, ...]) -> str:
+    entries = []
+    for io in items:
+        fields = [f'name: "{io.name}"', f"data_type: {io.triton_dtype}", f"dims: [ {', '.join(map(str, io.dims))} ]"]
+        if io.optional:
+            fields.append("optional: true")
+        entries.append("  {\n    " + "\n    ".join(fields) + "\n  }")
+    return f"{kind} [\n" + ",\n".join(entries) + "\n]"
+
+
+def config_io(model: ModelIO) -> str:
+    """The `input [...]` / `output [...]` section of a step's config.pbtxt."""
+    return _io_block("input", model.inputs) + "\n" + _io_block("output", model.outputs)
+
+
+def ensemble_io() -> str:
+    return _io_block("input", REQUEST_INPUTS) + "\n" + _io_block("output", RESPONSE_OUTPUTS)
+
+
+def ensemble_steps(model_name: str) -> str:
+    """The `ensemble_scheduling { step [...] }` body wiring every step by tensor name."""
+    made_by = producers()
+    steps = []
+    for step in STEPS:
+        lines = [f'    model_name: "{model_name}_{step.role}"', "    model_version: -1"]
+        for io in step.inputs:
+            source = io.name if step is PREPROCESS else ensemble_tensor(made_by[io.name], io)
+            lines.append(f'    input_map {{ key: "{io.name}" value: "{source}" }}')
+        for io in step.outputs:
+            lines.append(f'    output_map {{ key: "{io.name}" value: "{ensemble_tensor(step, io)}" }}')
+        steps.append("  {\n" + "\n".join(lines) + "\n  }")
+    return "step [\n" + ",\n".join(steps) + "\n]"

@@ -1,0 +1,134 @@
+"""The Python-backend model classes of the `wan_t2v` ensemble; each model.py re-exports one as TritonPythonModel.
+
+preprocess -> text_encoder -> scheduler (the denoising loop, owning both experts in its own process) ->
+vae_decoder -> postprocess. See `model_io` for the tensors between them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+
+import numpy as np
+import torch
+
+from ..components import build_denoiser, build_text_encoder, build_vae_decoder
+from ..pipeline import prompts_for
+from ..request import GenerationRequest, validate_request
+from ..text import PromptTokenizer, zero_pad_past_length
+from ..video import encode_mp4, to_uint8_frames
+from . import model_io as io
+from .triton import ModelContext, execute_each, output, read_inputs, read_request_json
+
+logger = logging.getLogger("wan_triton.serving")
+
+
+def _configure_logging() -> None:
+    # Triton captures the stub's stderr into its own log.
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class _Model:
+    role: str
+
+    def initialize(self, args: dict) -> None:
+        _configure_logging()
+        self.ctx = ModelContext.from_args(args)
+        started = time.perf_counter()
+        self.load()
+        logger.info("%s loaded in %.2f s", self.ctx.name, time.perf_counter() - started)
+
+    def load(self) -> None:
+        """Load weights/engines; called once per model instance."""
+
+    def handle(self, request):
+        raise NotImplementedError
+
+    def execute(self, requests):
+        return execute_each(requests, self.ctx.name, self.handle)
+
+    def finalize(self) -> None:
+        logger.info("%s unloaded", self.ctx.name)
+
+
+class Preprocess(_Model):
+    """Validate the request, fill defaults, tokenize the prompt (and negative prompt when guidance is on)."""
+
+    def load(self) -> None:
+        self.tokenizer = PromptTokenizer(self.ctx.checkpoint.load_tokenizer())
+
+    def handle(self, request):
+        inputs = read_inputs(request, [t.name for t in io.REQUEST_INPUTS])
+        ckpt = self.ctx.checkpoint
+        req = validate_request(inputs, self.ctx.deployment, ckpt.spatial_multiple, ckpt.vae_scale_factor_temporal)
+        tokens = self.tokenizer(prompts_for(req))
+        return _response(
+            output(io.REQUEST_JSON.name, np.array([json.dumps(dataclasses.asdict(req)).encode()], dtype=object)),
+            output(io.INPUT_IDS.name, tokens.input_ids),
+            output(io.ATTENTION_MASK.name, tokens.attention_mask),
+            output(io.USED_SEED.name, np.array([req.seed], dtype=np.int64)),
+        )
+
+
+class TextEncoder(_Model):
+    def load(self) -> None:
+        cfg = self.ctx.deployment.components.text_encoder
+        self.engine = build_text_encoder(self.ctx.checkpoint, cfg, self.ctx.artifacts)
+
+    def handle(self, request):
+        inputs = read_inputs(request, [io.INPUT_IDS.name, io.ATTENTION_MASK.name])
+        ids = torch.from_numpy(inputs[io.INPUT_IDS.name])
+        mask = torch.from_numpy(inputs[io.ATTENTION_MASK.name])
+        hidden = self.engine.run({"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
+        embeds = zero_pad_past_length(hidden.float(), mask)
+        return _response(output(io.PROMPT_EMBEDS.name, embeds.cpu().numpy()))
+
+
+class Scheduler(_Model):
+    """Runs the whole denoising loop in this process: no Triton round trip per step."""
+
+    def load(self) -> None:
+        cfg = self.ctx.deployment.components.denoiser
+        self.denoiser = build_denoiser(self.ctx.checkpoint, cfg, self.ctx.artifacts)
+
+    def handle(self, request):
+        req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
+        embeds = torch.from_numpy(read_inputs(request, [io.PROMPT_EMBEDS.name])[io.PROMPT_EMBEDS.name])
+        started = time.perf_counter()
+        latents = self.denoiser(req, embeds)
+        logger.info(
+            "denoised %dx%d x %d frames, %d steps in %.2f s", req.width, req.height, req.num_frames,
+            req.num_inference_steps, time.perf_counter() - started,
+        )
+        return _response(output(io.LATENTS.name, latents.float().cpu().numpy()))
+
+
+class VaeDecoder(_Model):
+    def load(self) -> None:
+        cfg = self.ctx.deployment.components.vae_decoder
+        self.decoder = build_vae_decoder(self.ctx.checkpoint, cfg, self.ctx.artifacts)
+
+    def handle(self, request):
+        latents = torch.from_numpy(read_inputs(request, [io.LATENTS.name])[io.LATENTS.name])
+        video = self.decoder(latents)
+        return _response(output(io.DECODED.name, video.float().cpu().numpy()))
+
+
+class Postprocess(_Model):
+    """uint8 frames as the reference computes them, and an H.264 MP4 of them."""
+
+    def handle(self, request):
+        req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
+        video = torch.from_numpy(read_inputs(request, [io.DECODED.name])[io.DECODED.name])
+        frames = to_uint8_frames(video)
+        mp4 = encode_mp4(frames, req.fps)
+        return _response(output("video", np.array([mp4], dtype=object)), output("frames", frames))
+
+
+def _response(*tensors):
+    from .triton import pb_utils
+
+    return pb_utils().InferenceResponse(output_tensors=list(tensors))

@@ -1,0 +1,98 @@
+"""Glue between Triton's Python backend (`triton_python_backend_utils`) and the library.
+
+Kept apart from the model classes so unit tests can run them against a fake `triton_python_backend_utils`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..checkpoint import Checkpoint
+from ..deployment import Deployment
+from ..request import InvalidRequestError
+from .model_io import IO
+
+logger = logging.getLogger(__name__)
+
+DEPLOYMENT_FILE = "deployment.json"
+REPOSITORY_MARKER = ".wan_t2v_repository"  # marks a model repository that `make build` rendered
+
+
+def pb_utils():
+    """The Python backend's utility module; only importable inside a Triton stub process (or a test's fake)."""
+    import triton_python_backend_utils
+
+    return triton_python_backend_utils
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """What every model reads at load time from Triton's `initialize(args)`."""
+
+    name: str
+    deployment: Deployment
+    checkpoint: Checkpoint
+    artifacts: Path  # the model's version folder, holding its exported graphs
+    device_id: int
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> ModelContext:
+        model_dir = Path(args["model_repository"])
+        deployment = Deployment.model_validate_json((model_dir / DEPLOYMENT_FILE).read_text())
+        if deployment.checkpoint is None:
+            raise ValueError(f"{model_dir / DEPLOYMENT_FILE}: no checkpoint recorded; re-run `make build MODEL=...`")
+        return cls(
+            name=args["model_name"],
+            deployment=deployment,
+            checkpoint=Checkpoint.open(deployment.checkpoint),
+            artifacts=model_dir / str(args["model_version"]),
+            device_id=int(args.get("model_instance_device_id", 0) or 0),
+        )
+
+
+def read_inputs(request, names: list[str]) -> dict[str, np.ndarray | None]:
+    """Each named input as numpy, or None where the client left an optional input out."""
+    pb = pb_utils()
+    out: dict[str, np.ndarray | None] = {}
+    for name in names:
+        tensor = pb.get_input_tensor_by_name(request, name)
+        out[name] = None if tensor is None else tensor.as_numpy()
+    return out
+
+
+def read_request_json(request, io: IO) -> dict[str, Any]:
+    raw = read_inputs(request, [io.name])[io.name]
+    if raw is None:
+        raise ValueError(f"internal tensor {io.name!r} missing")
+    return json.loads(bytes(raw.reshape(-1)[0]).decode("utf-8"))
+
+
+def output(name: str, array: np.ndarray):
+    return pb_utils().Tensor(name, array)
+
+
+def error_response(exc: BaseException, model_name: str):
+    """INVALID_ARG for bad input (the message names the field); INTERNAL, logged with traceback, otherwise."""
+    pb = pb_utils()
+    if isinstance(exc, InvalidRequestError):
+        logger.info("%s rejected a request: %s", model_name, exc)
+        return pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
+    logger.exception("%s failed a request", model_name, exc_info=exc)
+    return pb.InferenceResponse(error=pb.TritonError(f"{model_name}: internal error: {exc}", pb.TritonError.INTERNAL))
+
+
+def execute_each(requests, model_name: str, handle) -> list:
+    """Run `handle(request) -> InferenceResponse` per request; one bad request never fails the others."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(handle(request))
+        except Exception as exc:  # noqa: BLE001 - every failure becomes that request's error response
+            responses.append(error_response(exc, model_name))
+    return responses

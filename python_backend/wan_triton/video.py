@@ -1,0 +1,162 @@
+"""Turn the VAE's decoded video into uint8 RGB frames and an H.264 MP4, and decode such an MP4 back to frames.
+
+`to_uint8_frames` reproduces diffusers' `VideoProcessor.postprocess_video(video, output_type="np")` followed by
+`(x * 255).round().astype(np.uint8)` bit for bit, so served frames equal what the reference pipeline produces.
+"""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import av
+import numpy as np
+import torch
+from av.video.reformatter import Colorspace
+
+# High quality: at CRF 17 x264 output is visually lossless, so a decoded MP4 stays within a few levels of the frames.
+X264_CRF = 17
+X264_PRESET = "fast"
+# A fixed thread count, not x264's CPU-count-based "auto": x264 is deterministic for a given thread count, so the same
+# frames give the same bytes on any host. Four threads keep a 720p, 81-frame encode to a few seconds.
+X264_THREADS = 4
+
+# libavutil enum values (AVColorSpace, AVColorPrimaries, AVColorTransferCharacteristic, AVColorRange). The frames are
+# converted to YUV with the BT.709 matrix and tagged as such, so players (which assume BT.709 for HD) show the colours
+# the model made, and decoders that honour the tag (PyAV does) invert the same matrix.
+_AVCOL_SPC_BT709 = 1
+_AVCOL_PRI_BT709 = 1
+_AVCOL_TRC_BT709 = 1
+_AVCOL_RANGE_MPEG = 1  # limited ("TV") range, what yuv420p H.264 players expect
+
+
+def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
+    """Convert the VAE decoder output [1, 3, F, H, W] (nominally in [-1, 1]) to C-contiguous uint8 RGB [F, H, W, 3]."""
+    if video.ndim != 5:
+        raise ValueError(f"video must have shape [1, 3, F, H, W], got rank {video.ndim} shape {tuple(video.shape)}")
+    if video.shape[0] != 1:
+        raise ValueError(f"video must hold exactly one clip (batch size 1), got shape {tuple(video.shape)}")
+    if video.shape[1] != 3:
+        raise ValueError(f"video must have 3 (RGB) channels in dim 1, got shape {tuple(video.shape)}")
+    if not video.is_floating_point():
+        raise ValueError(f"video must be a floating-point tensor, got {video.dtype}")
+    with torch.no_grad():
+        # Same op order and dtype as diffusers' VaeImageProcessor.denormalize (in the tensor's own dtype) followed by
+        # pt_to_numpy's float32 cast, so the result is bit-identical to the reference postprocessing for any dtype.
+        x = (video[0] * 0.5 + 0.5).clamp(0, 1)
+        x = x.permute(1, 2, 3, 0).float()
+        # float32 multiply and round-half-to-even match numpy's; converting on the tensor's device moves 4x fewer
+        # bytes to the host than float32 would.
+        x = (x * 255).round().to(torch.uint8)
+        return np.ascontiguousarray(x.cpu().numpy())
+
+
+def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
+    """Encode uint8 RGB frames [F, H, W, 3] as an H.264 (yuv420p) MP4 with the index up front (faststart)."""
+    _check_frames(frames)
+    if isinstance(fps, bool) or not isinstance(fps, int | np.integer) or fps <= 0:
+        raise ValueError(f"fps must be a positive integer, got {fps!r}")
+    num_frames, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        # yuv420p halves chroma resolution in both directions; x264 rejects odd sizes.
+        raise ValueError(f"height and width must be even for yuv420p H.264, got {height}x{width}")
+
+    buffer = io.BytesIO()
+    time_base = Fraction(1, int(fps))
+    # movflags=+faststart makes the muxer reopen its own output to move the index before the media data; with an
+    # in-memory output it needs that reopen served by io_open.
+    with av.open(
+        buffer,
+        mode="w",
+        format="mp4",
+        options={"movflags": "+faststart"},
+        io_open=lambda url, flags, options: _BytesIOReader(buffer),
+    ) as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "yuv420p"
+        stream.time_base = time_base
+        stream.options = {"crf": str(X264_CRF), "preset": X264_PRESET, "threads": str(X264_THREADS)}
+        codec = stream.codec_context
+        codec.colorspace = _AVCOL_SPC_BT709
+        codec.color_primaries = _AVCOL_PRI_BT709
+        codec.color_trc = _AVCOL_TRC_BT709
+        codec.color_range = _AVCOL_RANGE_MPEG
+
+        for index in range(num_frames):
+            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), format="rgb24")
+            frame = rgb.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709)
+            frame.colorspace = _AVCOL_SPC_BT709
+            frame.color_primaries = _AVCOL_PRI_BT709
+            frame.color_trc = _AVCOL_TRC_BT709
+            frame.color_range = _AVCOL_RANGE_MPEG
+            frame.pts = index
+            frame.time_base = time_base
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))  # flush the encoder's delayed frames
+    return buffer.getvalue()
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """Decode the first video stream of an MP4 to uint8 RGB frames [F, H, W, 3]."""
+    with av.open(io.BytesIO(data), mode="r") as container:
+        if not container.streams.video:
+            raise ValueError("the data holds no video stream")
+        # PyAV converts with the colour matrix the stream is tagged with (BT.709 for encode_mp4's output).
+        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(container.streams.video[0])]
+    if not frames:
+        raise ValueError("the video stream holds no frames")
+    return np.stack(frames)
+
+
+def _check_frames(frames: np.ndarray) -> None:
+    if not isinstance(frames, np.ndarray):
+        raise ValueError(f"frames must be a numpy array, got {type(frames).__name__}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    if frames.ndim != 4 or frames.shape[3] != 3:
+        raise ValueError(f"frames must have shape [F, H, W, 3], got {frames.shape}")
+    if frames.shape[0] == 0:
+        raise ValueError("frames must hold at least one frame")
+
+
+class _BytesIOReader(io.RawIOBase):
+    """A read-only view of a BytesIO with its own position, leaving the writer's position untouched."""
+
+    def __init__(self, buffer: io.BytesIO) -> None:
+        super().__init__()
+        self._buffer = buffer
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target: bytearray | memoryview) -> int:
+        writer_position = self._buffer.tell()
+        try:
+            self._buffer.seek(self._position)
+            count = self._buffer.readinto(target)
+        finally:
+            self._buffer.seek(writer_position)
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            self._position = offset
+        elif whence == io.SEEK_CUR:
+            self._position += offset
+        elif whence == io.SEEK_END:
+            writer_position = self._buffer.tell()
+            self._position = self._buffer.seek(0, io.SEEK_END) + offset
+            self._buffer.seek(writer_position)
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
