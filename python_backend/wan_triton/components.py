@@ -61,9 +61,12 @@ def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -> D
     for name in EXPERTS:
         match cfg.engine:
             case EngineKind.TORCH:
+                from . import attention
                 from .engines.torch_engine import denoiser_engine
 
-                experts[name] = denoiser_engine(ckpt.load_transformer(name, dtype, str(device)), device, dtype)
+                module = ckpt.load_transformer(name, dtype, str(device))
+                attention.install(module, cfg.attention, device)
+                experts[name] = denoiser_engine(module, device, dtype)
             case EngineKind.ONNXRUNTIME:
                 experts[name] = _onnx_engine(artifacts / f"{name}.onnx", cfg)
                 device, dtype = torch.device("cpu"), torch.float32  # ORT takes host tensors

@@ -29,6 +29,9 @@ class ComponentConfig(_Strict):
     device: Device = "cpu"
     precision: Precision = "float32"
     instance_count: int = Field(default=1, ge=1)
+    # Denoiser only: attention kernel of the torch engine (see wan_triton.attention). "auto" picks the fastest
+    # installed on GPU and diffusers' own processor on CPU.
+    attention: Literal["auto", "reference", "cudnn", "flash4"] = "auto"
 
 
 class Components(_Strict):

@@ -71,11 +71,11 @@ def server_environment() -> dict[str, str]:
 
 
 def server_command(
-    repo: Path, http_port: int, grpc_port: int, metrics_port: int, log_verbose: int = 0
+    repos: list[Path], http_port: int, grpc_port: int, metrics_port: int, log_verbose: int = 0
 ) -> list[str]:
     return [
         str(tritonserver_binary()),
-        f"--model-repository={repo.resolve()}",
+        *(f"--model-repository={repo.resolve()}" for repo in repos),
         f"--backend-directory={backend_directory()}",
         f"--http-port={http_port}",
         f"--grpc-port={grpc_port}",
@@ -91,7 +91,9 @@ def server_command(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run tritonserver on a rendered Wan2.2 model repository.")
-    parser.add_argument("--repo", type=Path, required=True, help="model repository made by `make build`")
+    parser.add_argument(
+        "--repo", type=Path, required=True, action="append", help="model repository made by `make build` (repeatable)"
+    )
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
@@ -99,8 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from .serving.triton import REPOSITORY_MARKER
 
-    if not (args.repo / REPOSITORY_MARKER).is_file():
-        parser.error(f"{args.repo} is not a model repository made by `make build`")
+    for repo in args.repo:
+        if not (repo / REPOSITORY_MARKER).is_file():
+            parser.error(f"{repo} is not a model repository made by `make build`")
     cmd = server_command(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose)
     print("starting:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, server_environment())

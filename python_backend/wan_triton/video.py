@@ -6,13 +6,18 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import logging
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
 import torch
 from av.video.reformatter import Colorspace
+
+logger = logging.getLogger(__name__)
 
 # High quality: at CRF 17 x264 output is visually lossless, so a decoded MP4 stays within a few levels of the frames.
 X264_CRF = 17
@@ -20,6 +25,10 @@ X264_PRESET = "fast"
 # A fixed thread count, not x264's CPU-count-based "auto": x264 is deterministic for a given thread count, so the same
 # frames give the same bytes on any host. Four threads keep a 720p, 81-frame encode to a few seconds.
 X264_THREADS = 4
+# x264's AVX-512 code paths make its output depend on uninitialised memory (measured with x264 core 165: repeated
+# encodes of identical frames gave different bytes, even single-threaded, unless AVX-512 was off), so on CPUs that
+# have AVX-512 the encoder is capped at AVX2, which every AVX-512 CPU also has. Speed is the same within noise.
+_X264_ASM_CAP = "asm=AVX2"
 
 # libavutil enum values (AVColorSpace, AVColorPrimaries, AVColorTransferCharacteristic, AVColorRange). The frames are
 # converted to YUV with the BT.709 matrix and tagged as such, so players (which assume BT.709 for HD) show the colours
@@ -77,7 +86,7 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
         stream.height = height
         stream.pix_fmt = "yuv420p"
         stream.time_base = time_base
-        stream.options = {"crf": str(X264_CRF), "preset": X264_PRESET, "threads": str(X264_THREADS)}
+        stream.options = _x264_options()
         codec = stream.codec_context
         codec.colorspace = _AVCOL_SPC_BT709
         codec.color_primaries = _AVCOL_PRI_BT709
@@ -108,6 +117,27 @@ def decode_mp4(data: bytes) -> np.ndarray:
     if not frames:
         raise ValueError("the video stream holds no frames")
     return np.stack(frames)
+
+
+@functools.cache
+def _x264_options() -> dict[str, str]:
+    options = {"crf": str(X264_CRF), "preset": X264_PRESET, "threads": str(X264_THREADS)}
+    if _cpu_has_avx512():
+        options["x264-params"] = _X264_ASM_CAP
+    return options
+
+
+def _cpu_has_avx512() -> bool:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        # Not Linux: x264 keeps its own CPU detection; output may then vary between runs on AVX-512 hosts.
+        logger.warning("cannot read /proc/cpuinfo; H.264 output may not be byte-identical across runs")
+        return False
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return "avx512f" in line.split(":", 1)[-1].split()
+    return False
 
 
 def _check_frames(frames: np.ndarray) -> None:

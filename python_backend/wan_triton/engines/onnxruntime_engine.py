@@ -54,7 +54,7 @@ class OnnxRuntimeEngine(Engine):
         self.input_names = [i.name for i in inputs]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._dtypes = {i.name: _NUMPY_DTYPES.get(i.type) for i in inputs}
-        logger.info("%s: onnxruntime session on %s", self.path.name, self.session.get_providers())
+        logger.debug("%s: onnxruntime session on %s", self.path.name, self.session.get_providers())
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         missing = [name for name in self.input_names if name not in inputs]

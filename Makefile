@@ -1,0 +1,55 @@
+# Wan2.2 text-to-video on Triton Inference Server. `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+MODEL ?= tiny
+DEPLOYMENT ?= model_repository/deployments/cpu.yaml
+REPO ?= out/model_repository
+HTTP_PORT ?= 8000
+GRPC_PORT ?= 8001
+METRICS_PORT ?= 8002
+PYTEST_ARGS ?=
+
+.PHONY: help setup build serve run test lint clean
+
+help:
+	@echo "make setup                  create $(VENV) with everything (PyPI)"
+	@echo "make build MODEL=<dir|tiny> DEPLOYMENT=<yaml> REPO=<dir>"
+	@echo "                            export graphs, check them against PyTorch, render the model repository"
+	@echo "make serve REPO=<dir> [HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002]"
+	@echo "                            run tritonserver in the foreground (Ctrl-C / SIGTERM stops it)"
+	@echo "make run                    build the tiny default, serve it, generate out/sample.mp4, stop"
+	@echo "make test                   the test suite (CPU; starts real Triton servers)"
+	@echo "make lint                   ruff"
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU build this project tests with.
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -e '.[dev]'
+	# The Triton server binary and Python backend ship inside this wheel; its own Python deps are not needed.
+	$(VPY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
+	touch $@
+
+build: setup
+	$(VPY) -m wan_build --model $(MODEL) --deployment $(DEPLOYMENT) --repo $(REPO)
+
+serve: setup
+	$(VPY) -m wan_triton.server --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+		--metrics-port $(METRICS_PORT)
+
+run: build
+	$(VPY) -m wan_triton.launch --repo $(REPO) --output out/sample.mp4
+
+test: setup
+	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+clean:
+	rm -rf out artifacts

@@ -1,0 +1,201 @@
+"""One denoising step of Wan2.2-T2V-A14B on a GPU: this project's denoiser against diffusers, in one run.
+
+Builds one A14B expert (the real shapes, 14.29 B parameters) with random bf16 weights directly on the device
+(no download is possible, and speed does not depend on weight values), then times, at each size:
+  - diffusers' WanTransformer3DModel as WanPipeline runs it: two forwards (cond, uncond), default attention;
+  - this project's step: one batch-2 forward (cond + uncond), the chosen attention kernel, the guidance combine and
+    the UniPC update, as `wan_triton.denoise` runs it;
+  - the bf16 GEMM rate of this GPU, and the FLOP floor of a step from it.
+Writes JSON (--out) and prints a table. Usage on the GPU host:
+
+    python benchmarks/denoiser_step.py --sizes 480p 720p --backends cudnn flash4 --out $OUT/step.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
+
+from wan_triton.attention import AttentionBackend, WanT2VAttnProcessor, attention_fn, flash4_available  # noqa: E402
+
+logger = logging.getLogger("benchmarks.denoiser_step")
+
+A14B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+SIZES = {"480p": (480, 832), "720p": (720, 1280)}
+NUM_FRAMES = 81
+TEXT_LEN = 512
+
+
+def forward_flop(tokens: int, cfg: dict = A14B) -> float:
+    """Matmul FLOP of one forward (batch 1): QKVO, cross-attn Q/O and K/V on the text, FFN, both attentions."""
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    per_layer = (
+        8 * tokens * d * d  # self-attn Q, K, V, O
+        + 4 * tokens * d * d  # cross-attn Q, O
+        + 4 * TEXT_LEN * d * d  # cross-attn K, V on the text tokens
+        + 4 * tokens * d * cfg["ffn_dim"]  # FFN in and out
+        + 4 * tokens * tokens * d  # self-attention QK^T and PV
+        + 4 * tokens * TEXT_LEN * d  # cross-attention
+    )
+    return cfg["num_layers"] * per_layer
+
+
+def time_cuda(fn, warmup: int, repeat: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def gemm_tflops(n: int = 8192) -> float:
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    times = time_cuda(lambda: a @ b, warmup=5, repeat=20)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def build_expert():
+    """A14B expert with random weights made on the GPU, dtypes as `from_pretrained(torch_dtype=bf16)` leaves them."""
+    from diffusers import WanTransformer3DModel
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = WanTransformer3DModel(**A14B)
+    finally:
+        torch.set_default_dtype(previous)
+    for name, module in model.named_modules():
+        if any(part in WanTransformer3DModel._keep_in_fp32_modules for part in name.split(".")):
+            module.float()
+    for name, param in model.named_parameters():
+        if "scale_shift_table" in name:
+            param.data = param.data.float()
+    return model.eval().requires_grad_(False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", default=["480p", "720p"], choices=list(SIZES))
+    parser.add_argument("--backends", nargs="+", default=["cudnn", "flash4"])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--skip-diffusers", action="store_true")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    from diffusers import UniPCMultistepScheduler
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    result: dict = {
+        "device": torch.cuda.get_device_name(),
+        "commit": os.environ.get("COMMIT", "unknown"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "flash4_available": flash4_available(),
+        "sizes": {},
+    }
+    result["gemm_tflops"] = gemm_tflops()
+    logger.info("bf16 GEMM 8192^3: %.0f TFLOP/s", result["gemm_tflops"])
+    started = time.perf_counter()
+    model = build_expert()
+    logger.info("built A14B expert (%.2f B params) in %.1f s", sum(p.numel() for p in model.parameters()) / 1e9,
+                time.perf_counter() - started)
+    weights_gb = torch.cuda.memory_allocated() / 1e9
+
+    for size in args.sizes:
+        height, width = SIZES[size]
+        shape = (1, 16, (NUM_FRAMES - 1) // 4 + 1, height // 8, width // 8)
+        tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
+        gen = torch.Generator("cuda").manual_seed(0)
+        latents = torch.randn(shape, device="cuda", generator=gen)
+        text = torch.randn(2, TEXT_LEN, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+        t = torch.tensor([900], device="cuda")
+        step_flop = 2 * forward_flop(tokens)
+        entry: dict = {"tokens": tokens, "step_pflop": step_flop / 1e15,
+                       "floor_s": step_flop / (result["gemm_tflops"] * 1e12), "weights_gb": weights_gb}
+
+        if not args.skip_diffusers:
+            model.set_attn_processor(WanAttnProcessor())
+            x = latents.to(torch.bfloat16)
+
+            def diffusers_step():
+                cond = model(x, t, text[0:1], return_dict=False)[0]
+                uncond = model(x, t, text[1:2], return_dict=False)[0]
+                return uncond + 4.0 * (cond - uncond)
+
+            torch.cuda.reset_peak_memory_stats()
+            times = time_cuda(diffusers_step, warmup=1, repeat=args.repeat)
+            entry["diffusers"] = {"step_s": statistics.median(times), "times": times,
+                                  "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+            logger.info("%s diffusers step: %.3f s", size, entry["diffusers"]["step_s"])
+
+        for name in args.backends:
+            backend = AttentionBackend(name)
+            if backend == AttentionBackend.FLASH4 and not flash4_available():
+                logger.info("flash4 not installed; skipped")
+                continue
+            model.set_attn_processor(WanT2VAttnProcessor(attention_fn(backend)))
+            scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                flow_shift=12.0)
+            scheduler.set_timesteps(1000, device="cuda")
+            state = {"latents": latents.clone(), "i": 0}
+
+            def our_step():
+                # As wan_triton.denoise.Denoiser runs a step: batch of 2, guidance, solver update.
+                ts = scheduler.timesteps[state["i"] % 1000]
+                x2 = state["latents"].to(torch.bfloat16).expand(2, *shape[1:])
+                noise = model(x2, ts.expand(2), text, return_dict=False)[0]
+                noise = noise[1:2] + 4.0 * (noise[0:1] - noise[1:2])
+                state["latents"] = scheduler.step(noise, ts, state["latents"], return_dict=False)[0]
+                state["i"] += 1
+
+            torch.cuda.reset_peak_memory_stats()
+            times = time_cuda(our_step, warmup=1, repeat=args.repeat)
+            entry[f"ours_{name}"] = {"step_s": statistics.median(times), "times": times,
+                                     "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+            logger.info("%s ours (%s) step: %.3f s", size, name, entry[f"ours_{name}"]["step_s"])
+        result["sizes"][size] = entry
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+    print(f"\n{result['device']}  commit {result['commit']}  bf16 GEMM {result['gemm_tflops']:.0f} TFLOP/s")
+    print(f"{'size':6} {'variant':16} {'step s':>8} {'x diffusers':>11} {'x floor':>8} {'peak GB':>8}")
+    for size, entry in result["sizes"].items():
+        base = entry.get("diffusers", {}).get("step_s")
+        for key, value in entry.items():
+            if isinstance(value, dict):
+                ratio = f"{base / value['step_s']:.2f}" if base else "-"
+                print(f"{size:6} {key:16} {value['step_s']:8.3f} {ratio:>11} {value['step_s'] / entry['floor_s']:8.2f} "
+                      f"{value['peak_gb']:8.1f}")
+        print(f"{size:6} {'floor':16} {entry['floor_s']:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""Command-line gRPC client for the Wan2.2 text-to-video ensemble (`wan_t2v`) served by Triton.
+
+Sends one generation request, shows elapsed time on stderr while the server works (a request can take minutes),
+writes the returned MP4 and prints its path as the last line of stdout. Only options the user gives are sent; the
+server fills the rest with its defaults.
+
+    python client/wan_client.py --prompt "a red fox running through snow" --seed 42 --output fox.mp4
+
+Exit codes: 0 success, 2 the server rejected the request as invalid (the message names the field), 130 interrupted,
+1 any other failure (server unreachable, model not ready, timeout, server error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
+
+logger = logging.getLogger("wan_client")
+
+DEFAULT_URL = "localhost:8001"
+DEFAULT_MODEL = "wan_t2v"
+DEFAULT_OUTPUT = "output.mp4"
+
+# The server's request contract: every input has shape [1] (the model has no batching dimension).
+INPUT_DATATYPES: dict[str, str] = {
+    "prompt": "BYTES",
+    "negative_prompt": "BYTES",
+    "height": "INT64",
+    "width": "INT64",
+    "num_frames": "INT64",
+    "num_inference_steps": "INT64",
+    "seed": "INT64",
+    "guidance_scale": "FP32",
+    "guidance_scale_2": "FP32",
+    "fps": "INT64",
+}
+
+# argparse destination -> model input name.
+OPTION_INPUTS: dict[str, str] = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "height": "height",
+    "width": "width",
+    "num_frames": "num_frames",
+    "steps": "num_inference_steps",
+    "seed": "seed",
+    "guidance_scale": "guidance_scale",
+    "guidance_scale_2": "guidance_scale_2",
+    "fps": "fps",
+}
+
+VIDEO_OUTPUT = "video"
+FRAMES_OUTPUT = "frames"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_INVALID_ARGUMENT = 2
+EXIT_INTERRUPTED = 130
+
+# Health checks should answer in milliseconds; the bound only keeps an unroutable address from hanging the client.
+HEALTH_TIMEOUT_S = 10.0
+POLL_INTERVAL_S = 0.5
+# How long past the gRPC deadline to wait for the deadline error before giving up on the call ourselves.
+DEADLINE_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What one generation request returned."""
+
+    video: bytes
+    frames: np.ndarray | None
+    elapsed_s: float
+
+
+class GenerateError(Exception):
+    """A failed request, with a message for the user and the exit code the CLI should return."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def build_infer_inputs(values: Mapping[str, object]) -> list[grpcclient.InferInput]:
+    """Turn {input name: python value} into Triton inputs of shape [1]; None values are left out (server default)."""
+    unknown = sorted(set(values) - set(INPUT_DATATYPES))
+    if unknown:
+        raise ValueError(f"unknown input(s) {unknown}; the model takes {list(INPUT_DATATYPES)}")
+    inputs = []
+    for name, datatype in INPUT_DATATYPES.items():
+        value = values.get(name)
+        if value is None:
+            continue
+        infer_input = grpcclient.InferInput(name, [1], datatype)
+        infer_input.set_data_from_numpy(_to_array(name, datatype, value))
+        inputs.append(infer_input)
+    return inputs
+
+
+def _to_array(name: str, datatype: str, value: object) -> np.ndarray:
+    if datatype == "BYTES":
+        if isinstance(value, str):
+            value = value.encode("utf-8")
+        if not isinstance(value, bytes):
+            raise TypeError(f"{name} must be str or bytes, got {type(value).__name__}")
+        return np.array([value], dtype=np.object_)
+    # bool is an int subclass, but True is never a meaningful height or seed.
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got bool")
+    if datatype == "INT64":
+        if not isinstance(value, int | np.integer):
+            raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+        if not -(2**63) <= int(value) < 2**63:
+            raise ValueError(f"{name} does not fit in int64: {value}")
+        return np.array([value], dtype=np.int64)
+    if datatype == "FP32":
+        if not isinstance(value, int | float | np.integer | np.floating):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+        return np.array([value], dtype=np.float32)
+    raise AssertionError(f"no conversion for datatype {datatype}")  # INPUT_DATATYPES only holds the ones above
+
+
+def generate(
+    url: str,
+    model: str,
+    inputs: Mapping[str, object],
+    want_frames: bool,
+    timeout_s: float | None,
+    *,
+    progress: Callable[[float], None] | None = None,
+) -> GenerateResult:
+    """Run one generation request on Triton and return the MP4 (and the raw frames when asked for).
+
+    `progress` is called with the elapsed seconds about every POLL_INTERVAL_S while waiting. Raises GenerateError.
+    """
+    if inputs.get("prompt") is None:
+        raise GenerateError("a prompt is required", EXIT_INVALID_ARGUMENT)
+    try:
+        infer_inputs = build_infer_inputs(inputs)
+    except (TypeError, ValueError) as error:
+        raise GenerateError(str(error), EXIT_INVALID_ARGUMENT) from error
+
+    try:
+        client = grpcclient.InferenceServerClient(url=url)
+    except Exception as error:  # tritonclient raises plain Exception for a malformed URL
+        raise GenerateError(f"cannot reach Triton at {url}: {error}") from error
+    try:
+        _check_ready(client, url, model)
+        outputs = [grpcclient.InferRequestedOutput(VIDEO_OUTPUT)]
+        if want_frames:
+            outputs.append(grpcclient.InferRequestedOutput(FRAMES_OUTPUT))
+        result, elapsed_s = _infer(client, model, infer_inputs, outputs, timeout_s, progress)
+    finally:
+        client.close()
+
+    video = result.as_numpy(VIDEO_OUTPUT)
+    if video is None or video.size != 1:
+        raise GenerateError(f"the server's response has no single '{VIDEO_OUTPUT}' output")
+    frames = result.as_numpy(FRAMES_OUTPUT) if want_frames else None
+    if want_frames and frames is None:
+        raise GenerateError(f"the server's response has no '{FRAMES_OUTPUT}' output")
+    return GenerateResult(video=bytes(video.reshape(-1)[0]), frames=frames, elapsed_s=elapsed_s)
+
+
+def _check_ready(client: grpcclient.InferenceServerClient, url: str, model: str) -> None:
+    try:
+        live = client.is_server_live(client_timeout=HEALTH_TIMEOUT_S)
+    except InferenceServerException as error:
+        raise GenerateError(f"cannot reach Triton at {url}: {error.message()}") from error
+    if not live:
+        raise GenerateError(f"Triton at {url} answers but is not live")
+    try:
+        ready = client.is_model_ready(model, client_timeout=HEALTH_TIMEOUT_S)
+    except InferenceServerException as error:
+        raise GenerateError(f"cannot ask Triton at {url} about model '{model}': {error.message()}") from error
+    if not ready:
+        raise GenerateError(
+            f"model '{model}' is not ready on Triton at {url} (not loaded, still loading, or failed to load; "
+            "see the server log)"
+        )
+
+
+class _Reply:
+    """Hands the async_infer callback's outcome (called on a gRPC thread) to the waiting thread."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: grpcclient.InferResult | None = None
+        self.error: InferenceServerException | None = None
+
+    def __call__(self, result: grpcclient.InferResult | None, error: InferenceServerException | None) -> None:
+        self.result = result
+        self.error = error
+        self.done.set()
+
+
+def _infer(
+    client: grpcclient.InferenceServerClient,
+    model: str,
+    infer_inputs: list[grpcclient.InferInput],
+    outputs: list[grpcclient.InferRequestedOutput],
+    timeout_s: float | None,
+    progress: Callable[[float], None] | None,
+) -> tuple[grpcclient.InferResult, float]:
+    reply = _Reply()
+    start = time.monotonic()
+    try:
+        # async_infer so this thread stays free to show progress; the gRPC deadline (client_timeout) also tells the
+        # server to give up on the request.
+        call = client.async_infer(model, infer_inputs, reply, outputs=outputs, client_timeout=timeout_s)
+    except InferenceServerException as error:
+        raise GenerateError(f"could not send the request: {error.message()}") from error
+    try:
+        while not reply.done.wait(POLL_INTERVAL_S):
+            elapsed = time.monotonic() - start
+            if timeout_s is not None and elapsed > timeout_s + DEADLINE_GRACE_S:
+                call.cancel()
+                raise GenerateError(f"request timed out after {timeout_s:g} s")
+            if progress is not None:
+                progress(elapsed)
+    except KeyboardInterrupt:
+        call.cancel()  # don't leave the server generating a video nobody will receive
+        raise
+    elapsed = time.monotonic() - start
+
+    if reply.error is not None:
+        raise _request_error(reply.error, model, timeout_s)
+    if reply.result is None:
+        raise GenerateError("the server returned neither a result nor an error")
+    return reply.result, elapsed
+
+
+def _request_error(error: InferenceServerException, model: str, timeout_s: float | None) -> GenerateError:
+    status = error.status() or ""
+    message = error.message() or str(error)
+    if status == "StatusCode.INVALID_ARGUMENT":
+        return GenerateError(f"request rejected: {message}", EXIT_INVALID_ARGUMENT)
+    if status == "StatusCode.DEADLINE_EXCEEDED":
+        limit = f" after {timeout_s:g} s" if timeout_s is not None else ""
+        return GenerateError(f"request timed out{limit} (raise --timeout or request fewer frames/steps)")
+    if status == "StatusCode.UNAVAILABLE":
+        return GenerateError(f"lost the connection to Triton while model '{model}' was working: {message}")
+    if status == "StatusCode.CANCELLED":
+        return GenerateError(f"request cancelled: {message}")
+    return GenerateError(f"inference failed ({status or 'no status'}): {message}")
+
+
+class Progress:
+    """Shows elapsed time on a stream: a spinner updated in place on a terminal, a line every 10 s otherwise."""
+
+    LINE_EVERY_S = 10.0
+
+    def __init__(self, stream: TextIO, label: str) -> None:
+        self._stream = stream
+        self._label = label
+        self._tty = stream.isatty()
+        self._spinner = itertools.cycle("|/-\\")
+        self._next_line_at = self.LINE_EVERY_S
+        self._drawn = False
+
+    def __call__(self, elapsed_s: float) -> None:
+        if self._tty:
+            self._stream.write(f"\r{next(self._spinner)} {self._label} {elapsed_s:6.1f} s")
+            self._drawn = True
+        elif elapsed_s >= self._next_line_at:
+            self._stream.write(f"{self._label} {elapsed_s:.0f} s\n")
+            self._next_line_at += self.LINE_EVERY_S
+        else:
+            return
+        self._stream.flush()
+
+    def finish(self) -> None:
+        """Clear the spinner line so later messages start on a clean line."""
+        if self._drawn:
+            self._stream.write("\r\033[K")
+            self._stream.flush()
+            self._drawn = False
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Generate a video with the Wan2.2 text-to-video model served by Triton (gRPC).",
+        epilog="Options left out are not sent; the server applies its defaults and limits.",
+    )
+    parser.add_argument("--prompt", required=True, help="text describing the video")
+    parser.add_argument("--negative-prompt", help="text describing what to avoid")
+    parser.add_argument("--height", type=int, help="frame height in pixels")
+    parser.add_argument("--width", type=int, help="frame width in pixels")
+    parser.add_argument("--num-frames", type=int, help="number of frames")
+    parser.add_argument("--steps", type=int, help="number of denoising steps (num_inference_steps)")
+    parser.add_argument("--seed", type=int, help="random seed, for reproducible output")
+    parser.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (high-noise stage)")
+    parser.add_argument("--guidance-scale-2", type=float, help="classifier-free guidance scale (low-noise stage)")
+    parser.add_argument("--fps", type=int, help="frame rate written into the MP4")
+    parser.add_argument(
+        "--output", type=Path, default=Path(DEFAULT_OUTPUT), help=f"MP4 path (default {DEFAULT_OUTPUT})"
+    )
+    parser.add_argument("--frames-npy", type=Path, help="also fetch the raw uint8 frames [F, H, W, 3] and np.save them")
+    parser.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait indefinitely)")
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log request details")
+    args = parser.parse_args(argv)
+    if args.timeout is not None and args.timeout <= 0:
+        parser.error("--timeout must be positive")
+    return args
+
+
+def inputs_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """Map parsed options to model inputs, keeping only the ones the user gave."""
+    values = {input_name: getattr(args, option) for option, input_name in OPTION_INPUTS.items()}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def describe_mp4(data: bytes) -> str | None:
+    """A one-line summary (frames, size, fps) of an MP4, or None when PyAV is not installed or cannot parse it."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            stream = container.streams.video[0]
+            rate = stream.average_rate
+            fps = f", {float(rate):g} fps" if rate else ""
+            return f"{stream.frames} frames, {stream.codec_context.width}x{stream.codec_context.height}{fps}"
+    except (av.error.FFmpegError, IndexError) as error:
+        logger.debug("cannot parse the returned MP4: %s", error)
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
+    inputs = inputs_from_args(args)
+    logger.debug("sending to %s model %s: %s", args.url, args.model, inputs)
+
+    progress = Progress(sys.stderr, f"generating on {args.url} ({args.model})...")
+    try:
+        result = generate(
+            args.url,
+            args.model,
+            inputs,
+            want_frames=args.frames_npy is not None,
+            timeout_s=args.timeout,
+            progress=progress,
+        )
+    except GenerateError as error:
+        progress.finish()
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        progress.finish()
+        print("interrupted; request cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    progress.finish()
+
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_bytes(result.video)
+        if args.frames_npy is not None and result.frames is not None:
+            args.frames_npy.parent.mkdir(parents=True, exist_ok=True)
+            np.save(args.frames_npy, result.frames)
+    except OSError as error:
+        print(f"error: cannot write output: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+
+    summary = f"received {len(result.video) / 1e6:.2f} MB MP4 in {result.elapsed_s:.1f} s"
+    details = describe_mp4(result.video)
+    if details:
+        summary += f" ({details})"
+    if result.frames is not None:
+        summary += f"; frames {result.frames.dtype}{list(result.frames.shape)} saved to {args.frames_npy}"
+    print(summary, file=sys.stderr)
+    print(args.output)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

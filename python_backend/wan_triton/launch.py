@@ -1,0 +1,132 @@
+"""Start a Triton server in the background, wait until it is ready, and stop it cleanly.
+
+Used by the integration tests, the benchmarks and `make run`. The server runs as `python -m wan_triton.server`
+in its own process group; stopping sends SIGTERM (what an orchestrator sends) and waits for a clean exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM, then wait; returns the exit code (SIGKILL only if it hangs past the timeout)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.error("tritonserver ignored SIGTERM for %.0f s; killing it", timeout_s)
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(repos: list[Path], log_path: Path, ready_timeout_s: float = 300) -> RunningServer:
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "wan_triton.server", "--http-port", str(http), "--grpc-port", str(grpc),
+           "--metrics-port", str(metrics)]
+    for repo in repos:
+        cmd += ["--repo", str(repo)]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("wb")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = RunningServer(process, http, grpc, metrics, log_path)
+    try:
+        server.wait_ready(ready_timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def running_server(repos: list[Path], log_path: Path, ready_timeout_s: float = 300) -> Iterator[RunningServer]:
+    server = start_server(repos, log_path, ready_timeout_s)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def demo(argv: list[str] | None = None) -> int:
+    """`make run`: start the server, generate one MP4 through the gRPC client, stop the server."""
+    parser = argparse.ArgumentParser(description="Generate a sample video through a freshly started server.")
+    parser.add_argument("--repo", type=Path, required=True)
+    parser.add_argument("--output", type=Path, default=Path("out/sample.mp4"))
+    parser.add_argument("--prompt", default="a red robot walks through a forest at sunset, cinematic")
+    parser.add_argument("--log", type=Path, default=Path("out/tritonserver.log"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    client = Path(__file__).resolve().parents[2] / "client" / "wan_client.py"
+    logger.info("starting tritonserver (log: %s)", args.log)
+    with running_server([args.repo], args.log) as server:
+        logger.info("server ready; generating")
+        result = subprocess.run(
+            [sys.executable, str(client), "--url", server.grpc_url, "--prompt", args.prompt, "--seed", "42",
+             "--output", str(args.output)],
+            check=False,
+        )
+    if result.returncode != 0:
+        return result.returncode
+    print(args.output.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(demo())

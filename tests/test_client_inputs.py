@@ -1,0 +1,245 @@
+"""Tests for the command-line client: request input building, option mapping, and failing cleanly without a server."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from concurrent import futures
+
+import grpc
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+import wan_client
+from wan_client import INPUT_DATATYPES, build_infer_inputs, inputs_from_args, parse_args
+
+
+def _by_name(values: dict[str, object]) -> dict[str, object]:
+    return {infer_input.name(): infer_input for infer_input in build_infer_inputs(values)}
+
+
+def test_build_infer_inputs_names_datatypes_shapes() -> None:
+    values: dict[str, object] = {
+        "prompt": "a fox",
+        "negative_prompt": "blurry",
+        "height": 480,
+        "width": 832,
+        "num_frames": 81,
+        "num_inference_steps": 40,
+        "seed": 2**62,
+        "guidance_scale": 4.0,
+        "guidance_scale_2": 3,
+        "fps": 16,
+    }
+    inputs = _by_name(values)
+
+    assert set(inputs) == set(INPUT_DATATYPES)
+    for name, infer_input in inputs.items():
+        assert infer_input.datatype() == INPUT_DATATYPES[name]
+        assert list(infer_input.shape()) == [1]
+    assert inputs["seed"]._get_content() == np.array([2**62], dtype=np.int64).tobytes()
+    assert inputs["guidance_scale_2"]._get_content() == np.array([3.0], dtype=np.float32).tobytes()
+    # BYTES tensors are serialized as a 4-byte little-endian length followed by the UTF-8 bytes.
+    assert inputs["prompt"]._get_content() == len(b"a fox").to_bytes(4, "little") + b"a fox"
+
+
+def test_build_infer_inputs_omits_none() -> None:
+    inputs = _by_name({"prompt": "a fox", "seed": None, "height": None, "guidance_scale": 5.0})
+    assert set(inputs) == {"prompt", "guidance_scale"}
+
+
+def test_build_infer_inputs_keeps_utf8_and_empty_strings() -> None:
+    inputs = _by_name({"prompt": "café", "negative_prompt": ""})
+    assert inputs["prompt"]._get_content() == (5).to_bytes(4, "little") + "café".encode()
+    assert inputs["negative_prompt"]._get_content() == (0).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"prompt": "x", "steps": 3}, ValueError),
+        ({"prompt": "x", "height": 480.5}, TypeError),
+        ({"prompt": "x", "seed": True}, TypeError),
+        ({"prompt": "x", "seed": 2**63}, ValueError),
+        ({"prompt": 7}, TypeError),
+        ({"prompt": "x", "guidance_scale": "4"}, TypeError),
+    ],
+)
+def test_build_infer_inputs_rejects_bad_values(values: dict[str, object], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        build_infer_inputs(values)
+
+
+def test_parse_args_maps_options_to_inputs() -> None:
+    args = parse_args(
+        [
+            "--prompt", "a fox",
+            "--negative-prompt", "blurry",
+            "--height", "480",
+            "--width", "832",
+            "--num-frames", "81",
+            "--steps", "30",
+            "--seed", "7",
+            "--guidance-scale", "4.5",
+            "--guidance-scale-2", "3",
+            "--fps", "16",
+        ]
+    )  # fmt: skip
+    assert inputs_from_args(args) == {
+        "prompt": "a fox",
+        "negative_prompt": "blurry",
+        "height": 480,
+        "width": 832,
+        "num_frames": 81,
+        "num_inference_steps": 30,
+        "seed": 7,
+        "guidance_scale": 4.5,
+        "guidance_scale_2": 3.0,
+        "fps": 16,
+    }
+    assert set(inputs_from_args(args)) == set(INPUT_DATATYPES)
+
+
+def test_parse_args_sends_only_given_options() -> None:
+    args = parse_args(["--prompt", "a fox", "--seed", "0"])
+    assert inputs_from_args(args) == {"prompt": "a fox", "seed": 0}
+    assert args.url == "localhost:8001"
+    assert args.model == "wan_t2v"
+    assert args.frames_npy is None
+    assert args.timeout is None
+
+
+def test_parse_args_requires_prompt() -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--seed", "1"])
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_main_without_server_fails_clearly(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    url = f"127.0.0.1:{_free_port()}"
+    output = tmp_path / "out.mp4"
+
+    code = wan_client.main(["--url", url, "--prompt", "a fox", "--output", str(output)])
+
+    captured = capsys.readouterr()
+    assert code != 0
+    assert f"cannot reach Triton at {url}" in captured.err
+    assert captured.out == ""
+    assert not output.exists()
+
+
+def test_progress_without_tty_prints_a_line_every_ten_seconds() -> None:
+    stream = io.StringIO()
+    progress = wan_client.Progress(stream, "generating")
+    for tick in range(1, 50):
+        progress(tick * 0.5)
+    progress.finish()
+    assert stream.getvalue().splitlines() == ["generating 10 s", "generating 20 s"]
+
+
+class _FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
+    """Just enough of Triton's gRPC service to exercise the client: health, readiness and ModelInfer."""
+
+    VIDEO = b"\x00\x00\x00\x18ftypisom fake mp4 bytes"
+    FRAMES = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
+
+    def __init__(self) -> None:
+        self.requests: list[service_pb2.ModelInferRequest] = []
+
+    # Method names are fixed by the gRPC service definition.
+    def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    def ModelReady(self, request, context):
+        return service_pb2.ModelReadyResponse(ready=request.name == "wan_t2v")
+
+    def ModelInfer(self, request, context):
+        self.requests.append(request)
+        prompt = request.raw_input_contents[[i.name for i in request.inputs].index("prompt")][4:].decode()
+        if prompt == "invalid":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "height: must be a multiple of 16, got 481")
+        if prompt == "crash":
+            context.abort(grpc.StatusCode.INTERNAL, "CUDA out of memory")
+        if prompt == "slow":
+            time.sleep(3)
+        response = service_pb2.ModelInferResponse(model_name=request.model_name)
+        for output in request.outputs:
+            if output.name == "video":
+                response.outputs.add(name="video", datatype="BYTES", shape=[1])
+                response.raw_output_contents.append(len(self.VIDEO).to_bytes(4, "little") + self.VIDEO)
+            elif output.name == "frames":
+                response.outputs.add(name="frames", datatype="UINT8", shape=list(self.FRAMES.shape))
+                response.raw_output_contents.append(self.FRAMES.tobytes())
+        return response
+
+
+@pytest.fixture
+def fake_triton():
+    servicer = _FakeTriton()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        server.stop(grace=None)
+
+
+def test_main_writes_video_and_prints_path(fake_triton, capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    url, servicer = fake_triton
+    output = tmp_path / "sub" / "fox.mp4"
+
+    code = wan_client.main(["--url", url, "--prompt", "a fox", "--seed", "3", "--output", str(output)])
+
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert output.read_bytes() == _FakeTriton.VIDEO
+    assert captured.out.splitlines()[-1] == str(output)
+    (request,) = servicer.requests
+    assert {i.name for i in request.inputs} == {"prompt", "seed"}
+    assert [o.name for o in request.outputs] == ["video"]
+
+
+def test_main_saves_frames_when_asked(fake_triton, capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    url, servicer = fake_triton
+    frames_path = tmp_path / "frames.npy"
+
+    code = wan_client.main(
+        ["--url", url, "--prompt", "a fox", "--output", str(tmp_path / "o.mp4"), "--frames-npy", str(frames_path)]
+    )
+
+    assert code == 0, capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(frames_path), _FakeTriton.FRAMES)
+    assert sorted(o.name for o in servicer.requests[0].outputs) == ["frames", "video"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "exit_code", "message"),
+    [
+        (["--prompt", "invalid"], 2, "request rejected: height: must be a multiple of 16"),
+        (["--prompt", "crash"], 1, "CUDA out of memory"),
+        (["--prompt", "x", "--model", "other"], 1, "model 'other' is not ready"),
+        (["--prompt", "slow", "--timeout", "0.5"], 1, "timed out"),
+    ],
+)
+def test_main_reports_failures(
+    fake_triton, capsys: pytest.CaptureFixture[str], tmp_path, argv: list[str], exit_code: int, message: str
+) -> None:
+    url, _ = fake_triton
+    output = tmp_path / "out.mp4"
+
+    code = wan_client.main(["--url", url, "--output", str(output), *argv])
+
+    captured = capsys.readouterr()
+    assert code == exit_code
+    assert message in captured.err
+    assert captured.out == ""
+    assert not output.exists()

@@ -1,0 +1,60 @@
+"""Rendering the model repository: every template key filled, wiring consistent, nothing overwritten by surprise."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from wan_build import render
+from wan_build.render import RenderError, fill, render_repository
+
+from wan_triton.deployment import Deployment
+from wan_triton.serving import model_io
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_unfilled_template_key_is_an_error(tmp_path, monkeypatch):
+    (tmp_path / "t.pbtxt").write_text('name: "${model_name}"\nkind: ${instance_kind}\n')
+    monkeypatch.setattr(render, "TEMPLATES", tmp_path)
+    with pytest.raises(RenderError, match="instance_kind"):
+        fill("t.pbtxt", {"model_name": "x"})
+
+
+def test_every_ensemble_input_is_produced_upstream():
+    made = {io.name for io in model_io.REQUEST_INPUTS}
+    for step in model_io.STEPS:
+        for io in step.inputs:
+            name = io.name if step is model_io.PREPROCESS else f"_{io.name}"
+            assert name in made, f"{step.role} reads {name}, which nothing before it produces"
+        made |= {model_io.ensemble_tensor(step, io) for io in step.outputs}
+    assert {o.name for o in model_io.RESPONSE_OUTPUTS} <= made
+
+
+def test_render_torch_repository(tmp_path):
+    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml")
+    repo = render_repository(deployment, tmp_path, tmp_path / "no_graphs_needed", tmp_path / "repo")
+    names = sorted(p.name for p in repo.iterdir() if p.is_dir())
+    assert names == sorted(["wan_t2v"] + [f"wan_t2v_{s.role}" for s in model_io.STEPS])
+    for config in repo.glob("*/config.pbtxt"):
+        text = config.read_text()
+        assert "${" not in text and re.search(r'^name: "wan_t2v', text, re.M)
+    assert "from wan_triton.serving.models import Scheduler as TritonPythonModel" in (
+        repo / "wan_t2v_scheduler/1/model.py").read_text()
+    recorded = Deployment.model_validate_json((repo / "wan_t2v_scheduler/deployment.json").read_text())
+    assert recorded.checkpoint == str(tmp_path.resolve())
+    # Re-rendering replaces an earlier render...
+    render_repository(deployment, tmp_path, tmp_path, repo)
+    # ...but never a folder it did not make.
+    other = tmp_path / "precious"
+    other.mkdir()
+    (other / "file").write_text("keep")
+    with pytest.raises(RenderError, match="not made by this renderer"):
+        render_repository(deployment, tmp_path, tmp_path, other)
+
+
+def test_onnx_repository_needs_exported_graphs(tmp_path):
+    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu.yaml")
+    with pytest.raises(RenderError, match="no exported graph"):
+        render_repository(deployment, tmp_path, tmp_path / "empty", tmp_path / "repo")

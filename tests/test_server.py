@@ -1,0 +1,172 @@
+"""The real Triton server, end to end: parity with diffusers' WanPipeline, the MP4, and every kind of bad input.
+
+One server holds two renderings of the same non-default tiny checkpoint: `wan_onnx` (every component on ONNX
+Runtime) and `wan_torch` (the library modules in PyTorch), so both engine families are checked against the
+reference in one server start.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import assert_frames_close, reference_frames
+from tritonclient.utils import InferenceServerException
+from wan_client import build_infer_inputs
+
+from wan_triton.deployment import Deployment
+from wan_triton.launch import running_server
+from wan_triton.video import decode_mp4
+
+pytestmark = pytest.mark.server
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEPLOYMENTS = {
+    "wan_onnx": REPO_ROOT / "model_repository/deployments/cpu.yaml",
+    "wan_torch": REPO_ROOT / "model_repository/deployments/cpu_torch.yaml",
+}
+# Every setting differs from the deployment defaults.
+REQUEST = dict(
+    prompt="a small robot dances in the rain, close-up",
+    negative_prompt="blurry, static",
+    height=48,
+    width=80,
+    num_frames=13,
+    num_inference_steps=7,
+    guidance_scale=3.5,
+    guidance_scale_2=2.5,
+    seed=1234,
+)
+
+
+@pytest.fixture(scope="module")
+def server(other_checkpoint, tmp_path_factory):
+    from wan_build.__main__ import main as build_main
+
+    root = tmp_path_factory.mktemp("served")
+    repos = []
+    for name, path in DEPLOYMENTS.items():
+        deployment = Deployment.load(path).model_copy(update={"model_name": name})
+        dep_file = root / f"{name}.json"
+        dep_file.write_text(deployment.to_json())
+        repo = root / f"repo_{name}"
+        assert build_main(["--model", str(other_checkpoint), "--deployment", str(dep_file), "--repo", str(repo),
+                           "--artifacts-root", str(root / "artifacts")]) == 0
+        repos.append(repo)
+    with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
+        yield running
+    assert running.process.returncode == 0, running.log_tail()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(other_checkpoint) -> np.ndarray:
+    call = {k: v for k, v in REQUEST.items()}
+    return reference_frames(other_checkpoint, **call)
+
+
+def infer(client, model: str, request: dict, outputs=("frames", "video", "used_seed")):
+    return client.infer(
+        model, build_infer_inputs(request), outputs=[grpcclient.InferRequestedOutput(o) for o in outputs]
+    )
+
+
+@pytest.mark.parametrize("model", list(DEPLOYMENTS))
+def test_frames_match_wan_pipeline(client, reference, model):
+    result = infer(client, model, REQUEST)
+    frames = result.as_numpy("frames")
+    assert frames.shape == (13, 48, 80, 3)
+    assert_frames_close(frames, reference)
+    assert int(result.as_numpy("used_seed")[0]) == REQUEST["seed"]
+    decoded = decode_mp4(result.as_numpy("video")[0])
+    assert decoded.shape == frames.shape
+    # H.264 at high quality: lossy, but close to the frames it was made from.
+    assert np.abs(decoded.astype(np.int16) - frames.astype(np.int16)).mean() < 3
+
+
+def test_same_request_same_frames_and_defaults(client):
+    first = infer(client, "wan_onnx", {"prompt": "a bird flies over the ocean", "seed": 5})
+    second = infer(client, "wan_onnx", {"prompt": "a bird flies over the ocean", "seed": 5})
+    np.testing.assert_array_equal(first.as_numpy("frames"), second.as_numpy("frames"))
+    # Left-out inputs take the deployment's defaults.
+    d = Deployment.load(DEPLOYMENTS["wan_onnx"]).defaults
+    assert first.as_numpy("frames").shape == (d.num_frames, d.height, d.width, 3)
+
+
+def test_no_seed_draws_one_and_reports_it(client):
+    drawn = infer(client, "wan_onnx", {"prompt": "a bird", "num_inference_steps": 1, "num_frames": 1})
+    seed = int(drawn.as_numpy("used_seed")[0])
+    again = infer(client, "wan_onnx", {"prompt": "a bird", "num_inference_steps": 1, "num_frames": 1, "seed": seed})
+    np.testing.assert_array_equal(drawn.as_numpy("frames"), again.as_numpy("frames"))
+
+
+BAD_REQUESTS = [
+    ({"height": 50}, "height", "multiple of 16"),
+    ({"height": 0}, "height", "positive multiple"),
+    ({"width": -16}, "width", "positive multiple"),
+    ({"height": 528}, "height", "at most 512"),
+    ({"height": 512, "width": 512}, "height", "at most 147456 pixels"),
+    ({"num_frames": 10}, "num_frames", "4k+1"),
+    ({"num_frames": 37}, "num_frames", "at most 33"),
+    ({"num_frames": 0}, "num_frames", "4k+1"),
+    ({"num_inference_steps": 0}, "num_inference_steps", "[1, 50]"),
+    ({"num_inference_steps": 51}, "num_inference_steps", "[1, 50]"),
+    ({"guidance_scale": float("nan")}, "guidance_scale", "finite number in [0, 50]"),
+    ({"guidance_scale": float("inf")}, "guidance_scale", "finite number in [0, 50]"),
+    ({"guidance_scale": -1.0}, "guidance_scale", "[0, 50]"),
+    ({"guidance_scale_2": 50.5}, "guidance_scale_2", "[0, 50]"),
+    ({"seed": -3}, "seed", "[0, 2^63-1]"),
+    ({"fps": 0}, "fps", "[1, 120]"),
+    ({"prompt": ""}, "prompt", "empty"),
+    ({"prompt": " \n\t "}, "prompt", "empty"),
+    ({"prompt": b"caf\xe9 \xff"}, "prompt", "UTF-8"),
+    ({"negative_prompt": b"\xc3\x28"}, "negative_prompt", "UTF-8"),
+    ({"prompt": "a" * 2001}, "prompt", "at most 2000 characters"),
+]
+
+
+@pytest.mark.parametrize(("change", "field", "allowed"), BAD_REQUESTS, ids=[f"{c}"[:40] for c, _, _ in BAD_REQUESTS])
+def test_bad_input_is_invalid_arg(client, change, field, allowed):
+    with pytest.raises(InferenceServerException) as info:
+        infer(client, "wan_onnx", {**REQUEST, **change})
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
+    assert f"{field}:" in info.value.message() and allowed in info.value.message(), info.value.message()
+
+
+def _raw_inputs(**tensors):
+    inputs = []
+    for name, (array, datatype) in tensors.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+@pytest.mark.parametrize(
+    ("inputs", "mentions"),
+    [
+        ({"seed": (np.array([1], dtype=np.int64), "INT64")}, "prompt"),  # the required input left out
+        ({"prompt": (np.array([b"a", b"b"], dtype=object), "BYTES")}, "prompt"),  # two prompts in one request
+        ({"prompt": (np.array([b"a"], dtype=object), "BYTES"), "height": (np.array([64.0], np.float32), "FP32")},
+         "height"),
+    ],
+    ids=["missing-prompt", "two-prompts", "height-as-fp32"],
+)
+def test_malformed_tensors_are_invalid_arg(client, inputs, mentions):
+    with pytest.raises(InferenceServerException) as info:
+        client.infer("wan_onnx", _raw_inputs(**inputs))
+    assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
+    assert mentions in info.value.message()
+
+
+def test_still_serving_the_same_frames_after_bad_input(client, reference):
+    # Runs after the bad-input tests (file order): the server is up and its output unchanged.
+    assert_frames_close(infer(client, "wan_onnx", REQUEST).as_numpy("frames"), reference)
+    assert_frames_close(infer(client, "wan_torch", REQUEST).as_numpy("frames"), reference)
