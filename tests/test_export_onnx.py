@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+
 from wan_build.export_onnx import (
     CHECK_FILE,
     REL_L2_TOLERANCE,

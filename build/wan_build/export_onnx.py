@@ -104,9 +104,9 @@ class _Graph:
 
 def _example_dim(name: str, r: DimRange, patch: tuple[int, int]) -> int:
     """An export example size: >= 2 (torch.export specializes sizes 0 and 1), distinct per dim so that no two dims
-    are unified by coincidence, and a valid size (a multiple of the patch for latent height/width)."""
-    preferred = {"batch": 2, "latent_frames": 3, "latent_height": 2 * patch[0], "latent_width": 3 * patch[1]}[name]
-    return max(min(preferred, r.max), r.min)
+    are unified by coincidence, and valid (latent height/width are multiples of the patch)."""
+    preferred = {"batch": 2, "latent_frames": 3, "latent_height": 2 * patch[0], "latent_width": 3 * patch[1]}
+    return max(preferred.get(name, 5), r.min)
 
 
 def _export_dims(spec: ComponentSpec, patch: tuple[int, int]) -> tuple[dict[str, int], dict[str, object]]:
@@ -122,7 +122,8 @@ def _export_dims(spec: ComponentSpec, patch: tuple[int, int]) -> tuple[dict[str,
         if scale:
             continue
         values[name] = _example_dim(name, r, patch)
-        # The range only bounds what torch.export may assume; widen it to hold the example if the limits are tiny.
+        # The range only bounds what torch.export may assume (ONNX dims carry no range); widen it to hold the
+        # example when a deployment's limits are smaller than the example.
         dims[name] = Dim(name, min=r.min, max=max(r.max, values[name]))
     for name in spec.dims:
         base, _, scale = name.partition("_x")
@@ -202,7 +203,7 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_graph(graph: _Graph, dims: dict[str, object], out_dir: Path, varargs: bool = False) -> float:
+def _export_graph(graph: _Graph, dims: dict[str, object], out_dir: Path, varargs: bool = False) -> float:
     """Export one graph to `out_dir/graph.file` and check its dims against the spec. Returns seconds taken."""
     spec = graph.spec
     external = _param_bytes(graph.module) > EXTERNAL_DATA_BYTES
@@ -233,6 +234,7 @@ def _quiet_exporter() -> Iterator[None]:
     levels = {
         "onnx_ir": logging.WARNING,
         "onnxscript": logging.WARNING,
+        "onnxscript.optimizer": logging.ERROR,  # "Skipping constant folding for op Split ..."
         "torch.onnx._internal.exporter._registration": logging.ERROR,
     }
     saved = {name: logging.getLogger(name).level for name in levels}
@@ -304,12 +306,15 @@ def _shape_text(spec: ComponentSpec, inputs: Sequence[torch.Tensor]) -> str:
     return f"{spec.inputs[0].name}={'x'.join(map(str, inputs[0].shape))}"
 
 
-def _check_graph(path: Path, spec: ComponentSpec, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> CheckRow:
+def _run_reference(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     with torch.no_grad():
         ref = module(*inputs)
-    ref = list(ref) if isinstance(ref, tuple) else [ref]
+    return list(ref) if isinstance(ref, tuple) else [ref]
+
+
+def _run_graph(path: Path, spec: ComponentSpec, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     out = OnnxRuntimeEngine(path).run(dict(zip(spec.input_names, inputs, strict=True)))
-    return _compare(spec.name, _shape_text(spec, inputs), [out[n] for n in spec.output_names], ref)
+    return [out[name] for name in spec.output_names]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,27 +325,50 @@ def _patch(ckpt: Checkpoint) -> tuple[int, int]:
     return ckpt.patch_size[1], ckpt.patch_size[2]
 
 
+def _export_single(
+    spec: ComponentSpec,
+    load: Callable[[], nn.Module],
+    example: tuple[torch.Tensor, ...],
+    check_inputs: tuple[torch.Tensor, ...],
+    dims: dict[str, object],
+    out_dir: Path,
+) -> CheckRow:
+    """Export a one-graph component, then check it. The PyTorch reference runs first and the module is dropped
+    before ONNX Runtime loads the graph, so a large model is never in memory twice."""
+    module = load()
+    path = out_dir / f"{spec.name}.onnx"
+    seconds = _export_graph(_Graph(spec, module, example, path.name), dims, out_dir)
+    ref = _run_reference(module, check_inputs)
+    del module
+    gc.collect()
+    row = _compare(spec.name, _shape_text(spec, check_inputs), _run_graph(path, spec, check_inputs), ref)
+    return dataclasses.replace(row, export_s=seconds)
+
+
 def _export_text_encoder(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) -> list[CheckRow]:
     spec = text_encoder_spec(ckpt)
-    # Eager attention: the dynamo exporter fails on UMT5 under SDPA.
-    module = _TextEncoder(ckpt.load_text_encoder(torch.float32, "cpu", eager_attention=True)).eval()
     vocab = int(ckpt.config("text_encoder")["vocab_size"])
     values, dims = _export_dims(spec, _patch(ckpt))
-    graph = _Graph(spec, module, _text_inputs(values["batch"], vocab, seed=0), "text_encoder.onnx")
-    seconds = export_graph(graph, dims, out_dir)
-    row = _check_graph(out_dir / graph.file, spec, module, _text_inputs(spec.dims["batch"].min, vocab, seed=1))
-    return [dataclasses.replace(row, export_s=seconds)]
+
+    def load() -> nn.Module:
+        # Eager attention: the dynamo exporter fails on UMT5 under SDPA.
+        return _TextEncoder(ckpt.load_text_encoder(torch.float32, "cpu", eager_attention=True)).eval()
+
+    example = _text_inputs(values["batch"], vocab, seed=0)
+    check = _text_inputs(spec.dims["batch"].min, vocab, seed=1)
+    return [_export_single(spec, load, example, check, dims, out_dir)]
 
 
 def _export_expert(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path, name: str) -> list[CheckRow]:
     spec = denoiser_spec(ckpt, limits, name)
-    module = _Denoiser(ckpt.load_transformer(name, torch.float32, "cpu")).eval()
     values, dims = _export_dims(spec, _patch(ckpt))
-    graph = _Graph(spec, module, _random_inputs(spec, values, seed=0), f"{name}.onnx")
-    seconds = export_graph(graph, dims, out_dir)
-    check_values = {d: r.min for d, r in spec.dims.items()}
-    row = _check_graph(out_dir / graph.file, spec, module, _random_inputs(spec, check_values, seed=1))
-    return [dataclasses.replace(row, export_s=seconds)]
+
+    def load() -> nn.Module:
+        return _Denoiser(ckpt.load_transformer(name, torch.float32, "cpu")).eval()
+
+    example = _random_inputs(spec, values, seed=0)
+    check = _random_inputs(spec, {d: r.min for d, r in spec.dims.items()}, seed=1)
+    return [_export_single(spec, load, example, check, dims, out_dir)]
 
 
 def _export_vae(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) -> list[CheckRow]:
@@ -353,7 +381,7 @@ def _export_vae(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) -> list[Ch
     for k, (spec, module) in enumerate(zip(specs, modules, strict=True)):
         values, dims = _export_dims(spec, _patch(ckpt))
         graph = _Graph(spec, module, _random_inputs(spec, values, seed=k), phase_graph_path(Path(), k).name)
-        seconds.append(export_graph(graph, dims, out_dir, varargs=True))
+        seconds.append(_export_graph(graph, dims, out_dir, varargs=True))
 
     # Per graph: each phase fed the very inputs the PyTorch phases see while decoding one frame per phase.
     h, w = specs[0].dims["latent_height"].min, specs[0].dims["latent_width"].min
@@ -367,12 +395,12 @@ def _export_vae(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) -> list[Ch
             return list(modules[k](*tensors))
 
     decode_latents(record, latents, len(modules))
-    rows = [
-        dataclasses.replace(
-            _check_graph(phase_graph_path(out_dir, k), spec, module, tuple(phase_inputs[k])), export_s=seconds[k]
-        )
-        for k, (spec, module) in enumerate(zip(specs, modules, strict=True))
-    ]
+    rows = []
+    for k, (spec, module) in enumerate(zip(specs, modules, strict=True)):
+        inputs = tuple(phase_inputs[k])
+        got = _run_graph(phase_graph_path(out_dir, k), spec, inputs)
+        row = _compare(spec.name, _shape_text(spec, inputs), got, _run_reference(module, inputs))
+        rows.append(dataclasses.replace(row, export_s=seconds[k]))
 
     # End to end: the chunked decode through ONNX Runtime against diffusers' own `vae.decode`.
     with torch.no_grad():

@@ -36,14 +36,26 @@ def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+_flash4_op = None
+
+
 def _flash4() -> AttentionFn:
-    from flash_attn.cute import flash_attn_func
+    """FlashAttention-4 as a torch custom op, so regional torch.compile treats it as one opaque kernel."""
+    global _flash4_op
+    if _flash4_op is None:
+        from flash_attn.cute import flash_attn_func
 
-    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        out = flash_attn_func(q, k, v, causal=False)
-        return out[0] if isinstance(out, tuple) else out
+        @torch.library.custom_op("wan_triton::flash4_attention", mutates_args=())
+        def flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = flash_attn_func(q, k, v, causal=False)
+            return out[0] if isinstance(out, tuple) else out
 
-    return attend
+        @flash4_attention.register_fake
+        def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.empty_like(q)
+
+        _flash4_op = flash4_attention
+    return _flash4_op
 
 
 def flash4_available() -> bool:

@@ -187,8 +187,8 @@ def decode_latents(run_phase: RunPhase, latents: torch.Tensor, num_phases: int) 
     phase min(i, num_phases - 1). Batch items are decoded one after another, as the phase graphs are batch 1
     (diffusers' sliced decode does the same).
     """
-    if latents.ndim != 5:
-        raise ValueError(f"expected latents [B, C, F, h, w], got shape {tuple(latents.shape)}")
+    if latents.ndim != 5 or 0 in latents.shape:
+        raise ValueError(f"expected non-empty latents [B, C, F, h, w], got shape {tuple(latents.shape)}")
     videos = []
     for item in latents.split(1):
         cache: list[torch.Tensor] = []
