@@ -3,8 +3,9 @@
 Builds one A14B expert (the real shapes, 14.29 B parameters) with random bf16 weights directly on the device
 (no download is possible, and speed does not depend on weight values), then times, at each size:
   - diffusers' WanTransformer3DModel as WanPipeline runs it: two forwards (cond, uncond), default attention;
-  - this project's step: one batch-2 forward (cond + uncond), the chosen attention kernel, the guidance combine and
-    the UniPC update, as `wan_triton.denoise` runs it;
+  - this project's step: `wan_triton.denoise.denoise_step` on the torch engine as `components.build_denoiser`
+    makes it (`attention.install`: chosen kernel + fused projections; optionally regional torch.compile): one
+    batch-2 forward (cond + uncond), the guidance combine and the UniPC update;
   - the bf16 GEMM rate of this GPU, and the FLOP floor of a step from it.
 Writes JSON (--out) and prints a table. Usage on the GPU host:
 
@@ -27,14 +28,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
 
-from wan_triton.attention import AttentionBackend, WanT2VAttnProcessor, attention_fn, flash4_available  # noqa: E402
+from wan_triton import attention  # noqa: E402
+from wan_triton.attention import AttentionBackend, flash4_available  # noqa: E402
+from wan_triton.denoise import denoise_step  # noqa: E402
+from wan_triton.engines.torch_engine import denoiser_engine  # noqa: E402
 
 logger = logging.getLogger("benchmarks.denoiser_step")
 
 A14B = dict(
-    patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
 )
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 NUM_FRAMES = 81
@@ -100,8 +114,12 @@ def build_expert():
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=["480p", "720p"], choices=list(SIZES))
-    parser.add_argument("--backends", nargs="+", default=["cudnn", "flash4"],
-                        help="attention kernels; append +compile for regional torch.compile of every block")
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["cudnn", "flash4"],
+        help="attention kernels; append +compile for regional torch.compile of every block",
+    )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
@@ -126,8 +144,11 @@ def main() -> None:
     logger.info("bf16 GEMM 8192^3: %.0f TFLOP/s", result["gemm_tflops"])
     started = time.perf_counter()
     model = build_expert()
-    logger.info("built A14B expert (%.2f B params) in %.1f s", sum(p.numel() for p in model.parameters()) / 1e9,
-                time.perf_counter() - started)
+    logger.info(
+        "built A14B expert (%.2f B params) in %.1f s",
+        sum(p.numel() for p in model.parameters()) / 1e9,
+        time.perf_counter() - started,
+    )
     weights_gb = torch.cuda.memory_allocated() / 1e9
 
     for size in args.sizes:
@@ -139,10 +160,16 @@ def main() -> None:
         text = torch.randn(2, TEXT_LEN, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
         t = torch.tensor([900], device="cuda")
         step_flop = 2 * forward_flop(tokens)
-        entry: dict = {"tokens": tokens, "step_pflop": step_flop / 1e15,
-                       "floor_s": step_flop / (result["gemm_tflops"] * 1e12), "weights_gb": weights_gb}
+        entry: dict = {
+            "tokens": tokens,
+            "step_pflop": step_flop / 1e15,
+            "floor_s": step_flop / (result["gemm_tflops"] * 1e12),
+            "weights_gb": weights_gb,
+        }
 
         if not args.skip_diffusers:
+            if getattr(model.blocks[0].attn1, "fused_projections", False):
+                raise SystemExit("diffusers baseline needs unfused projections: list one size per run")
             model.set_attn_processor(WanAttnProcessor())
             x = latents.to(torch.bfloat16)
 
@@ -153,8 +180,11 @@ def main() -> None:
 
             torch.cuda.reset_peak_memory_stats()
             times = time_cuda(diffusers_step, warmup=1, repeat=args.repeat)
-            entry["diffusers"] = {"step_s": statistics.median(times), "times": times,
-                                  "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+            entry["diffusers"] = {
+                "step_s": statistics.median(times),
+                "times": times,
+                "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+            }
             logger.info("%s diffusers step: %.3f s", size, entry["diffusers"]["step_s"])
 
         for name in args.backends:
@@ -162,24 +192,23 @@ def main() -> None:
             if backend == AttentionBackend.FLASH4 and not flash4_available():
                 logger.info("flash4 not installed; skipped")
                 continue
-            model.set_attn_processor(WanT2VAttnProcessor(attention_fn(backend)))
+            # As components.build_denoiser: kernel + fused projections (irreversible, so after the diffusers run).
+            attention.install(model, backend, torch.device("cuda"))
             for block in model.blocks:
                 block._compiled_call_impl = None  # undo an earlier variant's compile
             if name.endswith("+compile"):
                 torch._dynamo.reset()
                 model.compile_repeated_blocks(fullgraph=True, dynamic=False)
-            scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                flow_shift=12.0)
+            engine = denoiser_engine(model, torch.device("cuda"), torch.bfloat16)
+            scheduler = UniPCMultistepScheduler(
+                prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=12.0
+            )
             scheduler.set_timesteps(1000, device="cuda")
             state = {"latents": latents.clone(), "i": 0}
 
             def our_step():
-                # As wan_triton.denoise.Denoiser runs a step: batch of 2, guidance, solver update.
                 ts = scheduler.timesteps[state["i"] % 1000]
-                x2 = state["latents"].to(torch.bfloat16).expand(2, *shape[1:])
-                noise = model(x2, ts.expand(2), text, return_dict=False)[0]
-                noise = noise[1:2] + 4.0 * (noise[0:1] - noise[1:2])
-                state["latents"] = scheduler.step(noise, ts, state["latents"], return_dict=False)[0]
+                state["latents"] = denoise_step(engine, scheduler, state["latents"], ts, text, 4.0)
                 state["i"] += 1
 
             torch.cuda.reset_peak_memory_stats()
@@ -188,8 +217,11 @@ def main() -> None:
             torch.cuda.synchronize()
             logger.info("%s first step (%s, includes compile) %.1f s", size, name, time.perf_counter() - started)
             times = time_cuda(our_step, warmup=0, repeat=args.repeat)
-            entry[f"ours_{name}"] = {"step_s": statistics.median(times), "times": times,
-                                     "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+            entry[f"ours_{name}"] = {
+                "step_s": statistics.median(times),
+                "times": times,
+                "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+            }
             logger.info("%s ours (%s) step: %.3f s", size, name, entry[f"ours_{name}"]["step_s"])
         result["sizes"][size] = entry
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,8 +234,10 @@ def main() -> None:
         for key, value in entry.items():
             if isinstance(value, dict):
                 ratio = f"{base / value['step_s']:.2f}" if base else "-"
-                print(f"{size:6} {key:16} {value['step_s']:8.3f} {ratio:>11} {value['step_s'] / entry['floor_s']:8.2f} "
-                      f"{value['peak_gb']:8.1f}")
+                print(
+                    f"{size:6} {key:16} {value['step_s']:8.3f} {ratio:>11} {value['step_s'] / entry['floor_s']:8.2f} "
+                    f"{value['peak_gb']:8.1f}"
+                )
         print(f"{size:6} {'floor':16} {entry['floor_s']:8.3f}")
 
 

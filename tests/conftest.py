@@ -21,8 +21,18 @@ import torch  # noqa: E402
 # A tiny model whose config differs from the embedded default in every size the loader must read: layer count,
 # widths, head count, vocabulary, text width and flow shift. Tests that serve it prove nothing is hard-coded.
 OTHER_TINY = dict(
-    num_layers=3, num_attention_heads=3, attention_head_dim=8, ffn_dim=40, text_dim=24, text_layers=3,
-    text_heads=3, text_ff=48, vocab_pieces=300, vae_base_dim=6, flow_shift=5.0, seed=11,
+    num_layers=3,
+    num_attention_heads=3,
+    attention_head_dim=8,
+    ffn_dim=40,
+    text_dim=24,
+    text_layers=3,
+    text_heads=3,
+    text_ff=48,
+    vocab_pieces=300,
+    vae_base_dim=6,
+    flow_shift=5.0,
+    seed=11,
 )
 
 

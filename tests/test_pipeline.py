@@ -24,8 +24,10 @@ def pipeline(other_checkpoint):
 
 
 def _request(ckpt, deployment, **values):
-    arrays = {k: np.array([v.encode() if isinstance(v, str) else v], dtype=object if isinstance(v, str) else None)
-              for k, v in values.items()}
+    arrays = {
+        k: np.array([v.encode() if isinstance(v, str) else v], dtype=object if isinstance(v, str) else None)
+        for k, v in values.items()
+    }
     return validate_request(arrays, deployment, ckpt.spatial_multiple, ckpt.vae_scale_factor_temporal)
 
 
@@ -33,11 +35,29 @@ def _request(ckpt, deployment, **values):
     "call",
     [
         # Guidance on, with both experts used (the boundary falls inside 8 steps at flow shift 5).
-        dict(prompt="a fox runs", negative_prompt="dark", height=32, width=64, num_frames=9, num_inference_steps=8,
-             guidance_scale=5.0, guidance_scale_2=2.0, seed=3),
+        dict(
+            prompt="a fox runs",
+            negative_prompt="dark",
+            height=32,
+            width=64,
+            num_frames=9,
+            num_inference_steps=8,
+            guidance_scale=5.0,
+            guidance_scale_2=2.0,
+            seed=3,
+        ),
         # Guidance off: guidance_scale <= 1 means one branch and no negative prompt, as in the reference.
-        dict(prompt="a fox runs", negative_prompt="", height=48, width=32, num_frames=5, num_inference_steps=4,
-             guidance_scale=1.0, guidance_scale_2=1.0, seed=4),
+        dict(
+            prompt="a fox runs",
+            negative_prompt="",
+            height=48,
+            width=32,
+            num_frames=5,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            guidance_scale_2=1.0,
+            seed=4,
+        ),
     ],
     ids=["guidance", "no-guidance"],
 )
@@ -63,9 +83,10 @@ def test_both_experts_run_and_switch_at_the_boundary(pipeline):
         scheduler.set_timesteps(8)
         boundary = ckpt.boundary_ratio * ckpt.num_train_timesteps
         expected = ["transformer" if t >= boundary else "transformer_2" for t in scheduler.timesteps]
-        pipe.denoiser(_request(ckpt, deployment, prompt="x", num_inference_steps=8, num_frames=1, height=16,
-                               width=16, seed=0),
-                      pipe_embeds(pipe))
+        pipe.denoiser(
+            _request(ckpt, deployment, prompt="x", num_inference_steps=8, num_frames=1, height=16, width=16, seed=0),
+            pipe_embeds(pipe),
+        )
     finally:
         for engine in pipe.denoiser.experts.values():
             del engine.run

@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
+
 from wan_build import render
 from wan_build.render import RenderError, fill, render_repository
-
 from wan_triton.deployment import Deployment
 from wan_triton.serving import model_io
 
@@ -40,8 +40,10 @@ def test_render_torch_repository(tmp_path):
     for config in repo.glob("*/config.pbtxt"):
         text = config.read_text()
         assert "${" not in text and re.search(r'^name: "wan_t2v', text, re.M)
-    assert "from wan_triton.serving.models import Scheduler as TritonPythonModel" in (
-        repo / "wan_t2v_scheduler/1/model.py").read_text()
+    assert (
+        "from wan_triton.serving.models import Scheduler as TritonPythonModel"
+        in (repo / "wan_t2v_scheduler/1/model.py").read_text()
+    )
     recorded = Deployment.model_validate_json((repo / "wan_t2v_scheduler/deployment.json").read_text())
     assert recorded.checkpoint == str(tmp_path.resolve())
     # Re-rendering replaces an earlier render...

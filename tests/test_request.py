@@ -23,9 +23,17 @@ def test_defaults_fill_every_optional_input():
     req = validate(prompt=b"a cat", seed=3)
     d = DEPLOYMENT.defaults
     assert (req.height, req.width, req.num_frames, req.num_inference_steps) == (
-        d.height, d.width, d.num_frames, d.num_inference_steps)
+        d.height,
+        d.width,
+        d.num_frames,
+        d.num_inference_steps,
+    )
     assert (req.guidance_scale, req.guidance_scale_2, req.fps, req.negative_prompt) == (
-        d.guidance_scale, d.guidance_scale_2, d.fps, d.negative_prompt)
+        d.guidance_scale,
+        d.guidance_scale_2,
+        d.fps,
+        d.negative_prompt,
+    )
     assert req.seed == 3 and req.do_classifier_free_guidance
 
 
@@ -36,8 +44,13 @@ def test_guidance_at_or_below_one_turns_guidance_off():
 
 def test_limits_are_inclusive():
     lim = DEPLOYMENT.limits
-    req = validate(prompt=b"x" * lim.max_prompt_chars, num_frames=lim.max_num_frames,
-                   num_inference_steps=lim.max_num_inference_steps, guidance_scale=50.0, guidance_scale_2=0.0)
+    req = validate(
+        prompt=b"x" * lim.max_prompt_chars,
+        num_frames=lim.max_num_frames,
+        num_inference_steps=lim.max_num_inference_steps,
+        guidance_scale=50.0,
+        guidance_scale_2=0.0,
+    )
     assert req.num_frames == lim.max_num_frames
 
 

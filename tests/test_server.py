@@ -14,8 +14,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 from conftest import assert_frames_close, reference_frames
 from tritonclient.utils import InferenceServerException
-from wan_client import build_infer_inputs
 
+from wan_client import build_infer_inputs
 from wan_triton.deployment import Deployment
 from wan_triton.launch import running_server
 from wan_triton.video import decode_mp4
@@ -52,8 +52,21 @@ def server(other_checkpoint, tmp_path_factory):
         dep_file = root / f"{name}.json"
         dep_file.write_text(deployment.to_json())
         repo = root / f"repo_{name}"
-        assert build_main(["--model", str(other_checkpoint), "--deployment", str(dep_file), "--repo", str(repo),
-                           "--artifacts-root", str(root / "artifacts")]) == 0
+        assert (
+            build_main(
+                [
+                    "--model",
+                    str(other_checkpoint),
+                    "--deployment",
+                    str(dep_file),
+                    "--repo",
+                    str(repo),
+                    "--artifacts-root",
+                    str(root / "artifacts"),
+                ]
+            )
+            == 0
+        )
         repos.append(repo)
     with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
         yield running
@@ -87,8 +100,13 @@ def test_frames_match_wan_pipeline(client, reference, model):
     assert int(result.as_numpy("used_seed")[0]) == REQUEST["seed"]
     decoded = decode_mp4(result.as_numpy("video")[0])
     assert decoded.shape == frames.shape
-    # H.264 at high quality: lossy, but close to the frames it was made from.
-    assert np.abs(decoded.astype(np.int16) - frames.astype(np.int16)).mean() < 3
+    # H.264 yuv420p halves chroma resolution, which random-weight (noise-like) colour cannot survive; luma keeps
+    # full resolution, so at CRF 17 it stays close to the frames the MP4 was made from.
+    assert np.abs(_luma(decoded) - _luma(frames)).mean() < 3
+
+
+def _luma(frames: np.ndarray) -> np.ndarray:
+    return frames.astype(np.float32) @ np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
 
 
 def test_same_request_same_frames_and_defaults(client):
@@ -154,8 +172,10 @@ def _raw_inputs(**tensors):
     [
         ({"seed": (np.array([1], dtype=np.int64), "INT64")}, "prompt"),  # the required input left out
         ({"prompt": (np.array([b"a", b"b"], dtype=object), "BYTES")}, "prompt"),  # two prompts in one request
-        ({"prompt": (np.array([b"a"], dtype=object), "BYTES"), "height": (np.array([64.0], np.float32), "FP32")},
-         "height"),
+        (
+            {"prompt": (np.array([b"a"], dtype=object), "BYTES"), "height": (np.array([64.0], np.float32), "FP32")},
+            "height",
+        ),
     ],
     ids=["missing-prompt", "two-prompts", "height-as-fp32"],
 )

@@ -29,7 +29,7 @@ logger = logging.getLogger("wan_build")
 EXPORTED_COMPONENTS = {
     "text_encoder": ["text_encoder"],
     "denoiser": ["transformer", "transformer_2"],
-    "vae_decoder": ["vae_decoder"],
+    "vae_decoder": ["vae"],
 }
 
 
@@ -80,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             for graph in names
         ]
         if graphs:
-            from .export_onnx import export_all, format_rows
+            from .export_onnx import export_all, format_table
 
             rows = export_all(ckpt, shape_limits(deployment), artifacts, components=graphs)
-            print(format_rows(rows))
+            print(format_table(rows))
+            failed = [row.component for row in rows if not row.ok]
+            if failed:
+                raise ValueError(f"exported graphs differ from PyTorch beyond tolerance: {failed}")
         repo = render_repository(deployment, ckpt.root, artifacts, args.repo)
     except (CheckpointError, RenderError, ValueError, FileNotFoundError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)

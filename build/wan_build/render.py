@@ -86,7 +86,9 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
     ensemble = staging / name
     (ensemble / VERSION).mkdir(parents=True)
     (ensemble / "config.pbtxt").write_text(
-        fill("ensemble.pbtxt", {"model_name": name, "io": model_io.ensemble_io(), "steps": model_io.ensemble_steps(name)})
+        fill(
+            "ensemble.pbtxt", {"model_name": name, "io": model_io.ensemble_io(), "steps": model_io.ensemble_steps(name)}
+        )
     )
 
     for step in model_io.STEPS:

@@ -167,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=TinyConfig.seed)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    make_tiny_checkpoint(args.out_dir, TinyConfig(num_layers=args.num_layers, flow_shift=args.flow_shift, seed=args.seed))
+    make_tiny_checkpoint(
+        args.out_dir, TinyConfig(num_layers=args.num_layers, flow_shift=args.flow_shift, seed=args.seed)
+    )
 
 
 if __name__ == "__main__":

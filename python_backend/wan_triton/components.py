@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import EXPERTS, Checkpoint
-from .deployment import ComponentConfig
 from .denoise import Denoiser
+from .deployment import ComponentConfig
 from .engines.base import Engine, EngineKind
 from .vae import VaeDecoder, torch_vae_decode_fn
 
@@ -66,6 +66,8 @@ def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -> D
 
                 module = ckpt.load_transformer(name, dtype, str(device))
                 attention.install(module, cfg.attention, device)
+                if cfg.compile_blocks:
+                    module.compile_repeated_blocks(fullgraph=True, dynamic=False)
                 experts[name] = denoiser_engine(module, device, dtype)
             case EngineKind.ONNXRUNTIME:
                 experts[name] = _onnx_engine(artifacts / f"{name}.onnx", cfg)
@@ -83,8 +85,9 @@ def build_vae_decoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -
         case EngineKind.ONNXRUNTIME:
             from .vae_chunks import onnx_vae_decode_fn
 
-            return VaeDecoder(ckpt, onnx_vae_decode_fn(artifacts, lambda p: _onnx_engine(p, cfg)),
-                              torch.device("cpu"), torch.float32)
+            return VaeDecoder(
+                ckpt, onnx_vae_decode_fn(artifacts, lambda p: _onnx_engine(p, cfg)), torch.device("cpu"), torch.float32
+            )
         case EngineKind.TENSORRT:
             _reserved_tensorrt("vae_decoder")
     raise ValueError(f"unknown engine {cfg.engine}")

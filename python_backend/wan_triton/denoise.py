@@ -64,9 +64,8 @@ class Denoiser:
             latents, float32 [1, C, latent_frames, height / 8, width / 8], on `self.device`.
         """
         cfg = request.do_classifier_free_guidance
-        batch = 2 if cfg else 1
-        if prompt_embeds.shape[0] != batch:
-            raise ValueError(f"expected {batch} prompt embeddings, got {prompt_embeds.shape[0]}")
+        if prompt_embeds.shape[0] != (2 if cfg else 1):
+            raise ValueError(f"expected {2 if cfg else 1} prompt embeddings, got {prompt_embeds.shape[0]}")
         embeds = prompt_embeds.to(self.device, self.dtype)
 
         scheduler = self.ckpt.make_scheduler()
@@ -83,14 +82,35 @@ class Denoiser:
                 expert, scale = "transformer", request.guidance_scale
             else:
                 expert, scale = "transformer_2", request.guidance_scale_2
-            model_input = latents.to(self.dtype).expand(batch, *shape[1:])
-            noise_pred = self.experts[expert].run(
-                {"hidden_states": model_input, "timestep": t.expand(batch), "encoder_hidden_states": embeds}
-            )["noise_pred"]
-            if cfg:
-                cond, uncond = noise_pred[0:1], noise_pred[1:2]
-                noise_pred = uncond + scale * (cond - uncond)
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+            latents = denoise_step(self.experts[expert], scheduler, latents, t, embeds, scale if cfg else None)
             if on_step is not None:
                 on_step(i, len(timesteps))
         return latents
+
+
+def denoise_step(
+    expert: Engine,
+    scheduler,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    embeds: torch.Tensor,
+    guidance_scale: float | None,
+) -> torch.Tensor:
+    """One step: the expert's forward (cond and uncond as one batch of 2 with guidance), the guidance combine,
+    and the solver update. The benchmarks time this same function.
+
+    Args:
+        latents: float32 [1, C, T, h, w].
+        t: the step's timestep (scalar tensor).
+        embeds: [2, text_len, text_dim] (prompt, negative prompt) with guidance, else [1, ...], in the expert's dtype.
+        guidance_scale: None turns guidance off.
+    """
+    batch = embeds.shape[0]
+    model_input = latents.to(embeds.dtype).expand(batch, *latents.shape[1:])
+    noise_pred = expert.run(
+        {"hidden_states": model_input, "timestep": t.expand(batch), "encoder_hidden_states": embeds}
+    )["noise_pred"]
+    if guidance_scale is not None:
+        cond, uncond = noise_pred[0:1], noise_pred[1:2]
+        noise_pred = uncond + guidance_scale * (cond - uncond)
+    return scheduler.step(noise_pred, t, latents, return_dict=False)[0]

@@ -79,8 +79,17 @@ class RunningServer:
 
 def start_server(repos: list[Path], log_path: Path, ready_timeout_s: float = 300) -> RunningServer:
     http, grpc, metrics = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "wan_triton.server", "--http-port", str(http), "--grpc-port", str(grpc),
-           "--metrics-port", str(metrics)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "wan_triton.server",
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+    ]
     for repo in repos:
         cmd += ["--repo", str(repo)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,8 +127,18 @@ def demo(argv: list[str] | None = None) -> int:
     with running_server([args.repo], args.log) as server:
         logger.info("server ready; generating")
         result = subprocess.run(
-            [sys.executable, str(client), "--url", server.grpc_url, "--prompt", args.prompt, "--seed", "42",
-             "--output", str(args.output)],
+            [
+                sys.executable,
+                str(client),
+                "--url",
+                server.grpc_url,
+                "--prompt",
+                args.prompt,
+                "--seed",
+                "42",
+                "--output",
+                str(args.output),
+            ],
             check=False,
         )
     if result.returncode != 0:

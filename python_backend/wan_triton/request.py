@@ -128,15 +128,14 @@ def validate_request(
     num_frames = _integer(inputs, "num_frames", d.num_frames)
     if num_frames < 1 or (num_frames - 1) % temporal_stride or num_frames > lim.max_num_frames:
         raise InvalidRequestError(
-            "num_frames", f"must be {temporal_stride}k+1 (1, {temporal_stride + 1}, {2 * temporal_stride + 1}, ...) "
-            f"and at most {lim.max_num_frames}; got {num_frames}"
+            "num_frames",
+            f"must be {temporal_stride}k+1 (1, {temporal_stride + 1}, {2 * temporal_stride + 1}, ...) "
+            f"and at most {lim.max_num_frames}; got {num_frames}",
         )
 
     steps = _integer(inputs, "num_inference_steps", d.num_inference_steps)
     if not 1 <= steps <= lim.max_num_inference_steps:
-        raise InvalidRequestError(
-            "num_inference_steps", f"must be in [1, {lim.max_num_inference_steps}]; got {steps}"
-        )
+        raise InvalidRequestError("num_inference_steps", f"must be in [1, {lim.max_num_inference_steps}]; got {steps}")
 
     seed = _integer(inputs, "seed", -1)
     if inputs.get("seed") is None:

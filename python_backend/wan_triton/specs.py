@@ -141,8 +141,9 @@ def denoiser_spec(ckpt: Checkpoint, limits: ShapeLimits, expert: str = "transfor
         outputs=(TensorSpec("noise_pred", "float32", latent),),
         dims={
             "batch": DimRange(1, 2, 2),
-            "latent_frames": DimRange(1, ckpt.num_latent_frames(limits.opt_num_frames),
-                                      ckpt.num_latent_frames(limits.max_num_frames)),
+            "latent_frames": DimRange(
+                1, ckpt.num_latent_frames(limits.opt_num_frames), ckpt.num_latent_frames(limits.max_num_frames)
+            ),
             "latent_height": DimRange(ckpt.patch_size[1], limits.opt_height // sp, limits.max_height // sp),
             "latent_width": DimRange(ckpt.patch_size[2], limits.opt_width // sp, limits.max_width // sp),
         },

@@ -13,7 +13,10 @@ class VaeDecoder:
     """`decode_fn` maps normalized-back latents [1, z, T, h, w] to video [1, 3, F, H, W] in [-1, 1]."""
 
     def __init__(
-        self, ckpt: Checkpoint, decode_fn: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+        self,
+        ckpt: Checkpoint,
+        decode_fn: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
         dtype: torch.dtype,
     ) -> None:
         cfg = ckpt.config("vae")

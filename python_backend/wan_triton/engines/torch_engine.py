@@ -40,7 +40,9 @@ def text_encoder_engine(module, device: torch.device, dtype: torch.dtype) -> Tor
 def denoiser_engine(module, device: torch.device, dtype: torch.dtype) -> TorchEngine:
     def forward(hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
         return module(
-            hidden_states=hidden_states, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+            hidden_states=hidden_states,
+            timestep=timestep,
+            encoder_hidden_states=encoder_hidden_states,
             return_dict=False,
         )[0]
 

@@ -23,7 +23,9 @@ class IO:
 
 # The request contract. Everything but `prompt` is optional; defaults come from the deployment config.
 REQUEST_INPUTS: tuple[IO, ...] = (
-    IO("prompt", "TYPE_STRING", (1,), doc="UTF-8 text"),
+    # Declared optional although it is required: a Triton ensemble left without a required input fails with an
+    # opaque "deadlock" error, while preprocess answers INVALID_ARG "prompt: is required".
+    IO("prompt", "TYPE_STRING", (1,), optional=True, doc="UTF-8 text; required"),
     IO("negative_prompt", "TYPE_STRING", (1,), optional=True, doc="UTF-8 text; used when guidance_scale > 1"),
     IO("height", "TYPE_INT64", (1,), optional=True, doc="pixels, multiple of 16"),
     IO("width", "TYPE_INT64", (1,), optional=True, doc="pixels, multiple of 16"),

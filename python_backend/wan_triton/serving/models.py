@@ -100,8 +100,12 @@ class Scheduler(_Model):
         started = time.perf_counter()
         latents = self.denoiser(req, embeds)
         logger.info(
-            "denoised %dx%d x %d frames, %d steps in %.2f s", req.width, req.height, req.num_frames,
-            req.num_inference_steps, time.perf_counter() - started,
+            "denoised %dx%d x %d frames, %d steps in %.2f s",
+            req.width,
+            req.height,
+            req.num_frames,
+            req.num_inference_steps,
+            time.perf_counter() - started,
         )
         return _response(output(io.LATENTS.name, latents.float().cpu().numpy()))
 

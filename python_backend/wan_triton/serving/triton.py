@@ -83,7 +83,7 @@ def error_response(exc: BaseException, model_name: str):
     if isinstance(exc, InvalidRequestError):
         logger.info("%s rejected a request: %s", model_name, exc)
         return pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
-    logger.exception("%s failed a request", model_name, exc_info=exc)
+    logger.error("%s failed a request", model_name, exc_info=exc)
     return pb.InferenceResponse(error=pb.TritonError(f"{model_name}: internal error: {exc}", pb.TritonError.INTERNAL))
 
 

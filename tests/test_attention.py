@@ -1,0 +1,49 @@
+"""The denoiser's attention processor (used with the GPU kernels) against diffusers' own, on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wan_triton import attention
+from wan_triton.attention import AttentionBackend, WanT2VAttnProcessor
+from wan_triton.checkpoint import Checkpoint
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.fixture()
+def expert(other_checkpoint):
+    return Checkpoint.open(other_checkpoint).load_transformer("transformer")
+
+
+def _forward(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 3, 8, 12, generator=gen)
+    text = torch.randn(2, 512, model.config.text_dim, generator=gen)
+    return model(x, torch.tensor([900, 400]), text, return_dict=False)[0]
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_processor_matches_diffusers(expert, fused):
+    reference = _forward(expert)
+    expert.set_attn_processor(WanT2VAttnProcessor(_sdpa))
+    if fused:
+        before = sum(p.numel() for p in expert.parameters())
+        attention.fuse_projections(expert)
+        assert sum(p.numel() for p in expert.parameters()) == before  # unfused copies dropped, nothing doubled
+    torch.testing.assert_close(_forward(expert), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_processor_really_runs_the_given_kernel(expert):
+    reference = _forward(expert)
+    expert.set_attn_processor(WanT2VAttnProcessor(lambda q, k, v: torch.zeros_like(q)))
+    assert not torch.allclose(_forward(expert), reference)
+
+
+def test_auto_keeps_the_reference_processor_on_cpu(expert):
+    assert attention.install(expert, "auto", torch.device("cpu")) == AttentionBackend.REFERENCE
+    assert not getattr(expert.blocks[0].attn1, "fused_projections", False)
