@@ -24,7 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "python_backend"), str(ROOT / "build")]
 
 from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint  # noqa: E402
-
 from wan_triton.checkpoint import Checkpoint  # noqa: E402
 from wan_triton.components import build_denoiser  # noqa: E402
 from wan_triton.deployment import ComponentConfig  # noqa: E402
@@ -35,8 +34,17 @@ logger = logging.getLogger("benchmarks.gpu_numerics")
 
 # The A14B head layout (40 x 128 -> here 12 x 128) and patching, fewer layers and a narrower FFN/text width.
 REDUCED = TinyConfig(
-    num_layers=4, num_attention_heads=12, attention_head_dim=128, ffn_dim=4096, text_dim=512, text_layers=1,
-    text_heads=8, text_ff=512, vae_base_dim=8, flow_shift=12.0, seed=0,
+    num_layers=4,
+    num_attention_heads=12,
+    attention_head_dim=128,
+    ffn_dim=4096,
+    text_dim=512,
+    text_layers=1,
+    text_heads=8,
+    text_ff=512,
+    vae_base_dim=8,
+    flow_shift=12.0,
+    seed=0,
 )
 
 
@@ -52,8 +60,16 @@ def main() -> None:
 
     ckpt = Checkpoint.open(make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "reduced", REDUCED))
     request = GenerationRequest(
-        prompt="-", negative_prompt="-", height=args.height, width=args.width, num_frames=args.num_frames,
-        num_inference_steps=args.steps, seed=1234, guidance_scale=4.0, guidance_scale_2=3.0, fps=16,
+        prompt="-",
+        negative_prompt="-",
+        height=args.height,
+        width=args.width,
+        num_frames=args.num_frames,
+        num_inference_steps=args.steps,
+        seed=1234,
+        guidance_scale=4.0,
+        guidance_scale_2=3.0,
+        fps=16,
     )
     gen = torch.Generator().manual_seed(0)
     embeds = torch.randn(2, 512, REDUCED.text_dim, generator=gen)
@@ -62,10 +78,12 @@ def main() -> None:
     results = {"device": torch.cuda.get_device_name(), "config": vars(REDUCED), "request": vars(request)}
     latents = {}
     variants = {
-        "fp32_reference": ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="float32",
-                                          attention="reference"),
-        "bf16_served": ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="bfloat16",
-                                       attention="auto", compile_blocks=True),
+        "fp32_reference": ComponentConfig(
+            engine=EngineKind.TORCH, device="cuda", precision="float32", attention="reference"
+        ),
+        "bf16_served": ComponentConfig(
+            engine=EngineKind.TORCH, device="cuda", precision="bfloat16", attention="auto", compile_blocks=True
+        ),
     }
     for name, cfg in variants.items():
         torch.backends.cuda.matmul.allow_tf32 = name != "fp32_reference"
@@ -82,8 +100,10 @@ def main() -> None:
     results["finite"] = bool(torch.isfinite(got).all())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"final latents, bf16 served vs fp32 reference over {args.steps} steps: rel-L2 {results['rel_l2']:.3e}, "
-          f"max-abs {results['max_abs']:.3e}, finite {results['finite']} (target rel-L2 <= 2e-2)")
+    print(
+        f"final latents, bf16 served vs fp32 reference over {args.steps} steps: rel-L2 {results['rel_l2']:.3e}, "
+        f"max-abs {results['max_abs']:.3e}, finite {results['finite']} (target rel-L2 <= 2e-2)"
+    )
 
 
 if __name__ == "__main__":
