@@ -55,10 +55,20 @@ class Checkpoint:
         missing = [c for c in COMPONENTS if c not in index or not (self.root / c).is_dir()]
         if missing:
             raise CheckpointError(f"{self.root}: components missing from the Diffusers layout: {missing}")
+        if self.random_weights:
+            logger.warning("%s is a RANDOM-WEIGHT benchmark checkpoint: its output is noise", self.root)
+            return
         for component in ("text_encoder", "transformer", "transformer_2", "vae"):
             folder = self.root / component
             if not any(folder.glob("*.safetensors")):
                 raise CheckpointError(f"{folder}: no .safetensors weights (other weight formats are refused)")
+
+    @property
+    def random_weights(self) -> bool:
+        """Configs only: modules are built with random weights (benchmarks of the real shapes)."""
+        from .random_weights import MARKER
+
+        return (self.root / MARKER).is_file()
 
     @cached_property
     def model_index(self) -> dict[str, Any]:
@@ -114,6 +124,13 @@ class Checkpoint:
     def load_text_encoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu", eager_attention: bool = False):
         from transformers import UMT5EncoderModel
 
+        if self.random_weights:
+            from transformers import UMT5Config
+
+            from . import random_weights
+
+            config = UMT5Config.from_pretrained(self.root / "text_encoder")
+            return random_weights.build(lambda: UMT5EncoderModel(config), dtype, device)
         kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
         if eager_attention:
             # The dynamo ONNX exporter fails on UMT5 under SDPA attention.
@@ -126,6 +143,16 @@ class Checkpoint:
 
         if name not in EXPERTS:
             raise ValueError(f"unknown expert {name!r}; expected one of {EXPERTS}")
+        if self.random_weights:
+            from . import random_weights
+
+            config = WanTransformer3DModel.load_config(self.root / name)
+            return random_weights.build(
+                lambda: WanTransformer3DModel.from_config(config),
+                dtype,
+                device,
+                list(WanTransformer3DModel._keep_in_fp32_modules),
+            )
         model = WanTransformer3DModel.from_pretrained(
             self.root / name, torch_dtype=dtype, use_safetensors=True, device_map=device if device != "cpu" else None
         )
@@ -134,6 +161,11 @@ class Checkpoint:
     def load_vae(self, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         from diffusers import AutoencoderKLWan
 
+        if self.random_weights:
+            from . import random_weights
+
+            config = AutoencoderKLWan.load_config(self.root / "vae")
+            return random_weights.build(lambda: AutoencoderKLWan.from_config(config), dtype, device)
         model = AutoencoderKLWan.from_pretrained(self.root / "vae", torch_dtype=dtype, use_safetensors=True)
         return model.to(device).eval()
 

@@ -1,0 +1,94 @@
+"""End-to-end requests through a running Triton server, and where the time went.
+
+Sends the same request N times through the gRPC client library (what `client/wan_client.py` uses), then reads
+Triton's own per-model statistics (`compute_infer` of each ensemble step) before and after, so the breakdown is
+measured by the server itself: text encode, denoise (scheduler), VAE decode, postprocess, preprocess, and the
+serving overhead = client latency - the sum of the step compute times. Usage, against `make serve`:
+
+    python benchmarks/e2e_triton.py --url localhost:8001 --height 480 --width 832 --num-frames 81 --steps 4 \
+        --requests 2 --out results/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import tritonclient.grpc as grpcclient
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
+from wan_client import build_infer_inputs  # noqa: E402
+
+STEPS = ("preprocess", "text_encoder", "scheduler", "vae_decoder", "postprocess")
+
+
+def compute_ns(client: grpcclient.InferenceServerClient, model: str) -> tuple[int, int]:
+    """(requests counted, total compute_input + compute_infer + compute_output ns) of one model."""
+    stats = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    inference = stats["inference_stats"]
+    total = sum(int(inference[k].get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
+    return int(stats.get("inference_count", 0)), total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", default="localhost:8001")
+    parser.add_argument("--model", default="wan_t2v")
+    parser.add_argument("--prompt", default="a red fox runs through fresh snow at dawn, cinematic")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--width", type=int)
+    parser.add_argument("--num-frames", type=int)
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--requests", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    request = {
+        "prompt": args.prompt,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "num_inference_steps": args.steps,
+        "seed": 7,
+    }
+    with grpcclient.InferenceServerClient(args.url) as client:
+        outputs = [grpcclient.InferRequestedOutput("video")]
+        for _ in range(args.warmup):
+            client.infer(args.model, build_infer_inputs(request), outputs=outputs)
+        before = {s: compute_ns(client, f"{args.model}_{s}") for s in STEPS}
+        latencies = []
+        for _ in range(args.requests):
+            started = time.perf_counter()
+            client.infer(args.model, build_infer_inputs(request), outputs=outputs)
+            latencies.append(time.perf_counter() - started)
+        after = {s: compute_ns(client, f"{args.model}_{s}") for s in STEPS}
+
+    per_step = {s: (after[s][1] - before[s][1]) / 1e9 / args.requests for s in STEPS}
+    latency = statistics.mean(latencies)
+    overhead = latency - sum(per_step.values())
+    result = {
+        "request": request,
+        "requests": args.requests,
+        "latency_s": latency,
+        "latencies_s": latencies,
+        "steps_s": per_step,
+        "serving_overhead_s": overhead,
+        "serving_overhead_pct": 100 * overhead / latency,
+    }
+    print(f"{'stage':14} {'seconds':>9} {'share':>7}")
+    for stage, seconds in per_step.items():
+        print(f"{stage:14} {seconds:9.3f} {100 * seconds / latency:6.1f}%")
+    print(f"{'overhead':14} {overhead:9.3f} {100 * overhead / latency:6.1f}%")
+    print(f"{'end to end':14} {latency:9.3f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
