@@ -26,36 +26,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
 
-from wan_triton import attention  # noqa: E402
+from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
+from wan_triton import attention, random_weights  # noqa: E402
 from wan_triton.attention import AttentionBackend, flash4_available  # noqa: E402
 from wan_triton.denoise import denoise_step  # noqa: E402
 from wan_triton.engines.torch_engine import denoiser_engine  # noqa: E402
 
 logger = logging.getLogger("benchmarks.denoiser_step")
 
-A14B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=40,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=13824,
-    num_layers=40,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 NUM_FRAMES = 81
 TEXT_LEN = 512
 
 
-def forward_flop(tokens: int, cfg: dict = A14B) -> float:
+def forward_flop(tokens: int, cfg: dict = A14B_TRANSFORMER) -> float:
     """Matmul FLOP of one forward (batch 1): QKVO, cross-attn Q/O and K/V on the text, FFN, both attentions."""
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     per_layer = (
@@ -95,20 +81,12 @@ def build_expert():
     """A14B expert with random weights made on the GPU, dtypes as `from_pretrained(torch_dtype=bf16)` leaves them."""
     from diffusers import WanTransformer3DModel
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = WanTransformer3DModel(**A14B)
-    finally:
-        torch.set_default_dtype(previous)
-    for name, module in model.named_modules():
-        if any(part in WanTransformer3DModel._keep_in_fp32_modules for part in name.split(".")):
-            module.float()
-    for name, param in model.named_parameters():
-        if "scale_shift_table" in name:
-            param.data = param.data.float()
-    return model.eval().requires_grad_(False)
+    return random_weights.build(
+        lambda: WanTransformer3DModel(**A14B_TRANSFORMER),
+        torch.bfloat16,
+        "cuda",
+        list(WanTransformer3DModel._keep_in_fp32_modules),
+    )
 
 
 def main() -> None:

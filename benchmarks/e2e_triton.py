@@ -12,6 +12,7 @@ serving overhead = client latency - the sum of the step compute times. Usage, ag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -34,9 +35,28 @@ def compute_ns(client: grpcclient.InferenceServerClient, model: str) -> tuple[in
     return int(stats.get("inference_count", 0)), total
 
 
+def measure(url: str, model: str, request: dict, warmup: int, requests: int):
+    """Warm up, then time `requests` requests; returns per-model statistics before/after and the latencies."""
+    with grpcclient.InferenceServerClient(url) as client:
+        outputs = [grpcclient.InferRequestedOutput("video")]
+        for _ in range(warmup):
+            started = time.perf_counter()
+            client.infer(model, build_infer_inputs(request), outputs=outputs)
+            print(f"warm-up request: {time.perf_counter() - started:.1f} s", flush=True)
+        before = {s: compute_ns(client, f"{model}_{s}") for s in STEPS}
+        latencies = []
+        for _ in range(requests):
+            started = time.perf_counter()
+            client.infer(model, build_infer_inputs(request), outputs=outputs)
+            latencies.append(time.perf_counter() - started)
+        after = {s: compute_ns(client, f"{model}_{s}") for s in STEPS}
+    return before, after, latencies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", default="localhost:8001")
+    parser.add_argument("--repo", type=Path, help="start a server on this model repository instead of using --url")
     parser.add_argument("--model", default="wan_t2v")
     parser.add_argument("--prompt", default="a red fox runs through fresh snow at dawn, cinematic")
     parser.add_argument("--height", type=int)
@@ -56,17 +76,14 @@ def main() -> None:
         "num_inference_steps": args.steps,
         "seed": 7,
     }
-    with grpcclient.InferenceServerClient(args.url) as client:
-        outputs = [grpcclient.InferRequestedOutput("video")]
-        for _ in range(args.warmup):
-            client.infer(args.model, build_infer_inputs(request), outputs=outputs)
-        before = {s: compute_ns(client, f"{args.model}_{s}") for s in STEPS}
-        latencies = []
-        for _ in range(args.requests):
-            started = time.perf_counter()
-            client.infer(args.model, build_infer_inputs(request), outputs=outputs)
-            latencies.append(time.perf_counter() - started)
-        after = {s: compute_ns(client, f"{args.model}_{s}") for s in STEPS}
+    with contextlib.ExitStack() as stack:
+        url = args.url
+        if args.repo:
+            from wan_triton.launch import running_server
+
+            log = args.repo.resolve().parent / "tritonserver.log"
+            url = stack.enter_context(running_server([args.repo], log, ready_timeout_s=900)).grpc_url
+        before, after, latencies = measure(url, args.model, request, args.warmup, args.requests)
 
     per_step = {s: (after[s][1] - before[s][1]) / 1e9 / args.requests for s in STEPS}
     latency = statistics.mean(latencies)

@@ -18,10 +18,12 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _device(cfg: ComponentConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+def _device(cfg: ComponentConfig, device_id: int) -> torch.device:
+    if cfg.device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise RuntimeError("the deployment asks for device 'cuda' but no CUDA device is available")
-    return torch.device(cfg.device)
+    return torch.device("cuda", device_id)
 
 
 def _onnx_engine(path: Path, cfg: ComponentConfig) -> Engine:
@@ -41,12 +43,12 @@ def _reserved_tensorrt(component: str) -> Engine:
     return TensorRTEngine(component)
 
 
-def build_text_encoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -> Engine:
+def build_text_encoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> Engine:
     match cfg.engine:
         case EngineKind.TORCH:
             from .engines.torch_engine import text_encoder_engine
 
-            device, dtype = _device(cfg), DTYPES[cfg.precision]
+            device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
             return text_encoder_engine(ckpt.load_text_encoder(dtype, str(device)), device, dtype)
         case EngineKind.ONNXRUNTIME:
             return _onnx_engine(artifacts / "text_encoder.onnx", cfg)
@@ -55,8 +57,8 @@ def build_text_encoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) 
     raise ValueError(f"unknown engine {cfg.engine}")
 
 
-def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -> Denoiser:
-    device, dtype = _device(cfg), DTYPES[cfg.precision]
+def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> Denoiser:
+    device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
     experts: dict[str, Engine] = {}
     for name in EXPERTS:
         match cfg.engine:
@@ -77,10 +79,10 @@ def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -> D
     return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype)
 
 
-def build_vae_decoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path) -> VaeDecoder:
+def build_vae_decoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> VaeDecoder:
     match cfg.engine:
         case EngineKind.TORCH:
-            device, dtype = _device(cfg), DTYPES[cfg.precision]
+            device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
             return VaeDecoder(ckpt, torch_vae_decode_fn(ckpt.load_vae(dtype, str(device))), device, dtype)
         case EngineKind.ONNXRUNTIME:
             from .vae_chunks import onnx_vae_decode_fn

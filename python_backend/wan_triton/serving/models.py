@@ -76,7 +76,7 @@ class Preprocess(_Model):
 class TextEncoder(_Model):
     def load(self) -> None:
         cfg = self.ctx.deployment.components.text_encoder
-        self.engine = build_text_encoder(self.ctx.checkpoint, cfg, self.ctx.artifacts)
+        self.engine = build_text_encoder(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
 
     def handle(self, request):
         inputs = read_inputs(request, [io.INPUT_IDS.name, io.ATTENTION_MASK.name])
@@ -92,7 +92,7 @@ class Scheduler(_Model):
 
     def load(self) -> None:
         cfg = self.ctx.deployment.components.denoiser
-        self.denoiser = build_denoiser(self.ctx.checkpoint, cfg, self.ctx.artifacts)
+        self.denoiser = build_denoiser(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
 
     def handle(self, request):
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
@@ -113,7 +113,7 @@ class Scheduler(_Model):
 class VaeDecoder(_Model):
     def load(self) -> None:
         cfg = self.ctx.deployment.components.vae_decoder
-        self.decoder = build_vae_decoder(self.ctx.checkpoint, cfg, self.ctx.artifacts)
+        self.decoder = build_vae_decoder(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
 
     def handle(self, request):
         latents = torch.from_numpy(read_inputs(request, [io.LATENTS.name])[io.LATENTS.name])

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# End to end through Triton on one GPU: the configs-only A14B checkpoint (random bf16 weights built on the device),
+# the gpu_a14b deployment, requests through the gRPC client, and Triton's per-model statistics for the breakdown.
+# Run on the GPU host after `source .gpukit/setup.sh` (+ the FlashAttention-4 add-on), with the wheels the kit lacks
+# (pydantic and its deps, av) in $WHEELS. Arguments are passed to benchmarks/e2e_triton.py.
+set -euo pipefail
+WHEELS=${WHEELS:-/tmp/whl}
+OUT=${OUT:-out}
+python3 -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
+python3 -m pip install -q --no-deps --no-build-isolation -e .
+# The build runs with the host's numpy 2 first (its scipy needs it); the kit's numpy 1.26 is for Triton's stub.
+HOST_SITE=$(ls -d /opt/torch/.venv/lib/python3*/site-packages 2>/dev/null | head -1)
+PYTHONPATH=$HOST_SITE python3 -m wan_build.shapes_checkpoint /tmp/a14b
+PYTHONPATH=$HOST_SITE python3 -m wan_build --model /tmp/a14b --deployment model_repository/deployments/gpu_a14b.yaml \
+  --repo /tmp/repo
+python3 benchmarks/e2e_triton.py --repo /tmp/repo --out "$OUT/e2e.json" "$@" || {
+  tail -60 /tmp/tritonserver.log
+  exit 1
+}
+cp /tmp/tritonserver.log "$OUT/tritonserver.log"
