@@ -13,8 +13,9 @@ HOST_SITE=$(ls -d /opt/torch/.venv/lib/python3*/site-packages 2>/dev/null | head
 PYTHONPATH=$HOST_SITE python3 -m wan_build.shapes_checkpoint /tmp/a14b
 PYTHONPATH=$HOST_SITE python3 -m wan_build --model /tmp/a14b --deployment model_repository/deployments/gpu_a14b.yaml \
   --repo /tmp/repo
-python3 benchmarks/e2e_triton.py --repo /tmp/repo --out "$OUT/e2e.json" "$@" || {
-  tail -60 /tmp/tritonserver.log
-  exit 1
-}
+# What the stub will import, checked first with the stub's environment (the kit venv, numpy 1.26).
+python3 -c "import wan_triton.serving.models; from transformers import AutoTokenizer, UMT5EncoderModel"
+status=0
+python3 benchmarks/e2e_triton.py --repo /tmp/repo --out "$OUT/e2e.json" "$@" || status=$?
 cp /tmp/tritonserver.log "$OUT/tritonserver.log"
+exit $status
