@@ -465,7 +465,7 @@ def source_hash(ckpt: Checkpoint, component: str, specs: Sequence[ComponentSpec]
 def _load_sources(out_dir: Path) -> dict:
     path = out_dir / SOURCES_FILE
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
     except json.JSONDecodeError:
@@ -474,7 +474,7 @@ def _load_sources(out_dir: Path) -> dict:
 
 
 def _write_sources(out_dir: Path, sources: dict) -> None:
-    (out_dir / SOURCES_FILE).write_text(json.dumps(sources, indent=2) + "\n")
+    (out_dir / SOURCES_FILE).write_text(json.dumps(sources, indent=2) + "\n", encoding="utf-8")
 
 
 def _reusable_rows(out_dir: Path, recorded: dict, digest: str, files: list[str]) -> list[CheckRow] | None:
@@ -549,7 +549,7 @@ def export_all(
 def _write_checks(out_dir: Path, sources: dict) -> None:
     """All recorded check rows, including components not exported in this run."""
     rows = [r for component in COMPONENTS for r in sources.get(component, {}).get("rows", [])]
-    (out_dir / CHECK_FILE).write_text(json.dumps(rows, indent=2) + "\n")
+    (out_dir / CHECK_FILE).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
 
 
 def format_table(rows: Sequence[CheckRow]) -> str:

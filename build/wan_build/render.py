@@ -46,7 +46,7 @@ class RenderError(ValueError):
 
 
 def fill(template_name: str, values: dict[str, str]) -> str:
-    text = (TEMPLATES / template_name).read_text()
+    text = (TEMPLATES / template_name).read_text(encoding="utf-8")
     try:
         out = Template(text).substitute(values)
     except KeyError as exc:
@@ -80,7 +80,7 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
     staging = repo.with_name(repo.name + ".rendering")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    (staging / MARKER).write_text("rendered by wan_build.render\n")
+    (staging / MARKER).write_text("rendered by wan_build.render\n", encoding="utf-8")
 
     name = deployment.model_name
     ensemble = staging / name
@@ -88,7 +88,8 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
     (ensemble / "config.pbtxt").write_text(
         fill(
             "ensemble.pbtxt", {"model_name": name, "io": model_io.ensemble_io(), "steps": model_io.ensemble_steps(name)}
-        )
+        ),
+        encoding="utf-8",
     )
 
     for step in model_io.STEPS:
@@ -108,12 +109,13 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
                     "instance_count": str(component.instance_count if component else 1),
                     "instance_kind": "KIND_GPU" if on_gpu else "KIND_CPU",
                 },
-            )
+            ),
+            encoding="utf-8",
         )
         (version_dir / "model.py").write_text(
-            fill("model.py", {"role": step.role, "class_name": CLASS_NAMES[step.role]})
+            fill("model.py", {"role": step.role, "class_name": CLASS_NAMES[step.role]}), encoding="utf-8"
         )
-        (model_dir / DEPLOYMENT_FILE).write_text(deployment.to_json())
+        (model_dir / DEPLOYMENT_FILE).write_text(deployment.to_json(), encoding="utf-8")
         if component is not None and component.engine == EngineKind.ONNXRUNTIME:
             for pattern in STEP_GRAPHS[step.role]:
                 matches = sorted(artifacts.glob(pattern))

@@ -88,8 +88,10 @@ def make_shapes_checkpoint(out_dir: Path) -> Path:
         "transformer_2": ["diffusers", "WanTransformer3DModel"],
         "vae": ["diffusers", "AutoencoderKLWan"],
     }
-    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
-    (out_dir / MARKER).write_text("configs only: modules are built with random weights (benchmarks)\n")
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
+    (out_dir / MARKER).write_text(
+        "configs only: modules are built with random weights (benchmarks)\n", encoding="utf-8"
+    )
     logger.info("wrote configs-only A14B checkpoint to %s", out_dir)
     return out_dir
 

@@ -30,7 +30,7 @@ class CheckpointError(ValueError):
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CheckpointError(f"missing {path}") from exc
     except json.JSONDecodeError as exc:

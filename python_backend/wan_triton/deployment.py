@@ -96,7 +96,7 @@ class Deployment(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> Deployment:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
         data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
         return cls.model_validate(data)
 

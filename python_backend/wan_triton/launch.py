@@ -50,7 +50,7 @@ class RunningServer:
 
     def log_tail(self, num_lines: int = 40) -> str:
         try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-num_lines:])
+            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-num_lines:])
         except OSError:
             return ""
 

@@ -44,7 +44,7 @@ class ModelContext:
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ModelContext:
         model_dir = Path(args["model_repository"])
-        deployment = Deployment.model_validate_json((model_dir / DEPLOYMENT_FILE).read_text())
+        deployment = Deployment.model_validate_json((model_dir / DEPLOYMENT_FILE).read_text(encoding="utf-8"))
         if deployment.checkpoint is None:
             raise ValueError(f"{model_dir / DEPLOYMENT_FILE}: no checkpoint recorded; re-run `make build MODEL=...`")
         return cls(
