@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -89,6 +90,9 @@ def main() -> None:
     latency = statistics.mean(latencies)
     overhead = latency - sum(per_step.values())
     result = {
+        "commit": os.environ.get("COMMIT", "unknown"),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
         "request": request,
         "requests": args.requests,
         "latency_s": latency,
