@@ -66,13 +66,21 @@ def flash4_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-def resolve(backend: AttentionBackend | str, device: torch.device) -> AttentionBackend:
+# Head sizes FlashAttention-4's forward kernels are built for.
+FLASH4_HEAD_DIMS = (64, 96, 128, 192, 256)
+
+
+def resolve(backend: AttentionBackend | str, device: torch.device, head_dim: int) -> AttentionBackend:
     backend = AttentionBackend(backend)
+    if backend == AttentionBackend.FLASH4 and head_dim not in FLASH4_HEAD_DIMS:
+        raise ValueError(f"flash4 attention supports head sizes {FLASH4_HEAD_DIMS}, not {head_dim}")
     if backend != AttentionBackend.AUTO:
         return backend
     if device.type != "cuda":
         return AttentionBackend.REFERENCE
-    return AttentionBackend.FLASH4 if flash4_available() else AttentionBackend.CUDNN
+    if flash4_available() and head_dim in FLASH4_HEAD_DIMS:
+        return AttentionBackend.FLASH4
+    return AttentionBackend.CUDNN
 
 
 def attention_fn(backend: AttentionBackend) -> AttentionFn:
@@ -140,7 +148,7 @@ def install(module: torch.nn.Module, backend: AttentionBackend | str, device: to
 
     With any kernel but the reference, the projections are fused too (the processor reads the fused weights).
     """
-    chosen = resolve(backend, device)
+    chosen = resolve(backend, device, module.config.attention_head_dim)
     if chosen != AttentionBackend.REFERENCE:
         module.set_attn_processor(WanT2VAttnProcessor(attention_fn(chosen)))
         fuse_projections(module)

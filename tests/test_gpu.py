@@ -1,0 +1,63 @@
+"""GPU-only checks of the served denoiser configuration; skipped where no CUDA device is present (CPU CI).
+
+The full-size measurements live in benchmarks/ (denoiser_step.py, gpu_numerics.py, gpu_e2e.sh); these keep the
+GPU code paths under test on any GPU host: `python -m pytest tests/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan_triton.checkpoint import Checkpoint
+from wan_triton.components import build_denoiser
+from wan_triton.deployment import ComponentConfig
+from wan_triton.engines.base import EngineKind
+from wan_triton.request import GenerationRequest
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+REQUEST = GenerationRequest(
+    prompt="-",
+    negative_prompt="-",
+    height=64,
+    width=96,
+    num_frames=9,
+    num_inference_steps=8,
+    seed=3,
+    guidance_scale=4.0,
+    guidance_scale_2=3.0,
+    fps=16,
+)
+
+
+def _latents(ckpt: Checkpoint, cfg: ComponentConfig, embeds: torch.Tensor) -> torch.Tensor:
+    tf32 = cfg.precision != "float32"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    return build_denoiser(ckpt, cfg, Path("/nonexistent"))(REQUEST, embeds).float().cpu()
+
+
+@pytest.mark.parametrize("attention", ["cudnn", "auto"])
+@pytest.mark.parametrize("compile_blocks", [False, True])
+def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention, compile_blocks):
+    ckpt = Checkpoint.open(other_checkpoint)
+    embeds = torch.randn(2, 512, ckpt.text_dim, generator=torch.Generator().manual_seed(0))
+    reference = _latents(ckpt, ComponentConfig(engine=EngineKind.TORCH, device="cuda", attention="reference"), embeds)
+    served = _latents(
+        ckpt,
+        ComponentConfig(
+            engine=EngineKind.TORCH,
+            device="cuda",
+            precision="bfloat16",
+            attention=attention,
+            compile_blocks=compile_blocks,
+        ),
+        embeds,
+    )
+    rel_l2 = float((served - reference).norm() / reference.norm())
+    assert torch.isfinite(served).all() and rel_l2 <= 2e-2, rel_l2
