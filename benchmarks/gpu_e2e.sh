@@ -4,7 +4,7 @@
 # Run on the GPU host after `source .gpukit/setup.sh` (+ the FlashAttention-4 add-on), with the wheels the kit lacks
 # (pydantic and its deps, av) in $WHEELS. Arguments are passed to benchmarks/e2e_triton.py.
 set -euo pipefail
-WHEELS=${WHEELS:-/tmp/whl}
+WHEELS=${WHEELS:-/tmp/whl}  # pydantic and its deps, av
 OUT=${OUT:-out}
 python3 -m pip install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
 python3 -m pip install -q --no-deps --no-build-isolation -e .
