@@ -59,3 +59,45 @@ def assert_frames_close(ours: np.ndarray, ref: np.ndarray, max_levels: int = 2, 
     assert ours.dtype == np.uint8 and ours.shape == ref.shape, (ours.dtype, ours.shape, ref.shape)
     diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))
     assert diff.max() <= max_levels and diff.mean() <= mean_levels, (int(diff.max()), float(diff.mean()))
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The session's server serves both renderings of the non-default tiny checkpoint under these model names.
+DEPLOYMENTS = {
+    "wan_onnx": REPO_ROOT / "model_repository/deployments/cpu.yaml",
+    "wan_torch": REPO_ROOT / "model_repository/deployments/cpu_torch.yaml",
+}
+
+
+@pytest.fixture(scope="session")
+def server(other_checkpoint, tmp_path_factory):
+    from wan_build.__main__ import main as build_main
+    from wan_triton.deployment import Deployment
+    from wan_triton.launch import running_server
+
+    root = tmp_path_factory.mktemp("served")
+    repos = []
+    for name, path in DEPLOYMENTS.items():
+        deployment = Deployment.load(path).model_copy(update={"model_name": name})
+        dep_file = root / f"{name}.json"
+        dep_file.write_text(deployment.to_json())
+        repo = root / f"repo_{name}"
+        assert (
+            build_main(
+                [
+                    "--model",
+                    str(other_checkpoint),
+                    "--deployment",
+                    str(dep_file),
+                    "--repo",
+                    str(repo),
+                    "--artifacts-root",
+                    str(root / "artifacts"),
+                ]
+            )
+            == 0
+        )
+        repos.append(repo)
+    with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
+        yield running
+    assert running.process.returncode == 0, running.log_tail()

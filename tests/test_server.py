@@ -1,32 +1,24 @@
 """The real Triton server, end to end: parity with diffusers' WanPipeline, the MP4, and every kind of bad input.
 
-One server holds two renderings of the same non-default tiny checkpoint: `wan_onnx` (every component on ONNX
-Runtime) and `wan_torch` (the library modules in PyTorch), so both engine families are checked against the
-reference in one server start.
+The session's server (tests/conftest.py) holds two renderings of the same non-default tiny checkpoint: `wan_onnx`
+(every component on ONNX Runtime) and `wan_torch` (the library modules in PyTorch), so both engine families are
+checked against the reference in one server start.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import assert_frames_close, reference_frames
+from conftest import DEPLOYMENTS, assert_frames_close, reference_frames
 from tritonclient.utils import InferenceServerException
 
 from wan_client import build_infer_inputs
 from wan_triton.deployment import Deployment
-from wan_triton.launch import running_server
 from wan_triton.video import decode_mp4
 
 pytestmark = pytest.mark.server
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEPLOYMENTS = {
-    "wan_onnx": REPO_ROOT / "model_repository/deployments/cpu.yaml",
-    "wan_torch": REPO_ROOT / "model_repository/deployments/cpu_torch.yaml",
-}
 # Every setting differs from the deployment defaults.
 REQUEST = dict(
     prompt="a small robot dances in the rain, close-up",
@@ -39,38 +31,6 @@ REQUEST = dict(
     guidance_scale_2=2.5,
     seed=1234,
 )
-
-
-@pytest.fixture(scope="module")
-def server(other_checkpoint, tmp_path_factory):
-    from wan_build.__main__ import main as build_main
-
-    root = tmp_path_factory.mktemp("served")
-    repos = []
-    for name, path in DEPLOYMENTS.items():
-        deployment = Deployment.load(path).model_copy(update={"model_name": name})
-        dep_file = root / f"{name}.json"
-        dep_file.write_text(deployment.to_json())
-        repo = root / f"repo_{name}"
-        assert (
-            build_main(
-                [
-                    "--model",
-                    str(other_checkpoint),
-                    "--deployment",
-                    str(dep_file),
-                    "--repo",
-                    str(repo),
-                    "--artifacts-root",
-                    str(root / "artifacts"),
-                ]
-            )
-            == 0
-        )
-        repos.append(repo)
-    with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
-        yield running
-    assert running.process.returncode == 0, running.log_tail()
 
 
 @pytest.fixture(scope="module")
