@@ -150,3 +150,47 @@ def test_still_serving_the_same_frames_after_bad_input(client, reference):
     # Runs after the bad-input tests (file order): the server is up and its output unchanged.
     assert_frames_close(infer(client, "wan_onnx", REQUEST).as_numpy("frames"), reference)
     assert_frames_close(infer(client, "wan_torch", REQUEST).as_numpy("frames"), reference)
+
+
+def _metrics(server) -> list[tuple[str, dict[str, str], float]]:
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = re.match(r"^(\w+)(?:\{(.*)\})?\s+(\S+)$", line)
+        if match and not line.startswith("#"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def _value(samples, name: str, **labels) -> float:
+    values = [v for n, got, v in samples if n == name and labels.items() <= got.items()]
+    assert values, f"no sample {name}{labels}"
+    return sum(values)
+
+
+def test_metrics_report_stages_outcomes_and_rate(server, client):
+    infer(client, "wan_onnx", {"prompt": "metrics", "num_inference_steps": 2, "num_frames": 1})
+    with pytest.raises(InferenceServerException):
+        infer(client, "wan_onnx", {"prompt": "metrics", "num_frames": 2})
+    samples = _metrics(server)
+    for stage in ("preprocess", "text_encoder", "scheduler", "vae_decoder", "postprocess"):
+        assert _value(samples, "wan_stage_seconds_count", model="wan_onnx", stage=stage) >= 1
+        assert _value(samples, "wan_stage_seconds_sum", model="wan_onnx", stage=stage) > 0
+    assert _value(samples, "wan_requests_total", model="wan_onnx", stage="preprocess", outcome="invalid_arg") >= 1
+    assert _value(samples, "wan_requests_total", model="wan_onnx", stage="postprocess", outcome="success") >= 1
+    assert _value(samples, "wan_denoise_steps_per_second", model="wan_onnx") > 0
+    # Triton's own queue gauge sits beside ours.
+    assert _value(samples, "nv_inference_pending_request_count", model="wan_onnx_scheduler") == 0
+
+
+def test_warm_up_ran_before_the_server_reported_ready(server):
+    log = server.log_path.read_text(encoding="utf-8", errors="replace")
+    ready = log.index("Started GRPCInferenceService")
+    for model in ("wan_onnx_scheduler", "wan_onnx_vae_decoder", "wan_torch_scheduler", "wan_torch_vae_decoder"):
+        warm = log.find(f"{model} warm-up")
+        assert 0 <= warm < ready, model

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from .engines.base import Engine
 from .request import GenerationRequest
 
@@ -86,6 +86,16 @@ class Denoiser:
             if on_step is not None:
                 on_step(i, len(timesteps))
         return latents
+
+
+def warm_up(denoiser: Denoiser, height: int, width: int, num_frames: int) -> None:
+    """One guided step of each expert at this shape, so compilation and allocation happen before serving."""
+    latents = initial_noise(latent_shape(denoiser.ckpt, height, width, num_frames), 0).to(denoiser.device)
+    embeds = torch.zeros(2, MAX_SEQUENCE_LENGTH, denoiser.ckpt.text_dim, device=denoiser.device, dtype=denoiser.dtype)
+    for expert in denoiser.experts.values():
+        scheduler = denoiser.ckpt.make_scheduler()
+        scheduler.set_timesteps(1, device=denoiser.device)
+        denoise_step(expert, scheduler, latents, scheduler.timesteps[0], embeds, guidance_scale=1.0)
 
 
 def denoise_step(

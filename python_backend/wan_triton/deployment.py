@@ -69,6 +69,14 @@ class Defaults(_Strict):
     fps: int
 
 
+class WarmupShape(_Strict):
+    """A request shape run once at load, before the model reports ready (compiles kernels, fills caches)."""
+
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    num_frames: int = Field(gt=0)
+
+
 class Deployment(_Strict):
     model_name: str = "wan_t2v"
     checkpoint: str | None = Field(default=None, description="checkpoint directory; set by `make build MODEL=`")
@@ -79,6 +87,7 @@ class Deployment(_Strict):
     opt_height: int | None = None
     opt_width: int | None = None
     opt_num_frames: int | None = None
+    warmup: list[WarmupShape] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Deployment:
@@ -90,6 +99,9 @@ class Deployment(_Strict):
             problems.append(f"default num_frames {d.num_frames} > max_num_frames {lim.max_num_frames}")
         if not 1 <= d.num_inference_steps <= lim.max_num_inference_steps:
             problems.append(f"default num_inference_steps {d.num_inference_steps} outside [1, max]")
+        for shape in self.warmup:
+            if shape.height > lim.max_height or shape.width > lim.max_width or shape.num_frames > lim.max_num_frames:
+                problems.append(f"warm-up shape {shape} is above the limits")
         if problems:
             raise ValueError("; ".join(problems))
         return self

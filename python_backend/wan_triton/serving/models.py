@@ -15,12 +15,14 @@ import numpy as np
 import torch
 
 from ..components import build_denoiser, build_text_encoder, build_vae_decoder
+from ..denoise import latent_shape, warm_up
 from ..pipeline import prompts_for
 from ..request import GenerationRequest, validate_request
 from ..text import PromptTokenizer, zero_pad_past_length
 from ..video import encode_mp4, to_uint8_frames
 from . import model_io as io
-from .triton import ModelContext, execute_each, output, read_inputs, read_request_json
+from .metrics import StageMetrics
+from .triton import ModelContext, execute_each, output, pb_utils, read_inputs, read_request_json
 
 logger = logging.getLogger("wan_triton.serving")
 
@@ -37,6 +39,7 @@ class _Model:
     def initialize(self, args: dict) -> None:
         _configure_logging()
         self.ctx = ModelContext.from_args(args)
+        self.metrics = StageMetrics(pb_utils(), self.ctx.deployment.model_name, self.role)
         started = time.perf_counter()
         self.load()
         logger.info("%s loaded in %.2f s", self.ctx.name, time.perf_counter() - started)
@@ -48,7 +51,11 @@ class _Model:
         raise NotImplementedError
 
     def execute(self, requests):
-        return execute_each(requests, self.ctx.name, self.handle)
+        responses = execute_each(requests, self.ctx.name, self.handle, self.metrics)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.metrics.device_memory_peak(torch.cuda.max_memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        return responses
 
     def finalize(self) -> None:
         logger.info("%s unloaded", self.ctx.name)
@@ -56,6 +63,8 @@ class _Model:
 
 class Preprocess(_Model):
     """Validate the request, fill defaults, tokenize the prompt (and negative prompt when guidance is on)."""
+
+    role = "preprocess"
 
     def load(self) -> None:
         self.tokenizer = PromptTokenizer(self.ctx.checkpoint.load_tokenizer())
@@ -74,6 +83,8 @@ class Preprocess(_Model):
 
 
 class TextEncoder(_Model):
+    role = "text_encoder"
+
     def load(self) -> None:
         cfg = self.ctx.deployment.components.text_encoder
         self.engine = build_text_encoder(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
@@ -90,30 +101,45 @@ class TextEncoder(_Model):
 class Scheduler(_Model):
     """Runs the whole denoising loop in this process: no Triton round trip per step."""
 
+    role = "scheduler"
+
     def load(self) -> None:
         cfg = self.ctx.deployment.components.denoiser
         self.denoiser = build_denoiser(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
+        for shape in self.ctx.deployment.warmup:
+            started = time.perf_counter()
+            warm_up(self.denoiser, shape.height, shape.width, shape.num_frames)
+            logger.info("%s warm-up %s: %.2f s", self.ctx.name, shape, time.perf_counter() - started)
 
     def handle(self, request):
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
         embeds = torch.from_numpy(read_inputs(request, [io.PROMPT_EMBEDS.name])[io.PROMPT_EMBEDS.name])
         started = time.perf_counter()
         latents = self.denoiser(req, embeds)
+        seconds = time.perf_counter() - started
+        self.metrics.denoised(req.num_inference_steps, seconds)
         logger.info(
             "denoised %dx%d x %d frames, %d steps in %.2f s",
             req.width,
             req.height,
             req.num_frames,
             req.num_inference_steps,
-            time.perf_counter() - started,
+            seconds,
         )
         return _response(output(io.LATENTS.name, latents.float().cpu().numpy()))
 
 
 class VaeDecoder(_Model):
+    role = "vae_decoder"
+
     def load(self) -> None:
         cfg = self.ctx.deployment.components.vae_decoder
         self.decoder = build_vae_decoder(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
+        for shape in self.ctx.deployment.warmup:
+            started = time.perf_counter()
+            dims = latent_shape(self.ctx.checkpoint, shape.height, shape.width, shape.num_frames)
+            self.decoder(torch.zeros(dims))
+            logger.info("%s warm-up %s: %.2f s", self.ctx.name, shape, time.perf_counter() - started)
 
     def handle(self, request):
         latents = torch.from_numpy(read_inputs(request, [io.LATENTS.name])[io.LATENTS.name])
@@ -124,6 +150,8 @@ class VaeDecoder(_Model):
 class Postprocess(_Model):
     """uint8 frames as the reference computes them, and an H.264 MP4 of them."""
 
+    role = "postprocess"
+
     def handle(self, request):
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
         video = torch.from_numpy(read_inputs(request, [io.DECODED.name])[io.DECODED.name])
@@ -133,6 +161,4 @@ class Postprocess(_Model):
 
 
 def _response(*tensors):
-    from .triton import pb_utils
-
     return pb_utils().InferenceResponse(output_tensors=list(tensors))

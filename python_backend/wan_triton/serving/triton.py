@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 from ..checkpoint import Checkpoint
 from ..deployment import Deployment
 from ..request import InvalidRequestError
+from .metrics import StageMetrics
 from .model_io import IO
 
 logger = logging.getLogger(__name__)
@@ -87,12 +89,17 @@ def error_response(exc: BaseException, model_name: str):
     return pb.InferenceResponse(error=pb.TritonError(f"{model_name}: internal error: {exc}", pb.TritonError.INTERNAL))
 
 
-def execute_each(requests, model_name: str, handle) -> list:
+def execute_each(requests, model_name: str, handle, metrics: StageMetrics | None = None) -> list:
     """Run `handle(request) -> InferenceResponse` per request; one bad request never fails the others."""
     responses = []
     for request in requests:
+        started = time.perf_counter()
         try:
             responses.append(handle(request))
+            outcome = "success"
         except Exception as exc:  # noqa: BLE001 - every failure becomes that request's error response
             responses.append(error_response(exc, model_name))
+            outcome = "invalid_arg" if isinstance(exc, InvalidRequestError) else "error"
+        if metrics is not None:
+            metrics.request_done(time.perf_counter() - started, outcome)
     return responses

@@ -1,0 +1,74 @@
+"""Prometheus metrics of the pipeline, served on Triton's metrics port beside Triton's own `nv_*` metrics.
+
+Each ensemble step runs in its own stub process and registers the families it uses through the Python backend's
+custom-metrics API; Triton merges them into one /metrics page. Names:
+
+- `wan_stage_seconds{model, stage}`: histogram of each step's time per request (text_encoder, scheduler = the
+  denoising loop, vae_decoder, postprocess, preprocess);
+- `wan_requests_total{model, stage, outcome}`: requests per step by outcome (`success`, `invalid_arg`, `error`);
+  `stage="preprocess"` counts every request the server admitted;
+- `wan_denoise_steps_per_second{model}`: the last request's denoising rate;
+- `wan_device_memory_bytes{model, stage}`: peak device memory of the step's process during its last request.
+
+Queue length is Triton's own `nv_inference_pending_request_count{model=...}`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+# Seconds: from a tiny CPU request (milliseconds) to a 720p A14B denoising loop (about 15 minutes).
+STAGE_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200]
+OUTCOMES = ("success", "invalid_arg", "error")
+
+
+class StageMetrics:
+    """The metrics one step reports. Every call is a no-op where custom metrics are unavailable."""
+
+    def __init__(self, pb, model: str, stage: str) -> None:
+        self.enabled = hasattr(pb, "MetricFamily")
+        if not self.enabled:
+            logger.warning("custom metrics unavailable in this Python backend; %s reports none", stage)
+            return
+        labels = {"model": model, "stage": stage}
+        family = pb.MetricFamily
+        # The families are kept: a Metric is unusable once its MetricFamily object is garbage-collected.
+        self.families = {
+            "seconds": family(
+                name="wan_stage_seconds", description="Time of one ensemble step per request", kind=family.HISTOGRAM
+            ),
+            "requests": family(
+                name="wan_requests_total", description="Requests by step and outcome", kind=family.COUNTER
+            ),
+            "memory": family(
+                name="wan_device_memory_bytes",
+                description="Peak device memory of the step's last request",
+                kind=family.GAUGE,
+            ),
+        }
+        self.seconds = self.families["seconds"].Metric(labels=labels, buckets=STAGE_BUCKETS)
+        self.outcomes = {o: self.families["requests"].Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
+        self.device_memory = self.families["memory"].Metric(labels=labels)
+        self.steps_per_second = None
+        if stage == "scheduler":
+            self.families["rate"] = family(
+                name="wan_denoise_steps_per_second",
+                description="Denoising steps per second of the last request",
+                kind=family.GAUGE,
+            )
+            self.steps_per_second = self.families["rate"].Metric(labels={"model": model})
+
+    def request_done(self, seconds: float, outcome: str) -> None:
+        if self.enabled:
+            self.seconds.observe(seconds)
+            self.outcomes[outcome].increment(1)
+
+    def denoised(self, num_steps: int, seconds: float) -> None:
+        if self.enabled and self.steps_per_second is not None and seconds > 0:
+            self.steps_per_second.set(num_steps / seconds)
+
+    def device_memory_peak(self, num_bytes: int) -> None:
+        if self.enabled:
+            self.device_memory.set(num_bytes)
