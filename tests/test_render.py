@@ -24,9 +24,10 @@ def test_unfilled_template_key_is_an_error(tmp_path, monkeypatch):
 
 def test_every_ensemble_input_is_produced_upstream():
     made = {io.name for io in model_io.REQUEST_INPUTS}
+    producers = model_io.producers()
     for step in model_io.STEPS:
         for io in step.inputs:
-            name = io.name if step is model_io.PREPROCESS else f"_{io.name}"
+            name = io.name if step is model_io.PREPROCESS else model_io.ensemble_tensor(producers[io.name], io)
             assert name in made, f"{step.role} reads {name}, which nothing before it produces"
         made |= {model_io.ensemble_tensor(step, io) for io in step.outputs}
     assert {o.name for o in model_io.RESPONSE_OUTPUTS} <= made

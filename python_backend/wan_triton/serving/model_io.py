@@ -48,8 +48,7 @@ INPUT_IDS = IO("input_ids", "TYPE_INT64", (-1, MAX_SEQUENCE_LENGTH))
 ATTENTION_MASK = IO("attention_mask", "TYPE_INT64", (-1, MAX_SEQUENCE_LENGTH))
 PROMPT_EMBEDS = IO("prompt_embeds", "TYPE_FP32", (-1, MAX_SEQUENCE_LENGTH, -1), doc="prompt[, negative prompt]")
 LATENTS = IO("latents", "TYPE_FP32", (1, -1, -1, -1, -1))
-DECODED = IO("decoded_video", "TYPE_FP32", (1, 3, -1, -1, -1), doc="[-1, 1]")
-USED_SEED = RESPONSE_OUTPUTS[2]
+VIDEO, FRAMES, USED_SEED = RESPONSE_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -62,8 +61,10 @@ class ModelIO:
 PREPROCESS = ModelIO("preprocess", REQUEST_INPUTS, (REQUEST_JSON, INPUT_IDS, ATTENTION_MASK, USED_SEED))
 TEXT_ENCODER = ModelIO("text_encoder", (INPUT_IDS, ATTENTION_MASK), (PROMPT_EMBEDS,))
 SCHEDULER = ModelIO("scheduler", (REQUEST_JSON, PROMPT_EMBEDS), (LATENTS,))
-VAE_DECODER = ModelIO("vae_decoder", (LATENTS,), (DECODED,))
-POSTPROCESS = ModelIO("postprocess", (REQUEST_JSON, DECODED), RESPONSE_OUTPUTS[:2])
+# The decoder turns pixels into uint8 frames where it decoded them (on the GPU when it runs there): a quarter of
+# the bytes of float pixels cross to the postprocess step, which only encodes the MP4.
+VAE_DECODER = ModelIO("vae_decoder", (LATENTS,), (FRAMES,))
+POSTPROCESS = ModelIO("postprocess", (REQUEST_JSON, FRAMES), (VIDEO,))
 
 STEPS: tuple[ModelIO, ...] = (PREPROCESS, TEXT_ENCODER, SCHEDULER, VAE_DECODER, POSTPROCESS)
 

@@ -143,21 +143,19 @@ class VaeDecoder(_Model):
 
     def handle(self, request):
         latents = torch.from_numpy(read_inputs(request, [io.LATENTS.name])[io.LATENTS.name])
-        video = self.decoder(latents)
-        return _response(output(io.DECODED.name, video.float().cpu().numpy()))
+        frames = to_uint8_frames(self.decoder(latents))
+        return _response(output(io.FRAMES.name, frames))
 
 
 class Postprocess(_Model):
-    """uint8 frames as the reference computes them, and an H.264 MP4 of them."""
+    """The H.264 MP4 of the frames (the frames themselves reach the client straight from the decoder)."""
 
     role = "postprocess"
 
     def handle(self, request):
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
-        video = torch.from_numpy(read_inputs(request, [io.DECODED.name])[io.DECODED.name])
-        frames = to_uint8_frames(video)
-        mp4 = encode_mp4(frames, req.fps)
-        return _response(output("video", np.array([mp4], dtype=object)), output("frames", frames))
+        frames = read_inputs(request, [io.FRAMES.name])[io.FRAMES.name]
+        return _response(output(io.VIDEO.name, np.array([encode_mp4(frames, req.fps)], dtype=object)))
 
 
 def _response(*tensors):
