@@ -15,9 +15,11 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import tritonclient.grpc as grpcclient
@@ -34,6 +36,14 @@ def compute_ns(client: grpcclient.InferenceServerClient, model: str) -> tuple[in
     inference = stats["inference_stats"]
     total = sum(int(inference[k].get("ns", 0)) for k in ("compute_input", "compute_infer", "compute_output"))
     return int(stats.get("inference_count", 0)), total
+
+
+def device_memory(metrics_port: int) -> dict[str, float]:
+    """Peak device memory per stage of the last request, from the server's `wan_device_memory_bytes`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = re.findall(r'^wan_device_memory_bytes\{[^}]*stage="(\w+)"[^}]*\} (\S+)$', text, re.M)
+    return {stage: float(value) / 1e9 for stage, value in found}
 
 
 def measure(url: str, model: str, request: dict, warmup: int, requests: int):
@@ -77,14 +87,18 @@ def main() -> None:
         "num_inference_steps": args.steps,
         "seed": 7,
     }
+    memory: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         url = args.url
         if args.repo:
             from wan_triton.launch import running_server
 
             log = args.repo.resolve().parent / "tritonserver.log"
-            url = stack.enter_context(running_server([args.repo], log, ready_timeout_s=900)).grpc_url
+            server = stack.enter_context(running_server([args.repo], log, ready_timeout_s=900))
+            url = server.grpc_url
         before, after, latencies = measure(url, args.model, request, args.warmup, args.requests)
+        if args.repo:
+            memory = device_memory(server.metrics_port)
 
     per_step = {s: (after[s][1] - before[s][1]) / 1e9 / args.requests for s in STEPS}
     latency = statistics.mean(latencies)
@@ -100,6 +114,7 @@ def main() -> None:
         "steps_s": per_step,
         "serving_overhead_s": overhead,
         "serving_overhead_pct": 100 * overhead / latency,
+        "device_memory_gb": memory,
     }
     print(f"{'stage':14} {'seconds':>9} {'share':>7}")
     for stage, seconds in per_step.items():

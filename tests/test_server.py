@@ -194,3 +194,11 @@ def test_warm_up_ran_before_the_server_reported_ready(server):
     for model in ("wan_onnx_scheduler", "wan_onnx_vae_decoder", "wan_torch_scheduler", "wan_torch_vae_decoder"):
         warm = log.find(f"{model} warm-up")
         assert 0 <= warm < ready, model
+
+
+def test_request_for_the_video_alone(client):
+    # What the client asks for by default. An ensemble drops outputs nobody requested, so this catches a step that
+    # reads a tensor only the client was meant to receive.
+    result = infer(client, "wan_onnx", {**REQUEST, "num_inference_steps": 1}, outputs=("video",))
+    assert decode_mp4(result.as_numpy("video")[0]).shape == (13, 48, 80, 3)
+    assert result.as_numpy("frames") is None

@@ -49,6 +49,7 @@ ATTENTION_MASK = IO("attention_mask", "TYPE_INT64", (-1, MAX_SEQUENCE_LENGTH))
 PROMPT_EMBEDS = IO("prompt_embeds", "TYPE_FP32", (-1, MAX_SEQUENCE_LENGTH, -1), doc="prompt[, negative prompt]")
 LATENTS = IO("latents", "TYPE_FP32", (1, -1, -1, -1, -1))
 VIDEO, FRAMES, USED_SEED = RESPONSE_OUTPUTS
+DECODED_FRAMES = IO("decoded_frames", "TYPE_UINT8", (-1, -1, -1, 3), doc="[num_frames, height, width, 3] RGB")
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ PREPROCESS = ModelIO("preprocess", REQUEST_INPUTS, (REQUEST_JSON, INPUT_IDS, ATT
 TEXT_ENCODER = ModelIO("text_encoder", (INPUT_IDS, ATTENTION_MASK), (PROMPT_EMBEDS,))
 SCHEDULER = ModelIO("scheduler", (REQUEST_JSON, PROMPT_EMBEDS), (LATENTS,))
 # The decoder turns pixels into uint8 frames where it decoded them (on the GPU when it runs there): a quarter of
-# the bytes of float pixels cross to the postprocess step, which only encodes the MP4.
-VAE_DECODER = ModelIO("vae_decoder", (LATENTS,), (FRAMES,))
-POSTPROCESS = ModelIO("postprocess", (REQUEST_JSON, FRAMES), (VIDEO,))
+# the bytes of float pixels cross to the postprocess step. Postprocess re-emits them as the `frames` output, because
+# an ensemble drops an output the client did not ask for, even when a later step reads it.
+VAE_DECODER = ModelIO("vae_decoder", (LATENTS,), (DECODED_FRAMES,))
+POSTPROCESS = ModelIO("postprocess", (REQUEST_JSON, DECODED_FRAMES), (VIDEO, FRAMES))
 
 STEPS: tuple[ModelIO, ...] = (PREPROCESS, TEXT_ENCODER, SCHEDULER, VAE_DECODER, POSTPROCESS)
 

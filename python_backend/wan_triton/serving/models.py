@@ -144,18 +144,20 @@ class VaeDecoder(_Model):
     def handle(self, request):
         latents = torch.from_numpy(read_inputs(request, [io.LATENTS.name])[io.LATENTS.name])
         frames = to_uint8_frames(self.decoder(latents))
-        return _response(output(io.FRAMES.name, frames))
+        return _response(output(io.DECODED_FRAMES.name, frames))
 
 
 class Postprocess(_Model):
-    """The H.264 MP4 of the frames (the frames themselves reach the client straight from the decoder)."""
+    """The H.264 MP4 of the decoded frames, and the frames themselves."""
 
     role = "postprocess"
 
     def handle(self, request):
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
-        frames = read_inputs(request, [io.FRAMES.name])[io.FRAMES.name]
-        return _response(output(io.VIDEO.name, np.array([encode_mp4(frames, req.fps)], dtype=object)))
+        frames = read_inputs(request, [io.DECODED_FRAMES.name])[io.DECODED_FRAMES.name]
+        return _response(
+            output(io.VIDEO.name, np.array([encode_mp4(frames, req.fps)], dtype=object)), output(io.FRAMES.name, frames)
+        )
 
 
 def _response(*tensors):
