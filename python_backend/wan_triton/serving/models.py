@@ -53,8 +53,8 @@ class _Model:
     def execute(self, requests):
         responses = execute_each(requests, self.ctx.name, self.handle, self.metrics)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
-            self.metrics.device_memory_peak(torch.cuda.max_memory_allocated())
-            torch.cuda.reset_peak_memory_stats()
+            self.metrics.device_memory_peak(torch.cuda.max_memory_allocated(self.ctx.device_id))
+            torch.cuda.reset_peak_memory_stats(self.ctx.device_id)
         return responses
 
     def finalize(self) -> None:
