@@ -1,4 +1,5 @@
-"""Make the repository's source directories importable in tests without installing them."""
+"""Shared test setup: the source folders on sys.path, a tiny checkpoint unlike the default, the diffusers reference,
+the parity tolerance, and one real Triton server per test session."""
 
 from __future__ import annotations
 
