@@ -28,7 +28,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
 
-from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
+from wan_build.shapes_checkpoint import A14B_TRANSFORMER, SCHEDULER  # noqa: E402
 from wan_triton import attention, random_weights  # noqa: E402
 from wan_triton.attention import AttentionBackend, flash4_available  # noqa: E402
 from wan_triton.denoise import denoise_step  # noqa: E402
@@ -185,9 +185,7 @@ def main() -> None:
                 torch._dynamo.reset()
                 model.compile_repeated_blocks(fullgraph=True, dynamic=False)
             engine = denoiser_engine(model, torch.device("cuda"), torch.bfloat16)
-            scheduler = UniPCMultistepScheduler(
-                prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=12.0
-            )
+            scheduler = UniPCMultistepScheduler(**SCHEDULER)
             scheduler.set_timesteps(1000, device="cuda")
             state = {"latents": latents.clone(), "i": 0}
 

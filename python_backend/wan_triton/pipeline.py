@@ -19,7 +19,7 @@ from .denoise import Denoiser, StepCallback
 from .deployment import Deployment
 from .engines.base import Engine
 from .request import GenerationRequest
-from .text import PromptTokenizer, zero_pad_past_length
+from .text import PromptTokenizer, encode_tokens
 from .vae import VaeDecoder
 from .video import to_uint8_frames
 
@@ -33,9 +33,7 @@ def prompts_for(request: GenerationRequest) -> list[str]:
 
 def encode_prompts(tokenizer: PromptTokenizer, engine: Engine, prompts: list[str]) -> torch.Tensor:
     tokens = tokenizer(prompts)
-    ids, mask = torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask)
-    hidden = engine.run({"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
-    return zero_pad_past_length(hidden.float(), mask)
+    return encode_tokens(engine, torch.from_numpy(tokens.input_ids), torch.from_numpy(tokens.attention_mask))
 
 
 @dataclass

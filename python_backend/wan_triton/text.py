@@ -53,3 +53,9 @@ def zero_pad_past_length(embeds: torch.Tensor, attention_mask: torch.Tensor) -> 
     positions = torch.arange(embeds.shape[1], device=embeds.device)
     keep = positions[None, :] < seq_lens[:, None].to(embeds.device)
     return embeds * keep[..., None].to(embeds.dtype)
+
+
+def encode_tokens(engine, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Run the text-encoder engine and zero past each prompt's length: [num_prompts, text_len, text_dim] float32."""
+    hidden = engine.run({"input_ids": input_ids, "attention_mask": attention_mask})["last_hidden_state"]
+    return zero_pad_past_length(hidden.float(), attention_mask)

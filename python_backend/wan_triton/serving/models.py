@@ -18,7 +18,7 @@ from ..components import build_denoiser, build_text_encoder, build_vae_decoder
 from ..denoise import latent_shape, warm_up
 from ..pipeline import prompts_for
 from ..request import GenerationRequest, validate_request
-from ..text import PromptTokenizer, zero_pad_past_length
+from ..text import PromptTokenizer, encode_tokens
 from ..video import encode_mp4, to_uint8_frames
 from . import model_io as io
 from .metrics import StageMetrics
@@ -92,9 +92,7 @@ class TextEncoder(_Model):
     def handle(self, request):
         inputs = read_inputs(request, [io.INPUT_IDS.name, io.ATTENTION_MASK.name])
         ids = torch.from_numpy(inputs[io.INPUT_IDS.name])
-        mask = torch.from_numpy(inputs[io.ATTENTION_MASK.name])
-        hidden = self.engine.run({"input_ids": ids, "attention_mask": mask})["last_hidden_state"]
-        embeds = zero_pad_past_length(hidden.float(), mask)
+        embeds = encode_tokens(self.engine, ids, torch.from_numpy(inputs[io.ATTENTION_MASK.name]))
         return _response(output(io.PROMPT_EMBEDS.name, embeds.cpu().numpy()))
 
 
