@@ -61,3 +61,29 @@ def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention, co
     )
     rel_l2 = float((served - reference).norm() / reference.norm())
     assert torch.isfinite(served).all() and rel_l2 <= 2e-2, rel_l2
+
+
+def _served(ckpt: Checkpoint, **options) -> tuple[torch.Tensor, object]:
+    cfg = ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="bfloat16", attention="cudnn", **options)
+    embeds = torch.randn(2, 512, ckpt.text_dim, generator=torch.Generator().manual_seed(0))
+    denoiser = build_denoiser(ckpt, cfg, Path("/nonexistent"))
+    return denoiser(REQUEST, embeds).float().cpu(), denoiser
+
+
+@pytest.mark.parametrize("compile_blocks", [False, True])
+def test_cuda_graph_replay_is_bit_identical_to_eager(other_checkpoint, compile_blocks):
+    ckpt = Checkpoint.open(other_checkpoint)
+    eager, _ = _served(ckpt, compile_blocks=compile_blocks, expert_residency="resident")
+    graphed, denoiser = _served(ckpt, compile_blocks=compile_blocks, expert_residency="resident", cuda_graphs=True)
+    engines = list(denoiser.experts.values())
+    assert all(any(g is not None for g in e.graphs.values()) for e in engines), "no graph was captured"
+    assert torch.equal(graphed, eager)
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_swapped_experts_on_gpu_match_resident(other_checkpoint, cuda_graphs):
+    ckpt = Checkpoint.open(other_checkpoint)
+    resident, _ = _served(ckpt, expert_residency="resident", cuda_graphs=cuda_graphs)
+    swapped, denoiser = _served(ckpt, expert_residency="swap", cuda_graphs=cuda_graphs)
+    assert torch.equal(swapped, resident)
+    assert denoiser.swapper.swaps_overlapped == 2 and denoiser.swapper.swaps_blocking == 0

@@ -138,6 +138,17 @@ class Checkpoint:
         model = UMT5EncoderModel.from_pretrained(self.root / "text_encoder", **kwargs)
         return model.to(device).eval()
 
+    def has_expert(self, name: str) -> bool:
+        return (self.root / name / "config.json").is_file()
+
+    def expert_weight_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one expert's weights in `dtype`, from its config alone (built on the meta device)."""
+        from diffusers import WanTransformer3DModel
+
+        with torch.device("meta"):
+            module = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(self.root / EXPERTS[0]))
+        return sum(p.numel() for p in module.parameters()) * dtype.itemsize
+
     def load_transformer(self, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         from diffusers import WanTransformer3DModel
 

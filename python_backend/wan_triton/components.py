@@ -57,26 +57,81 @@ def build_text_encoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, 
     raise ValueError(f"unknown engine {cfg.engine}")
 
 
+def _torch_expert(ckpt: Checkpoint, name: str, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype):
+    """An expert as served: loaded straight to `device` in `dtype`, attention kernel installed (and projections
+    fused), blocks compiled when the deployment asks."""
+    from . import attention
+
+    module = ckpt.load_transformer(name, dtype, str(device))
+    chosen = attention.install(module, cfg.attention, device)
+    if cfg.compile_blocks:
+        module.compile_repeated_blocks(fullgraph=True, dynamic=False)
+    return module, chosen
+
+
+def _torch_engine(module, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype) -> tuple[Engine, Engine]:
+    """(eager engine, the engine to serve with): the CUDA-graph engine over the eager one when configured."""
+    from .engines.torch_engine import denoiser_engine
+
+    eager = denoiser_engine(module, device, dtype)
+    if not cfg.cuda_graphs:
+        return eager, eager
+    from .engines.cuda_graph import CudaGraphEngine
+
+    return eager, CudaGraphEngine(eager)
+
+
+def _swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype):
+    """Both experts in pinned host memory, one device module (wan_triton.residency)."""
+    from . import attention
+    from .residency import ExpertSwapper, SwappedExpert
+
+    def host_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        # A copy, never a view (the device module's storage is overwritten with the other expert's weights), made
+        # straight into pinned memory on CUDA so that side-stream copies are asynchronous.
+        pin = device.type == "cuda"
+        return {n: torch.empty(p.shape, dtype=p.dtype, pin_memory=pin).copy_(p) for n, p in module.named_parameters()}
+
+    first, chosen = _torch_expert(ckpt, EXPERTS[0], cfg, device, dtype)
+    host_states = {EXPERTS[0]: host_copy(first)}
+    for name in EXPERTS[1:]:
+        # Real weights go from disk to host memory. A configs-only benchmark checkpoint is built where random
+        # initialisation is fast (on the device) and then moved out.
+        other = ckpt.load_transformer(name, dtype, str(device) if ckpt.random_weights else "cpu")
+        if chosen != attention.AttentionBackend.REFERENCE:
+            attention.fuse_projections(other)  # the device module's parameter layout
+        host_states[name] = host_copy(other)
+        del other
+    swapper = ExpertSwapper(first, host_states, resident=EXPERTS[0])
+    eager, served = _torch_engine(first, cfg, device, dtype)
+    graphed = served if served is not eager else None
+    return {name: SwappedExpert(name, swapper, eager, graphed) for name in EXPERTS}, swapper
+
+
 def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> Denoiser:
     device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
     experts: dict[str, Engine] = {}
-    for name in EXPERTS:
-        match cfg.engine:
-            case EngineKind.TORCH:
-                from . import attention
-                from .engines.torch_engine import denoiser_engine
+    swapper = None
+    match cfg.engine:
+        case EngineKind.TORCH:
+            from .residency import choose_residency
 
-                module = ckpt.load_transformer(name, dtype, str(device))
-                attention.install(module, cfg.attention, device)
-                if cfg.compile_blocks:
-                    module.compile_repeated_blocks(fullgraph=True, dynamic=False)
-                experts[name] = denoiser_engine(module, device, dtype)
-            case EngineKind.ONNXRUNTIME:
+            residency = choose_residency(cfg.expert_residency, ckpt.expert_weight_bytes(dtype), device)
+            logger.info("denoiser experts: %s", residency)
+            if residency == "swap" and all(map(ckpt.has_expert, EXPERTS)):
+                experts, swapper = _swapped_experts(ckpt, cfg, device, dtype)
+            else:
+                for name in filter(ckpt.has_expert, EXPERTS):
+                    module, _ = _torch_expert(ckpt, name, cfg, device, dtype)
+                    experts[name] = _torch_engine(module, cfg, device, dtype)[1]
+        case EngineKind.ONNXRUNTIME:
+            for name in EXPERTS:
                 experts[name] = _onnx_engine(artifacts / f"{name}.onnx", cfg)
-                device, dtype = torch.device("cpu"), torch.float32  # ORT takes host tensors
-            case EngineKind.TENSORRT:
+            device, dtype = torch.device("cpu"), torch.float32  # ORT takes host tensors
+        case EngineKind.TENSORRT:
+            for name in EXPERTS:
                 experts[name] = _reserved_tensorrt(name)
-    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype)
+    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, swapper=swapper)
 
 
 def build_vae_decoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> VaeDecoder:

@@ -12,12 +12,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from .engines.base import Engine
 from .request import GenerationRequest
+
+if TYPE_CHECKING:
+    from .residency import ExpertSwapper
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +49,19 @@ class Denoiser:
     experts: dict[str, Engine]  # "transformer" (high noise) and, when the checkpoint has it, "transformer_2"
     device: torch.device
     dtype: torch.dtype  # the experts' precision; latents stay float32 between steps, as in the reference
+    # Set when both experts share one device module (`expert_residency: swap`): told which expert the next step
+    # needs, so it can copy that expert in while the current step runs.
+    swapper: ExpertSwapper | None = None
 
     @property
     def boundary_timestep(self) -> float | None:
         ratio = self.ckpt.boundary_ratio
         return None if ratio is None else ratio * self.ckpt.num_train_timesteps
+
+    def expert_for(self, t: torch.Tensor) -> str:
+        """`transformer` (high noise) while t >= the boundary, then `transformer_2`."""
+        boundary = self.boundary_timestep
+        return "transformer" if boundary is None or t >= boundary else "transformer_2"
 
     def __call__(
         self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step: StepCallback | None = None
@@ -75,13 +87,14 @@ class Denoiser:
 
         shape = latent_shape(self.ckpt, request.height, request.width, request.num_frames)
         latents = initial_noise(shape, request.seed).to(self.device)
-        boundary = self.boundary_timestep
+        schedule = [self.expert_for(t) for t in timesteps]
 
         for i, t in enumerate(timesteps):
-            if boundary is None or t >= boundary:
-                expert, scale = "transformer", request.guidance_scale
-            else:
-                expert, scale = "transformer_2", request.guidance_scale_2
+            expert = schedule[i]
+            scale = request.guidance_scale if expert == "transformer" else request.guidance_scale_2
+            if self.swapper is not None:
+                # After the last step, the next request starts with the high-noise expert.
+                self.swapper.prefetch(schedule[i + 1] if i + 1 < len(schedule) else "transformer")
             latents = denoise_step(self.experts[expert], scheduler, latents, t, embeds, scale if cfg else None)
             if on_step is not None:
                 on_step(i, len(timesteps))
@@ -96,6 +109,8 @@ def warm_up(denoiser: Denoiser, height: int, width: int, num_frames: int) -> Non
         scheduler = denoiser.ckpt.make_scheduler()
         scheduler.set_timesteps(1, device=denoiser.device)
         denoise_step(expert, scheduler, latents, scheduler.timesteps[0], embeds, guidance_scale=1.0)
+    if denoiser.swapper is not None:
+        denoiser.swapper.activate("transformer")  # requests start with the high-noise expert
 
 
 def denoise_step(

@@ -35,6 +35,22 @@ class ComponentConfig(_Strict):
     # Denoiser only: regional torch.compile of every transformer block (fuses the norm/modulation/rotary
     # elementwise work around the GEMMs; 1.18x-1.25x per step on H100, see benchmarks/RESULTS.md).
     compile_blocks: bool = False
+    # Denoiser only (torch engine): `resident` keeps both experts on the device; `swap` keeps both in pinned host
+    # memory and one on the device, copying the next expert in block by block during the step before the switch
+    # (one expert's memory, no visible cost; see wan_triton.residency); `auto` keeps both resident when their
+    # weights take at most 3/4 of the device's memory.
+    expert_residency: Literal["auto", "resident", "swap"] = "auto"
+    # Denoiser only (torch engine on CUDA): replay each expert's forward as a CUDA graph captured per input shape,
+    # which removes the kernel-launch overhead that dominates small shapes (see wan_triton.engines.cuda_graph).
+    cuda_graphs: bool = False
+
+    @model_validator(mode="after")
+    def _torch_only_options(self) -> ComponentConfig:
+        if self.cuda_graphs and (self.engine != EngineKind.TORCH or self.device != "cuda"):
+            raise ValueError("cuda_graphs needs engine: torch and device: cuda")
+        if self.expert_residency == "swap" and self.engine != EngineKind.TORCH:
+            raise ValueError("expert_residency: swap needs engine: torch")
+        return self
 
 
 class Components(_Strict):

@@ -20,13 +20,14 @@ class TorchEngine(Engine):
         self.device = device
         self.dtype = dtype
 
-    def _prepare(self, tensor: torch.Tensor) -> torch.Tensor:
+    def prepare(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor on the engine's device; floating point in the engine's precision."""
         tensor = tensor.to(self.device)
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         with torch.inference_mode():
-            out = self.fn(**{name: self._prepare(t) for name, t in inputs.items()})
+            out = self.fn(**{name: self.prepare(t) for name, t in inputs.items()})
         return {self.output_name: out}
 
 

@@ -1,0 +1,166 @@
+"""Denoising-step time and peak memory of the served denoiser's runtime options, side by side in one run.
+
+Each variant is the denoiser `components.build_denoiser` makes for `gpu_a14b.yaml` with one option changed, on a
+configs-only A14B checkpoint (random bf16 weights built on the GPU; speed does not depend on weight values):
+
+- `eager`     the served configuration without CUDA graphs (FlashAttention-4 or cuDNN, fused projections,
+              regional compile), both experts resident;
+- `graphs`    the same with `cuda_graphs: true` (each expert's forward replayed as a captured graph);
+- `resident`  both experts on the device;
+- `swap`      `expert_residency: swap`: both experts in pinned host memory, one on the device, the next one copied
+              in block by block during the step before the switch.
+
+Steps follow a fixed expert plan that crosses the switch both ways, as a request and the next one do:
+high, high (copies the low-noise expert in when swapping), low, low (copies the high-noise expert back), high.
+Each step is timed with CUDA events after one warm-up step per expert (which compiles, and captures graphs).
+Writes JSON (--out) and prints a table. On the GPU host:
+
+    python benchmarks/step_variants.py --sizes 720p --variants resident swap --out $OUT/swap.json
+    python benchmarks/step_variants.py --sizes 240p 480p --variants eager graphs --out $OUT/graphs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
+
+from wan_build.shapes_checkpoint import make_shapes_checkpoint  # noqa: E402
+from wan_triton.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint  # noqa: E402
+from wan_triton.components import build_denoiser  # noqa: E402
+from wan_triton.denoise import denoise_step, latent_shape  # noqa: E402
+from wan_triton.deployment import Deployment  # noqa: E402
+
+logger = logging.getLogger("benchmarks.step_variants")
+
+REPO = Path(__file__).resolve().parents[1]
+SIZES = {"240p": (240, 416, 17), "480p": (480, 832, 81), "720p": (720, 1280, 81)}
+VARIANTS = {
+    "eager": {"expert_residency": "resident", "cuda_graphs": False},
+    "graphs": {"expert_residency": "resident", "cuda_graphs": True},
+    "resident": {"expert_residency": "resident"},
+    "swap": {"expert_residency": "swap"},
+}
+# (expert of the step, expert the next step needs): crosses the switch both ways.
+PLAN = [
+    ("transformer", "transformer"),
+    ("transformer", "transformer_2"),
+    ("transformer_2", "transformer_2"),
+    ("transformer_2", "transformer"),
+    ("transformer", "transformer"),
+]
+
+
+def run_variant(ckpt: Checkpoint, name: str, sizes: list[str], repeat: int) -> dict:
+    served = Deployment.load(REPO / "model_repository/deployments/gpu_a14b.yaml").components.denoiser
+    cfg = served.model_copy(update=VARIANTS[name])
+    torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    denoiser = build_denoiser(ckpt, cfg, Path("/nonexistent"))
+    out: dict = {"config": cfg.model_dump(mode="json"), "load_s": time.perf_counter() - started, "sizes": {}}
+    out["weights_gb"] = torch.cuda.memory_allocated() / 1e9
+    swapper = denoiser.swapper
+    for size in sizes:
+        height, width, num_frames = SIZES[size]
+        gen = torch.Generator("cuda").manual_seed(0)
+        latents = torch.randn(latent_shape(ckpt, height, width, num_frames), device="cuda", generator=gen)
+        embeds = torch.randn(2, MAX_SEQUENCE_LENGTH, ckpt.text_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+        scheduler = ckpt.make_scheduler()
+        scheduler.set_timesteps(1000, device="cuda")
+        state = {"latents": latents, "i": 0}
+
+        def step(expert: str, upcoming: str) -> float:
+            if swapper is not None:
+                swapper.prefetch(upcoming)
+            t = scheduler.timesteps[state["i"] % 1000]
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            state["latents"] = denoise_step(denoiser.experts[expert], scheduler, state["latents"], t, embeds, 4.0)
+            end.record()
+            end.synchronize()
+            state["i"] += 1
+            return start.elapsed_time(end) / 1e3
+
+        warm = time.perf_counter()
+        step("transformer", "transformer_2")
+        step("transformer_2", "transformer")
+        logger.info("%s %s warm-up (compile, capture) %.1f s", name, size, time.perf_counter() - warm)
+        torch.cuda.reset_peak_memory_stats()
+        steps = []
+        for _ in range(repeat):
+            steps += [{"expert": e, "next": n, "seconds": step(e, n)} for e, n in PLAN]
+        swap_steps = [s["seconds"] for s in steps if s["expert"] != s["next"]]
+        plain_steps = [s["seconds"] for s in steps if s["expert"] == s["next"]]
+        entry = {
+            "steps": steps,
+            "step_s": statistics.median(s["seconds"] for s in steps),
+            "switch_step_s": statistics.median(swap_steps),
+            "other_step_s": statistics.median(plain_steps),
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+        }
+        if swapper is not None:
+            entry["swaps_overlapped"], entry["swaps_blocking"] = swapper.swaps_overlapped, swapper.swaps_blocking
+            entry["host_gb"] = swapper.host_bytes / 1e9
+        out["sizes"][size] = entry
+        logger.info("%s %s: median step %.3f s, peak %.1f GB", name, size, entry["step_s"], entry["peak_gb"])
+    return out
+
+
+def release() -> None:
+    """Free the last variant's device memory before the next one is built."""
+    gc.collect()
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", default=["720p"], choices=list(SIZES))
+    parser.add_argument("--variants", nargs="+", default=["resident", "swap"], choices=list(VARIANTS))
+    parser.add_argument("--repeat", type=int, default=1, help="passes over the 5-step expert plan")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    result: dict = {
+        "device": torch.cuda.get_device_name(),
+        "commit": os.environ.get("COMMIT", "unknown"),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "plan": PLAN,
+        "variants": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Checkpoint.open(make_shapes_checkpoint(Path(tmp) / "a14b"))
+        for name in args.variants:
+            result["variants"][name] = run_variant(ckpt, name, args.sizes, args.repeat)
+            release()
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+
+    print(f"\n{result['device']}  commit {result['commit']}")
+    print(f"{'size':6} {'variant':10} {'step s':>8} {'switch s':>9} {'other s':>8} {'peak GB':>8}")
+    for size in args.sizes:
+        for name, variant in result["variants"].items():
+            e = variant["sizes"][size]
+            print(
+                f"{size:6} {name:10} {e['step_s']:8.3f} {e['switch_step_s']:9.3f} {e['other_step_s']:8.3f} "
+                f"{e['peak_gb']:8.1f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
