@@ -18,6 +18,6 @@ shift
 case $mode in
   tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" ;;
   graphs) python3 benchmarks/step_variants.py --sizes "$@" --variants eager graphs --out "$OUT/graphs.json" ;;
-  swap) python3 benchmarks/step_variants.py --sizes "$@" --variants swap resident --out "$OUT/swap.json" ;;
+  swap) python3 benchmarks/step_variants.py --sizes "$@" --variants resident swap --out "$OUT/swap.json" ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

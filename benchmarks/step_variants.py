@@ -45,7 +45,7 @@ from wan_triton.deployment import Deployment  # noqa: E402
 logger = logging.getLogger("benchmarks.step_variants")
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {"240p": (240, 416, 17), "480p": (480, 832, 81), "720p": (720, 1280, 81)}
+SIZES = {"144p": (144, 256, 9), "240p": (240, 416, 17), "480p": (480, 832, 81), "720p": (720, 1280, 81)}
 VARIANTS = {
     "eager": {"expert_residency": "resident", "cuda_graphs": False},
     "graphs": {"expert_residency": "resident", "cuda_graphs": True},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -96,12 +97,18 @@ def _swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.devic
     host_states = {EXPERTS[0]: host_copy(first)}
     for name in EXPERTS[1:]:
         # Real weights go from disk to host memory. A configs-only benchmark checkpoint is built where random
-        # initialisation is fast (on the device) and then moved out.
-        other = ckpt.load_transformer(name, dtype, str(device) if ckpt.random_weights else "cpu")
+        # initialisation is fast (on the device) and moved out at once, so the device never holds two experts.
+        other = ckpt.load_transformer(name, dtype, str(device) if ckpt.random_weights else "cpu").to("cpu")
         if chosen != attention.AttentionBackend.REFERENCE:
-            attention.fuse_projections(other)  # the device module's parameter layout
+            attention.fuse_projections(other)  # the device module's parameter layout, fused on the host
         host_states[name] = host_copy(other)
         del other
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        logger.info(
+            "expert swapping: %.1f GB of device memory in use after loading", torch.cuda.memory_allocated(device) / 1e9
+        )
     swapper = ExpertSwapper(first, host_states, resident=EXPERTS[0])
     eager, served = _torch_engine(first, cfg, device, dtype)
     graphed = served if served is not eager else None
