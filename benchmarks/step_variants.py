@@ -51,6 +51,9 @@ VARIANTS = {
     "graphs": {"expert_residency": "resident", "cuda_graphs": True},
     "resident": {"expert_residency": "resident"},
     "swap": {"expert_residency": "swap"},
+    # One device module serves both experts, so one graph per shape serves both too (the weights keep their
+    # addresses); the steps that copy the next expert in run eagerly.
+    "swap+graphs": {"expert_residency": "swap", "cuda_graphs": True},
 }
 # (expert of the step, expert the next step needs): crosses the switch both ways.
 PLAN = [
