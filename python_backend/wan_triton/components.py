@@ -16,6 +16,9 @@ from .vae import VaeDecoder, torch_vae_decode_fn
 
 logger = logging.getLogger(__name__)
 
+# Request shapes compiled per expert before dynamo stops compiling new ones (it then runs them eagerly).
+COMPILED_SHAPES_LIMIT = 64
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -66,6 +69,10 @@ def _torch_expert(ckpt: Checkpoint, name: str, cfg: ComponentConfig, device: tor
     module = ckpt.load_transformer(name, dtype, str(device))
     chosen = attention.install(module, cfg.attention, device)
     if cfg.compile_blocks:
+        # One compiled variant per request shape (static shapes keep the fastest kernels). dynamo's default of 8
+        # variants per code object would silently fall back to eager on a server that has seen 9 shapes; each
+        # deployment bounds its shapes through `limits`, so allow as many as a busy server plausibly sees.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES_LIMIT)
         module.compile_repeated_blocks(fullgraph=True, dynamic=False)
     return module, chosen
 
