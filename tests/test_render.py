@@ -61,3 +61,14 @@ def test_onnx_repository_needs_exported_graphs(tmp_path):
     deployment = Deployment.load(ROOT / "model_repository/deployments/cpu.yaml")
     with pytest.raises(RenderError, match="no exported graph"):
         render_repository(deployment, tmp_path, tmp_path / "empty", tmp_path / "repo")
+
+
+def test_gpu_steps_take_inputs_where_they_are(tmp_path):
+    """GPU steps are rendered to receive GPU tensors (DLPack, no host round trip); CPU steps keep host inputs."""
+    deployment = Deployment.load(ROOT / "model_repository/deployments/gpu_a14b.yaml")
+    repo = render_repository(deployment, tmp_path, tmp_path, tmp_path / "repo")
+    for step in model_io.STEPS:
+        text = (repo / f"wan_t2v_{step.role}/config.pbtxt").read_text()
+        on_gpu = step.role in ("text_encoder", "scheduler", "vae_decoder")
+        assert ("kind: KIND_GPU" in text) == on_gpu, step.role
+        assert ('key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in text) == on_gpu, step.role

@@ -41,6 +41,12 @@ STEP_GRAPHS = {
 }
 
 
+GPU_INPUTS_PARAMETER = """parameters: {
+  key: "FORCE_CPU_ONLY_INPUT_TENSORS"
+  value: { string_value: "no" }
+}"""
+
+
 class RenderError(ValueError):
     pass
 
@@ -108,6 +114,8 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
                     "io": model_io.config_io(step),
                     "instance_count": str(component.instance_count if component else 1),
                     "instance_kind": "KIND_GPU" if on_gpu else "KIND_CPU",
+                    # A step on a GPU takes its inputs where the previous step left them (DLPack, no host copy).
+                    "parameters": GPU_INPUTS_PARAMETER if on_gpu else "",
                 },
             ),
             encoding="utf-8",

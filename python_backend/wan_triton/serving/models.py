@@ -22,7 +22,16 @@ from ..text import PromptTokenizer, encode_tokens
 from ..video import encode_mp4, to_uint8_frames
 from . import model_io as io
 from .metrics import StageMetrics
-from .triton import ModelContext, execute_each, output, pb_utils, read_inputs, read_request_json
+from .triton import (
+    ModelContext,
+    execute_each,
+    output,
+    output_torch,
+    pb_utils,
+    read_inputs,
+    read_request_json,
+    read_torch,
+)
 
 logger = logging.getLogger("wan_triton.serving")
 
@@ -93,7 +102,7 @@ class TextEncoder(_Model):
         inputs = read_inputs(request, [io.INPUT_IDS.name, io.ATTENTION_MASK.name])
         ids = torch.from_numpy(inputs[io.INPUT_IDS.name])
         embeds = encode_tokens(self.engine, ids, torch.from_numpy(inputs[io.ATTENTION_MASK.name]))
-        return _response(output(io.PROMPT_EMBEDS.name, embeds.cpu().numpy()))
+        return _response(output_torch(io.PROMPT_EMBEDS.name, embeds))
 
 
 class Scheduler(_Model):
@@ -111,7 +120,7 @@ class Scheduler(_Model):
 
     def handle(self, request):
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
-        embeds = torch.from_numpy(read_inputs(request, [io.PROMPT_EMBEDS.name])[io.PROMPT_EMBEDS.name])
+        embeds = read_torch(request, io.PROMPT_EMBEDS)
         started = time.perf_counter()
         latents = self.denoiser(req, embeds)
         seconds = time.perf_counter() - started
@@ -124,7 +133,7 @@ class Scheduler(_Model):
             req.num_inference_steps,
             seconds,
         )
-        return _response(output(io.LATENTS.name, latents.float().cpu().numpy()))
+        return _response(output_torch(io.LATENTS.name, latents.float()))
 
 
 class VaeDecoder(_Model):
@@ -140,7 +149,7 @@ class VaeDecoder(_Model):
             logger.info("%s warm-up %s: %.2f s", self.ctx.name, shape, time.perf_counter() - started)
 
     def handle(self, request):
-        latents = torch.from_numpy(read_inputs(request, [io.LATENTS.name])[io.LATENTS.name])
+        latents = read_torch(request, io.LATENTS)
         frames = to_uint8_frames(self.decoder(latents))
         return _response(output(io.DECODED_FRAMES.name, frames))
 
