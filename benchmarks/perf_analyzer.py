@@ -98,7 +98,6 @@ def parse_csv(path: Path) -> dict[str, float]:
             "p90_latency_ms": float(row["p90 latency"]) / US_PER_MS,
             "p95_latency_ms": float(row["p95 latency"]) / US_PER_MS,
             "p99_latency_ms": float(row["p99 latency"]) / US_PER_MS,
-            "avg_latency_ms": float(row["Avg latency"]) / US_PER_MS,
             "server_queue_ms": float(row["Server Queue"]) / US_PER_MS,
             "server_compute_infer_ms": float(row["Server Compute Infer"]) / US_PER_MS,
         }
