@@ -14,7 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from wan_client import INPUT_DATATYPES
+from wan_triton.deployment import Deployment
+from wan_triton.request import validate_request
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "benchmarks" / "perf_analyzer.py"
@@ -23,13 +28,11 @@ sys.path.insert(0, str(HARNESS.parent))
 
 import perf_analyzer  # noqa: E402
 
-pytestmark = pytest.mark.server
-
 # A tiny measurement: few requests per window, stability loose (this checks the harness, not the speed).
 TINY = ["--request-count", "3", "--stability-pct", "500", "--max-trials", "4", "--timeout-s", "300"]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _libraries():
     missing = perf_analyzer.missing_libraries()
     if missing and not os.environ.get("CI"):
@@ -45,6 +48,8 @@ def _harness(server, tmp_path: Path, input_data: Path, concurrency: list[str]) -
     return subprocess.run([sys.executable, str(HARNESS), *args], capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.server
+@pytest.mark.usefixtures("_libraries")
 def test_table_of_real_numbers_at_two_concurrencies(server, tmp_path):
     run = _harness(server, tmp_path, SMALL, ["1", "2"])
     assert run.returncode == 0, run.stdout + run.stderr
@@ -62,6 +67,8 @@ def test_table_of_real_numbers_at_two_concurrencies(server, tmp_path):
     assert table == run.stdout.strip().splitlines()[-4:]
 
 
+@pytest.mark.server
+@pytest.mark.usefixtures("_libraries")
 def test_failing_requests_fail_the_harness(server, tmp_path):
     bad = json.loads(SMALL.read_text())
     bad["data"][0]["height"] = {"content": [50], "shape": [1]}  # not a multiple of 16: INVALID_ARG
@@ -71,3 +78,23 @@ def test_failing_requests_fail_the_harness(server, tmp_path):
     assert run.returncode != 0
     assert "height: must be a positive multiple of 16" in run.stderr, run.stderr[-3000:]
     assert not (tmp_path / "pa.json").exists()
+
+
+@pytest.mark.parametrize("path", sorted(SMALL.parent.glob("inputs_*.json")), ids=lambda p: p.name)
+def test_input_files_are_valid_requests(path):
+    """Every request in the shipped input files passes the cpu.yaml validation, typed as the model declares."""
+    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu.yaml")
+    dtypes = {"BYTES": object, "INT64": np.int64, "FP32": np.float32}
+    entries = json.loads(path.read_text())["data"]
+    assert entries
+    for entry in entries:
+        assert set(entry) <= set(INPUT_DATATYPES) and "prompt" in entry
+        inputs = {}
+        for name, value in entry.items():
+            content = value if isinstance(value, list) else value["content"]
+            assert isinstance(value, list) or value["shape"] == [1]
+            if INPUT_DATATYPES[name] == "BYTES":
+                content = [c.encode() for c in content]
+            inputs[name] = np.array(content, dtype=dtypes[INPUT_DATATYPES[name]])
+        request = validate_request(inputs, deployment, 16, 4)
+        assert request.seed == entry["seed"]["content"][0]

@@ -107,7 +107,7 @@ class Deployment(_Strict):
             if shape.height > lim.max_height or shape.width > lim.max_width or shape.num_frames > lim.max_num_frames:
                 problems.append(f"warm-up shape {shape} is above the limits")
         if 0 < self.result_cache_bytes < MIN_RESULT_CACHE_BYTES:
-            # Triton's local cache cannot initialise below ~1 KiB, and a few MiB hold a single tiny-model result.
+            # Triton's local cache cannot initialise below ~1 KiB, and below 1 MiB it holds no default CPU result.
             problems.append(f"result_cache_bytes must be 0 (off) or at least {MIN_RESULT_CACHE_BYTES}")
         if problems:
             raise ValueError("; ".join(problems))
