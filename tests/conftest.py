@@ -70,6 +70,11 @@ DEPLOYMENTS = {
 }
 
 
+# A third rendering with the result cache on (tests/test_result_cache.py): cpu.yaml plus result_cache_bytes.
+CACHED_MODEL = "wan_cached"
+CACHED_BYTES = 64 << 20
+
+
 @pytest.fixture(scope="session")
 def server(other_checkpoint, tmp_path_factory):
     from wan_build.__main__ import main as build_main
@@ -78,8 +83,10 @@ def server(other_checkpoint, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("served")
     repos = []
-    for name, path in DEPLOYMENTS.items():
-        deployment = Deployment.load(path).model_copy(update={"model_name": name})
+    renderings = {name: (path, {}) for name, path in DEPLOYMENTS.items()}
+    renderings[CACHED_MODEL] = (DEPLOYMENTS["wan_onnx"], {"result_cache_bytes": CACHED_BYTES})
+    for name, (path, changes) in renderings.items():
+        deployment = Deployment.load(path).model_copy(update={"model_name": name, **changes})
         dep_file = root / f"{name}.json"
         dep_file.write_text(deployment.to_json())
         repo = root / f"repo_{name}"

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 TEMPLATES = Path(__file__).resolve().parents[2] / "model_repository" / "templates"
 MARKER = REPOSITORY_MARKER
 VERSION = "1"
+# With the result cache on, the ensemble holding the five steps and the cache: `<model_name>_pipeline`.
+CACHED_PIPELINE = "pipeline"
 
 CLASS_NAMES = {
     "preprocess": "Preprocess",
@@ -70,6 +72,64 @@ def _component(deployment: Deployment, role: str) -> ComponentConfig | None:
     return None if name is None else getattr(deployment.components, name)
 
 
+def _forward_step(target: str) -> str:
+    """An ensemble step handing every request input to `target` and taking back every response output."""
+    lines = [f'    model_name: "{target}"', "    model_version: -1"]
+    lines += [f'    input_map {{ key: "{io.name}" value: "{io.name}" }}' for io in model_io.REQUEST_INPUTS]
+    lines += [f'    output_map {{ key: "{io.name}" value: "{io.name}" }}' for io in model_io.RESPONSE_OUTPUTS]
+    return "step [\n  {\n" + "\n".join(lines) + "\n  }\n]"
+
+
+def ensemble_configs(deployment: Deployment) -> dict[str, str]:
+    """The ensemble config(s) by model name: `<name>` alone, or `<name>` in front of a cached `<name>_pipeline`.
+
+    Triton's response cache keys a request on its inputs only, not on the outputs it asks for, and stores the
+    response as sent: with the cache on the client-facing ensemble, a request for `video` alone would leave a cached
+    entry without `frames`, and a later request for `frames` would get a response without them. So with the cache
+    on, the client-facing `<name>` forwards to an inner ensemble `<name>_pipeline` that carries the cache: an
+    ensemble step always asks its model for every output it maps, so the cached entries are complete, and the outer
+    ensemble returns what each client asked for.
+    """
+    name = deployment.model_name
+    io = model_io.ensemble_io()
+    if not deployment.result_cache_bytes:
+        return {
+            name: fill(
+                "ensemble.pbtxt",
+                {
+                    "model_name": name,
+                    "description": "The client-facing ensemble: the five steps.",
+                    "io": io,
+                    "steps": model_io.ensemble_steps(name),
+                    "response_cache": "",
+                },
+            )
+        }
+    cached = f"{name}_{CACHED_PIPELINE}"
+    return {
+        name: fill(
+            "ensemble.pbtxt",
+            {
+                "model_name": name,
+                "description": f"The client-facing ensemble: every request goes to the cached {cached}.",
+                "io": io,
+                "steps": _forward_step(cached),
+                "response_cache": "",
+            },
+        ),
+        cached: fill(
+            "ensemble.pbtxt",
+            {
+                "model_name": cached,
+                "description": f"The five steps behind {name}, with Triton's response cache (result_cache_bytes).",
+                "io": io,
+                "steps": model_io.ensemble_steps(name),
+                "response_cache": "response_cache { enable: true }\n",
+            },
+        ),
+    }
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -89,14 +149,9 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
     (staging / MARKER).write_text("rendered by wan_build.render\n", encoding="utf-8")
 
     name = deployment.model_name
-    ensemble = staging / name
-    (ensemble / VERSION).mkdir(parents=True)
-    (ensemble / "config.pbtxt").write_text(
-        fill(
-            "ensemble.pbtxt", {"model_name": name, "io": model_io.ensemble_io(), "steps": model_io.ensemble_steps(name)}
-        ),
-        encoding="utf-8",
-    )
+    for model_name, config in ensemble_configs(deployment).items():
+        (staging / model_name / VERSION).mkdir(parents=True)
+        (staging / model_name / "config.pbtxt").write_text(config, encoding="utf-8")
 
     for step in model_io.STEPS:
         model_dir = staging / f"{name}_{step.role}"
@@ -135,5 +190,5 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
     if repo.exists():
         shutil.rmtree(repo)
     staging.rename(repo)
-    logger.info("rendered model repository %s (%d models)", repo, len(model_io.STEPS) + 1)
+    logger.info("rendered model repository %s (%d models)", repo, sum(1 for p in repo.iterdir() if p.is_dir()))
     return repo

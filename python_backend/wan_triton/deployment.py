@@ -18,6 +18,7 @@ from .engines.base import EngineKind
 
 Device = Literal["cpu", "cuda"]
 Precision = Literal["float32", "bfloat16", "float16"]
+MIN_RESULT_CACHE_BYTES = 1 << 20
 
 
 class _Strict(BaseModel):
@@ -104,6 +105,9 @@ class Deployment(_Strict):
     opt_width: int | None = None
     opt_num_frames: int | None = None
     warmup: list[WarmupShape] = Field(default_factory=list)
+    # Result cache: identical requests (same inputs, seed included) answered from Triton's response cache, bounded
+    # to this many bytes of CPU memory. 0 is off. When on, `seed` is required (see README "Result cache").
+    result_cache_bytes: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Deployment:
@@ -118,6 +122,9 @@ class Deployment(_Strict):
         for shape in self.warmup:
             if shape.height > lim.max_height or shape.width > lim.max_width or shape.num_frames > lim.max_num_frames:
                 problems.append(f"warm-up shape {shape} is above the limits")
+        if 0 < self.result_cache_bytes < MIN_RESULT_CACHE_BYTES:
+            # Triton's local cache cannot initialise below ~1 KiB, and below 1 MiB it holds no default CPU result.
+            problems.append(f"result_cache_bytes must be 0 (off) or at least {MIN_RESULT_CACHE_BYTES}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

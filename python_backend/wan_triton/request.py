@@ -139,6 +139,11 @@ def validate_request(
 
     seed = _integer(inputs, "seed", -1)
     if inputs.get("seed") is None:
+        if deployment.result_cache_bytes:
+            # A request without a seed asks for a fresh random video. Triton's response cache keys on the inputs,
+            # so a second seedless request would get the first one's video: with the cache on, seed is required.
+            # A failed request is never cached, so no seedless request is ever answered from the cache.
+            raise InvalidRequestError("seed", "is required while the server's result cache is on")
         # No seed given: draw one and return it, so the result can still be reproduced.
         seed = secrets.randbelow(2**31)
     elif not 0 <= seed <= MAX_SEED:

@@ -70,9 +70,52 @@ def server_environment() -> dict[str, str]:
     return env
 
 
+def cache_directory() -> Path | None:
+    """Where Triton finds its cache implementations (`local/libtritoncache_local.so`).
+
+    $TRITON_CACHE_DIR when set; Triton's own default (/opt/tritonserver/caches) for a $TRITONSERVER from elsewhere;
+    otherwise the nvidia-pytriton wheel's `caches/` folder.
+    """
+    env = os.environ.get("TRITON_CACHE_DIR")
+    if env:
+        return Path(env)
+    if os.environ.get("TRITONSERVER"):
+        return None
+    return _pytriton_root() / "caches"
+
+
+def result_cache_bytes(repos: list[Path]) -> int:
+    """The response cache size the repositories ask for: the sum of each rendered deployment's result_cache_bytes.
+
+    Triton has one cache for the whole server, shared by every model that enables it, so each repository's budget
+    is added; every model of one repository records the same deployment, so one `deployment.json` per repository
+    is read.
+    """
+    from .deployment import Deployment
+    from .serving.triton import DEPLOYMENT_FILE
+
+    total = 0
+    for repo in repos:
+        recorded = sorted(repo.glob(f"*/{DEPLOYMENT_FILE}"))
+        if recorded:
+            total += Deployment.model_validate_json(recorded[0].read_text(encoding="utf-8")).result_cache_bytes
+    return total
+
+
 def server_command(
-    repos: list[Path], http_port: int, grpc_port: int, metrics_port: int, log_verbose: int = 0
+    repos: list[Path],
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    log_verbose: int = 0,
+    cache_bytes: int = 0,
 ) -> list[str]:
+    cache = []
+    if cache_bytes > 0:
+        directory = cache_directory()
+        cache = [f"--cache-config=local,size={cache_bytes}"]
+        if directory is not None:
+            cache.append(f"--cache-directory={directory}")
     return [
         str(tritonserver_binary()),
         *(f"--model-repository={repo.resolve()}" for repo in repos),
@@ -86,6 +129,7 @@ def server_command(
         "--exit-on-error=true",
         "--strict-readiness=true",
         f"--log-verbose={log_verbose}",
+        *cache,
     ]
 
 
@@ -104,7 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     for repo in args.repo:
         if not (repo / REPOSITORY_MARKER).is_file():
             parser.error(f"{repo} is not a model repository made by `make build`")
-    cmd = server_command(args.repo, args.http_port, args.grpc_port, args.metrics_port, args.log_verbose)
+    cmd = server_command(
+        args.repo,
+        args.http_port,
+        args.grpc_port,
+        args.metrics_port,
+        args.log_verbose,
+        cache_bytes=result_cache_bytes(args.repo),
+    )
     print("starting:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, server_environment())
 

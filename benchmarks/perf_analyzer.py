@@ -1,0 +1,217 @@
+"""Throughput and latency of a running server at several concurrencies, measured by Triton's perf_analyzer.
+
+perf_analyzer 2.51 ships inside the tritonclient 2.51.0 wheel (installed by `make setup`). It needs two shared
+libraries that the wheel does not carry: `libb64.so.0d` (apt `libb64-0d`, which `.ci/run` installs) and
+`libcudart.so.12` (PyPI `nvidia-cuda-runtime-cu12`, in the dev extras), whose folder this script puts on
+LD_LIBRARY_PATH. One perf_analyzer run per concurrency (gRPC, the requests of an `--input-data` JSON file in
+`benchmarks/perf_analyzer/`); its CSV (`-f`) is parsed into a markdown table and a JSON file. Against `make serve`:
+
+    python benchmarks/perf_analyzer.py --url localhost:8001 --concurrency 1 2 4 8 \
+        --input-data benchmarks/perf_analyzer/inputs_default.json --out benchmarks/results/perf_analyzer_cpu.json
+
+Exit status 0 only when every perf_analyzer run exited 0 and wrote its CSV row; perf_analyzer itself stops with
+an error when any request fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+INPUTS = Path(__file__).resolve().parent / "perf_analyzer"
+LIBB64 = "libb64.so.0d"
+LIBCUDART = "libcudart.so.12"
+US_PER_MS = 1000.0
+ERROR_LINE = re.compile(r"\berror\b|\bfailed\b|\bunable\b", re.IGNORECASE)
+
+
+class PerfAnalyzerError(RuntimeError):
+    pass
+
+
+def perf_analyzer_binary() -> Path:
+    """The perf_analyzer executable the tritonclient wheel installed (its data scripts, e.g. `.venv/bin`)."""
+    try:
+        files = importlib.metadata.files("tritonclient") or []
+    except importlib.metadata.PackageNotFoundError as error:
+        raise PerfAnalyzerError("tritonclient is not installed; run `make setup`") from error
+    for file in files:
+        if file.name == "perf_analyzer":
+            path = Path(file.locate()).resolve()
+            if path.is_file():
+                return path
+    raise PerfAnalyzerError("the tritonclient wheel installed no perf_analyzer binary")
+
+
+def cuda_runtime_libdir() -> Path | None:
+    """The folder holding libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel, or None when not installed."""
+    spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libdir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    return libdir if (libdir / LIBCUDART).is_file() else None
+
+
+def environment() -> dict[str, str]:
+    env = dict(os.environ)
+    libdir = cuda_runtime_libdir()
+    if libdir is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libdir), env.get("LD_LIBRARY_PATH")) if p)
+    return env
+
+
+def missing_libraries() -> list[str]:
+    """Shared libraries perf_analyzer needs that cannot be loaded here, with where each comes from."""
+    missing = []
+    try:
+        ctypes.CDLL(LIBB64)
+    except OSError:
+        missing.append(f"{LIBB64} (apt-get install libb64-0d)")
+    if cuda_runtime_libdir() is None:
+        missing.append(f"{LIBCUDART} (pip install nvidia-cuda-runtime-cu12, in the dev extras)")
+    return missing
+
+
+def parse_csv(path: Path) -> dict[str, float]:
+    """perf_analyzer's `-f` CSV, one row per concurrency: throughput in infer/s, latencies converted to ms."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) != 1:
+        raise PerfAnalyzerError(f"{path}: expected one measurement row, found {len(rows)}")
+    row = rows[0]
+    try:
+        return {
+            "concurrency": int(row["Concurrency"]),
+            "throughput_infer_per_s": float(row["Inferences/Second"]),
+            "p50_latency_ms": float(row["p50 latency"]) / US_PER_MS,
+            "p90_latency_ms": float(row["p90 latency"]) / US_PER_MS,
+            "p95_latency_ms": float(row["p95 latency"]) / US_PER_MS,
+            "p99_latency_ms": float(row["p99 latency"]) / US_PER_MS,
+            "server_queue_ms": float(row["Server Queue"]) / US_PER_MS,
+            "server_compute_infer_ms": float(row["Server Compute Infer"]) / US_PER_MS,
+        }
+    except (KeyError, ValueError) as error:
+        raise PerfAnalyzerError(f"{path}: unexpected CSV {row}: {error}") from error
+
+
+def run_concurrency(args: argparse.Namespace, concurrency: int, workdir: Path) -> tuple[dict[str, float], str]:
+    csv_path = workdir / f"concurrency_{concurrency}.csv"
+    cmd = [
+        str(perf_analyzer_binary()),
+        "-m",
+        args.model,
+        "-u",
+        args.url,
+        "-i",
+        "grpc",
+        "--input-data",
+        str(args.input_data),
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        # Count windows: a request takes ~1 s on the tiny CPU model, so fixed time windows would hold few requests.
+        "--measurement-mode",
+        "count_windows",
+        "--measurement-request-count",
+        str(args.request_count),
+        "--stability-percentage",
+        str(args.stability_pct),
+        "--max-trials",
+        str(args.max_trials),
+        "-f",
+        str(csv_path),
+    ]
+    started = time.monotonic()
+    result = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=args.timeout_s)
+    output = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise PerfAnalyzerError(
+            f"perf_analyzer exited {result.returncode} at concurrency {concurrency}:\n{' '.join(cmd)}\n{output[-4000:]}"
+        )
+    row = parse_csv(csv_path)
+    row["wall_s"] = time.monotonic() - started
+    # The client-side count of the last (reported) measurement, and any line perf_analyzer flagged as a problem.
+    counts = re.findall(r"Client:\s+Request count: (\d+)", output)
+    row["requests"] = int(counts[-1]) if counts else 0
+    row["errors"] = [line.strip() for line in output.splitlines() if ERROR_LINE.search(line)]
+    if row["errors"] or not row["requests"]:
+        raise PerfAnalyzerError(f"perf_analyzer at concurrency {concurrency} reported problems:\n{output[-4000:]}")
+    return row, output
+
+
+def markdown_table(rows: list[dict[str, float]]) -> str:
+    lines = [
+        "| concurrency | throughput (infer/s) | p50 latency (ms) | p90 latency (ms) | p99 latency (ms) |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['concurrency']} | {r['throughput_infer_per_s']:.2f} | {r['p50_latency_ms']:.0f} "
+            f"| {r['p90_latency_ms']:.0f} | {r['p99_latency_ms']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
+    parser.add_argument("--model", default="wan_t2v")
+    parser.add_argument("--input-data", type=Path, default=INPUTS / "inputs_default.json")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--request-count", type=int, default=16, help="requests per measurement window")
+    parser.add_argument("--stability-pct", type=float, default=25, help="allowed spread of 3 consecutive windows")
+    parser.add_argument("--max-trials", type=int, default=10)
+    parser.add_argument("--timeout-s", type=float, default=1800, help="per perf_analyzer run")
+    parser.add_argument("--out", type=Path, help="JSON results; the markdown table goes next to it (.md)")
+    args = parser.parse_args(argv)
+    if any(c < 1 for c in args.concurrency):
+        parser.error("--concurrency values must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = missing_libraries()
+    if missing:
+        print("perf_analyzer cannot start; missing: " + "; ".join(missing), file=sys.stderr)
+        return 1
+    rows = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="perf_analyzer_") as tmp:
+            for concurrency in args.concurrency:
+                row, _ = run_concurrency(args, concurrency, Path(tmp))
+                print(f"concurrency {concurrency}: {row['throughput_infer_per_s']:.2f} infer/s", file=sys.stderr)
+                rows.append(row)
+    except (PerfAnalyzerError, subprocess.TimeoutExpired) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    table = markdown_table(rows)
+    print(table)
+    if args.out:
+        result = {
+            "commit": os.environ.get("COMMIT", "unknown"),
+            "date": time.strftime("%Y-%m-%d"),
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "model": args.model,
+            "input_data": json.loads(args.input_data.read_text())["data"],
+            "perf_analyzer": str(perf_analyzer_binary()),
+            "rows": rows,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        args.out.with_suffix(".md").write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""A small load test (benchmarks/load_test.py) against the session's real server: 8 concurrent clients, 24
+requests of two shapes. No request may fail, every output must equal the same request served alone, and the
+server's resident memory (tritonserver and its Python stubs) must not grow from the first to the last 8 requests.
+The full run (32 clients, 200 requests, four shapes) and its figures are in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import load_test  # noqa: E402
+
+pytestmark = pytest.mark.server
+
+# A short run measures fewer, noisier samples than the 200-request benchmark (5%); a leak of even 1 MB per
+# request across three models' stubs would still show far above this.
+MAX_GROWTH_PCT = 10.0
+
+
+def test_concurrent_mixed_load_is_correct_and_does_not_grow(server):
+    report = load_test.load_test(
+        server.grpc_url,
+        "wan_onnx",
+        shapes=["64x64x5x4", "48x80x9x6"],
+        seeds_per_shape=2,
+        clients=8,
+        total=24,
+        window=8,
+        max_growth_pct=MAX_GROWTH_PCT,
+        server_pid=server.process.pid,
+    )
+    assert report["completed"] == 24
+    assert report["failures"] == 0, report["failure_messages"]
+    assert report["identical_to_alone"] == 24
+    memory = report["memory"]
+    assert memory["first_window_samples"] > 0 and memory["last_window_samples"] > 0
+    # The stubs of five models per rendering are hundreds of MB each: a real process tree was measured.
+    assert memory["first_window_mean_mb"] > 500
+    assert memory["growth_pct"] <= MAX_GROWTH_PCT, memory
+    assert report["passed"]
