@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .engines.base import EngineKind
+from .parallel.plan import ParallelPlan
 
 Device = Literal["cpu", "cuda"]
 Precision = Literal["float32", "bfloat16", "float16"]
@@ -35,6 +36,15 @@ class ComponentConfig(_Strict):
     # Denoiser only: regional torch.compile of every transformer block (fuses the norm/modulation/rotary
     # elementwise work around the GEMMs; 1.18x-1.25x per step on H100, see benchmarks/RESULTS.md).
     compile_blocks: bool = False
+    # Denoiser only: multi-GPU plan, cfg x ulysses x tp ranks (wan_triton.parallel). Above 1x1x1 the scheduler
+    # runs a worker group of that many processes (one GPU each on cuda; gloo on cpu) with the torch engine.
+    parallel: ParallelPlan = ParallelPlan()
+
+    @model_validator(mode="after")
+    def _parallel_needs_torch(self) -> ComponentConfig:
+        if not self.parallel.is_single and self.engine != EngineKind.TORCH:
+            raise ValueError(f"parallel plan {self.parallel} needs engine torch, not {self.engine.value}")
+        return self
 
 
 class Components(_Strict):
@@ -93,6 +103,9 @@ class Deployment(_Strict):
     def _defaults_within_limits(self) -> Deployment:
         d, lim = self.defaults, self.limits
         problems = []
+        for name in ("text_encoder", "vae_decoder"):
+            if not getattr(self.components, name).parallel.is_single:
+                problems.append(f"components.{name}.parallel: only the denoiser runs a parallel plan")
         if d.height > lim.max_height or d.width > lim.max_width or d.height * d.width > lim.max_pixels:
             problems.append(f"default size {d.width}x{d.height} is above the limits")
         if d.num_frames > lim.max_num_frames:
