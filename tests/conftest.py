@@ -37,6 +37,30 @@ OTHER_TINY = dict(
 )
 
 
+# Enough heads (4) and FFN width (64) for every parallel plan up to ulysses x tp = 4 (tests of wan_triton.parallel).
+TINY4 = dict(
+    num_layers=2,
+    num_attention_heads=4,
+    attention_head_dim=8,
+    ffn_dim=64,
+    text_dim=24,
+    text_layers=1,
+    text_heads=2,
+    text_ff=32,
+    vocab_pieces=300,
+    vae_base_dim=6,
+    flow_shift=5.0,
+    seed=21,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny4_checkpoint(tmp_path_factory) -> Path:
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt4") / "tiny4", TinyConfig(**TINY4))
+
+
 @pytest.fixture(scope="session")
 def other_checkpoint(tmp_path_factory) -> Path:
     from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint

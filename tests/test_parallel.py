@@ -15,21 +15,6 @@ from wan_triton.deployment import ComponentConfig
 from wan_triton.parallel.plan import ParallelPlan, PlanError, RankCoords, num_tokens
 from wan_triton.request import GenerationRequest
 
-# Enough heads (4) and FFN width (64) for every plan up to ulysses x tp = 4.
-TINY4 = dict(
-    num_layers=2,
-    num_attention_heads=4,
-    attention_head_dim=8,
-    ffn_dim=64,
-    text_dim=24,
-    text_layers=1,
-    text_heads=2,
-    text_ff=32,
-    vocab_pieces=300,
-    vae_base_dim=6,
-    flow_shift=5.0,
-    seed=21,
-)
 TORCH_CPU = ComponentConfig(engine="torch")
 PLANS = [
     ParallelPlan(cfg=2),
@@ -68,13 +53,6 @@ def _embeds(batch: int, text_dim: int) -> torch.Tensor:
     return torch.randn(batch, 512, text_dim, generator=torch.Generator().manual_seed(batch))
 
 
-@pytest.fixture(scope="module")
-def tiny4(tmp_path_factory) -> Path:
-    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
-
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt4") / "tiny4", TinyConfig(**TINY4))
-
-
 def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan]) -> dict:
     """Runs in every rank of a world of 4; plans smaller than the world run on its first ranks. Returns the
     latents per (plan, case) and what this rank's self-attention layers saw: (tokens, local heads, batch)."""
@@ -106,19 +84,19 @@ def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan]) -
 
 
 @pytest.fixture(scope="module")
-def world_results(tiny4):
+def world_results(tiny4_checkpoint):
     from wan_triton.parallel.world import run_world
 
-    return run_world(4, _denoise_each_plan, (tiny4, PLANS))
+    return run_world(4, _denoise_each_plan, (tiny4_checkpoint, PLANS))
 
 
 @pytest.fixture(scope="module")
-def single(tiny4):
+def single(tiny4_checkpoint):
     """World size 1: today's single-process path (components.build_denoiser), latents and decoded frames."""
     from wan_triton.components import build_denoiser, build_vae_decoder
     from wan_triton.video import to_uint8_frames
 
-    ckpt = Checkpoint.open(tiny4)
+    ckpt = Checkpoint.open(tiny4_checkpoint)
     denoiser = build_denoiser(ckpt, TORCH_CPU, Path("/nonexistent"))
     vae = build_vae_decoder(ckpt, TORCH_CPU, Path("/nonexistent"))
     latents = [denoiser(request, _embeds(batch, ckpt.text_dim)) for request, batch in CASES]
