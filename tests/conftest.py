@@ -93,16 +93,22 @@ DEPLOYMENTS = {
     "wan_torch": REPO_ROOT / "model_repository/deployments/cpu_torch.yaml",
 }
 
+# Also served: a parallel plan (a worker group of 2 gloo processes, tp 2) of the 4-head checkpoint `tiny4`.
+PARALLEL_MODEL = "wan_parallel"
+PARALLEL_DEPLOYMENT = REPO_ROOT / "model_repository/deployments/cpu_parallel.yaml"
+
 
 @pytest.fixture(scope="session")
-def server(other_checkpoint, tmp_path_factory):
+def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
     from wan_build.__main__ import main as build_main
     from wan_triton.deployment import Deployment
     from wan_triton.launch import running_server
 
     root = tmp_path_factory.mktemp("served")
     repos = []
-    for name, path in DEPLOYMENTS.items():
+    renderings = [(name, path, other_checkpoint) for name, path in DEPLOYMENTS.items()]
+    renderings.append((PARALLEL_MODEL, PARALLEL_DEPLOYMENT, tiny4_checkpoint))
+    for name, path, checkpoint in renderings:
         deployment = Deployment.load(path).model_copy(update={"model_name": name})
         dep_file = root / f"{name}.json"
         dep_file.write_text(deployment.to_json())
@@ -111,7 +117,7 @@ def server(other_checkpoint, tmp_path_factory):
             build_main(
                 [
                     "--model",
-                    str(other_checkpoint),
+                    str(checkpoint),
                     "--deployment",
                     str(dep_file),
                     "--repo",

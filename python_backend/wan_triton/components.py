@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import EXPERTS, Checkpoint
-from .denoise import Denoiser
+from .denoise import Denoiser, warm_up
 from .deployment import ComponentConfig
 from .engines.base import Engine, EngineKind
 from .vae import VaeDecoder, torch_vae_decode_fn
@@ -58,6 +58,10 @@ def build_text_encoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, 
 
 
 def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> Denoiser:
+    """The denoising loop with both experts. With a parallel plan above 1x1x1, a started worker group of that many
+    processes (one GPU each from `device_id` on, on cuda), which is called like a Denoiser."""
+    if not cfg.parallel.is_single:
+        return _worker_group(ckpt, cfg, artifacts, device_id)
     device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
     experts: dict[str, Engine] = {}
     for name in EXPERTS:
@@ -77,6 +81,32 @@ def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, devi
             case EngineKind.TENSORRT:
                 experts[name] = _reserved_tensorrt(name)
     return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype)
+
+
+def _worker_group(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int):
+    from .parallel.group import WorkerGroup
+    from .parallel.shards import find_shards
+
+    world = cfg.parallel.world_size
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available() or torch.cuda.device_count() < device_id + world:
+            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            last = device_id + world - 1
+            raise RuntimeError(f"plan {cfg.parallel} needs GPUs {device_id}..{last}; {available} found")
+        device_ids = tuple(range(device_id, device_id + world))
+    else:
+        device_ids = ()
+    group = WorkerGroup(ckpt, cfg, device_ids, shards=find_shards(artifacts, ckpt, cfg.parallel, cfg.precision))
+    group.start()
+    return group
+
+
+def warm_up_denoiser(denoiser, height: int, width: int, num_frames: int) -> None:
+    """One guided step of each expert at this shape, in this process or on every rank of a worker group."""
+    if isinstance(denoiser, Denoiser):
+        warm_up(denoiser, height, width, num_frames)
+    else:
+        denoiser.warm_up(height, width, num_frames)
 
 
 def build_vae_decoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> VaeDecoder:

@@ -44,6 +44,11 @@ class ComponentConfig(_Strict):
     def _parallel_needs_torch(self) -> ComponentConfig:
         if not self.parallel.is_single and self.engine != EngineKind.TORCH:
             raise ValueError(f"parallel plan {self.parallel} needs engine torch, not {self.engine.value}")
+        if not self.parallel.is_single and self.instance_count != 1:
+            # One instance owns the group's GPUs (0 .. world size - 1); a second would share them.
+            raise ValueError(
+                f"parallel plan {self.parallel} runs one instance (one worker group), not {self.instance_count}"
+            )
         return self
 
 

@@ -42,8 +42,9 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
         return heads_to_seq(out, g)
 
 
-def _shard_tensor_parallel(module: nn.Module, groups: PlanGroups) -> None:
-    index, parts, group = groups.coords.tp, groups.plan.tp, groups.tp
+def shard_tensor_parallel(module: nn.Module, index: int, parts: int, group) -> None:
+    """In place: keep tp rank `index` of `parts` of every block's attention and FFN. The tensors kept are the
+    ones `shards.TP_RULES` names (the build-time shard files hold exactly this module's state dict)."""
     for block in module.blocks:
         for attn in (block.attn1, block.attn2):
             for linear in (attn.to_q, attn.to_k, attn.to_v):
@@ -77,12 +78,12 @@ def parallelize(
     module: nn.Module, groups: PlanGroups, backend: attention.AttentionBackend | str, device: torch.device
 ) -> attention.AttentionBackend:
     """Turn a whole WanTransformer3DModel into this rank's part of the plan (in place). With tp > 1 the module
-    may already hold only this rank's shard (`shard_loaded=True` in `load_shard`); this function then only
-    installs the processor and hooks."""
+    may already hold only this rank's shard (loaded by `shards.load_rank_shard`); then only the processor and
+    the hooks are installed."""
     plan = groups.plan
     plan.check_transformer(dict(module.config))
     if plan.tp > 1 and not getattr(module, "_wan_tp_sharded", False):
-        _shard_tensor_parallel(module, groups)
+        shard_tensor_parallel(module, groups.coords.tp, plan.tp, groups.tp)
         module._wan_tp_sharded = True
     chosen = attention.resolve(backend, device, module.config.attention_head_dim)
     module.set_attn_processor(ParallelWanAttnProcessor(attention.attention_fn(chosen), groups.ulysses))
