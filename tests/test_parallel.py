@@ -53,7 +53,7 @@ def _embeds(batch: int, text_dim: int) -> torch.Tensor:
     return torch.randn(batch, 512, text_dim, generator=torch.Generator().manual_seed(batch))
 
 
-def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan]) -> dict:
+def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan], shards: Path) -> dict:
     """Runs in every rank of a world of 4; plans smaller than the world run on its first ranks. Returns the
     latents per (plan, case) and what this rank's self-attention layers saw: (tokens, local heads, batch)."""
     from diffusers.models.transformers.transformer_wan import WanAttention
@@ -70,24 +70,35 @@ def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan]) -
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: record(m, a, None))
     ckpt = Checkpoint.open(checkpoint)
     out = {}
-    for plan in plans:
+    # The last run loads tp 2 from the build-time shard files instead of cutting the whole experts.
+    for plan, folder in [(plan, None) for plan in plans] + [(SHARDED_PLAN, shards)]:
         groups = create_groups(plan)
         if groups is None:
             continue
-        denoiser = build_rank_denoiser(ckpt, TORCH_CPU, groups, torch.device("cpu"))
+        denoiser = build_rank_denoiser(ckpt, TORCH_CPU, groups, torch.device("cpu"), folder)
         for i, (request, batch) in enumerate(CASES):
             seen.clear()
             latents = denoiser(request, _embeds(batch, ckpt.text_dim))
-            out[(str(plan), i)] = latents, sorted(seen)
+            out[(str(plan) + ("+shards" if folder else ""), i)] = latents, sorted(seen)
     handle.remove()
     return out
 
 
+SHARDED_PLAN = ParallelPlan(tp=2)
+
+
 @pytest.fixture(scope="module")
-def world_results(tiny4_checkpoint):
+def shards(tiny4_checkpoint, tmp_path_factory) -> Path:
+    from wan_triton.parallel.shards import write_tp_shards
+
+    return write_tp_shards(Checkpoint.open(tiny4_checkpoint), SHARDED_PLAN, "float32", tmp_path_factory.mktemp("tp2"))
+
+
+@pytest.fixture(scope="module")
+def world_results(tiny4_checkpoint, shards):
     from wan_triton.parallel.world import run_world
 
-    return run_world(4, _denoise_each_plan, (tiny4_checkpoint, PLANS))
+    return run_world(4, _denoise_each_plan, (tiny4_checkpoint, PLANS, shards))
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +181,76 @@ def test_single_rank_path_untouched(single):
     # World size 1 through the unchanged path must stay the reference it was (no groups, no extra processes).
     latents, _, _ = single
     assert all(np.isfinite(x.numpy()).all() for x in latents)
+
+
+def test_loading_build_time_shards_gives_the_same_latents(world_results):
+    for case in range(len(CASES)):
+        cut, _ = world_results[0][(str(SHARDED_PLAN), case)]
+        loaded, seen = world_results[0][(str(SHARDED_PLAN) + "+shards", case)]
+        assert torch.equal(loaded, cut)
+        assert seen[0][1] == 2  # 4 heads over tp 2
+
+
+def test_shard_files_hold_exactly_the_sharded_module(tiny4_checkpoint, shards):
+    """The build's name rules (TP_RULES) and the module surgery (shard_tensor_parallel) cut the same tensors."""
+    from safetensors.torch import load_file
+
+    from wan_triton.parallel.model import shard_tensor_parallel
+
+    ckpt = Checkpoint.open(tiny4_checkpoint)
+    for j in range(2):
+        module = ckpt.load_transformer("transformer")
+        shard_tensor_parallel(module, j, 2, group=None)
+        expected = module.state_dict()
+        got = load_file(str(shards / "transformer" / f"tp{j}-of-2.safetensors"))
+        assert sorted(got) == sorted(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(got[name], tensor), name
+    assert got["blocks.0.attn1.to_q.weight"].shape == (16, 32)  # 2 of 4 heads of 8
+    assert got["blocks.0.ffn.net.2.weight"].shape == (32, 32)  # 32 of 64 FFN columns
+
+
+def test_manifest_mismatch_is_refused(tiny4_checkpoint, shards, tmp_path):
+    import json
+    import shutil
+
+    from wan_triton.parallel.shards import read_manifest
+
+    ckpt = Checkpoint.open(tiny4_checkpoint)
+    manifest = read_manifest(shards, ckpt, SHARDED_PLAN, "float32")
+    assert manifest["plan"] == {"cfg": 1, "ulysses": 1, "tp": 2}
+    assert manifest["experts"]["transformer"]["tensor_dtypes"] == {"float32": 69}
+    assert len(manifest["experts"]["transformer"]["source_sha256"]) == 64
+    with pytest.raises(PlanError, match="built for plan cfg1xulysses1xtp2, the deployment runs cfg2xulysses1xtp2"):
+        read_manifest(shards, ckpt, ParallelPlan(cfg=2, tp=2), "float32")
+    with pytest.raises(PlanError, match="built in float32, the deployment runs bfloat16"):
+        read_manifest(shards, ckpt, SHARDED_PLAN, "bfloat16")
+    # Same layout, other weights: a copy of the checkpoint whose expert was re-saved with one tensor changed.
+    other = tmp_path / "other"
+    shutil.copytree(tiny4_checkpoint, other)
+    from safetensors.torch import load_file, save_file
+
+    weights = other / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["proj_out.bias"] = state["proj_out.bias"] + 1
+    save_file(state, str(weights), metadata={"format": "pt", "changed": "yes"})
+    with pytest.raises(PlanError, match="transformer was built from other weights"):
+        read_manifest(shards, Checkpoint.open(other), SHARDED_PLAN, "float32")
+    assert json.loads((shards / "manifest.json").read_text())["tp"] == 2
+
+
+def test_build_refuses_a_plan_that_does_not_fit(tiny4_checkpoint, tmp_path, capsys):
+    from wan_build.__main__ import main as build_main
+    from wan_triton.deployment import Deployment
+
+    root = Path(__file__).resolve().parent.parent
+    deployment = Deployment.load(root / "model_repository/deployments/cpu_parallel.yaml")
+    cfg = deployment.components.denoiser.model_copy(update={"parallel": ParallelPlan(ulysses=3)})
+    bad = deployment.model_copy(update={"components": deployment.components.model_copy(update={"denoiser": cfg})})
+    path = tmp_path / "bad.json"
+    path.write_text(bad.to_json())
+    args = ["--model", str(tiny4_checkpoint), "--deployment", str(path), "--repo", str(tmp_path / "repo")]
+    assert build_main([*args, "--artifacts-root", str(tmp_path / "artifacts")]) == 1
+    assert not (tmp_path / "repo").exists()
+    err = capsys.readouterr().err
+    assert "plan cfg1xulysses3xtp1 does not fit the checkpoint: num_attention_heads 4 is not divisible" in err
