@@ -60,9 +60,10 @@ def _timed(fn, device: torch.device, repeat: int, warmup: int = 1) -> float:
         started = time.perf_counter()
         fn()
         _sync(device)
-        elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64)
+        # On the rank's device: NCCL reduces device tensors only.
+        elapsed = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=device)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        times.append(float(elapsed))
+        times.append(elapsed.item())
     return statistics.median(times)
 
 
