@@ -256,13 +256,13 @@ def main() -> None:
             bw["all_reduce"] / 1e9, bw["all_to_all"] / 1e9, bw["all_gather"] / 1e9, bw["latency_s"] * 1e6
         )
     )
-    print(f"{'size':6} {'plan':20} {'GPUs':>4} {'measured s':>10} {'model s':>9} {'comm s':>8} {'speedup':>8}")
+    print(f"{'size':6} {'plan':20} {'ranks':>5} {'measured s':>10} {'model s':>9} {'comm s':>8} {'speedup':>8}")
     for size, entry in result["model"].items():
-        print(f"{size:6} {'cfg1xulysses1xtp1':20} {1:4} {entry['one_gpu_step_s']:10.4f} {'':>9} {'':>8} {1:8.2f}")
+        print(f"{size:6} {'cfg1xulysses1xtp1':20} {1:5} {entry['one_gpu_step_s']:10.4f} {'':>9} {'':>8} {1:8.2f}")
         for plan, row in entry["plans"].items():
             measured = "-" if row["measured_step_s"] is None else f"{row['measured_step_s']:.4f}"
             print(
-                f"{size:6} {plan:20} {row['world_size']:4} {measured:>10} {row['predicted_step_s']:9.4f} "
+                f"{size:6} {plan:20} {row['world_size']:5} {measured:>10} {row['predicted_step_s']:9.4f} "
                 f"{row['predicted_comm_s']:8.4f} {row['predicted_speedup']:8.2f}"
             )
 
