@@ -110,9 +110,7 @@ def collectives(shape: ModelShape, plan: ParallelPlan) -> list[Collective]:
     if plan.ulysses > 1:
         heads_local = shape.num_heads // plan.tp
         out.append(Collective("all_to_all", plan.ulysses, b * s_local * heads_local * shape.head_dim * e, 4 * n))
-        out.append(
-            Collective("all_gather", plan.ulysses, b * s_local * shape.out_channels * shape.patch_elems * e, 1)
-        )
+        out.append(Collective("all_gather", plan.ulysses, b * s_local * shape.out_channels * shape.patch_elems * e, 1))
     if plan.cfg > 1:
         out.append(Collective("all_gather", plan.cfg, shape.tokens * shape.out_channels * shape.patch_elems * e, 1))
     return out
