@@ -239,6 +239,23 @@ def test_manifest_mismatch_is_refused(tiny4_checkpoint, shards, tmp_path):
     assert json.loads((shards / "manifest.json").read_text())["tp"] == 2
 
 
+def test_loader_refuses_a_repository_built_for_another_plan(tiny4_checkpoint, shards, tmp_path):
+    import shutil
+
+    from wan_triton.parallel.shards import find_shards
+
+    ckpt = Checkpoint.open(tiny4_checkpoint)
+    version = tmp_path / "1"
+    shutil.copytree(shards, version / "tp2-float32")
+    assert find_shards(version, ckpt, SHARDED_PLAN, "float32") == version / "tp2-float32"
+    for plan in (ParallelPlan(tp=4), ParallelPlan(cfg=2)):
+        with pytest.raises(
+            PlanError, match=f"built with tp shards for plan cfg1xulysses1xtp2 in float32, the deployment runs {plan}"
+        ):
+            find_shards(version, ckpt, plan, "float32")
+    assert find_shards(tmp_path / "empty", ckpt, ParallelPlan(ulysses=2), "float32") is None
+
+
 def test_build_refuses_a_plan_that_does_not_fit(tiny4_checkpoint, tmp_path, capsys):
     from wan_build.__main__ import main as build_main
     from wan_triton.deployment import Deployment

@@ -169,9 +169,17 @@ def read_manifest(folder: Path, ckpt: Checkpoint, plan: ParallelPlan, precision:
 def find_shards(artifacts: Path, ckpt: Checkpoint, plan: ParallelPlan, precision: str = "float32") -> Path | None:
     """The shard folder rendered into a model's version folder for this plan (checked), or None when the plan
     needs none (tp = 1) or none was built (each worker then cuts the whole expert at load)."""
+    folder = artifacts / shard_folder_name(plan, precision)
+    others = [m.parent for m in artifacts.glob(f"*/{MANIFEST}") if m.parent != folder]
+    if others and not (folder / MANIFEST).is_file():
+        built = [json.loads((o / MANIFEST).read_text(encoding="utf-8")) for o in others]
+        raise PlanError(
+            f"{artifacts}: the repository was built with tp shards for "
+            + ", ".join(f"plan {ParallelPlan.model_validate(m['plan'])} in {m['precision']}" for m in built)
+            + f", the deployment runs {plan} in {precision}; re-run `make build`"
+        )
     if plan.tp == 1:
         return None
-    folder = artifacts / shard_folder_name(plan, precision)
     if not (folder / MANIFEST).is_file():
         logger.warning("%s: no build-time tp shards; every worker loads the whole experts and cuts them", folder)
         return None
