@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -12,6 +13,9 @@ from .denoise import Denoiser, warm_up
 from .deployment import ComponentConfig
 from .engines.base import Engine, EngineKind
 from .vae import VaeDecoder, torch_vae_decode_fn
+
+if TYPE_CHECKING:
+    from .parallel.group import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +61,9 @@ def build_text_encoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, 
     raise ValueError(f"unknown engine {cfg.engine}")
 
 
-def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> Denoiser:
+def build_denoiser(
+    ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0
+) -> Denoiser | WorkerGroup:
     """The denoising loop with both experts. With a parallel plan above 1x1x1, a started worker group of that many
     processes (one GPU each from `device_id` on, on cuda), which is called like a Denoiser."""
     if not cfg.parallel.is_single:
@@ -83,7 +89,7 @@ def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, devi
     return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype)
 
 
-def _worker_group(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int):
+def _worker_group(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int) -> WorkerGroup:
     from .parallel.group import WorkerGroup
     from .parallel.shards import find_shards
 
@@ -101,7 +107,7 @@ def _worker_group(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, devic
     return group
 
 
-def warm_up_denoiser(denoiser, height: int, width: int, num_frames: int) -> None:
+def warm_up_denoiser(denoiser: Denoiser | WorkerGroup, height: int, width: int, num_frames: int) -> None:
     """One guided step of each expert at this shape, in this process or on every rank of a worker group."""
     if isinstance(denoiser, Denoiser):
         warm_up(denoiser, height, width, num_frames)
