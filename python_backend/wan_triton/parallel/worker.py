@@ -72,7 +72,10 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
             conn.send(("step", index, count))
 
     while True:
-        message = conn.recv()
+        try:
+            message = conn.recv()
+        except EOFError:  # the supervisor is gone (its process ended): nothing left to serve
+            break
         try:
             match message[0]:
                 case "stop":
