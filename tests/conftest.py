@@ -37,6 +37,30 @@ OTHER_TINY = dict(
 )
 
 
+# Enough heads (4) and FFN width (64) for every parallel plan up to ulysses x tp = 4 (tests of wan_triton.parallel).
+TINY4 = dict(
+    num_layers=2,
+    num_attention_heads=4,
+    attention_head_dim=8,
+    ffn_dim=64,
+    text_dim=24,
+    text_layers=1,
+    text_heads=2,
+    text_ff=32,
+    vocab_pieces=300,
+    vae_base_dim=6,
+    flow_shift=5.0,
+    seed=21,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny4_checkpoint(tmp_path_factory) -> Path:
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt4") / "tiny4", TinyConfig(**TINY4))
+
+
 @pytest.fixture(scope="session")
 def other_checkpoint(tmp_path_factory) -> Path:
     from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
@@ -69,6 +93,10 @@ DEPLOYMENTS = {
     "wan_torch": REPO_ROOT / "model_repository/deployments/cpu_torch.yaml",
 }
 
+# Also served: a parallel plan (a worker group of 2 gloo processes, tp 2) of the 4-head checkpoint `tiny4`.
+PARALLEL_MODEL = "wan_parallel"
+PARALLEL_DEPLOYMENT = REPO_ROOT / "model_repository/deployments/cpu_parallel.yaml"
+
 
 # A third rendering with the result cache on (tests/test_result_cache.py): cpu.yaml plus result_cache_bytes.
 CACHED_MODEL = "wan_cached"
@@ -76,16 +104,17 @@ CACHED_BYTES = 64 << 20
 
 
 @pytest.fixture(scope="session")
-def server(other_checkpoint, tmp_path_factory):
+def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
     from wan_build.__main__ import main as build_main
     from wan_triton.deployment import Deployment
     from wan_triton.launch import running_server
 
     root = tmp_path_factory.mktemp("served")
     repos = []
-    renderings = {name: (path, {}) for name, path in DEPLOYMENTS.items()}
-    renderings[CACHED_MODEL] = (DEPLOYMENTS["wan_onnx"], {"result_cache_bytes": CACHED_BYTES})
-    for name, (path, changes) in renderings.items():
+    renderings = [(name, path, other_checkpoint, {}) for name, path in DEPLOYMENTS.items()]
+    renderings.append((CACHED_MODEL, DEPLOYMENTS["wan_onnx"], other_checkpoint, {"result_cache_bytes": CACHED_BYTES}))
+    renderings.append((PARALLEL_MODEL, PARALLEL_DEPLOYMENT, tiny4_checkpoint, {}))
+    for name, path, checkpoint, changes in renderings:
         deployment = Deployment.load(path).model_copy(update={"model_name": name, **changes})
         dep_file = root / f"{name}.json"
         dep_file.write_text(deployment.to_json())
@@ -94,7 +123,7 @@ def server(other_checkpoint, tmp_path_factory):
             build_main(
                 [
                     "--model",
-                    str(other_checkpoint),
+                    str(checkpoint),
                     "--deployment",
                     str(dep_file),
                     "--repo",

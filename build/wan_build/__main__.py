@@ -60,6 +60,28 @@ def default_artifacts(ckpt: Checkpoint, artifacts_root: Path) -> Path:
     return artifacts_root / "onnx" / f"{ckpt.root.name}-{digest}"
 
 
+def build_tp_shards(deployment: Deployment, ckpt: Checkpoint, artifacts: Path) -> None:
+    """Validate the denoiser's parallel plan against the checkpoint; with tp > 1 cut each expert into per-rank
+    files (skipped when already cut from the same weights for the same plan and precision)."""
+    from wan_triton.parallel.shards import read_manifest, shard_folder_name, write_tp_shards
+
+    cfg = deployment.components.denoiser
+    plan = cfg.parallel
+    for expert in ("transformer", "transformer_2"):
+        plan.check_transformer(ckpt.config(expert))
+    if plan.tp == 1:
+        return
+    if ckpt.random_weights:
+        logger.warning("random-weight checkpoint: no tp shards; each worker builds its own part")
+        return
+    folder = artifacts / shard_folder_name(plan, cfg.precision)
+    try:
+        read_manifest(folder, ckpt, plan, cfg.precision)
+        logger.info("tp shards in %s are up to date", folder)
+    except (FileNotFoundError, ValueError):
+        write_tp_shards(ckpt, plan, cfg.precision, folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_build", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory in the Diffusers layout, or 'tiny'")
@@ -87,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             failed = [row.component for row in rows if not row.ok]
             if failed:
                 raise ValueError(f"exported graphs differ from PyTorch beyond tolerance: {failed}")
+        build_tp_shards(deployment, ckpt, artifacts)
         repo = render_repository(deployment, ckpt.root, artifacts, args.repo)
     except (CheckpointError, RenderError, ValueError, FileNotFoundError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)

@@ -137,6 +137,18 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _link_tp_shards(deployment: Deployment, component: ComponentConfig, artifacts: Path, version_dir: Path) -> None:
+    """The build-time tp shards next to the scheduler model; the manifest records the plan they were cut for."""
+    from wan_triton.parallel.shards import MANIFEST, shard_folder_name
+
+    name = shard_folder_name(component.parallel, component.precision)
+    src = artifacts / name
+    if not (src / MANIFEST).is_file():
+        logger.warning("%s: no tp shards built; each worker will load the whole experts and cut them", src)
+        return
+    shutil.copytree(src, version_dir / name, copy_function=_link_or_copy)
+
+
 def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path, repo: Path) -> Path:
     """Write the model repository for `deployment` to `repo` (replacing an earlier render there)."""
     repo = repo.resolve()
@@ -158,7 +170,8 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
         version_dir = model_dir / VERSION
         version_dir.mkdir(parents=True)
         component = _component(deployment, step.role)
-        on_gpu = component is not None and component.device == "cuda"
+        # A parallel plan's instance only supervises its worker group (which takes GPUs 0 .. world size - 1).
+        on_gpu = component is not None and component.device == "cuda" and component.parallel.is_single
         (model_dir / "config.pbtxt").write_text(
             fill(
                 "step.pbtxt",
@@ -186,6 +199,8 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
                     raise RenderError(f"{artifacts}: no exported graph matching {pattern!r} for {step.role}")
                 for src in matches:
                     _link_or_copy(src, version_dir / src.name)
+        if component is not None and component.parallel.tp > 1:
+            _link_tp_shards(deployment, component, artifacts, version_dir)
 
     if repo.exists():
         shutil.rmtree(repo)

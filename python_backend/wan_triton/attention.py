@@ -28,6 +28,11 @@ class AttentionBackend(StrEnum):
     FLASH4 = "flash4"  # flash-attn-4 (CuTe DSL), Hopper and Blackwell
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # PyTorch's own SDPA pick, as diffusers' default ("native") dispatch calls it.
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -85,6 +90,8 @@ def resolve(backend: AttentionBackend | str, device: torch.device, head_dim: int
 
 def attention_fn(backend: AttentionBackend) -> AttentionFn:
     match backend:
+        case AttentionBackend.REFERENCE:
+            return _sdpa
         case AttentionBackend.CUDNN:
             return _cudnn
         case AttentionBackend.FLASH4:
@@ -124,8 +131,12 @@ class WanT2VAttnProcessor:
         if rotary_emb is not None:
             query = _rotate(query, *rotary_emb)
             key = _rotate(key, *rotary_emb)
-        out = self.attend(query, key, value).flatten(2, 3).type_as(query)
+        out = self._attention(query, key, value, encoder_hidden_states is None).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool) -> torch.Tensor:
+        """q, k, v: [B, S, heads, D] -> [B, S, heads, D]. The sequence-parallel processor overrides this."""
+        return self.attend(q, k, v)
 
 
 def fuse_projections(module: torch.nn.Module) -> None:

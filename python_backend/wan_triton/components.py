@@ -5,14 +5,18 @@ from __future__ import annotations
 import gc
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checkpoint import EXPERTS, Checkpoint
-from .denoise import Denoiser
+from .denoise import Denoiser, warm_up
 from .deployment import ComponentConfig
 from .engines.base import Engine, EngineKind
 from .vae import VaeDecoder, torch_vae_decode_fn
+
+if TYPE_CHECKING:
+    from .parallel.group import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +126,13 @@ def _swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.devic
     return {name: SwappedExpert(name, swapper, eager, graphed) for name in EXPERTS}, swapper
 
 
-def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> Denoiser:
+def build_denoiser(
+    ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0
+) -> Denoiser | WorkerGroup:
+    """The denoising loop with both experts. With a parallel plan above 1x1x1, a started worker group of that many
+    processes (one GPU each from `device_id` on, on cuda), which is called like a Denoiser."""
+    if not cfg.parallel.is_single:
+        return _worker_group(ckpt, cfg, artifacts, device_id)
     device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
     experts: dict[str, Engine] = {}
     swapper = None
@@ -146,6 +156,32 @@ def build_denoiser(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, devi
             for name in EXPERTS:
                 experts[name] = _reserved_tensorrt(name)
     return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, swapper=swapper)
+
+
+def _worker_group(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int) -> WorkerGroup:
+    from .parallel.group import WorkerGroup
+    from .parallel.shards import find_shards
+
+    world = cfg.parallel.world_size
+    if cfg.device == "cuda":
+        if not torch.cuda.is_available() or torch.cuda.device_count() < device_id + world:
+            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            last = device_id + world - 1
+            raise RuntimeError(f"plan {cfg.parallel} needs GPUs {device_id}..{last}; {available} found")
+        device_ids = tuple(range(device_id, device_id + world))
+    else:
+        device_ids = ()
+    group = WorkerGroup(ckpt, cfg, device_ids, shards=find_shards(artifacts, ckpt, cfg.parallel, cfg.precision))
+    group.start()
+    return group
+
+
+def warm_up_denoiser(denoiser: Denoiser | WorkerGroup, height: int, width: int, num_frames: int) -> None:
+    """One guided step of each expert at this shape, in this process or on every rank of a worker group."""
+    if isinstance(denoiser, Denoiser):
+        warm_up(denoiser, height, width, num_frames)
+    else:
+        denoiser.warm_up(height, width, num_frames)
 
 
 def build_vae_decoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> VaeDecoder:

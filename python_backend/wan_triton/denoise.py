@@ -21,6 +21,7 @@ from .engines.base import Engine
 from .request import GenerationRequest
 
 if TYPE_CHECKING:
+    from .parallel.cfg import CfgParallel
     from .residency import ExpertSwapper
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Denoiser:
     # Set when both experts share one device module (`expert_residency: swap`): told which expert the next step
     # needs, so it can copy that expert in while the current step runs.
     swapper: ExpertSwapper | None = None
+    # A rank of a CFG-parallel group (wan_triton.parallel): runs its half of the guided batch. None: one process.
+    cfg_parallel: CfgParallel | None = None
 
     @property
     def boundary_timestep(self) -> float | None:
@@ -95,7 +98,9 @@ class Denoiser:
             if self.swapper is not None:
                 # After the last step, the next request starts with the high-noise expert.
                 self.swapper.prefetch(schedule[i + 1] if i + 1 < len(schedule) else "transformer")
-            latents = denoise_step(self.experts[expert], scheduler, latents, t, embeds, scale if cfg else None)
+            latents = denoise_step(
+                self.experts[expert], scheduler, latents, t, embeds, scale if cfg else None, self.cfg_parallel
+            )
             if on_step is not None:
                 on_step(i, len(timesteps))
         return latents
@@ -108,7 +113,7 @@ def warm_up(denoiser: Denoiser, height: int, width: int, num_frames: int) -> Non
     for expert in denoiser.experts.values():
         scheduler = denoiser.ckpt.make_scheduler()
         scheduler.set_timesteps(1, device=denoiser.device)
-        denoise_step(expert, scheduler, latents, scheduler.timesteps[0], embeds, guidance_scale=1.0)
+        denoise_step(expert, scheduler, latents, scheduler.timesteps[0], embeds, 1.0, denoiser.cfg_parallel)
     if denoiser.swapper is not None:
         denoiser.swapper.activate("transformer")  # requests start with the high-noise expert
 
@@ -120,6 +125,7 @@ def denoise_step(
     t: torch.Tensor,
     embeds: torch.Tensor,
     guidance_scale: float | None,
+    cfg_parallel: CfgParallel | None = None,
 ) -> torch.Tensor:
     """One step: the expert's forward (cond and uncond as one batch of 2 with guidance), the guidance combine,
     and the solver update. The benchmarks time this same function.
@@ -129,12 +135,16 @@ def denoise_step(
         t: the step's timestep (scalar tensor).
         embeds: [2, text_len, text_dim] (prompt, negative prompt) with guidance, else [1, ...], in the expert's dtype.
         guidance_scale: None turns guidance off.
+        cfg_parallel: with a batch of 2, this rank runs one half and exchanges noise predictions with the other.
     """
     batch = embeds.shape[0]
-    model_input = latents.to(embeds.dtype).expand(batch, *latents.shape[1:])
-    noise_pred = expert.run(
-        {"hidden_states": model_input, "timestep": t.expand(batch), "encoder_hidden_states": embeds}
-    )["noise_pred"]
+    if cfg_parallel is not None and batch == 2:
+        noise_pred = cfg_parallel.noise_pred(expert, latents.to(embeds.dtype), t, embeds)
+    else:
+        model_input = latents.to(embeds.dtype).expand(batch, *latents.shape[1:])
+        noise_pred = expert.run(
+            {"hidden_states": model_input, "timestep": t.expand(batch), "encoder_hidden_states": embeds}
+        )["noise_pred"]
     if guidance_scale is not None:
         cond, uncond = noise_pred[0:1], noise_pred[1:2]
         noise_pred = uncond + guidance_scale * (cond - uncond)

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .engines.base import EngineKind
+from .parallel.plan import ParallelPlan
 
 Device = Literal["cpu", "cuda"]
 Precision = Literal["float32", "bfloat16", "float16"]
@@ -45,12 +46,26 @@ class ComponentConfig(_Strict):
     # which removes the kernel-launch overhead that dominates small shapes (see wan_triton.engines.cuda_graph).
     cuda_graphs: bool = False
 
+    # Denoiser only: multi-GPU plan, cfg x ulysses x tp ranks (wan_triton.parallel). Above 1x1x1 the scheduler
+    # runs a worker group of that many processes (one GPU each on cuda; gloo on cpu) with the torch engine.
+    parallel: ParallelPlan = ParallelPlan()
+
     @model_validator(mode="after")
-    def _torch_only_options(self) -> ComponentConfig:
+    def _engine_options(self) -> ComponentConfig:
         if self.cuda_graphs and (self.engine != EngineKind.TORCH or self.device != "cuda"):
             raise ValueError("cuda_graphs needs engine: torch and device: cuda")
         if self.expert_residency == "swap" and self.engine != EngineKind.TORCH:
             raise ValueError("expert_residency: swap needs engine: torch")
+        if not self.parallel.is_single and self.engine != EngineKind.TORCH:
+            raise ValueError(f"parallel plan {self.parallel} needs engine torch, not {self.engine.value}")
+        if not self.parallel.is_single and self.instance_count != 1:
+            # One instance owns the group's GPUs (0 .. world size - 1); a second would share them.
+            raise ValueError(
+                f"parallel plan {self.parallel} runs one instance (one worker group), not {self.instance_count}"
+            )
+        if not self.parallel.is_single and (self.cuda_graphs or self.expert_residency == "swap"):
+            # The ranks build their experts themselves, resident and without graphs (not yet combined).
+            raise ValueError(f"parallel plan {self.parallel} does not combine with cuda_graphs or expert swapping")
         return self
 
 
@@ -113,6 +128,9 @@ class Deployment(_Strict):
     def _defaults_within_limits(self) -> Deployment:
         d, lim = self.defaults, self.limits
         problems = []
+        for name in ("text_encoder", "vae_decoder"):
+            if not getattr(self.components, name).parallel.is_single:
+                problems.append(f"components.{name}.parallel: only the denoiser runs a parallel plan")
         if d.height > lim.max_height or d.width > lim.max_width or d.height * d.width > lim.max_pixels:
             problems.append(f"default size {d.width}x{d.height} is above the limits")
         if d.num_frames > lim.max_num_frames:

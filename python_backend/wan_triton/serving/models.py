@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
-from ..components import build_denoiser, build_text_encoder, build_vae_decoder
-from ..denoise import latent_shape, warm_up
+from ..components import build_denoiser, build_text_encoder, build_vae_decoder, warm_up_denoiser
+from ..denoise import latent_shape
 from ..pipeline import prompts_for
 from ..request import GenerationRequest, validate_request
 from ..text import PromptTokenizer, encode_tokens
@@ -115,7 +115,7 @@ class Scheduler(_Model):
         self.denoiser = build_denoiser(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
         for shape in self.ctx.deployment.warmup:
             started = time.perf_counter()
-            warm_up(self.denoiser, shape.height, shape.width, shape.num_frames)
+            warm_up_denoiser(self.denoiser, shape.height, shape.width, shape.num_frames)
             logger.info("%s warm-up %s: %.2f s", self.ctx.name, shape, time.perf_counter() - started)
 
     def handle(self, request):
@@ -134,6 +134,12 @@ class Scheduler(_Model):
             seconds,
         )
         return _response(output_torch(io.LATENTS.name, latents.float()))
+
+    def finalize(self) -> None:
+        close = getattr(self.denoiser, "close", None)  # a parallel plan's worker group
+        if close is not None:
+            close()
+        super().finalize()
 
 
 class VaeDecoder(_Model):

@@ -1,0 +1,212 @@
+"""The worker group the scheduler model runs: one process per rank of the plan, living across requests.
+
+Each request goes to every worker; rank 0's latents come back (all ranks end with the same latents). The
+supervisor waits on the workers' pipes and process sentinels together, so a worker that dies mid-request (killed,
+out of memory, a crashed kernel) fails that request at once with a clear error instead of hanging on its peers'
+collectives; the rest of the group is stopped and a fresh group is started before the next request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import sys
+import time
+from multiprocessing.connection import wait
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..deployment import ComponentConfig
+from ..request import GenerationRequest, InvalidRequestError
+from .plan import num_tokens
+from .worker import WorkerSpec, worker_main
+from .world import free_port
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerGroupError(RuntimeError):
+    """A worker died or failed; the in-flight request is lost and the group is rebuilt before the next one."""
+
+
+def _python_executable() -> str:
+    """The interpreter to spawn workers with. Inside Triton's Python backend stub `sys.executable` is the stub
+    binary, not Python; the venv's interpreter sits beside the site-packages the stub runs with."""
+    exe = Path(sys.executable)
+    if exe.name.startswith("python"):
+        return str(exe)
+    return str(Path(sys.prefix) / "bin" / "python3")
+
+
+class WorkerGroup:
+    """Denoiser-like: `group(request, prompt_embeds, on_step)` returns the final latents, as `Denoiser` does."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        cfg: ComponentConfig,
+        device_ids: tuple[int, ...] = (),
+        shards: Path | None = None,
+        start_timeout_s: float = 600.0,
+    ) -> None:
+        plan = cfg.parallel
+        for expert in ("transformer", "transformer_2"):
+            plan.check_transformer(ckpt.config(expert))
+        if cfg.device == "cuda" and len(device_ids) != plan.world_size:
+            raise ValueError(f"plan {plan} needs {plan.world_size} GPUs, got device ids {device_ids}")
+        self.ckpt = ckpt
+        self.cfg = cfg
+        self.plan = plan
+        self.device_ids = tuple(device_ids)
+        self.shards = shards
+        self.start_timeout_s = start_timeout_s
+        self._procs: list = []
+        self._conns: list = []
+        self.generation = 0  # how many times the group has been started
+
+    # Lifecycle
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs]
+
+    def healthy(self) -> bool:
+        return bool(self._procs) and all(p.is_alive() for p in self._procs)
+
+    def start(self) -> None:
+        self.close()
+        ctx = mp.get_context("spawn")
+        ctx.set_executable(_python_executable())
+        spec = WorkerSpec(
+            checkpoint=str(self.ckpt.root),
+            denoiser=self.cfg,
+            port=free_port(),
+            device_ids=self.device_ids,
+            shards=None if self.shards is None else str(self.shards),
+        )
+        started = time.perf_counter()
+        for rank in range(self.plan.world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=worker_main, args=(rank, spec, child), name=f"wan-denoiser-rank{rank}")
+            proc.daemon = True
+            proc.start()
+            child.close()
+            self._procs.append(proc)
+            self._conns.append(parent)
+        self.generation += 1
+        self._collect("starting", lambda rank, msg: msg[0] == "ready", self.start_timeout_s)
+        logger.info(
+            "denoiser worker group %s started (pids %s) in %.1f s", self.plan, self.pids, time.perf_counter() - started
+        )
+
+    def close(self) -> None:
+        """Stop every worker: politely when idle, killed when not."""
+        for conn in self._conns:
+            try:
+                conn.send(("stop",))
+            except OSError:
+                pass
+        for proc in self._procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        for conn in self._conns:
+            conn.close()
+        self._procs, self._conns = [], []
+
+    def _fail(self, message: str) -> WorkerGroupError:
+        logger.error(
+            "denoiser worker group %s: %s; stopping it (restarted before the next request)", self.plan, message
+        )
+        self.close()
+        return WorkerGroupError(message)
+
+    # Requests
+
+    def __call__(self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step=None) -> torch.Tensor:
+        self.check_request(request)
+        latents = self._send(("denoise", dataclasses.asdict(request), prompt_embeds.float().numpy()), on_step)
+        return torch.from_numpy(latents)
+
+    def warm_up(self, height: int, width: int, num_frames: int) -> None:
+        self._send(("warm_up", height, width, num_frames))
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """The token sequence must split evenly over the ulysses ranks (no padding): INVALID_ARG otherwise."""
+        ckpt, u = self.ckpt, self.plan.ulysses
+        sp = ckpt.vae_scale_factor_spatial
+        tokens = num_tokens(
+            ckpt.num_latent_frames(request.num_frames), request.height // sp, request.width // sp, ckpt.patch_size
+        )
+        if tokens % u:
+            raise InvalidRequestError(
+                "height, width, num_frames",
+                f"this deployment splits the video's {tokens} tokens (latent frames x height/16 x width/16) over "
+                f"{u} sequence-parallel ranks; choose a size whose token count is divisible by {u}",
+            )
+
+    def _send(self, message: tuple, on_step=None):
+        if not self.healthy():
+            if self._procs:
+                logger.warning("denoiser worker group %s lost a worker; restarting it", self.plan)
+            self.start()
+        for rank, conn in enumerate(self._conns):
+            try:
+                conn.send(message)
+            except OSError as exc:
+                raise self._fail(f"denoiser worker rank {rank} is gone ({exc})") from None
+        results: dict[int, object] = {}
+
+        def accept(rank: int, msg: tuple) -> bool:
+            if msg[0] == "step":
+                if on_step is not None:
+                    on_step(msg[1], msg[2])
+                return False
+            results[rank] = msg[1]
+            return True
+
+        self._collect("running a request", accept, timeout_s=None)
+        return results[0]
+
+    def _collect(self, doing: str, accept, timeout_s: float | None) -> None:
+        """Read messages until `accept(rank, message)` returned True once per rank; fail on a dead worker, an
+        error message or the timeout."""
+        pending = set(range(len(self._procs)))
+        by_handle = {}
+        for rank, (proc, conn) in enumerate(zip(self._procs, self._conns, strict=True)):
+            by_handle[conn] = ("conn", rank)
+            by_handle[proc.sentinel] = ("proc", rank)
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while pending:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = wait(list(by_handle), timeout=remaining)
+            if not ready:
+                raise self._fail(f"no answer from ranks {sorted(pending)} within {timeout_s} s while {doing}")
+            # Messages first: a worker that answered and then exited is not a failure of this request.
+            for handle in sorted(ready, key=lambda h: by_handle[h][0] != "conn"):
+                kind, rank = by_handle[handle]
+                if kind == "conn":
+                    try:
+                        msg = handle.recv()
+                    except (EOFError, OSError):
+                        del by_handle[handle]  # its sentinel reports the exit
+                        continue
+                    if msg[0] == "error":
+                        raise self._fail(f"denoiser worker rank {rank} failed while {doing}:\n{msg[1]}")
+                    try:
+                        if accept(rank, msg):
+                            pending.discard(rank)
+                    except BaseException:
+                        self.close()  # e.g. a cancelled request: the workers are mid-loop
+                        raise
+                else:
+                    proc = self._procs[rank]
+                    proc.join(timeout=1)
+                    raise self._fail(
+                        f"denoiser worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} while "
+                        f"{doing}; the request failed and the worker group will be restarted before the next request"
+                    )

@@ -1,0 +1,48 @@
+"""What one rank of a worker group runs: both experts sharded for its place in the plan, in a Denoiser."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import EXPERTS, Checkpoint
+from ..denoise import Denoiser
+from ..deployment import ComponentConfig
+from ..engines.base import EngineKind
+from .cfg import CfgParallel
+from .groups import PlanGroups
+from .model import parallelize
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_rank_denoiser(
+    ckpt: Checkpoint, cfg: ComponentConfig, groups: PlanGroups, device: torch.device, shards: Path | None = None
+) -> Denoiser:
+    """This rank's Denoiser. `shards`: a build-time TP shard folder (wan_build.shards) to load only this rank's
+    weights from; without it the whole expert is loaded and cut here."""
+    from ..engines.torch_engine import denoiser_engine
+
+    if cfg.engine != EngineKind.TORCH:
+        raise ValueError(f"a parallel plan needs the torch engine, not {cfg.engine.value}")
+    dtype = DTYPES[cfg.precision]
+    experts = {}
+    for name in EXPERTS:
+        if shards is not None and groups.plan.tp > 1:
+            from .shards import load_rank_shard
+
+            module = load_rank_shard(ckpt, name, shards, groups, dtype, device)
+        else:
+            module = ckpt.load_transformer(name, dtype, str(device))
+        parallelize(module, groups, cfg.attention, device)
+        if cfg.compile_blocks:
+            # Not fullgraph: a collective dynamo cannot trace becomes a graph break, not a load failure.
+            # (Unmeasured on GPU so far.)
+            module.compile_repeated_blocks(fullgraph=False, dynamic=False)
+        experts[name] = denoiser_engine(module, device, dtype)
+    cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
+    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, cfg_parallel=cfg_parallel)

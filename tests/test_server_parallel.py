@@ -1,0 +1,110 @@
+"""A parallel plan through the real Triton server: the scheduler model runs a worker group of 2 gloo processes
+(tp 2, from build-time shards) and the frames match diffusers' WanPipeline; a worker killed between requests is
+replaced before the next one (a worker killed mid-request: tests/test_worker_group.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc as grpcclient
+from conftest import PARALLEL_MODEL, assert_frames_close, reference_frames
+
+from wan_client import build_infer_inputs
+
+pytestmark = pytest.mark.server
+
+REQUEST = dict(
+    prompt="a small robot dances in the rain",
+    negative_prompt="blurry",
+    height=48,
+    width=80,
+    num_frames=9,
+    num_inference_steps=6,
+    guidance_scale=3.5,
+    guidance_scale_2=2.5,
+    seed=77,
+)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with grpcclient.InferenceServerClient(server.grpc_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny4_checkpoint):
+    return reference_frames(tiny4_checkpoint, **dict(REQUEST))
+
+
+def _frames(client):
+    result = client.infer(
+        PARALLEL_MODEL, build_infer_inputs(REQUEST), outputs=[grpcclient.InferRequestedOutput("frames")]
+    )
+    return result.as_numpy("frames")
+
+
+def _scheduler_dir(server) -> Path:
+    return server.log_path.parent / f"repo_{PARALLEL_MODEL}" / f"{PARALLEL_MODEL}_scheduler"
+
+
+def _workers(server) -> list[int]:
+    """The worker group's processes: the server's descendants started by multiprocessing's spawn."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [server.process.pid]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            todo.append(child)
+            try:
+                cmdline = (Path("/proc") / str(child) / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"spawn_main" in cmdline:
+                found.append(child)
+    return sorted(found)
+
+
+def test_parallel_plan_frames_match_wan_pipeline(client, reference):
+    assert_frames_close(_frames(client), reference)
+
+
+def test_repository_records_the_plan_and_its_shards(server):
+    scheduler = _scheduler_dir(server)
+    deployment = json.loads((scheduler / "deployment.json").read_text())
+    assert deployment["components"]["denoiser"]["parallel"] == {"cfg": 1, "ulysses": 1, "tp": 2}
+    manifest = json.loads((scheduler / "1" / "tp2-float32" / "manifest.json").read_text())
+    assert manifest["plan"] == {"cfg": 1, "ulysses": 1, "tp": 2}
+    assert manifest["experts"]["transformer"]["files"] == [
+        "transformer/tp0-of-2.safetensors",
+        "transformer/tp1-of-2.safetensors",
+    ]
+
+
+def test_worker_killed_between_requests_is_replaced(server, client, reference):
+    workers = _workers(server)
+    assert len(workers) == 2, workers
+    os.kill(workers[1], signal.SIGKILL)
+    assert_frames_close(_frames(client), reference)
+    replaced = _workers(server)
+    assert len(replaced) == 2 and set(replaced).isdisjoint(workers), (workers, replaced)
+
+
+def test_size_the_sequence_cannot_split_over_is_still_served(client):
+    # tp splits heads, not tokens: any size works (ulysses would need the token count divisible by its degree).
+    request = {**REQUEST, "height": 16, "width": 16, "num_frames": 1, "num_inference_steps": 1}
+    result = client.infer(
+        PARALLEL_MODEL, build_infer_inputs(request), outputs=[grpcclient.InferRequestedOutput("frames")]
+    )
+    assert result.as_numpy("frames").shape == (1, 16, 16, 3)

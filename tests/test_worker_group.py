@@ -1,0 +1,103 @@
+"""The worker group that serves a parallel plan: it lives across requests, returns rank 0's latents, and a worker
+killed mid-request fails only that request (with a clear error) before the group is rebuilt for the next."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from wan_triton.checkpoint import Checkpoint
+from wan_triton.deployment import ComponentConfig
+from wan_triton.parallel.group import WorkerGroup, WorkerGroupError
+from wan_triton.parallel.plan import PlanError
+from wan_triton.request import GenerationRequest, InvalidRequestError
+
+# Ulysses: every layer of every step waits on the peer rank, so a dead peer would hang a naive supervisor.
+CFG = ComponentConfig(engine="torch", parallel={"ulysses": 2})
+
+
+def _request(steps: int, height: int = 32, width: int = 64) -> GenerationRequest:
+    return GenerationRequest(
+        prompt="p",
+        negative_prompt="n",
+        height=height,
+        width=width,
+        num_frames=5,
+        num_inference_steps=steps,
+        seed=9,
+        guidance_scale=4.0,
+        guidance_scale_2=3.0,
+        fps=16,
+    )
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny4_checkpoint):
+    return Checkpoint.open(tiny4_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def embeds(ckpt):
+    return torch.randn(2, 512, ckpt.text_dim, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def group(ckpt):
+    g = WorkerGroup(ckpt, CFG)
+    g.start()
+    yield g
+    g.close()
+
+
+def test_group_matches_one_process_and_survives_a_killed_worker(group, ckpt, embeds):
+    from wan_triton.components import build_denoiser
+
+    expected = build_denoiser(ckpt, ComponentConfig(engine="torch"), Path("/nonexistent"))(_request(3), embeds)
+    first = group(_request(3), embeds)
+    rel = float((first - expected).norm() / expected.norm())
+    assert rel < 1e-5, rel
+    pids = group.pids
+
+    # A long request; kill rank 1 once rank 0 reports the first step.
+    stepped, outcome = threading.Event(), {}
+
+    def run():
+        try:
+            outcome["latents"] = group(_request(200), embeds, on_step=lambda i, n: stepped.set())
+        except WorkerGroupError as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    assert stepped.wait(timeout=120)
+    os.kill(pids[1], signal.SIGKILL)
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "the in-flight request hung on the dead worker"
+    assert "latents" not in outcome
+    message = str(outcome["error"])
+    assert f"rank 1 (pid {pids[1]}) exited with code -9" in message and "restarted" in message, message
+    assert not group.healthy()
+
+    # The next request gets a fresh group and the same result as before.
+    again = group(_request(3), embeds)
+    assert group.healthy() and set(group.pids).isdisjoint(pids) and group.generation == 2
+    assert torch.equal(again, first)
+
+
+def test_sequence_must_split_over_the_ulysses_ranks(group, embeds):
+    # 48x48 pixels, 5 frames: 2 latent frames x 3 x 3 = 18 tokens is even; 16x48: 2 x 1 x 3 = 6 is even;
+    # 16x16, 1 frame: 1 x 1 x 1 = 1 token cannot be split over 2 ranks.
+    request = GenerationRequest(**{**_request(1).__dict__, "height": 16, "width": 16, "num_frames": 1})
+    with pytest.raises(InvalidRequestError, match="1 tokens .* over 2 sequence-parallel ranks"):
+        group(request, embeds)
+    assert group.healthy()  # rejected before any worker saw it
+
+
+def test_plan_that_does_not_fit_the_checkpoint_is_refused(ckpt):
+    with pytest.raises(PlanError, match="num_attention_heads 4 is not divisible by ulysses x tp = 8"):
+        WorkerGroup(ckpt, ComponentConfig(engine="torch", parallel={"ulysses": 8}))
