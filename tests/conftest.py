@@ -68,18 +68,24 @@ DEPLOYMENTS = {
     "wan_onnx": REPO_ROOT / "model_repository/deployments/cpu.yaml",
     "wan_torch": REPO_ROOT / "model_repository/deployments/cpu_torch.yaml",
 }
+# Queue and batching settings of each rendering (tests/test_queue_batching.py): `wan_onnx` batches up to 8
+# same-shape requests; `wan_torch` runs one at a time with one waiting, so a third concurrent request is refused.
+SERVING = {
+    "wan_onnx": {"max_batch_size": 8, "max_queue_size": 16},
+    "wan_torch": {"max_batch_size": 1, "max_queue_size": 1},
+}
 
 
 @pytest.fixture(scope="session")
 def server(other_checkpoint, tmp_path_factory):
     from wan_build.__main__ import main as build_main
-    from wan_triton.deployment import Deployment
+    from wan_triton.deployment import Deployment, Serving
     from wan_triton.launch import running_server
 
     root = tmp_path_factory.mktemp("served")
     repos = []
     for name, path in DEPLOYMENTS.items():
-        deployment = Deployment.load(path).model_copy(update={"model_name": name})
+        deployment = Deployment.load(path).model_copy(update={"model_name": name, "serving": Serving(**SERVING[name])})
         dep_file = root / f"{name}.json"
         dep_file.write_text(deployment.to_json())
         repo = root / f"repo_{name}"
