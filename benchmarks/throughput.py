@@ -100,6 +100,7 @@ def main() -> None:
     model_name = Deployment.load(args.deployment).model_name
     request = {"prompt": args.prompt}  # the deployment's default shape
     rows = []
+    load_before = os.getloadavg()  # the machine is shared: other load skews CPU figures
     with tempfile.TemporaryDirectory(prefix="wan_throughput_") as tmp:
         for label, batch_size in (("off", 1), ("on", args.batch_size)):
             repo = render(args.model, args.deployment, batch_size, Path(tmp))
@@ -124,6 +125,7 @@ def main() -> None:
         "command": " ".join(sys.argv),
         "device": os.environ.get("DEVICE", f"{os.cpu_count()}-core CPU"),
         "request": request,
+        "load_average_1m_before_after": [load_before[0], os.getloadavg()[0]],
         "rows": rows,
     }
     if args.out:
