@@ -17,7 +17,7 @@ from conftest import SERVING
 from test_server import _metrics, _value
 from tritonclient.utils import InferenceServerException
 
-from wan_client import build_infer_inputs
+from wan_client import EXIT_BUSY, build_infer_inputs, busy_error, is_queue_full, queue_size
 
 pytestmark = pytest.mark.server
 
@@ -90,9 +90,16 @@ def test_a_request_beyond_the_queue_is_refused_at_once(server):
     assert len(refused) == 3 and len(served) == 1, [str(r) for _, r in refused]
     for done, exc in refused:
         assert exc.status() == "StatusCode.UNAVAILABLE"
-        assert "Exceeds maximum queue size" in exc.message()
+        assert "Exceeds maximum queue size" in exc.message() and is_queue_full(exc)
         assert done < blocker_done  # refused at once, not after waiting for the scheduler
     assert served[0].shape == (5, 32, 32, 3)
+    # The client turns Triton's terse message into "server busy" with the queue's size, read from the server.
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
+        size = queue_size(client, "wan_torch")
+    assert size == 1
+    busy = busy_error(refused[0][1], "wan_torch", size)
+    assert busy.exit_code == EXIT_BUSY and str(busy).startswith("server busy: the queue of model 'wan_torch' is full")
+    assert "(1 requests already waiting)" in str(busy)
     # The server keeps serving.
     _, after = _infer(server, "wan_torch", {**request, "seed": 9})
     assert isinstance(after, np.ndarray) and after.shape == (5, 32, 32, 3)
