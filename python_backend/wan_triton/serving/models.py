@@ -122,7 +122,12 @@ class Scheduler(_Model):
             except Exception as exc:  # noqa: BLE001 - that request's error response; the others go on
                 responses[n] = self._fail(exc, started)
         indices = list(items)
-        for group in group_by_shape([items[n].request for n in indices], self.ctx.deployment.serving.max_batch_size):
+        groups = group_by_shape([items[n].request for n in indices], self.ctx.deployment.serving.max_batch_size)
+        if len(requests) > 1:
+            logger.info(
+                "%s: %d requests handed over together, run as %d batches", self.ctx.name, len(requests), len(groups)
+            )
+        for group in groups:
             members = [indices[g] for g in group]
             for n, result in zip(members, self._denoise([items[n] for n in members]), strict=True):
                 if isinstance(result, BaseException):
