@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--requests-per-client", type=int, default=4)
     parser.add_argument("--prompt", default="a red fox runs through fresh snow at dawn, cinematic")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (default: the deployment's)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
@@ -99,6 +100,8 @@ def main() -> None:
 
     model_name = Deployment.load(args.deployment).model_name
     request = {"prompt": args.prompt}  # the deployment's default shape
+    if args.steps is not None:
+        request["num_inference_steps"] = args.steps
     rows = []
     load_before = os.getloadavg()  # the machine is shared: other load skews CPU figures
     with tempfile.TemporaryDirectory(prefix="wan_throughput_") as tmp:
