@@ -4,7 +4,9 @@ Renders the same checkpoint and deployment twice, differing only in `serving.max
 batch size given), starts a real Triton server on each in turn, and at each concurrency level runs that many
 client threads, each sending `--requests-per-client` requests back to back (same shape, its own seeds). Reports
 requests per second, mean latency, and the mean batch size the scheduler ran (from the server's `wan_batch_size`
-histogram). Usage (tiny default model on CPU):
+histogram). Both servers run at once and each level is measured off, on, on, off (each pass
+`--requests-per-client` requests per client), so drifting load from other jobs weighs on both settings alike.
+Usage (tiny default model on CPU):
 
     python benchmarks/throughput.py --model tiny --deployment model_repository/deployments/cpu.yaml \
         --batch-size 8 --concurrency 1 2 4 8 --out benchmarks/results/throughput_tiny_cpu.json
@@ -13,6 +15,7 @@ histogram). Usage (tiny default model on CPU):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -104,24 +107,48 @@ def main() -> None:
         request["num_inference_steps"] = args.steps
     rows = []
     load_before = os.getloadavg()  # the machine is shared: other load skews CPU figures
-    with tempfile.TemporaryDirectory(prefix="wan_throughput_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="wan_throughput_") as tmp, contextlib.ExitStack() as stack:
+        # Both servers run side by side (an idle one costs next to nothing) and each level is measured off, on,
+        # on, off, so that load which drifts during the run weighs on both settings alike.
+        servers = {}
         for label, batch_size in (("off", 1), ("on", args.batch_size)):
             repo = render(args.model, args.deployment, batch_size, Path(tmp))
-            with running_server([repo], Path(tmp) / f"tritonserver_b{batch_size}.log", ready_timeout_s=900) as server:
-                run_level(server.grpc_url, model_name, request, 1, 1)  # warm-up
-                for concurrency in args.concurrency:
-                    before = batch_histogram(server.metrics_port, model_name)
-                    row = run_level(server.grpc_url, model_name, request, concurrency, args.requests_per_client)
-                    after = batch_histogram(server.metrics_port, model_name)
-                    loops = after[1] - before[1]
-                    row["mean_batch_size"] = (after[0] - before[0]) / loops if loops else 0.0
-                    row.update(batching=label, max_batch_size=batch_size)
-                    rows.append(row)
-                    print(
-                        f"batching {label:3} c={concurrency}: {row['requests_per_s']:.2f} req/s, "
-                        f"latency {row['latency_mean_s']:.2f} s, mean batch {row['mean_batch_size']:.2f}",
-                        flush=True,
-                    )
+            log = Path(tmp) / f"tritonserver_b{batch_size}.log"
+            servers[label] = (stack.enter_context(running_server([repo], log, ready_timeout_s=900)), batch_size)
+        for server, _ in servers.values():
+            run_level(server.grpc_url, model_name, request, 1, 1)  # warm-up
+        for concurrency in args.concurrency:
+            parts: dict[str, list[dict]] = {"off": [], "on": []}
+            batches = {"off": [0.0, 0.0], "on": [0.0, 0.0]}
+            for label in ("off", "on", "on", "off"):
+                server, _ = servers[label]
+                before = batch_histogram(server.metrics_port, model_name)
+                parts[label].append(
+                    run_level(server.grpc_url, model_name, request, concurrency, args.requests_per_client)
+                )
+                after = batch_histogram(server.metrics_port, model_name)
+                batches[label][0] += after[0] - before[0]
+                batches[label][1] += after[1] - before[1]
+            for label, measured in parts.items():
+                requests = sum(m["requests"] for m in measured)
+                wall = sum(m["wall_s"] for m in measured)
+                row = {
+                    "concurrency": concurrency,
+                    "batching": label,
+                    "max_batch_size": servers[label][1],
+                    "requests": requests,
+                    "wall_s": wall,
+                    "requests_per_s": requests / wall,
+                    "latency_mean_s": sum(m["latency_mean_s"] * m["requests"] for m in measured) / requests,
+                    "latency_max_s": max(m["latency_max_s"] for m in measured),
+                    "mean_batch_size": batches[label][0] / batches[label][1] if batches[label][1] else 0.0,
+                }
+                rows.append(row)
+                print(
+                    f"batching {label:3} c={concurrency}: {row['requests_per_s']:.2f} req/s, "
+                    f"latency {row['latency_mean_s']:.2f} s, mean batch {row['mean_batch_size']:.2f}",
+                    flush=True,
+                )
     result = {
         "commit": os.environ.get("COMMIT", "unknown"),
         "date": time.strftime("%Y-%m-%d"),
