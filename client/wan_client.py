@@ -6,8 +6,9 @@ server fills the rest with its defaults.
 
     python client/wan_client.py --prompt "a red fox running through snow" --seed 42 --output fox.mp4
 
-Exit codes: 0 success, 2 the server rejected the request as invalid (the message names the field), 130 interrupted,
-1 any other failure (server unreachable, model not ready, timeout, server error).
+Exit codes: 0 success, 2 the server rejected the request as invalid (the message names the field), 3 the server is
+busy (its queue is full; try again later), 130 interrupted, 1 any other failure (server unreachable, model not
+ready, timeout, server error).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ FRAMES_OUTPUT = "frames"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID_ARGUMENT = 2
+EXIT_BUSY = 3  # the server's queue is full: try again later
 EXIT_INTERRUPTED = 130
 
 # Health checks should answer in milliseconds; the bound only keeps an unroutable address from hanging the client.
@@ -237,10 +239,37 @@ def _infer(
     elapsed = time.monotonic() - start
 
     if reply.error is not None:
+        if is_queue_full(reply.error):
+            raise busy_error(reply.error, model, queue_size(client, model))
         raise _request_error(reply.error, model, timeout_s)
     if reply.result is None:
         raise GenerateError("the server returned neither a result nor an error")
     return reply.result, elapsed
+
+
+# What Triton answers (UNAVAILABLE) when a request finds the scheduler's queue full (deployment `serving:`).
+QUEUE_FULL_MESSAGE = "Exceeds maximum queue size"
+
+
+def is_queue_full(error: InferenceServerException) -> bool:
+    return error.status() == "StatusCode.UNAVAILABLE" and QUEUE_FULL_MESSAGE in (error.message() or "")
+
+
+def queue_size(client: grpcclient.InferenceServerClient, model: str) -> int | None:
+    """The queue limit of the ensemble's scheduler step (`<model>_scheduler`), or None where it cannot be read."""
+    try:
+        config = client.get_model_config(f"{model}_scheduler", as_json=True, client_timeout=HEALTH_TIMEOUT_S)
+        size = config["config"]["dynamic_batching"]["default_queue_policy"]["max_queue_size"]
+    except (InferenceServerException, KeyError, TypeError):
+        return None
+    return int(size)
+
+
+def busy_error(error: InferenceServerException, model: str, size: int | None) -> GenerateError:
+    limit = f" ({size} requests already waiting)" if size is not None else ""
+    return GenerateError(
+        f"server busy: the queue of model '{model}' is full{limit}; try again later [{error.message()}]", EXIT_BUSY
+    )
 
 
 def _request_error(error: InferenceServerException, model: str, timeout_s: float | None) -> GenerateError:

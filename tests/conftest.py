@@ -92,6 +92,12 @@ DEPLOYMENTS = {
     "wan_onnx": REPO_ROOT / "model_repository/deployments/cpu.yaml",
     "wan_torch": REPO_ROOT / "model_repository/deployments/cpu_torch.yaml",
 }
+# Queue and batching settings of each rendering (tests/test_queue_batching.py): `wan_onnx` batches up to 8
+# same-shape requests; `wan_torch` runs one at a time with one waiting, so a third concurrent request is refused.
+SERVING = {
+    "wan_onnx": {"max_batch_size": 8, "max_queue_size": 16},
+    "wan_torch": {"max_batch_size": 1, "max_queue_size": 1},
+}
 
 # Also served: a parallel plan (a worker group of 2 gloo processes, tp 2) of the 4-head checkpoint `tiny4`.
 PARALLEL_MODEL = "wan_parallel"
@@ -106,12 +112,14 @@ CACHED_BYTES = 64 << 20
 @pytest.fixture(scope="session")
 def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
     from wan_build.__main__ import main as build_main
-    from wan_triton.deployment import Deployment
+    from wan_triton.deployment import Deployment, Serving
     from wan_triton.launch import running_server
 
     root = tmp_path_factory.mktemp("served")
     repos = []
-    renderings = [(name, path, other_checkpoint, {}) for name, path in DEPLOYMENTS.items()]
+    renderings = [
+        (name, path, other_checkpoint, {"serving": Serving(**SERVING[name])}) for name, path in DEPLOYMENTS.items()
+    ]
     renderings.append((CACHED_MODEL, DEPLOYMENTS["wan_onnx"], other_checkpoint, {"result_cache_bytes": CACHED_BYTES}))
     renderings.append((PARALLEL_MODEL, PARALLEL_DEPLOYMENT, tiny4_checkpoint, {}))
     for name, path, checkpoint, changes in renderings:

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from string import Template
 
-from wan_triton.deployment import ComponentConfig, Deployment
+from wan_triton.deployment import ComponentConfig, Deployment, Serving
 from wan_triton.engines.base import EngineKind
 from wan_triton.serving import model_io
 from wan_triton.serving.triton import DEPLOYMENT_FILE, REPOSITORY_MARKER
@@ -130,6 +130,15 @@ def ensemble_configs(deployment: Deployment) -> dict[str, str]:
     }
 
 
+def dynamic_batching(serving: Serving) -> str:
+    """The scheduler's `dynamic_batching` block: Triton's own queue (arrival order, bounded) and batcher."""
+    lines = [f"  max_queue_delay_microseconds: {round(serving.max_queue_delay_ms * 1000)}"]
+    if serving.max_queue_size is not None:
+        # A request beyond the queue is refused at once with UNAVAILABLE "Exceeds maximum queue size".
+        lines.append(f"  default_queue_policy {{ max_queue_size: {serving.max_queue_size} }}")
+    return "dynamic_batching {\n" + "\n".join(lines) + "\n}\n"
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -180,6 +189,8 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
                     "ensemble_name": name,
                     "role": step.role,
                     "io": model_io.config_io(step),
+                    "max_batch_size": str(deployment.serving.max_batch_size if step.batched else 0),
+                    "batching": dynamic_batching(deployment.serving) if step.batched else "",
                     "instance_count": str(component.instance_count if component else 1),
                     "instance_kind": "KIND_GPU" if on_gpu else "KIND_CPU",
                     # A step on a GPU takes its inputs where the previous step left them (DLPack, no host copy).

@@ -1,7 +1,8 @@
 """The denoising loop of Wan2.2 T2V, step for step as diffusers' `WanPipeline` runs it.
 
 Flow-matching UniPC from the checkpoint's scheduler config; classifier-free guidance with the prompt and the
-negative prompt run as one batch of 2 (one forward per step instead of two); the high-noise expert
+negative prompt run as one batch of 2 (one forward per step instead of two), and several requests of one shape
+as one batch of all their rows (`Denoiser.run_batch`); the high-noise expert
 `transformer` with `guidance_scale` while t >= boundary_ratio x num_train_timesteps, then the low-noise expert
 `transformer_2` with `guidance_scale_2`. The initial noise is drawn as `WanPipeline` draws it, from
 `torch.Generator("cpu").manual_seed(seed)`, so a served video can be reproduced offline.
@@ -78,32 +79,122 @@ class Denoiser:
         Returns:
             latents, float32 [1, C, latent_frames, height / 8, width / 8], on `self.device`.
         """
-        cfg = request.do_classifier_free_guidance
-        if prompt_embeds.shape[0] != (2 if cfg else 1):
-            raise ValueError(f"expected {2 if cfg else 1} prompt embeddings, got {prompt_embeds.shape[0]}")
-        embeds = prompt_embeds.to(self.device, self.dtype)
+        (result,) = self.run_batch([BatchItem(request, prompt_embeds, on_step)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-        scheduler = self.ckpt.make_scheduler()
-        scheduler.set_timesteps(request.num_inference_steps, device=self.device)
-        scheduler.set_begin_index(0)
-        timesteps = scheduler.timesteps
+    def run_batch(self, items: list[BatchItem]) -> list[torch.Tensor | BaseException]:
+        """Denoise several requests of one shape together: each step runs the expert once on every request's
+        rows (cond and uncond of each), then guidance and the solver update per request.
 
-        shape = latent_shape(self.ckpt, request.height, request.width, request.num_frames)
-        latents = initial_noise(shape, request.seed).to(self.device)
+        Every request keeps its own initial noise (its seed), guidance scales and UniPC solver (the multistep
+        solver keeps per-request history). A request whose `on_step` raises is dropped from the batch; the others
+        go on. All items must share `batch_key`; the result list holds each item's latents (float32
+        [1, C, latent_frames, height / 8, width / 8]) or the exception that stopped it, in item order.
+        """
+        if not items:
+            return []
+        key = batch_key(items[0].request)
+        for item in items:
+            if batch_key(item.request) != key:
+                raise ValueError(f"run_batch needs one shape, got {batch_key(item.request)} and {key}")
+        first = items[0].request
+        cfg = first.do_classifier_free_guidance
+        rows = 2 if cfg else 1
+        results: list[torch.Tensor | BaseException | None] = [None] * len(items)
+        states: dict[int, _ItemState] = {}
+        shape = latent_shape(self.ckpt, first.height, first.width, first.num_frames)
+        for index, item in enumerate(items):
+            if item.prompt_embeds.shape[0] != rows:
+                results[index] = ValueError(f"expected {rows} prompt embeddings, got {item.prompt_embeds.shape[0]}")
+                continue
+            scheduler = self.ckpt.make_scheduler()
+            scheduler.set_timesteps(first.num_inference_steps, device=self.device)
+            scheduler.set_begin_index(0)
+            latents = initial_noise(shape, item.request.seed).to(self.device)
+            states[index] = _ItemState(scheduler, latents, item.prompt_embeds.to(self.device, self.dtype))
+        if not states:
+            return results  # type: ignore[return-value]
+        timesteps = next(iter(states.values())).scheduler.timesteps
         schedule = [self.expert_for(t) for t in timesteps]
 
         for i, t in enumerate(timesteps):
-            expert = schedule[i]
-            scale = request.guidance_scale if expert == "transformer" else request.guidance_scale_2
+            high_noise = schedule[i] == "transformer"
+            expert = self.experts[schedule[i]]
             if self.swapper is not None:
                 # After the last step, the next request starts with the high-noise expert.
                 self.swapper.prefetch(schedule[i + 1] if i + 1 < len(schedule) else "transformer")
-            latents = denoise_step(
-                self.experts[expert], scheduler, latents, t, embeds, scale if cfg else None, self.cfg_parallel
+            active = list(states)
+            scales = [
+                (items[n].request.guidance_scale if high_noise else items[n].request.guidance_scale_2) if cfg else None
+                for n in active
+            ]
+            updated = denoise_batch_step(
+                expert,
+                [states[n].scheduler for n in active],
+                [states[n].latents for n in active],
+                t,
+                [states[n].embeds for n in active],
+                scales,
+                self.cfg_parallel,
             )
-            if on_step is not None:
-                on_step(i, len(timesteps))
-        return latents
+            for n, latents in zip(active, updated, strict=True):
+                states[n].latents = latents
+                on_step = items[n].on_step
+                if on_step is None:
+                    continue
+                try:
+                    on_step(i, len(timesteps))
+                except Exception as exc:  # noqa: BLE001 - stops this request only (cancellation, deadline)
+                    results[n] = exc
+                    del states[n]
+            if not states:
+                break
+        for n, state in states.items():
+            results[n] = state.latents
+        return results  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of a batch: the validated request, its prompt embeddings and its step hook."""
+
+    request: GenerationRequest
+    prompt_embeds: torch.Tensor  # [2, text_len, text_dim] with guidance, else [1, ...]
+    on_step: StepCallback | None = None
+
+
+@dataclass
+class _ItemState:
+    scheduler: object  # the request's own UniPC solver
+    latents: torch.Tensor
+    embeds: torch.Tensor
+
+
+def group_by_shape(requests: list[GenerationRequest], max_batch_size: int) -> list[list[int]]:
+    """Indices of `requests` in groups that can run as one batch: equal `batch_key`, at most `max_batch_size`
+    each, in arrival order (a group's position is that of its first request)."""
+    groups: dict[tuple, list[list[int]]] = {}
+    order: list[list[int]] = []
+    for index, request in enumerate(requests):
+        chunks = groups.setdefault(batch_key(request), [])
+        if not chunks or len(chunks[-1]) >= max_batch_size:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(index)
+    return order
+
+
+def batch_key(request: GenerationRequest) -> tuple[int, int, int, int, bool]:
+    """Requests with equal keys can share expert forwards: same latent shape, same timesteps, same rows."""
+    return (
+        request.height,
+        request.width,
+        request.num_frames,
+        request.num_inference_steps,
+        request.do_classifier_free_guidance,
+    )
 
 
 def warm_up(denoiser: Denoiser, height: int, width: int, num_frames: int) -> None:
@@ -149,3 +240,37 @@ def denoise_step(
         cond, uncond = noise_pred[0:1], noise_pred[1:2]
         noise_pred = uncond + guidance_scale * (cond - uncond)
     return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+
+def denoise_batch_step(
+    expert: Engine,
+    schedulers: list,
+    latents: list[torch.Tensor],
+    t: torch.Tensor,
+    embeds: list[torch.Tensor],
+    guidance_scales: list[float | None],
+    cfg_parallel: CfgParallel | None = None,
+) -> list[torch.Tensor]:
+    """`denoise_step` for several requests of one shape: one expert forward on all their rows (each request's
+    cond and uncond rows, in request order), then each request's guidance combine and solver update.
+
+    With one request this is `denoise_step` exactly (the same forward input, combine and update).
+    """
+    if len(latents) == 1:
+        return [denoise_step(expert, schedulers[0], latents[0], t, embeds[0], guidance_scales[0], cfg_parallel)]
+    if cfg_parallel is not None:
+        raise ValueError("a CFG-parallel group denoises one request at a time")
+    rows = embeds[0].shape[0]
+    model_input = torch.cat([x.to(embeds[0].dtype).expand(rows, *x.shape[1:]) for x in latents])
+    all_embeds = torch.cat(embeds)
+    noise_pred = expert.run(
+        {"hidden_states": model_input, "timestep": t.expand(all_embeds.shape[0]), "encoder_hidden_states": all_embeds}
+    )["noise_pred"]
+    out = []
+    for n, (scheduler, x, scale) in enumerate(zip(schedulers, latents, guidance_scales, strict=True)):
+        pred = noise_pred[n * rows : (n + 1) * rows]
+        if scale is not None:
+            cond, uncond = pred[0:1], pred[1:2]
+            pred = uncond + scale * (cond - uncond)
+        out.append(scheduler.step(pred, t, x, return_dict=False)[0])
+    return out

@@ -109,6 +109,21 @@ class WarmupShape(_Strict):
     num_frames: int = Field(gt=0)
 
 
+class Serving(_Strict):
+    """How the scheduler step (the denoising loop) queues and batches requests; rendered into its config.pbtxt as
+    Triton's own `max_batch_size` and `dynamic_batching` (see README "Queue limit and batching")."""
+
+    # Requests with the same shape settings (size, frames, steps, guidance on/off) run their expert forwards as one
+    # batch of up to this many requests. 1 turns batching off.
+    max_batch_size: int = Field(default=1, ge=1, le=64)
+    # Requests waiting for the scheduler beyond those it runs; one more is refused at once with UNAVAILABLE
+    # ("Exceeds maximum queue size"). None: unbounded.
+    max_queue_size: int | None = Field(default=None, ge=1)
+    # How long the batcher may hold a request to fill a batch (Triton's max_queue_delay_microseconds). 0: batch
+    # only what is already waiting when an instance frees up, so a lone request is never delayed.
+    max_queue_delay_ms: float = Field(default=0.0, ge=0, le=60_000)
+
+
 class Deployment(_Strict):
     model_name: str = "wan_t2v"
     checkpoint: str | None = Field(default=None, description="checkpoint directory; set by `make build MODEL=`")
@@ -123,6 +138,7 @@ class Deployment(_Strict):
     # Result cache: identical requests (same inputs, seed included) answered from Triton's response cache, bounded
     # to this many bytes of CPU memory. 0 is off. When on, `seed` is required (see README "Result cache").
     result_cache_bytes: int = Field(default=0, ge=0)
+    serving: Serving = Field(default_factory=Serving)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Deployment:

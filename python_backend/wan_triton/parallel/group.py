@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
+from ..denoise import BatchItem
 from ..deployment import ComponentConfig
 from ..request import GenerationRequest, InvalidRequestError
 from .plan import num_tokens
@@ -129,8 +130,18 @@ class WorkerGroup:
 
     def __call__(self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step=None) -> torch.Tensor:
         self.check_request(request)
-        latents = self._send(("denoise", dataclasses.asdict(request), prompt_embeds.float().numpy()), on_step)
+        latents = self._send(("denoise", dataclasses.asdict(request), prompt_embeds.float().cpu().numpy()), on_step)
         return torch.from_numpy(latents)
+
+    def run_batch(self, items: list[BatchItem]) -> list[torch.Tensor | BaseException]:
+        """`Denoiser.run_batch` for the scheduler model: the group denoises one request at a time."""
+        results: list[torch.Tensor | BaseException] = []
+        for item in items:
+            try:
+                results.append(self(item.request, item.prompt_embeds, item.on_step))
+            except Exception as exc:  # noqa: BLE001 - that request's error; the others go on
+                results.append(exc)
+        return results
 
     def warm_up(self, height: int, width: int, num_frames: int) -> None:
         self._send(("warm_up", height, width, num_frames))

@@ -8,6 +8,7 @@ custom-metrics API; Triton merges them into one /metrics page. Names:
 - `wan_requests_total{model, stage, outcome}`: requests per step by outcome (`success`, `invalid_arg`, `error`);
   `stage="preprocess"` counts every request the server admitted;
 - `wan_denoise_steps_per_second{model}`: the last request's denoising rate;
+- `wan_batch_size{model}`: histogram of how many requests each batched denoising loop ran together;
 - `wan_device_memory_bytes{model, stage}`: peak device memory of the step's process during its last request.
 
 Queue length is Triton's own `nv_inference_pending_request_count{model=...}`.
@@ -20,6 +21,7 @@ import logging
 logger = logging.getLogger(__name__)
 
 # Seconds: from a tiny CPU request (milliseconds) to a 720p A14B denoising loop (about 15 minutes).
+BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 STAGE_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200]
 OUTCOMES = ("success", "invalid_arg", "error")
 
@@ -52,6 +54,7 @@ class StageMetrics:
         self.outcomes = {o: self.families["requests"].Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
         self.device_memory = self.families["memory"].Metric(labels=labels)
         self.steps_per_second = None
+        self.batch_size = None
         if stage == "scheduler":
             self.families["rate"] = family(
                 name="wan_denoise_steps_per_second",
@@ -59,6 +62,12 @@ class StageMetrics:
                 kind=family.GAUGE,
             )
             self.steps_per_second = self.families["rate"].Metric(labels={"model": model})
+            self.families["batch"] = family(
+                name="wan_batch_size",
+                description="Requests denoised together in one batched loop",
+                kind=family.HISTOGRAM,
+            )
+            self.batch_size = self.families["batch"].Metric(labels={"model": model}, buckets=BATCH_BUCKETS)
 
     def request_done(self, seconds: float, outcome: str) -> None:
         if self.enabled:
@@ -68,6 +77,10 @@ class StageMetrics:
     def denoised(self, num_steps: int, seconds: float) -> None:
         if self.enabled and self.steps_per_second is not None and seconds > 0:
             self.steps_per_second.set(num_steps / seconds)
+
+    def batched(self, num_requests: int) -> None:
+        if self.enabled and self.batch_size is not None:
+            self.batch_size.observe(num_requests)
 
     def device_memory_peak(self, num_bytes: int) -> None:
         if self.enabled:

@@ -43,10 +43,14 @@ RESPONSE_OUTPUTS: tuple[IO, ...] = (
 )
 
 # Intermediate tensors, named as the producing model's output.
-REQUEST_JSON = IO("request", "TYPE_STRING", (1,), doc="the validated request with defaults filled, JSON")
+# The tensors into the scheduler carry a leading dim of 1: the scheduler batches requests (Triton's dynamic
+# batcher, `max_batch_size` > 0), so its config declares them without that dim and Triton reads it as the batch.
+REQUEST_JSON = IO("request", "TYPE_STRING", (1, 1), doc="the validated request with defaults filled, JSON")
 INPUT_IDS = IO("input_ids", "TYPE_INT64", (-1, MAX_SEQUENCE_LENGTH))
 ATTENTION_MASK = IO("attention_mask", "TYPE_INT64", (-1, MAX_SEQUENCE_LENGTH))
-PROMPT_EMBEDS = IO("prompt_embeds", "TYPE_FP32", (-1, MAX_SEQUENCE_LENGTH, -1), doc="prompt[, negative prompt]")
+PROMPT_EMBEDS = IO(
+    "prompt_embeds", "TYPE_FP32", (1, -1, MAX_SEQUENCE_LENGTH, -1), doc="[1, prompt[, negative prompt], ...]"
+)
 LATENTS = IO("latents", "TYPE_FP32", (1, -1, -1, -1, -1))
 VIDEO, FRAMES, USED_SEED = RESPONSE_OUTPUTS
 DECODED_FRAMES = IO("decoded_frames", "TYPE_UINT8", (-1, -1, -1, 3), doc="[num_frames, height, width, 3] RGB")
@@ -57,11 +61,13 @@ class ModelIO:
     role: str  # suffix of the Triton model name: <deployment model_name>_<role>
     inputs: tuple[IO, ...]
     outputs: tuple[IO, ...]
+    # Served with max_batch_size > 0: every tensor's leading dim (1 per request) is Triton's batch dim.
+    batched: bool = False
 
 
 PREPROCESS = ModelIO("preprocess", REQUEST_INPUTS, (REQUEST_JSON, INPUT_IDS, ATTENTION_MASK, USED_SEED))
 TEXT_ENCODER = ModelIO("text_encoder", (INPUT_IDS, ATTENTION_MASK), (PROMPT_EMBEDS,))
-SCHEDULER = ModelIO("scheduler", (REQUEST_JSON, PROMPT_EMBEDS), (LATENTS,))
+SCHEDULER = ModelIO("scheduler", (REQUEST_JSON, PROMPT_EMBEDS), (LATENTS,), batched=True)
 # The decoder turns pixels into uint8 frames where it decoded them (on the GPU when it runs there): a quarter of
 # the bytes of float pixels cross to the postprocess step. Postprocess re-emits them as the `frames` output, because
 # an ensemble drops an output the client did not ask for, even when a later step reads it.
@@ -89,10 +95,15 @@ def producers() -> dict[str, ModelIO]:
     return table
 
 
-def _io_block(kind: str, items: tuple[IO, ...]) -> str:
+def _io_block(kind: str, items: tuple[IO, ...], batched: bool = False) -> str:
     entries = []
     for io in items:
-        fields = [f'name: "{io.name}"', f"data_type: {io.triton_dtype}", f"dims: [ {', '.join(map(str, io.dims))} ]"]
+        dims = io.dims
+        if batched:
+            if dims[0] not in (1, -1) or len(dims) < 2:
+                raise ValueError(f"{io.name}: a batched model's tensor needs a leading dim of 1, got {dims}")
+            dims = dims[1:]
+        fields = [f'name: "{io.name}"', f"data_type: {io.triton_dtype}", f"dims: [ {', '.join(map(str, dims))} ]"]
         if io.optional:
             fields.append("optional: true")
         entries.append("  {\n    " + "\n    ".join(fields) + "\n  }")
@@ -101,7 +112,7 @@ def _io_block(kind: str, items: tuple[IO, ...]) -> str:
 
 def config_io(model: ModelIO) -> str:
     """The `input [...]` / `output [...]` section of a step's config.pbtxt."""
-    return _io_block("input", model.inputs) + "\n" + _io_block("output", model.outputs)
+    return _io_block("input", model.inputs, model.batched) + "\n" + _io_block("output", model.outputs, model.batched)
 
 
 def ensemble_io() -> str:

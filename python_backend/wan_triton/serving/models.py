@@ -15,15 +15,16 @@ import numpy as np
 import torch
 
 from ..components import build_denoiser, build_text_encoder, build_vae_decoder, warm_up_denoiser
-from ..denoise import latent_shape
+from ..denoise import BatchItem, group_by_shape, latent_shape
 from ..pipeline import prompts_for
-from ..request import GenerationRequest, validate_request
+from ..request import GenerationRequest, InvalidRequestError, validate_request
 from ..text import PromptTokenizer, encode_tokens
 from ..video import encode_mp4, to_uint8_frames
 from . import model_io as io
 from .metrics import StageMetrics
 from .triton import (
     ModelContext,
+    error_response,
     execute_each,
     output,
     output_torch,
@@ -84,7 +85,7 @@ class Preprocess(_Model):
         req = validate_request(inputs, self.ctx.deployment, ckpt.spatial_multiple, ckpt.vae_scale_factor_temporal)
         tokens = self.tokenizer(prompts_for(req))
         return _response(
-            output(io.REQUEST_JSON.name, np.array([json.dumps(dataclasses.asdict(req)).encode()], dtype=object)),
+            output(io.REQUEST_JSON.name, np.array([[json.dumps(dataclasses.asdict(req)).encode()]], dtype=object)),
             output(io.INPUT_IDS.name, tokens.input_ids),
             output(io.ATTENTION_MASK.name, tokens.attention_mask),
             output(io.USED_SEED.name, np.array([req.seed], dtype=np.int64)),
@@ -102,7 +103,8 @@ class TextEncoder(_Model):
         inputs = read_inputs(request, [io.INPUT_IDS.name, io.ATTENTION_MASK.name])
         ids = torch.from_numpy(inputs[io.INPUT_IDS.name])
         embeds = encode_tokens(self.engine, ids, torch.from_numpy(inputs[io.ATTENTION_MASK.name]))
-        return _response(output_torch(io.PROMPT_EMBEDS.name, embeds))
+        # [1, rows, ...]: the leading 1 is the scheduler's batch dim (see model_io).
+        return _response(output_torch(io.PROMPT_EMBEDS.name, embeds[None]))
 
 
 class Scheduler(_Model):
@@ -118,22 +120,82 @@ class Scheduler(_Model):
             warm_up_denoiser(self.denoiser, shape.height, shape.width, shape.num_frames)
             logger.info("%s warm-up %s: %.2f s", self.ctx.name, shape, time.perf_counter() - started)
 
-    def handle(self, request):
+    def execute(self, requests):
+        """Triton's dynamic batcher hands over up to `serving.max_batch_size` queued requests; those of one shape
+        are denoised as one batch, other shapes as separate groups. Every request gets its own response."""
+        started = time.perf_counter()
+        responses: list = [None] * len(requests)
+        items: dict[int, BatchItem] = {}
+        for n, request in enumerate(requests):
+            try:
+                items[n] = self._read(request)
+            except Exception as exc:  # noqa: BLE001 - that request's error response; the others go on
+                responses[n] = self._fail(exc, started)
+        indices = list(items)
+        groups = group_by_shape([items[n].request for n in indices], self.ctx.deployment.serving.max_batch_size)
+        if len(requests) > 1:
+            logger.info(
+                "%s: %d requests handed over together, run as %d batches", self.ctx.name, len(requests), len(groups)
+            )
+        for group in groups:
+            members = [indices[g] for g in group]
+            for n, result in zip(members, self._denoise([items[n] for n in members]), strict=True):
+                if isinstance(result, BaseException):
+                    responses[n] = self._fail(result, started)
+                else:
+                    responses[n] = _response(output_torch(io.LATENTS.name, result.float()))
+                    self.metrics.request_done(time.perf_counter() - started, "success")
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.metrics.device_memory_peak(torch.cuda.max_memory_allocated(self.ctx.device_id))
+            torch.cuda.reset_peak_memory_stats(self.ctx.device_id)
+        return responses
+
+    def _read(self, request) -> BatchItem:
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
         embeds = read_torch(request, io.PROMPT_EMBEDS)
+        if embeds.ndim != 4 or embeds.shape[0] != 1:
+            raise ValueError(f"internal tensor {io.PROMPT_EMBEDS.name!r}: expected [1, rows, len, dim]")
+        return BatchItem(req, embeds[0])
+
+    def _denoise(self, items: list[BatchItem]) -> list:
+        """Latents or the exception, per item. A batch that fails as a whole is retried one request at a time,
+        so a request that breaks the batched forward fails alone."""
+        first = items[0].request
         started = time.perf_counter()
-        latents = self.denoiser(req, embeds)
+        try:
+            results = self.denoiser.run_batch(items)
+        except Exception as exc:  # noqa: BLE001 - becomes the requests' error responses
+            if len(items) == 1:
+                return [exc]
+            logger.exception("%s: a batch of %d failed; running its requests one by one", self.ctx.name, len(items))
+            return [self._single(item) for item in items]
         seconds = time.perf_counter() - started
-        self.metrics.denoised(req.num_inference_steps, seconds)
+        self.metrics.batched(len(items))
+        self.metrics.denoised(first.num_inference_steps, seconds)  # each request's rate
         logger.info(
-            "denoised %dx%d x %d frames, %d steps in %.2f s",
-            req.width,
-            req.height,
-            req.num_frames,
-            req.num_inference_steps,
+            "denoised a batch of %d: %dx%d x %d frames, %d steps in %.2f s",
+            len(items),
+            first.width,
+            first.height,
+            first.num_frames,
+            first.num_inference_steps,
             seconds,
         )
-        return _response(output_torch(io.LATENTS.name, latents.float()))
+        return results
+
+    def _single(self, item: BatchItem):
+        try:
+            (result,) = self.denoiser.run_batch([item])
+        except Exception as exc:  # noqa: BLE001
+            return exc
+        self.metrics.batched(1)
+        return result
+
+    def _fail(self, exc: BaseException, started: float):
+        self.metrics.request_done(
+            time.perf_counter() - started, "invalid_arg" if isinstance(exc, InvalidRequestError) else "error"
+        )
+        return error_response(exc, self.ctx.name)
 
     def finalize(self) -> None:
         close = getattr(self.denoiser, "close", None)  # a parallel plan's worker group
