@@ -107,9 +107,9 @@ def _swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.devic
     first, chosen = _torch_expert(ckpt, EXPERTS[0], cfg, device, dtype)
     host_states = {EXPERTS[0]: host_copy(first)}
     for name in EXPERTS[1:]:
-        # Real weights go from disk to host memory. A configs-only benchmark checkpoint is built where random
-        # initialisation is fast (on the device) and moved out at once, so the device never holds two experts.
-        other = ckpt.load_transformer(name, dtype, str(device) if ckpt.random_weights else "cpu").to("cpu")
+        # Straight to host memory (from disk, or random for a configs-only benchmark checkpoint): the device never
+        # holds two experts, not even while loading, when other models of the server share it.
+        other = ckpt.load_transformer(name, dtype, "cpu")
         if chosen != attention.AttentionBackend.REFERENCE:
             attention.fuse_projections(other)  # the device module's parameter layout, fused on the host
         host_states[name] = host_copy(other)

@@ -52,7 +52,24 @@ class _Model:
         self.metrics = StageMetrics(pb_utils(), self.ctx.deployment.model_name, self.role)
         started = time.perf_counter()
         self.load()
+        self._release_cached_device_memory()
         logger.info("%s loaded in %.2f s", self.ctx.name, time.perf_counter() - started)
+
+    def _record_device_memory(self) -> None:
+        """Report the step's peak device memory, then hand its cached blocks back to the driver.
+
+        Every step is its own process with its own caching allocator on the same GPU: blocks one process keeps
+        cached after a request (measured: 27.9 GB held by the VAE step after a 720p decode that peaks at 9.9 GB) are
+        memory the others cannot get, and the scheduler then runs out at load or at its next 720p step.
+        """
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self.metrics.device_memory_peak(torch.cuda.max_memory_allocated(self.ctx.device_id))
+            torch.cuda.reset_peak_memory_stats(self.ctx.device_id)
+            self._release_cached_device_memory()
+
+    def _release_cached_device_memory(self) -> None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
 
     def load(self) -> None:
         """Load weights/engines; called once per model instance."""
@@ -62,9 +79,7 @@ class _Model:
 
     def execute(self, requests):
         responses = execute_each(requests, self.ctx.name, self.handle, self.metrics)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            self.metrics.device_memory_peak(torch.cuda.max_memory_allocated(self.ctx.device_id))
-            torch.cuda.reset_peak_memory_stats(self.ctx.device_id)
+        self._record_device_memory()
         return responses
 
     def finalize(self) -> None:
@@ -145,9 +160,7 @@ class Scheduler(_Model):
                 else:
                     responses[n] = _response(output_torch(io.LATENTS.name, result.float()))
                     self.metrics.request_done(time.perf_counter() - started, "success")
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            self.metrics.device_memory_peak(torch.cuda.max_memory_allocated(self.ctx.device_id))
-            torch.cuda.reset_peak_memory_stats(self.ctx.device_id)
+        self._record_device_memory()
         return responses
 
     def _read(self, request) -> BatchItem:
