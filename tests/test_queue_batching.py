@@ -22,16 +22,19 @@ from wan_client import EXIT_BUSY, build_infer_inputs, busy_error, is_queue_full,
 
 pytestmark = pytest.mark.server
 
-# Long enough (seconds on 2 cores) that the requests sent after it all arrive while it runs; the torch engine is
-# slower than ONNX Runtime, so its blocker is shorter.
+# The largest requests the CPU deployments allow: long enough (seconds on 2 cores, more when the machine is shared)
+# that the requests sent after them all arrive while they run. A shorter torch blocker (17 frames, 25 steps) ended
+# before the last requests reached the queue on a loaded machine, and fewer were refused.
 BLOCKERS = {
     "wan_onnx": dict(
         prompt="a long request that keeps the scheduler busy", seed=1, num_frames=33, num_inference_steps=50
     ),
     "wan_torch": dict(
-        prompt="a long request that keeps the scheduler busy", seed=1, num_frames=17, num_inference_steps=25
+        prompt="a long request that keeps the scheduler busy", seed=1, num_frames=33, num_inference_steps=50
     ),
 }
+# Time for the blocker to pass preprocess and the text encoder (separate processes) and start denoising.
+BLOCKER_HEAD_START_S = 3.0
 
 
 def _infer(server, model: str, request: dict):
@@ -51,7 +54,7 @@ def _behind_blocker(server, model: str, requests: list[dict], stagger_s: float =
     in list order; their results and the blocker's."""
     with ThreadPoolExecutor(len(requests) + 1) as pool:
         blocker = pool.submit(_infer, server, model, BLOCKERS[model])
-        time.sleep(1.0)  # the blocker passes preprocess and the text encoder and starts denoising
+        time.sleep(BLOCKER_HEAD_START_S)
         futures = []
         for request in requests:
             futures.append(pool.submit(_infer, server, model, request))
