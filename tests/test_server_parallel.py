@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,26 @@ def test_repository_records_the_plan_and_its_shards(server):
     ]
 
 
+def _wait_until_dead(pid: int, timeout_s: float = 30.0) -> None:
+    """Until the process is gone or a zombie (dead, not yet reaped by its parent, the scheduler's stub)."""
+    deadline = time.monotonic() + timeout_s
+    status = Path(f"/proc/{pid}/status")
+    while time.monotonic() < deadline:
+        try:
+            state = next(line for line in status.read_text().splitlines() if line.startswith("State:"))
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        if "Z" in state.split()[1]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still alive {timeout_s} s after SIGKILL")
+
+
 def test_worker_killed_between_requests_is_replaced(server, client, reference):
     workers = _workers(server)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
+    _wait_until_dead(workers[1])  # a kill is delivered asynchronously: "between requests" means dead before the next
     assert_frames_close(_frames(client), reference)
     replaced = _workers(server)
     assert len(replaced) == 2 and set(replaced).isdisjoint(workers), (workers, replaced)
