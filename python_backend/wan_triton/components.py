@@ -81,13 +81,13 @@ def _torch_expert(ckpt: Checkpoint, name: str, cfg: ComponentConfig, device: tor
     return module, chosen
 
 
-def _torch_engine(module, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype) -> tuple[Engine, Engine]:
-    """(eager engine, the engine to serve with): the CUDA-graph engine over the eager one when configured."""
+def _torch_engines(module, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype):
+    """(eager engine, CUDA-graph engine over it or None when the deployment does not ask for graphs)."""
     from .engines.torch_engine import denoiser_engine
 
     eager = denoiser_engine(module, device, dtype)
     if not cfg.cuda_graphs:
-        return eager, eager
+        return eager, None
     from .engines.cuda_graph import CudaGraphEngine
 
     return eager, CudaGraphEngine(eager)
@@ -121,8 +121,7 @@ def _swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.devic
             "expert swapping: %.1f GB of device memory in use after loading", torch.cuda.memory_allocated(device) / 1e9
         )
     swapper = ExpertSwapper(first, host_states, resident=EXPERTS[0])
-    eager, served = _torch_engine(first, cfg, device, dtype)
-    graphed = served if served is not eager else None
+    eager, graphed = _torch_engines(first, cfg, device, dtype)
     return {name: SwappedExpert(name, swapper, eager, graphed) for name in EXPERTS}, swapper
 
 
@@ -147,7 +146,8 @@ def build_denoiser(
             else:
                 for name in filter(ckpt.has_expert, EXPERTS):
                     module, _ = _torch_expert(ckpt, name, cfg, device, dtype)
-                    experts[name] = _torch_engine(module, cfg, device, dtype)[1]
+                    eager, graphed = _torch_engines(module, cfg, device, dtype)
+                    experts[name] = graphed or eager
         case EngineKind.ONNXRUNTIME:
             for name in EXPERTS:
                 experts[name] = _onnx_engine(artifacts / f"{name}.onnx", cfg)

@@ -109,15 +109,15 @@ class ExpertSwapper:
             for e, s in host_states.items()
         }
 
-        def group(prefixes: list[str]) -> _Group:
-            chosen = [n for n in names if any(n.startswith(p) for p in prefixes)]
+        def group(belongs: Callable[[str], bool]) -> _Group:
+            chosen = [n for n in names if belongs(n)]
             g = _Group([params[n].data for n in chosen])
             for expert in self.experts:
                 g.host_params[expert] = [pinned[expert][n] for n in chosen]
             return g
 
-        self.blocks = [group([f"blocks.{i}."]) for i in range(len(module.blocks))]
-        self.rest = group([n for n in names if not n.startswith("blocks.")])
+        self.blocks = [group(lambda n, i=i: n.startswith(f"blocks.{i}.")) for i in range(len(module.blocks))]
+        self.rest = group(lambda n: not n.startswith("blocks."))
         for i, block in enumerate(module.blocks):
             module.blocks[i] = _SwapBlock(block, self._enter(self.blocks[i]), self._exit(self.blocks[i]))
         self.resident: str | None = resident
