@@ -6,9 +6,13 @@ server fills the rest with its defaults.
 
     python client/wan_client.py --prompt "a red fox running through snow" --seed 42 --output fox.mp4
 
+With --stream the request goes to the streaming endpoint (`<model>_stream`): the client shows the denoising step as
+a progress bar and, with --preview-every K --preview-dir DIR, saves a small preview frame every K steps (PPM files).
+Ctrl-C cancels the request on the server (it stops within one denoising step).
+
 Exit codes: 0 success, 2 the server rejected the request as invalid (the message names the field), 3 the server is
-busy (its queue is full; try again later), 130 interrupted, 1 any other failure (server unreachable, model not
-ready, timeout, server error).
+busy (its queue is full; try again later), 4 the request's deadline (--timeout) passed, 130 interrupted, 1 any other
+failure (server unreachable, model not ready, server error).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import argparse
 import io
 import itertools
 import logging
+import queue
+import re
 import sys
 import threading
 import time
@@ -47,6 +53,8 @@ INPUT_DATATYPES: dict[str, str] = {
     "guidance_scale": "FP32",
     "guidance_scale_2": "FP32",
     "fps": "INT64",
+    "timeout_s": "FP32",
+    "preview": "INT64",  # the stream model only
 }
 
 # argparse destination -> model input name.
@@ -70,13 +78,20 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INVALID_ARGUMENT = 2
 EXIT_BUSY = 3  # the server's queue is full: try again later
+EXIT_DEADLINE = 4  # the request's deadline (timeout_s) passed
 EXIT_INTERRUPTED = 130
 
 # Health checks should answer in milliseconds; the bound only keeps an unroutable address from hanging the client.
 HEALTH_TIMEOUT_S = 10.0
 POLL_INTERVAL_S = 0.5
-# How long past the gRPC deadline to wait for the deadline error before giving up on the call ourselves.
+# The server stops a request at its `timeout_s` deadline and says so; the gRPC deadline comes this much later, so
+# that the server's own error (which names the step it stopped at) arrives first.
 DEADLINE_GRACE_S = 5.0
+# Begins the server's message for a request stopped at its deadline.
+SERVER_DEADLINE_MESSAGE = "timeout_s: deadline exceeded"
+STREAM_SUFFIX = "_stream"
+# A stream error's message starts with its Triton code in brackets: the gRPC stream carries no status code.
+STREAM_CODE_EXIT = {"INVALID_ARG": EXIT_INVALID_ARGUMENT, "UNAVAILABLE": EXIT_BUSY}
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,8 @@ def generate(
     """
     if inputs.get("prompt") is None:
         raise GenerateError("a prompt is required", EXIT_INVALID_ARGUMENT)
+    if timeout_s is not None:
+        inputs = {**inputs, "timeout_s": timeout_s}  # the server stops the request at its deadline
     try:
         infer_inputs = build_infer_inputs(inputs)
     except (TypeError, ValueError) as error:
@@ -175,6 +192,159 @@ def generate(
     if want_frames and frames is None:
         raise GenerateError(f"the server's response has no '{FRAMES_OUTPUT}' output")
     return GenerateResult(video=bytes(video.reshape(-1)[0]), frames=frames, elapsed_s=elapsed_s)
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    """One progress response of the streaming endpoint."""
+
+    stage: str  # text_encode, denoise, vae_decode, postprocess, done
+    step: int
+    num_steps: int
+    elapsed_s: float  # on the server, since it received the request
+    preview: np.ndarray | None  # uint8 [H, W, 3]
+
+
+def generate_stream(
+    url: str,
+    model: str,
+    inputs: Mapping[str, object],
+    want_frames: bool,
+    timeout_s: float | None,
+    *,
+    on_update: Callable[[StreamUpdate], None] | None = None,
+) -> GenerateResult:
+    """`generate` through the streaming endpoint `<model>_stream`: `on_update` sees every progress response (step,
+    stage, preview frames when `inputs["preview"]` asks for them). Ctrl-C cancels the request on the server."""
+    if inputs.get("prompt") is None:
+        raise GenerateError("a prompt is required", EXIT_INVALID_ARGUMENT)
+    if timeout_s is not None:
+        inputs = {**inputs, "timeout_s": timeout_s}
+    try:
+        infer_inputs = build_infer_inputs(inputs)
+    except (TypeError, ValueError) as error:
+        raise GenerateError(str(error), EXIT_INVALID_ARGUMENT) from error
+    stream_model = model + STREAM_SUFFIX
+    try:
+        client = grpcclient.InferenceServerClient(url=url)
+    except Exception as error:  # tritonclient raises plain Exception for a malformed URL
+        raise GenerateError(f"cannot reach Triton at {url}: {error}") from error
+    responses: queue.Queue = queue.Queue()
+    start = time.monotonic()
+    try:
+        _check_ready(client, url, stream_model)
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        outputs = [grpcclient.InferRequestedOutput(VIDEO_OUTPUT)]
+        outputs += [grpcclient.InferRequestedOutput(name) for name in STREAM_PROGRESS_OUTPUTS]
+        if want_frames:
+            outputs.append(grpcclient.InferRequestedOutput(FRAMES_OUTPUT))
+        client.async_stream_infer(stream_model, infer_inputs, outputs=outputs)
+        while True:
+            try:
+                result, error = responses.get(timeout=POLL_INTERVAL_S)
+            except queue.Empty:
+                if timeout_s is not None and time.monotonic() - start > timeout_s + 2 * DEADLINE_GRACE_S:
+                    raise GenerateError(f"request timed out after {timeout_s:g} s", EXIT_DEADLINE) from None
+                continue
+            if error is not None:
+                raise stream_error(error)
+            update = _stream_update(result)
+            if on_update is not None:
+                on_update(update)
+            if update.stage == "done":
+                break
+    except KeyboardInterrupt:
+        client.stop_stream(cancel_requests=True)  # the server stops denoising within one step
+        client.close()
+        raise
+    client.stop_stream()
+    client.close()
+    video = result.as_numpy(VIDEO_OUTPUT)
+    if video is None or video.size != 1:
+        raise GenerateError(f"the server's final response has no single '{VIDEO_OUTPUT}' output")
+    frames = result.as_numpy(FRAMES_OUTPUT) if want_frames else None
+    return GenerateResult(video=bytes(video.reshape(-1)[0]), frames=frames, elapsed_s=time.monotonic() - start)
+
+
+STREAM_PROGRESS_OUTPUTS = ("stage", "step", "num_steps", "elapsed_s", "preview_frame")
+
+
+def _stream_update(result: grpcclient.InferResult) -> StreamUpdate:
+    def scalar(name: str):
+        value = result.as_numpy(name)
+        if value is None:
+            raise GenerateError(f"a progress response without '{name}'")
+        return value.reshape(-1)[0]
+
+    return StreamUpdate(
+        stage=bytes(scalar("stage")).decode(),
+        step=int(scalar("step")),
+        num_steps=int(scalar("num_steps")),
+        elapsed_s=float(scalar("elapsed_s")),
+        preview=result.as_numpy("preview_frame"),
+    )
+
+
+def stream_error(error: InferenceServerException) -> GenerateError:
+    """A stream's error: its message starts with "[CODE] " (the gRPC stream carries no status code)."""
+    message = error.message() or str(error)
+    match = re.match(r"^\[([A-Z_]+)\] (.*)$", message, re.S)
+    code, text = (match.group(1), match.group(2)) if match else ("", message)
+    if SERVER_DEADLINE_MESSAGE in text:
+        return GenerateError(f"deadline exceeded: {text} (raise --timeout or ask for less)", EXIT_DEADLINE)
+    if code == "UNAVAILABLE":
+        return GenerateError(f"server busy: {text}; try again later", EXIT_BUSY)
+    if code == "INVALID_ARG":
+        return GenerateError(f"request rejected: {text}", EXIT_INVALID_ARGUMENT)
+    return GenerateError(f"inference failed ({code or 'no code'}): {text}", STREAM_CODE_EXIT.get(code, EXIT_FAILURE))
+
+
+def write_ppm(path: Path, frame: np.ndarray) -> None:
+    """An uint8 [H, W, 3] RGB frame as a binary PPM (readable by every image viewer and library, no dependency)."""
+    height, width = frame.shape[:2]
+    path.write_bytes(f"P6 {width} {height} 255\n".encode() + np.ascontiguousarray(frame, dtype=np.uint8).tobytes())
+
+
+class StepBar:
+    """The streaming client's progress bar: stage and denoising step, redrawn in place on a terminal, a line per
+    stage change (and every 10 steps) otherwise."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: TextIO, preview_dir: Path | None) -> None:
+        self._stream = stream
+        self._tty = stream.isatty()
+        self._preview_dir = preview_dir
+        self._last: tuple[str, int] | None = None
+        self.previews: list[Path] = []
+
+    def __call__(self, update: StreamUpdate) -> None:
+        if update.preview is not None and self._preview_dir is not None:
+            self._preview_dir.mkdir(parents=True, exist_ok=True)
+            path = self._preview_dir / f"preview_step{update.step:03d}.ppm"
+            write_ppm(path, update.preview)
+            self.previews.append(path)
+        total = max(update.num_steps, 1)
+        filled = round(self.WIDTH * update.step / total)
+        line = (
+            f"[{'#' * filled}{'.' * (self.WIDTH - filled)}] step {update.step}/{update.num_steps} "
+            f"{update.stage} {update.elapsed_s:.1f} s"
+        )
+        if self._tty:
+            self._stream.write("\r\033[K" + line)
+        elif self._last is None or self._last[0] != update.stage or update.step % 10 == 0:
+            if (update.stage, update.step) == self._last:
+                return
+            self._stream.write(line + "\n")
+        else:
+            return
+        self._last = (update.stage, update.step)
+        self._stream.flush()
+
+    def finish(self) -> None:
+        if self._tty and self._last is not None:
+            self._stream.write("\n")
+            self._stream.flush()
 
 
 def _check_ready(client: grpcclient.InferenceServerClient, url: str, model: str) -> None:
@@ -222,15 +392,16 @@ def _infer(
     try:
         # async_infer so this thread stays free to show progress; the gRPC deadline (client_timeout) also tells the
         # server to give up on the request.
-        call = client.async_infer(model, infer_inputs, reply, outputs=outputs, client_timeout=timeout_s)
+        deadline = None if timeout_s is None else timeout_s + DEADLINE_GRACE_S
+        call = client.async_infer(model, infer_inputs, reply, outputs=outputs, client_timeout=deadline)
     except InferenceServerException as error:
         raise GenerateError(f"could not send the request: {error.message()}") from error
     try:
         while not reply.done.wait(POLL_INTERVAL_S):
             elapsed = time.monotonic() - start
-            if timeout_s is not None and elapsed > timeout_s + DEADLINE_GRACE_S:
+            if timeout_s is not None and elapsed > timeout_s + 2 * DEADLINE_GRACE_S:
                 call.cancel()
-                raise GenerateError(f"request timed out after {timeout_s:g} s")
+                raise GenerateError(f"request timed out after {timeout_s:g} s", EXIT_DEADLINE)
             if progress is not None:
                 progress(elapsed)
     except KeyboardInterrupt:
@@ -277,9 +448,11 @@ def _request_error(error: InferenceServerException, model: str, timeout_s: float
     message = error.message() or str(error)
     if status == "StatusCode.INVALID_ARGUMENT":
         return GenerateError(f"request rejected: {message}", EXIT_INVALID_ARGUMENT)
+    if SERVER_DEADLINE_MESSAGE in message:
+        return GenerateError(f"deadline exceeded: {message} (raise --timeout or ask for less)", EXIT_DEADLINE)
     if status == "StatusCode.DEADLINE_EXCEEDED":
         limit = f" after {timeout_s:g} s" if timeout_s is not None else ""
-        return GenerateError(f"request timed out{limit} (raise --timeout or request fewer frames/steps)")
+        return GenerateError(f"request timed out{limit} (raise --timeout or ask for less)", EXIT_DEADLINE)
     if status == "StatusCode.UNAVAILABLE":
         return GenerateError(f"lost the connection to Triton while model '{model}' was working: {message}")
     if status == "StatusCode.CANCELLED":
@@ -339,18 +512,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--frames-npy", type=Path, help="also fetch the raw uint8 frames [F, H, W, 3] and np.save them")
     parser.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait indefinitely)")
+    parser.add_argument(
+        "--stream", action="store_true", help="use the streaming endpoint: step progress bar, previews, Ctrl-C cancels"
+    )
+    parser.add_argument("--preview-every", type=int, help="with --stream: a preview frame every K denoising steps")
+    parser.add_argument("--preview-dir", type=Path, help="with --stream: save preview frames here (PPM)")
     parser.add_argument("--url", default=DEFAULT_URL, help=f"Triton gRPC address (default {DEFAULT_URL})")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL})")
     parser.add_argument("-v", "--verbose", action="store_true", help="log request details")
     args = parser.parse_args(argv)
     if args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if (args.preview_every is not None or args.preview_dir is not None) and not args.stream:
+        parser.error("--preview-every and --preview-dir need --stream")
     return args
 
 
 def inputs_from_args(args: argparse.Namespace) -> dict[str, object]:
     """Map parsed options to model inputs, keeping only the ones the user gave."""
     values = {input_name: getattr(args, option) for option, input_name in OPTION_INPUTS.items()}
+    if getattr(args, "stream", False):
+        values["preview"] = args.preview_every
     return {name: value for name, value in values.items() if value is not None}
 
 
@@ -377,16 +559,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     inputs = inputs_from_args(args)
     logger.debug("sending to %s model %s: %s", args.url, args.model, inputs)
 
-    progress = Progress(sys.stderr, f"generating on {args.url} ({args.model})...")
+    progress: Progress | StepBar
     try:
-        result = generate(
-            args.url,
-            args.model,
-            inputs,
-            want_frames=args.frames_npy is not None,
-            timeout_s=args.timeout,
-            progress=progress,
-        )
+        if args.stream:
+            progress = StepBar(sys.stderr, args.preview_dir)
+            result = generate_stream(
+                args.url,
+                args.model,
+                inputs,
+                want_frames=args.frames_npy is not None,
+                timeout_s=args.timeout,
+                on_update=progress,
+            )
+        else:
+            progress = Progress(sys.stderr, f"generating on {args.url} ({args.model})...")
+            result = generate(
+                args.url,
+                args.model,
+                inputs,
+                want_frames=args.frames_npy is not None,
+                timeout_s=args.timeout,
+                progress=progress,
+            )
     except GenerateError as error:
         progress.finish()
         print(f"error: {error}", file=sys.stderr)

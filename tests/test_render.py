@@ -37,10 +37,15 @@ def test_render_torch_repository(tmp_path):
     deployment = Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml")
     repo = render_repository(deployment, tmp_path, tmp_path / "no_graphs_needed", tmp_path / "repo")
     names = sorted(p.name for p in repo.iterdir() if p.is_dir())
-    assert names == sorted(["wan_t2v"] + [f"wan_t2v_{s.role}" for s in model_io.STEPS])
+    assert names == sorted(["wan_t2v", "wan_t2v_stream"] + [f"wan_t2v_{s.role}" for s in model_io.STEPS])
     for config in repo.glob("*/config.pbtxt"):
         text = config.read_text()
         assert "${" not in text and re.search(r'^name: "wan_t2v', text, re.M)
+    # The streaming endpoint is decoupled and sits beside the ensemble, not in it.
+    stream_config = (repo / "wan_t2v_stream/config.pbtxt").read_text()
+    assert re.search(r"decoupled: true", stream_config)
+    assert "wan_t2v_stream" not in (repo / "wan_t2v/config.pbtxt").read_text()
+    assert 'name: "job_token"' in (repo / "wan_t2v_scheduler/config.pbtxt").read_text()
     assert (
         "from wan_triton.serving.models import Scheduler as TritonPythonModel"
         in (repo / "wan_t2v_scheduler/1/model.py").read_text()

@@ -33,6 +33,7 @@ CLASS_NAMES = {
     "scheduler": "Scheduler",
     "vae_decoder": "VaeDecoder",
     "postprocess": "Postprocess",
+    "stream": "Stream",
 }
 # Which deployment component each step runs, and the exported graphs (globs) it needs with an ONNX engine.
 STEP_COMPONENT = {"text_encoder": "text_encoder", "scheduler": "denoiser", "vae_decoder": "vae_decoder"}
@@ -158,6 +159,25 @@ def _link_tp_shards(deployment: Deployment, component: ComponentConfig, artifact
     shutil.copytree(src, version_dir / name, copy_function=_link_or_copy)
 
 
+def _render_stream(deployment: Deployment, staging: Path) -> None:
+    """The decoupled streaming endpoint `<model_name>_stream`, beside the ensemble (see serving/stream.py)."""
+    name = deployment.model_name
+    model_dir = staging / f"{name}_{model_io.STREAM.role}"
+    (model_dir / VERSION).mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(
+        fill(
+            "stream.pbtxt",
+            {"model_name": model_dir.name, "ensemble_name": name, "io": model_io.config_io(model_io.STREAM)},
+        ),
+        encoding="utf-8",
+    )
+    (model_dir / VERSION / "model.py").write_text(
+        fill("model.py", {"role": model_io.STREAM.role, "class_name": CLASS_NAMES[model_io.STREAM.role]}),
+        encoding="utf-8",
+    )
+    (model_dir / DEPLOYMENT_FILE).write_text(deployment.to_json(), encoding="utf-8")
+
+
 def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path, repo: Path) -> Path:
     """Write the model repository for `deployment` to `repo` (replacing an earlier render there)."""
     repo = repo.resolve()
@@ -212,6 +232,8 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
                     _link_or_copy(src, version_dir / src.name)
         if component is not None and component.parallel.tp > 1:
             _link_tp_shards(deployment, component, artifacts, version_dir)
+
+    _render_stream(deployment, staging)
 
     if repo.exists():
         shutil.rmtree(repo)

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Called after each step with (step_index, num_steps); raising from it stops the loop (cancellation).
 StepCallback = Callable[[int, int], None]
+# Called during each step, before the solver update, with (step_index, clean-latent estimate x0); for previews.
+EstimateCallback = Callable[[int, torch.Tensor], None]
 
 
 def latent_shape(ckpt: Checkpoint, height: int, width: int, num_frames: int) -> tuple[int, int, int, int, int]:
@@ -68,7 +70,11 @@ class Denoiser:
         return "transformer" if boundary is None or t >= boundary else "transformer_2"
 
     def __call__(
-        self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step: StepCallback | None = None
+        self,
+        request: GenerationRequest,
+        prompt_embeds: torch.Tensor,
+        on_step: StepCallback | None = None,
+        on_estimate: EstimateCallback | None = None,
     ) -> torch.Tensor:
         """Run every step and return the final latents.
 
@@ -76,10 +82,11 @@ class Denoiser:
             request: a validated request (size, steps, seed, guidance pair).
             prompt_embeds: [2, text_len, text_dim] (prompt, negative prompt) with guidance, else [1, ...].
             on_step: progress / cancellation hook.
+            on_estimate: receives each step's clean-latent estimate (flow matching: x0 = latents - sigma x noise_pred).
         Returns:
             latents, float32 [1, C, latent_frames, height / 8, width / 8], on `self.device`.
         """
-        (result,) = self.run_batch([BatchItem(request, prompt_embeds, on_step)])
+        (result,) = self.run_batch([BatchItem(request, prompt_embeds, on_step, on_estimate)])
         if isinstance(result, BaseException):
             raise result
         return result
@@ -89,9 +96,10 @@ class Denoiser:
         rows (cond and uncond of each), then guidance and the solver update per request.
 
         Every request keeps its own initial noise (its seed), guidance scales and UniPC solver (the multistep
-        solver keeps per-request history). A request whose `on_step` raises is dropped from the batch; the others
-        go on. All items must share `batch_key`; the result list holds each item's latents (float32
-        [1, C, latent_frames, height / 8, width / 8]) or the exception that stopped it, in item order.
+        solver keeps per-request history); `on_estimate` sees each request's clean estimate before its solver
+        update. A request whose hook raises is dropped from the batch; the others go on. All items must share
+        `batch_key`; the result list holds each item's latents (float32 [1, C, latent_frames, height / 8,
+        width / 8]) or the exception that stopped it, in item order.
         """
         if not items:
             return []
@@ -130,22 +138,22 @@ class Denoiser:
                 (items[n].request.guidance_scale if high_noise else items[n].request.guidance_scale_2) if cfg else None
                 for n in active
             ]
-            updated = denoise_batch_step(
+            preds = batch_noise_preds(
                 expert,
-                [states[n].scheduler for n in active],
                 [states[n].latents for n in active],
                 t,
                 [states[n].embeds for n in active],
                 scales,
                 self.cfg_parallel,
             )
-            for n, latents in zip(active, updated, strict=True):
-                states[n].latents = latents
-                on_step = items[n].on_step
-                if on_step is None:
-                    continue
+            for n, noise_pred in zip(active, preds, strict=True):
+                state, item = states[n], items[n]
                 try:
-                    on_step(i, len(timesteps))
+                    if item.on_estimate is not None:
+                        item.on_estimate(i, clean_estimate(state.scheduler, i, state.latents, noise_pred))
+                    state.latents = state.scheduler.step(noise_pred, t, state.latents, return_dict=False)[0]
+                    if item.on_step is not None:
+                        item.on_step(i, len(timesteps))
                 except Exception as exc:  # noqa: BLE001 - stops this request only (cancellation, deadline)
                     results[n] = exc
                     del states[n]
@@ -158,11 +166,12 @@ class Denoiser:
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One request of a batch: the validated request, its prompt embeddings and its step hook."""
+    """One request of a batch: the validated request, its prompt embeddings and its step hooks."""
 
     request: GenerationRequest
     prompt_embeds: torch.Tensor  # [2, text_len, text_dim] with guidance, else [1, ...]
     on_step: StepCallback | None = None
+    on_estimate: EstimateCallback | None = None  # the clean estimate of each step, before its solver update
 
 
 @dataclass
@@ -228,6 +237,26 @@ def denoise_step(
         guidance_scale: None turns guidance off.
         cfg_parallel: with a batch of 2, this rank runs one half and exchanges noise predictions with the other.
     """
+    noise_pred = guided_noise_pred(expert, latents, t, embeds, guidance_scale, cfg_parallel)
+    return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+
+def clean_estimate(scheduler, step_index: int, latents: torch.Tensor, noise_pred: torch.Tensor) -> torch.Tensor:
+    """The flow-matching estimate of the clean latents at this step: x0 = x_t - sigma_t x v (what UniPC's
+    `convert_model_output` computes for `prediction_type="flow_prediction"`). float32, like the latents."""
+    sigma = scheduler.sigmas[step_index].to(latents.device, torch.float32)
+    return latents - sigma * noise_pred.float()
+
+
+def guided_noise_pred(
+    expert: Engine,
+    latents: torch.Tensor,
+    t: torch.Tensor,
+    embeds: torch.Tensor,
+    guidance_scale: float | None,
+    cfg_parallel: CfgParallel | None = None,
+) -> torch.Tensor:
+    """The expert's prediction for this step, guided (see `denoise_step` for the arguments)."""
     batch = embeds.shape[0]
     if cfg_parallel is not None and batch == 2:
         noise_pred = cfg_parallel.noise_pred(expert, latents.to(embeds.dtype), t, embeds)
@@ -239,7 +268,40 @@ def denoise_step(
     if guidance_scale is not None:
         cond, uncond = noise_pred[0:1], noise_pred[1:2]
         noise_pred = uncond + guidance_scale * (cond - uncond)
-    return scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    return noise_pred
+
+
+def batch_noise_preds(
+    expert: Engine,
+    latents: list[torch.Tensor],
+    t: torch.Tensor,
+    embeds: list[torch.Tensor],
+    guidance_scales: list[float | None],
+    cfg_parallel: CfgParallel | None = None,
+) -> list[torch.Tensor]:
+    """`guided_noise_pred` for several requests of one shape: one expert forward on all their rows (each
+    request's cond and uncond rows, in request order), then each request's guidance combine.
+
+    With one request this is `guided_noise_pred` exactly (the same forward input and combine).
+    """
+    if len(latents) == 1:
+        return [guided_noise_pred(expert, latents[0], t, embeds[0], guidance_scales[0], cfg_parallel)]
+    if cfg_parallel is not None:
+        raise ValueError("a CFG-parallel group denoises one request at a time")
+    rows = embeds[0].shape[0]
+    model_input = torch.cat([x.to(embeds[0].dtype).expand(rows, *x.shape[1:]) for x in latents])
+    all_embeds = torch.cat(embeds)
+    noise_pred = expert.run(
+        {"hidden_states": model_input, "timestep": t.expand(all_embeds.shape[0]), "encoder_hidden_states": all_embeds}
+    )["noise_pred"]
+    out = []
+    for n, scale in enumerate(guidance_scales):
+        pred = noise_pred[n * rows : (n + 1) * rows]
+        if scale is not None:
+            cond, uncond = pred[0:1], pred[1:2]
+            pred = uncond + scale * (cond - uncond)
+        out.append(pred)
+    return out
 
 
 def denoise_batch_step(
@@ -251,26 +313,12 @@ def denoise_batch_step(
     guidance_scales: list[float | None],
     cfg_parallel: CfgParallel | None = None,
 ) -> list[torch.Tensor]:
-    """`denoise_step` for several requests of one shape: one expert forward on all their rows (each request's
-    cond and uncond rows, in request order), then each request's guidance combine and solver update.
+    """`denoise_step` for several requests of one shape: `batch_noise_preds`, then each request's solver update.
 
     With one request this is `denoise_step` exactly (the same forward input, combine and update).
     """
-    if len(latents) == 1:
-        return [denoise_step(expert, schedulers[0], latents[0], t, embeds[0], guidance_scales[0], cfg_parallel)]
-    if cfg_parallel is not None:
-        raise ValueError("a CFG-parallel group denoises one request at a time")
-    rows = embeds[0].shape[0]
-    model_input = torch.cat([x.to(embeds[0].dtype).expand(rows, *x.shape[1:]) for x in latents])
-    all_embeds = torch.cat(embeds)
-    noise_pred = expert.run(
-        {"hidden_states": model_input, "timestep": t.expand(all_embeds.shape[0]), "encoder_hidden_states": all_embeds}
-    )["noise_pred"]
-    out = []
-    for n, (scheduler, x, scale) in enumerate(zip(schedulers, latents, guidance_scales, strict=True)):
-        pred = noise_pred[n * rows : (n + 1) * rows]
-        if scale is not None:
-            cond, uncond = pred[0:1], pred[1:2]
-            pred = uncond + scale * (cond - uncond)
-        out.append(scheduler.step(pred, t, x, return_dict=False)[0])
-    return out
+    preds = batch_noise_preds(expert, latents, t, embeds, guidance_scales, cfg_parallel)
+    return [
+        scheduler.step(pred, t, x, return_dict=False)[0]
+        for scheduler, x, pred in zip(schedulers, latents, preds, strict=True)
+    ]

@@ -86,6 +86,8 @@ class Limits(_Strict):
     max_prompt_chars: int = Field(gt=0)
     max_guidance_scale: float = Field(default=50.0, gt=0)
     max_fps: int = Field(default=120, gt=0)
+    # The largest `timeout_s` a request may ask for (a 720p A14B request takes about 15 minutes on one H100).
+    max_timeout_s: float = Field(default=3600.0, gt=0)
 
 
 class Defaults(_Strict):
@@ -99,6 +101,8 @@ class Defaults(_Strict):
     guidance_scale: float
     guidance_scale_2: float
     fps: int
+    # None: no deadline unless the request sets `timeout_s`.
+    timeout_s: float | None = Field(default=None, gt=0)
 
 
 class WarmupShape(_Strict):
@@ -153,6 +157,8 @@ class Deployment(_Strict):
             problems.append(f"default num_frames {d.num_frames} > max_num_frames {lim.max_num_frames}")
         if not 1 <= d.num_inference_steps <= lim.max_num_inference_steps:
             problems.append(f"default num_inference_steps {d.num_inference_steps} outside [1, max]")
+        if d.timeout_s is not None and d.timeout_s > lim.max_timeout_s:
+            problems.append(f"default timeout_s {d.timeout_s} > max_timeout_s {lim.max_timeout_s}")
         for shape in self.warmup:
             if shape.height > lim.max_height or shape.width > lim.max_width or shape.num_frames > lim.max_num_frames:
                 problems.append(f"warm-up shape {shape} is above the limits")

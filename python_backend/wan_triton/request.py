@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,10 @@ class GenerationRequest:
     guidance_scale: float  # high-noise expert (`transformer`)
     guidance_scale_2: float  # low-noise expert (`transformer_2`)
     fps: int
+    # The deadline: `timeout_s` from when preprocess validated the request (wall clock, shared by every model
+    # process of the server). None: no deadline.
+    timeout_s: float | None = None
+    deadline_unix_s: float | None = None
 
     @property
     def do_classifier_free_guidance(self) -> bool:
@@ -94,7 +99,11 @@ def _number(inputs: dict[str, np.ndarray | None], name: str, default: float) -> 
 
 
 def validate_request(
-    inputs: dict[str, np.ndarray | None], deployment: Deployment, spatial_multiple: int, temporal_stride: int
+    inputs: dict[str, np.ndarray | None],
+    deployment: Deployment,
+    spatial_multiple: int,
+    temporal_stride: int,
+    now_unix_s: float | None = None,
 ) -> GenerationRequest:
     """Check every input of one request and fill the defaults.
 
@@ -103,6 +112,7 @@ def validate_request(
         deployment: the limits and defaults.
         spatial_multiple: height and width must be multiples of this (VAE stride x patch size; 16 for Wan2.2).
         temporal_stride: num_frames must be `temporal_stride * k + 1` (4 for Wan2.2).
+        now_unix_s: when the request arrived (the deadline's start); the current time when None.
     """
     lim, d = deployment.limits, deployment.defaults
 
@@ -162,6 +172,13 @@ def validate_request(
     if not 1 <= fps <= lim.max_fps:
         raise InvalidRequestError("fps", f"must be in [1, {lim.max_fps}]; got {fps}")
 
+    timeout_s = d.timeout_s if inputs.get("timeout_s") is None else _number(inputs, "timeout_s", 0.0)
+    if timeout_s is not None and (not math.isfinite(timeout_s) or not 0 < timeout_s <= lim.max_timeout_s):
+        raise InvalidRequestError(
+            "timeout_s", f"must be a finite number of seconds in (0, {lim.max_timeout_s:g}]; got {timeout_s}"
+        )
+    deadline = None if timeout_s is None else (time.time() if now_unix_s is None else now_unix_s) + timeout_s
+
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=d.negative_prompt if negative_prompt is None else negative_prompt,
@@ -173,4 +190,6 @@ def validate_request(
         guidance_scale=scales["guidance_scale"],
         guidance_scale_2=scales["guidance_scale_2"],
         fps=fps,
+        timeout_s=timeout_s,
+        deadline_unix_s=deadline,
     )

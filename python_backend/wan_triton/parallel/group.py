@@ -171,16 +171,24 @@ class WorkerGroup:
             except OSError as exc:
                 raise self._fail(f"denoiser worker rank {rank} is gone ({exc})") from None
         results: dict[int, object] = {}
+        stopped: list[BaseException] = []
 
         def accept(rank: int, msg: tuple) -> bool:
             if msg[0] == "step":
-                if on_step is not None:
-                    on_step(msg[1], msg[2])
+                if on_step is not None and not stopped:
+                    try:
+                        on_step(msg[1], msg[2])
+                    except Exception as exc:  # noqa: BLE001 - raised once every rank has finished
+                        stopped.append(exc)
                 return False
             results[rank] = msg[1]
             return True
 
+        # A hook that raises (cancellation, deadline) cannot stop the ranks mid-loop: they would have to agree on the
+        # step, a collective per step. The loop runs to its end and the request fails then, with the group intact.
         self._collect("running a request", accept, timeout_s=None)
+        if stopped:
+            raise stopped[0]
         return results[0]
 
     def _collect(self, doing: str, accept, timeout_s: float | None) -> None:

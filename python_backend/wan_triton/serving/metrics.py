@@ -1,13 +1,15 @@
 """Prometheus metrics of the pipeline, served on Triton's metrics port beside Triton's own `nv_*` metrics.
 
-Each ensemble step runs in its own stub process and registers the families it uses through the Python backend's
-custom-metrics API; Triton merges them into one /metrics page. Names:
+Each ensemble step (and the stream model) runs in its own stub process and registers the families it uses through
+the Python backend's custom-metrics API; Triton merges them into one /metrics page. Names:
 
 - `wan_stage_seconds{model, stage}`: histogram of each step's time per request (text_encoder, scheduler = the
-  denoising loop, vae_decoder, postprocess, preprocess);
-- `wan_requests_total{model, stage, outcome}`: requests per step by outcome (`success`, `invalid_arg`, `error`);
-  `stage="preprocess"` counts every request the server admitted;
+  denoising loop, vae_decoder, postprocess, preprocess; stream = a whole streamed request);
+- `wan_requests_total{model, stage, outcome}`: requests per step by outcome (`success`, `invalid_arg`, `cancelled`,
+  `deadline`, `error`); `stage="preprocess"` counts every request the server admitted;
 - `wan_denoise_steps_per_second{model}`: the last request's denoising rate;
+- `wan_denoise_steps_total{model}`: denoising steps run, per request (a batch of 3 adds 3 per step); a stopped
+  request's steps count up to where it stopped;
 - `wan_batch_size{model}`: histogram of how many requests each batched denoising loop ran together;
 - `wan_device_memory_bytes{model, stage}`: peak device memory of the step's process during its last request.
 
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 # Seconds: from a tiny CPU request (milliseconds) to a 720p A14B denoising loop (about 15 minutes).
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 STAGE_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200]
-OUTCOMES = ("success", "invalid_arg", "error")
+OUTCOMES = ("success", "invalid_arg", "cancelled", "deadline", "error")
 
 
 class StageMetrics:
@@ -39,7 +41,7 @@ class StageMetrics:
         # The families are kept: a Metric is unusable once its MetricFamily object is garbage-collected.
         self.families = {
             "seconds": family(
-                name="wan_stage_seconds", description="Time of one ensemble step per request", kind=family.HISTOGRAM
+                name="wan_stage_seconds", description="Time of one step per request", kind=family.HISTOGRAM
             ),
             "requests": family(
                 name="wan_requests_total", description="Requests by step and outcome", kind=family.COUNTER
@@ -55,6 +57,7 @@ class StageMetrics:
         self.device_memory = self.families["memory"].Metric(labels=labels)
         self.steps_per_second = None
         self.batch_size = None
+        self.steps = None
         if stage == "scheduler":
             self.families["rate"] = family(
                 name="wan_denoise_steps_per_second",
@@ -68,6 +71,10 @@ class StageMetrics:
                 kind=family.HISTOGRAM,
             )
             self.batch_size = self.families["batch"].Metric(labels={"model": model}, buckets=BATCH_BUCKETS)
+            self.families["steps"] = family(
+                name="wan_denoise_steps_total", description="Denoising steps run, per request", kind=family.COUNTER
+            )
+            self.steps = self.families["steps"].Metric(labels={"model": model})
 
     def request_done(self, seconds: float, outcome: str) -> None:
         if self.enabled:
@@ -77,6 +84,10 @@ class StageMetrics:
     def denoised(self, num_steps: int, seconds: float) -> None:
         if self.enabled and self.steps_per_second is not None and seconds > 0:
             self.steps_per_second.set(num_steps / seconds)
+
+    def step_done(self, num_requests: int = 1) -> None:
+        if self.enabled and self.steps is not None:
+            self.steps.increment(num_requests)
 
     def batched(self, num_requests: int) -> None:
         if self.enabled and self.batch_size is not None:

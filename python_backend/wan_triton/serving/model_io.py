@@ -35,6 +35,7 @@ REQUEST_INPUTS: tuple[IO, ...] = (
     IO("guidance_scale", "TYPE_FP32", (1,), optional=True, doc="high-noise expert"),
     IO("guidance_scale_2", "TYPE_FP32", (1,), optional=True, doc="low-noise expert"),
     IO("fps", "TYPE_INT64", (1,), optional=True, doc="frames per second of the MP4"),
+    IO("timeout_s", "TYPE_FP32", (1,), optional=True, doc="deadline in seconds from arrival; stops the denoising loop"),
 )
 RESPONSE_OUTPUTS: tuple[IO, ...] = (
     IO("video", "TYPE_STRING", (1,), doc="H.264 MP4 file"),
@@ -55,6 +56,23 @@ LATENTS = IO("latents", "TYPE_FP32", (1, -1, -1, -1, -1))
 VIDEO, FRAMES, USED_SEED = RESPONSE_OUTPUTS
 DECODED_FRAMES = IO("decoded_frames", "TYPE_UINT8", (-1, -1, -1, 3), doc="[num_frames, height, width, 3] RGB")
 
+# Scheduler inputs only the stream model gives (the ensemble leaves them out): `job_token` names the request's files
+# on the `stopping.JobBoard` (cancel flag in, progress and previews out); with `preview_every` k > 0 the scheduler
+# leaves the clean-latent estimate of the first latent frame there every k steps. Batched: [1, 1] per request.
+JOB_TOKEN = IO("job_token", "TYPE_STRING", (1, 1), optional=True, doc="32 hex digits")
+PREVIEW_EVERY = IO("preview_every", "TYPE_INT64", (1, 1), optional=True, doc="0: no previews; k: every k steps")
+
+# The streaming endpoint `<model_name>_stream` (decoupled): the request contract plus `preview`; progress responses
+# carry `stage`, `step`, `num_steps`, `elapsed_s` (and `preview_frame` when due); the final one adds the
+# RESPONSE_OUTPUTS.
+PREVIEW = IO("preview", "TYPE_INT64", (1,), optional=True, doc="0: no previews (default); k: a preview every k steps")
+STAGE = IO("stage", "TYPE_STRING", (1,), doc="text_encode, denoise, vae_decode, postprocess or done")
+STEP = IO("step", "TYPE_INT64", (1,), doc="denoising steps done")
+NUM_STEPS = IO("num_steps", "TYPE_INT64", (1,), doc="denoising steps in all")
+ELAPSED_S = IO("elapsed_s", "TYPE_FP32", (1,), doc="seconds since the stream model received the request")
+PREVIEW_FRAME = IO("preview_frame", "TYPE_UINT8", (-1, -1, 3), doc="[height, width, 3] RGB, first frame, small")
+PROGRESS_OUTPUTS: tuple[IO, ...] = (STAGE, STEP, NUM_STEPS, ELAPSED_S, PREVIEW_FRAME)
+
 
 @dataclass(frozen=True)
 class ModelIO:
@@ -63,11 +81,15 @@ class ModelIO:
     outputs: tuple[IO, ...]
     # Served with max_batch_size > 0: every tensor's leading dim (1 per request) is Triton's batch dim.
     batched: bool = False
+    # Inputs that are not wired in the ensemble (only the stream model gives them).
+    extra_inputs: tuple[IO, ...] = ()
 
 
 PREPROCESS = ModelIO("preprocess", REQUEST_INPUTS, (REQUEST_JSON, INPUT_IDS, ATTENTION_MASK, USED_SEED))
 TEXT_ENCODER = ModelIO("text_encoder", (INPUT_IDS, ATTENTION_MASK), (PROMPT_EMBEDS,))
-SCHEDULER = ModelIO("scheduler", (REQUEST_JSON, PROMPT_EMBEDS), (LATENTS,), batched=True)
+SCHEDULER = ModelIO(
+    "scheduler", (REQUEST_JSON, PROMPT_EMBEDS), (LATENTS,), batched=True, extra_inputs=(JOB_TOKEN, PREVIEW_EVERY)
+)
 # The decoder turns pixels into uint8 frames where it decoded them (on the GPU when it runs there): a quarter of
 # the bytes of float pixels cross to the postprocess step. Postprocess re-emits them as the `frames` output, because
 # an ensemble drops an output the client did not ask for, even when a later step reads it.
@@ -75,6 +97,10 @@ VAE_DECODER = ModelIO("vae_decoder", (LATENTS,), (DECODED_FRAMES,))
 POSTPROCESS = ModelIO("postprocess", (REQUEST_JSON, DECODED_FRAMES), (VIDEO, FRAMES))
 
 STEPS: tuple[ModelIO, ...] = (PREPROCESS, TEXT_ENCODER, SCHEDULER, VAE_DECODER, POSTPROCESS)
+
+# Beside the ensemble, not in it: Triton 2.51 refuses unary calls to an ensemble with a decoupled step, so the stream
+# model is a decoupled BLS model calling the five steps itself, and `wan_t2v` stays a plain ensemble.
+STREAM = ModelIO("stream", (*REQUEST_INPUTS, PREVIEW), (*RESPONSE_OUTPUTS, *PROGRESS_OUTPUTS))
 
 
 def ensemble_tensor(producer: ModelIO, io: IO) -> str:
@@ -112,7 +138,8 @@ def _io_block(kind: str, items: tuple[IO, ...], batched: bool = False) -> str:
 
 def config_io(model: ModelIO) -> str:
     """The `input [...]` / `output [...]` section of a step's config.pbtxt."""
-    return _io_block("input", model.inputs, model.batched) + "\n" + _io_block("output", model.outputs, model.batched)
+    inputs = model.inputs + model.extra_inputs
+    return _io_block("input", inputs, model.batched) + "\n" + _io_block("output", model.outputs, model.batched)
 
 
 def ensemble_io() -> str:

@@ -17,15 +17,18 @@ import torch
 from ..components import build_denoiser, build_text_encoder, build_vae_decoder, warm_up_denoiser
 from ..denoise import BatchItem, group_by_shape, latent_shape
 from ..pipeline import prompts_for
-from ..request import GenerationRequest, InvalidRequestError, validate_request
+from ..request import GenerationRequest, validate_request
 from ..text import PromptTokenizer, encode_tokens
 from ..video import encode_mp4, to_uint8_frames
 from . import model_io as io
 from .metrics import StageMetrics
+from .stopping import JobBoard, StepGuard
+from .stream import StreamRunner
 from .triton import (
     ModelContext,
     error_response,
     execute_each,
+    outcome_of,
     output,
     output_torch,
     pb_utils,
@@ -123,11 +126,16 @@ class TextEncoder(_Model):
 
 
 class Scheduler(_Model):
-    """Runs the whole denoising loop in this process: no Triton round trip per step."""
+    """Runs the whole denoising loop in this process: no Triton round trip per step.
+
+    After every step each request is checked: past its `timeout_s` deadline, or cancelled by the stream model (its
+    `job_token` flag on the JobBoard), it stops there with CANCELLED and its latents are freed, while the rest of its
+    batch goes on. For the stream model it also leaves its progress and preview latents on the JobBoard."""
 
     role = "scheduler"
 
     def load(self) -> None:
+        self.board = JobBoard()
         cfg = self.ctx.deployment.components.denoiser
         self.denoiser = build_denoiser(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
         for shape in self.ctx.deployment.warmup:
@@ -168,7 +176,32 @@ class Scheduler(_Model):
         embeds = read_torch(request, io.PROMPT_EMBEDS)
         if embeds.ndim != 4 or embeds.shape[0] != 1:
             raise ValueError(f"internal tensor {io.PROMPT_EMBEDS.name!r}: expected [1, rows, len, dim]")
-        return BatchItem(req, embeds[0])
+        extra = read_inputs(request, [io.JOB_TOKEN.name, io.PREVIEW_EVERY.name])
+        token = None
+        if extra[io.JOB_TOKEN.name] is not None:
+            token = self.board.check_token(bytes(extra[io.JOB_TOKEN.name].reshape(-1)[0]).decode("ascii", "replace"))
+        every = 0 if extra[io.PREVIEW_EVERY.name] is None else int(extra[io.PREVIEW_EVERY.name].reshape(-1)[0])
+        guard = StepGuard(req.timeout_s, req.deadline_unix_s, [] if token is None else [self._cancel_flag(token)])
+        guard.check("before denoising (while queued)")
+        on_step, on_estimate = self._hooks(guard, token, every)
+        return BatchItem(req, embeds[0], on_step, on_estimate)
+
+    def _cancel_flag(self, token: str):
+        return lambda: self.board.is_cancelled(token)
+
+    def _hooks(self, guard: StepGuard, token: str | None, preview_every: int):
+        def on_step(index: int, num_steps: int) -> None:
+            self.metrics.step_done()
+            if token is not None:
+                self.board.set_progress(token, index + 1, num_steps)
+            guard.check(f"after step {index + 1} of {num_steps}")
+
+        def on_estimate(index: int, clean_latents: torch.Tensor) -> None:
+            if token is not None and preview_every > 0 and (index + 1) % preview_every == 0:
+                # The first latent frame only: the stream model decodes it to one small frame.
+                self.board.set_preview(token, index + 1, clean_latents[:, :, :1].float().cpu().numpy())
+
+        return on_step, on_estimate
 
     def _denoise(self, items: list[BatchItem]) -> list:
         """Latents or the exception, per item. A batch that fails as a whole is retried one request at a time,
@@ -205,9 +238,7 @@ class Scheduler(_Model):
         return result
 
     def _fail(self, exc: BaseException, started: float):
-        self.metrics.request_done(
-            time.perf_counter() - started, "invalid_arg" if isinstance(exc, InvalidRequestError) else "error"
-        )
+        self.metrics.request_done(time.perf_counter() - started, outcome_of(exc))
         return error_response(exc, self.ctx.name)
 
     def finalize(self) -> None:
@@ -246,6 +277,24 @@ class Postprocess(_Model):
         return _response(
             output(io.VIDEO.name, np.array([encode_mp4(frames, req.fps)], dtype=object)), output(io.FRAMES.name, frames)
         )
+
+
+class Stream(_Model):
+    """The streaming endpoint `<model_name>_stream` (decoupled): see `stream.StreamRunner`."""
+
+    role = "stream"
+
+    def load(self) -> None:
+        self.runner = StreamRunner(self.ctx.deployment, self.ctx.checkpoint, self.metrics, self.ctx.name)
+
+    def execute(self, requests):
+        for request in requests:
+            self.runner.submit(request)
+        return None  # decoupled: every request is answered from its own thread
+
+    def finalize(self) -> None:
+        self.runner.close()
+        super().finalize()
 
 
 def _response(*tensors):
