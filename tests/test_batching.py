@@ -195,6 +195,7 @@ class _RecordingDenoiser:
 def _scheduler(fake_pb, denoiser, max_batch_size: int):
     from wan_triton.serving.metrics import StageMetrics
     from wan_triton.serving.models import Scheduler
+    from wan_triton.serving.stopping import JobBoard
 
     model = Scheduler.__new__(Scheduler)
     deployment = Deployment.load(ROOT / "model_repository/deployments/cpu.yaml")
@@ -202,6 +203,7 @@ def _scheduler(fake_pb, denoiser, max_batch_size: int):
     model.ctx = types.SimpleNamespace(name="wan_t2v_scheduler", deployment=deployment, device_id=0)
     model.metrics = StageMetrics(fake_pb, "wan_t2v", "scheduler")  # no MetricFamily: metrics off
     model.denoiser = denoiser
+    model.board = JobBoard()
     return model
 
 

@@ -225,10 +225,11 @@ class StreamRunner:
     def _denoise(self, job: _Job, request_json: np.ndarray, prompt_embeds, num_steps: int, every: int):
         """The scheduler call, in a helper thread, while this thread relays progress and previews and watches for
         cancellation. A cancelled request is answered at once; its flag stays up until the scheduler call ends (the
-        scheduler stops after its current step), and the helper clears the board then."""
+        scheduler stops after its current step), and the helper clears the request's board files then."""
         name = self.deployment.model_name
         result: dict = {}
         done = threading.Event()
+        abandoned = threading.Event()  # the request was answered (cancelled) before the call ended
 
         def call() -> None:
             try:
@@ -247,27 +248,34 @@ class StreamRunner:
             except Exception as exc:  # noqa: BLE001 - handed to the request's thread
                 result["error"] = exc
             finally:
-                self.board.clear(job.token)
                 done.set()
+                if abandoned.is_set():
+                    self.board.clear(job.token)
 
         threading.Thread(target=call, name=f"wan-scheduler-{job.token[:8]}", daemon=True).start()
         reported = 0
-        while not done.wait(POLL_S):
-            if self._stopped(job):
+        while True:
+            finished = done.wait(POLL_S)
+            if not finished and self._stopped(job):
+                abandoned.set()
                 self.board.cancel(job.token)
-                if done.is_set():  # the call ended just now and cleared the board before the flag went up
+                if done.is_set():  # the call ended meanwhile, before it could see `abandoned`
                     self.board.clear(job.token)
                 why = "the model is unloading" if self._closing.is_set() else "the client cancelled it"
                 raise RequestStopped("cancelled", f"request cancelled during denoising ({why}) after step {reported}")
-            progress = self.board.progress(job.token)
+            # Relayed once more after the call ended, so the last preview and step are not lost.
             preview = self.board.take_preview(job.token)
             if preview is not None:
                 step, clean_latents = preview
                 self._report(job, "denoise", step, num_steps, self._decode_preview(clean_latents))
                 reported = max(reported, step)
+            progress = self.board.progress(job.token)
             if progress is not None and progress.step > reported:
                 reported = progress.step
                 self._report(job, "denoise", reported, num_steps)
+            if finished:
+                break
+        self.board.clear(job.token)
         if "error" in result:
             exc = result["error"]
             if isinstance(exc, StageError) and DEADLINE_MESSAGE in str(exc):

@@ -1,0 +1,218 @@
+"""The streaming endpoint, cancellation and deadlines, against the real server (tests/conftest.py).
+
+`<model>_stream` is a decoupled model beside the `<model>` ensemble: progress responses, then the video. A cancelled
+stream stops the scheduler's loop within one step; `timeout_s` stops either endpoint at its deadline.
+"""
+
+from __future__ import annotations
+
+import queue
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from test_server import _metrics, _value
+from tritonclient.utils import InferenceServerException
+
+from wan_client import EXIT_DEADLINE, EXIT_OK, build_infer_inputs
+from wan_triton.serving.stopping import JobBoard
+from wan_triton.serving.stream import PREVIEW_MAX_SIDE, shrink_frame
+
+pytestmark = pytest.mark.server
+
+CLIENT = Path(__file__).resolve().parents[1] / "client" / "wan_client.py"
+MODEL = "wan_onnx"
+STREAM = f"{MODEL}_stream"
+PROGRESS = ("stage", "step", "num_steps", "elapsed_s", "preview_frame")
+REQUEST = dict(prompt="a paper boat on a stream", seed=77, height=64, width=96, num_frames=9, num_inference_steps=10)
+# Long enough (384x384, 33 frames, 50 steps: about 0.3 s a step here) that a cancel or a deadline lands mid-loop.
+LONG = dict(prompt="a long request", seed=5, height=384, width=384, num_frames=33, num_inference_steps=50)
+STOP_WAIT_S = 120.0
+
+
+class Stream:
+    """One gRPC stream: send requests, read each response (result or error) in order."""
+
+    def __init__(self, url: str) -> None:
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def send(self, request: dict, outputs=("video", "frames", "used_seed", *PROGRESS)) -> None:
+        wanted = [grpcclient.InferRequestedOutput(o) for o in outputs]
+        self.client.async_stream_infer(STREAM, build_infer_inputs(request), outputs=wanted)
+
+    def next(self, timeout_s: float = STOP_WAIT_S):
+        return self.responses.get(timeout=timeout_s)
+
+    def until_final(self) -> tuple[list, object]:
+        """Progress results up to the final one (stage "done"), or raise the stream's error."""
+        progress = []
+        while True:
+            result, error = self.next()
+            if error is not None:
+                raise error
+            progress.append(result)
+            if result.as_numpy("stage")[0] == b"done":
+                return progress[:-1], result
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+@pytest.fixture
+def stream(server):
+    s = Stream(server.grpc_url)
+    yield s
+    s.close()
+
+
+def _counter(server, name: str, **labels) -> float:
+    return _value(_metrics(server), name, **labels)
+
+
+def _wait_for(server, name: str, at_least: float, **labels) -> None:
+    deadline = time.monotonic() + STOP_WAIT_S
+    while _counter(server, name, **labels) < at_least:
+        assert time.monotonic() < deadline, f"{name}{labels} never reached {at_least}"
+        time.sleep(0.1)
+
+
+def test_stream_reports_every_stage_and_previews_then_the_unary_video(server, stream):
+    stream.send({**REQUEST, "preview": 5})
+    progress, final = stream.until_final()
+    stages = [r.as_numpy("stage")[0].decode() for r in progress]
+    steps = [int(r.as_numpy("step")[0]) for r in progress]
+    assert stages[0] == "text_encode" and stages[-2:] == ["vae_decode", "postprocess"], stages
+    assert "denoise" in stages
+    assert steps == sorted(steps) and steps[-1] == 10, steps
+    assert all(int(r.as_numpy("num_steps")[0]) == 10 for r in progress)
+    elapsed = [float(r.as_numpy("elapsed_s")[0]) for r in progress]
+    assert elapsed == sorted(elapsed) and elapsed[0] >= 0
+
+    # A preview every 5 steps; the one after the last step always arrives (relayed after the loop ends).
+    previews = [(int(r.as_numpy("step")[0]), r.as_numpy("preview_frame")) for r in progress]
+    previews = [(step, frame) for step, frame in previews if frame is not None]
+    assert previews and previews[-1][0] == 10 and {s for s, _ in previews} <= {5, 10}, [s for s, _ in previews]
+    frames = final.as_numpy("frames")
+    assert frames.shape == (9, 64, 96, 3)
+    for _, preview in previews:
+        assert preview.dtype == np.uint8 and preview.shape == (64, 96, 3)  # already under PREVIEW_MAX_SIDE
+    # The last step's clean estimate, decoded, is close to the video's first frame (the last solver update is small).
+    diff = np.abs(previews[-1][1].astype(np.int16) - frames[0].astype(np.int16))
+    assert diff.mean() < 4.0, float(diff.mean())
+
+    # The final response is the unary endpoint's answer, bit for bit.
+    unary = grpcclient.InferenceServerClient(server.grpc_url).infer(
+        MODEL,
+        build_infer_inputs(REQUEST),
+        outputs=[grpcclient.InferRequestedOutput(o) for o in ("frames", "video", "used_seed")],
+    )
+    assert np.array_equal(frames, unary.as_numpy("frames"))
+    assert bytes(final.as_numpy("video")[0]) == bytes(unary.as_numpy("video")[0])
+    assert int(final.as_numpy("used_seed")[0]) == REQUEST["seed"]
+
+
+def test_preview_frames_are_small():
+    frame = np.random.default_rng(0).integers(0, 255, (720, 1280, 3), dtype=np.uint8)
+    small = shrink_frame(frame)
+    assert small.shape == (144, PREVIEW_MAX_SIDE, 3) and small.dtype == np.uint8
+    assert abs(float(small.mean()) - float(frame.mean())) < 1.0  # an area average keeps the brightness
+
+
+def test_cancelled_stream_stops_the_loop_within_one_step(server):
+    cancelled_before = _counter(server, "wan_requests_total", model=MODEL, stage="scheduler", outcome="cancelled")
+    steps_before = _counter(server, "wan_denoise_steps_total", model=MODEL)
+    stream = Stream(server.grpc_url)
+    stream.send(LONG, outputs=PROGRESS)
+    step = 0
+    while step < 2:
+        result, error = stream.next()
+        assert error is None, error
+        step = int(result.as_numpy("step")[0])
+    stream.close(cancel=True)
+    _wait_for(server, "wan_requests_total", cancelled_before + 1, model=MODEL, stage="scheduler", outcome="cancelled")
+    steps_run = _counter(server, "wan_denoise_steps_total", model=MODEL) - steps_before
+    # It had reported `step` when the client cancelled; the scheduler stopped one or two steps later (the stream
+    # model looks every 50 ms and the scheduler after every step), far from the 50 it was asked for. The margin
+    # allows for a slow client on a busy machine.
+    assert step <= steps_run <= step + 5, (step, steps_run)
+    _wait_for(server, "wan_requests_total", 1, model=MODEL, stage="stream", outcome="cancelled")
+    # The server goes on serving, and no request's board files are left behind.
+    again = Stream(server.grpc_url)
+    again.send(REQUEST)
+    _, final = again.until_final()
+    again.close()
+    assert final.as_numpy("frames").shape == (9, 64, 96, 3)
+    assert not list(JobBoard().root.glob("*")), list(JobBoard().root.glob("*"))
+
+
+def test_unary_deadline_stops_the_loop_with_a_clear_error(server):
+    steps_before = _counter(server, "wan_denoise_steps_total", model=MODEL)
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(MODEL, build_infer_inputs({**LONG, "timeout_s": 1.5}))
+    assert caught.value.status() == "StatusCode.CANCELLED"
+    assert "timeout_s: deadline exceeded" in caught.value.message() and "of 50" in caught.value.message()
+    assert _counter(server, "wan_denoise_steps_total", model=MODEL) - steps_before < 50
+    assert _counter(server, "wan_requests_total", model=MODEL, stage="scheduler", outcome="deadline") >= 1
+
+
+def test_stream_deadline_and_bad_input_are_tagged_errors(server, stream):
+    stream.send({**LONG, "timeout_s": 1.5})
+    with pytest.raises(InferenceServerException, match=r"^\[CANCELLED\] timeout_s: deadline exceeded"):
+        stream.until_final()
+    for change, field in (({"height": 50}, "height"), ({"preview": -1}, "preview"), ({"timeout_s": 0.0}, "timeout_s")):
+        stream.send({**REQUEST, **change})
+        with pytest.raises(InferenceServerException, match=rf"^\[INVALID_ARG\] {field}: "):
+            stream.until_final()
+    _wait_for(server, "wan_requests_total", 1, model=MODEL, stage="stream", outcome="deadline")
+    # The same stream still serves a good request.
+    stream.send(REQUEST, outputs=("video", *PROGRESS))
+    _, final = stream.until_final()
+    assert len(bytes(final.as_numpy("video")[0])) > 0
+
+
+def test_unary_timeout_is_validated(server):
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(MODEL, build_infer_inputs({**REQUEST, "timeout_s": -1.0}))
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "timeout_s" in caught.value.message()
+
+
+def test_client_streams_with_previews_and_exits_4_at_its_deadline(server, tmp_path):
+    base = [sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, "--stream"]
+    done = subprocess.run(
+        [
+            *base,
+            *("--prompt", "a paper boat", "--seed", "3", "--height", "64", "--width", "96", "--num-frames", "9"),
+            *("--steps", "6", "--preview-every", "3", "--preview-dir", str(tmp_path / "previews")),
+            *("--output", str(tmp_path / "boat.mp4")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=STOP_WAIT_S,
+    )
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "step 6/6" in done.stderr and done.stdout.strip().endswith("boat.mp4")
+    previews = sorted((tmp_path / "previews").glob("*.ppm"))
+    assert previews and previews[-1].name == "preview_step006.ppm"
+    assert previews[-1].read_bytes().startswith(b"P6 96 64 255\n")
+    late = subprocess.run(
+        [
+            *base,
+            *("--prompt", "late", "--height", "384", "--width", "384", "--num-frames", "33", "--steps", "50"),
+            *("--timeout", "1.5", "--output", str(tmp_path / "late.mp4")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=STOP_WAIT_S,
+    )
+    assert late.returncode == EXIT_DEADLINE, late.stderr
+    assert "deadline exceeded" in late.stderr and not (tmp_path / "late.mp4").exists()
