@@ -32,6 +32,8 @@ def test_build_infer_inputs_names_datatypes_shapes() -> None:
         "guidance_scale": 4.0,
         "guidance_scale_2": 3,
         "fps": 16,
+        "timeout_s": 600.0,
+        "preview": 5,
     }
     inputs = _by_name(values)
 
@@ -99,7 +101,18 @@ def test_parse_args_maps_options_to_inputs() -> None:
         "guidance_scale_2": 3.0,
         "fps": 16,
     }
-    assert set(inputs_from_args(args)) == set(INPUT_DATATYPES)
+    # `timeout_s` comes from --timeout (sent by `generate`), `preview` only with --stream.
+    assert set(inputs_from_args(args)) == set(INPUT_DATATYPES) - {"timeout_s", "preview"}
+    streamed = parse_args(["--prompt", "a fox", "--stream", "--preview-every", "4"])
+    assert inputs_from_args(streamed) == {"prompt": "a fox", "preview": 4}
+
+
+def test_client_inputs_are_the_stream_models_inputs() -> None:
+    from wan_triton.serving import model_io
+
+    dtypes = {"TYPE_STRING": "BYTES", "TYPE_INT64": "INT64", "TYPE_FP32": "FP32"}
+    served = {io.name: dtypes[io.triton_dtype] for io in model_io.STREAM.inputs}
+    assert served == INPUT_DATATYPES
 
 
 def test_parse_args_sends_only_given_options() -> None:
@@ -227,14 +240,22 @@ def test_main_saves_frames_when_asked(fake_triton, capsys: pytest.CaptureFixture
         (["--prompt", "invalid"], 2, "request rejected: height: must be a multiple of 16"),
         (["--prompt", "crash"], 1, "CUDA out of memory"),
         (["--prompt", "x", "--model", "other"], 1, "model 'other' is not ready"),
-        (["--prompt", "slow", "--timeout", "0.5"], 1, "timed out"),
+        # A server that ignores `timeout_s`: the gRPC deadline (timeout + grace) ends the call.
+        (["--prompt", "slow", "--timeout", "0.5"], wan_client.EXIT_DEADLINE, "timed out after 0.5 s"),
     ],
 )
 def test_main_reports_failures(
-    fake_triton, capsys: pytest.CaptureFixture[str], tmp_path, argv: list[str], exit_code: int, message: str
+    fake_triton,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch,
+    tmp_path,
+    argv: list[str],
+    exit_code: int,
+    message: str,
 ) -> None:
-    url, _ = fake_triton
+    url, servicer = fake_triton
     output = tmp_path / "out.mp4"
+    monkeypatch.setattr(wan_client, "DEADLINE_GRACE_S", 0.5)
 
     code = wan_client.main(["--url", url, "--output", str(output), *argv])
 
@@ -243,3 +264,5 @@ def test_main_reports_failures(
     assert message in captured.err
     assert captured.out == ""
     assert not output.exists()
+    if "--timeout" in argv:  # the deadline travels to the server as `timeout_s`
+        assert "timeout_s" in {i.name for i in servicer.requests[0].inputs}
