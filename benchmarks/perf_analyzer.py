@@ -9,6 +9,9 @@ LD_LIBRARY_PATH. One perf_analyzer run per concurrency (gRPC, the requests of an
     python benchmarks/perf_analyzer.py --url localhost:8001 --concurrency 1 2 4 8 \
         --input-data benchmarks/perf_analyzer/inputs_default.json --out benchmarks/results/perf_analyzer_cpu.json
 
+The streaming endpoint is measured with `--model wan_t2v_stream --streaming` (perf_analyzer's own `--streaming`: one
+gRPC stream per concurrent client; a request's latency runs to its final response, past its progress responses).
+
 Exit status 0 only when every perf_analyzer run exited 0 and wrote its CSV row; perf_analyzer itself stops with
 an error when any request fails.
 """
@@ -131,6 +134,8 @@ def run_concurrency(args: argparse.Namespace, concurrency: int, workdir: Path) -
         "-f",
         str(csv_path),
     ]
+    if args.streaming:
+        cmd.append("--streaming")
     started = time.monotonic()
     result = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=args.timeout_s)
     output = result.stdout + result.stderr
@@ -166,6 +171,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", default="localhost:8001", help="Triton gRPC address")
     parser.add_argument("--model", default="wan_t2v")
+    parser.add_argument(
+        "--streaming", action="store_true", help="a decoupled model over gRPC streams (e.g. --model wan_t2v_stream)"
+    )
     parser.add_argument("--input-data", type=Path, default=INPUTS / "inputs_default.json")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--request-count", type=int, default=16, help="requests per measurement window")

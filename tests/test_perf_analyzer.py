@@ -42,8 +42,10 @@ def _libraries():
     assert not missing, f"perf_analyzer cannot start: {missing}"
 
 
-def _harness(server, tmp_path: Path, input_data: Path, concurrency: list[str]) -> subprocess.CompletedProcess:
-    args = ["--url", server.grpc_url, "--model", "wan_onnx", "--input-data", str(input_data)]
+def _harness(
+    server, tmp_path: Path, input_data: Path, concurrency: list[str], model: str = "wan_onnx", extra=()
+) -> subprocess.CompletedProcess:
+    args = ["--url", server.grpc_url, "--model", model, "--input-data", str(input_data), *extra]
     args += ["--concurrency", *concurrency, *TINY, "--out", str(tmp_path / "pa.json")]
     return subprocess.run([sys.executable, str(HARNESS), *args], capture_output=True, text=True, timeout=900)
 
@@ -65,6 +67,15 @@ def test_table_of_real_numbers_at_two_concurrencies(server, tmp_path):
     assert table[0].startswith("| concurrency | throughput (infer/s) | p50 latency (ms)")
     assert [line.split("|")[1].strip() for line in table[2:]] == ["1", "2"]
     assert table == run.stdout.strip().splitlines()[-4:]
+
+
+@pytest.mark.server
+@pytest.mark.usefixtures("_libraries")
+def test_streaming_endpoint(server, tmp_path):
+    run = _harness(server, tmp_path, SMALL, ["2"], model="wan_onnx_stream", extra=["--streaming"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    (row,) = json.loads((tmp_path / "pa.json").read_text())["rows"]
+    assert row["errors"] == [] and row["requests"] >= 3 and row["throughput_infer_per_s"] > 0
 
 
 @pytest.mark.server
