@@ -108,11 +108,6 @@ def _wait_until_dead(pid: int, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"process {pid} still alive {timeout_s} s after SIGKILL")
 
 
-@pytest.mark.skip(
-    reason="flaky through the server: in 3 of 5 full-suite runs on 2 busy cores the request after the kill failed "
-    "(gloo 'connection reset' on rank 0, no restart logged before it); the worker-group behaviour itself is covered "
-    "by tests/test_worker_group.py (kill mid-request, rebuilt group, same latents). Known gap, see README."
-)
 def test_worker_killed_between_requests_is_replaced(server, client, reference):
     workers = _workers(server)
     assert len(workers) == 2, workers

@@ -89,6 +89,17 @@ def test_group_matches_one_process_and_survives_a_killed_worker(group, ckpt, emb
     assert torch.equal(again, first)
 
 
+def test_a_worker_killed_between_requests_costs_no_request(group, embeds):
+    # Sent right after the kill, the request may find the killed worker still looking alive (its threads are not
+    # all gone yet, so it is not reaped): the group sees it gone before anything ran, rebuilds and sends it again.
+    expected = group(_request(2), embeds)
+    for _ in range(3):
+        pids = group.pids
+        os.kill(pids[1], signal.SIGKILL)
+        assert torch.equal(group(_request(2), embeds), expected)
+        assert group.healthy() and set(group.pids).isdisjoint(pids)
+
+
 def test_sequence_must_split_over_the_ulysses_ranks(group, embeds):
     # 48x48 pixels, 5 frames: 2 latent frames x 3 x 3 = 18 tokens is even; 16x48: 2 x 1 x 3 = 6 is even;
     # 16x16, 1 frame: 1 x 1 x 1 = 1 token cannot be split over 2 ranks.

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 class WorkerGroupError(RuntimeError):
     """A worker died or failed; the in-flight request is lost and the group is rebuilt before the next one."""
 
+    def __init__(self, message: str, worker_gone: bool = False) -> None:
+        super().__init__(message)
+        self.worker_gone = worker_gone  # the worker exited (or its pipe broke), rather than reporting an error
+
 
 def _python_executable() -> str:
     """The interpreter to spawn workers with. Inside Triton's Python backend stub `sys.executable` is the stub
@@ -119,12 +123,12 @@ class WorkerGroup:
             conn.close()
         self._procs, self._conns = [], []
 
-    def _fail(self, message: str) -> WorkerGroupError:
+    def _fail(self, message: str, worker_gone: bool = False) -> WorkerGroupError:
         logger.error(
             "denoiser worker group %s: %s; stopping it (restarted before the next request)", self.plan, message
         )
         self.close()
-        return WorkerGroupError(message)
+        return WorkerGroupError(message, worker_gone)
 
     # Requests
 
@@ -161,6 +165,28 @@ class WorkerGroup:
             )
 
     def _send(self, message: tuple, on_step=None):
+        """Run `message` on every rank and return rank 0's result.
+
+        A worker that died between requests can still look alive when the next request arrives: a killed
+        multi-threaded process is reaped only once all its threads have exited, so `is_alive()` stays True for a
+        moment after the kill (measured: a request sent right after a SIGKILL found the group "healthy" and then
+        failed). So when a worker turns out to be gone before any rank reported anything for this request, the
+        group is rebuilt and the request sent once more; a worker lost mid-request fails the request.
+        """
+        for attempt in (1, 2):
+            progressed: list[bool] = []
+            try:
+                return self._run(message, on_step, progressed)
+            except WorkerGroupError as exc:
+                if attempt == 2 or progressed or not exc.worker_gone:
+                    raise
+                logger.warning(
+                    "denoiser worker group %s: a worker was gone before the request started; rebuilt, sending it again",
+                    self.plan,
+                )
+        raise AssertionError("unreachable")
+
+    def _run(self, message: tuple, on_step, progressed: list[bool]):
         if not self.healthy():
             if self._procs:
                 logger.warning("denoiser worker group %s lost a worker; restarting it", self.plan)
@@ -169,11 +195,12 @@ class WorkerGroup:
             try:
                 conn.send(message)
             except OSError as exc:
-                raise self._fail(f"denoiser worker rank {rank} is gone ({exc})") from None
+                raise self._fail(f"denoiser worker rank {rank} is gone ({exc})", worker_gone=True) from None
         results: dict[int, object] = {}
         stopped: list[BaseException] = []
 
         def accept(rank: int, msg: tuple) -> bool:
+            progressed.append(True)
             if msg[0] == "step":
                 if on_step is not None and not stopped:
                     try:
@@ -227,5 +254,6 @@ class WorkerGroup:
                     proc.join(timeout=1)
                     raise self._fail(
                         f"denoiser worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} while "
-                        f"{doing}; the request failed and the worker group will be restarted before the next request"
+                        f"{doing}; the request failed and the worker group will be restarted before the next request",
+                        worker_gone=True,
                     )
