@@ -77,3 +77,23 @@ def test_gpu_steps_take_inputs_where_they_are(tmp_path):
         on_gpu = step.role in ("text_encoder", "scheduler", "vae_decoder")
         assert ("kind: KIND_GPU" in text) == on_gpu, step.role
         assert ('key: "FORCE_CPU_ONLY_INPUT_TENSORS"' in text) == on_gpu, step.role
+
+
+def test_gpu_deployments_get_a_cuda_memory_pool_for_tensors_between_steps(tmp_path):
+    from wan_triton import server as triton_server
+
+    cpu = render_repository(
+        Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml"), tmp_path, tmp_path, tmp_path / "cpu"
+    )
+    assert triton_server.cuda_memory_pool_bytes([cpu]) == 0
+    assert not any("cuda-memory-pool" in a for a in triton_server.server_command([cpu], 1, 2, 3, num_gpus=2))
+    gpu_deployment = Deployment.load(ROOT / "model_repository/deployments/gpu_a14b.yaml")
+    assert gpu_deployment.serving.cuda_memory_pool_mib == 1024  # Triton's 64 MiB default lost data at 480p
+    gpu = render_repository(gpu_deployment, tmp_path, tmp_path, tmp_path / "gpu")
+    pool = triton_server.cuda_memory_pool_bytes([cpu, gpu])
+    assert pool == 1024 << 20
+    cmd = triton_server.server_command([cpu, gpu], 1, 2, 3, cuda_pool_bytes=pool, num_gpus=2)
+    assert [a for a in cmd if "cuda-memory-pool" in a] == [
+        f"--cuda-memory-pool-byte-size=0:{pool}",
+        f"--cuda-memory-pool-byte-size=1:{pool}",
+    ]

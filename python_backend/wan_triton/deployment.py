@@ -126,6 +126,13 @@ class Serving(_Strict):
     # How long the batcher may hold a request to fill a batch (Triton's max_queue_delay_microseconds). 0: batch
     # only what is already waiting when an instance frees up, so a lone request is never delayed.
     max_queue_delay_ms: float = Field(default=0.0, ge=0, le=60_000)
+    # Triton's CUDA memory pool per GPU (`--cuda-memory-pool-byte-size`), in MiB, set by `make serve` when a component
+    # runs on a GPU. GPU tensors waiting between steps live there: prompt embeddings (16 MiB a request for A14B in
+    # fp32) and latents (8 MiB at 480p, 19 MiB at 720p, 81 frames). With Triton's default of 64 MiB a few waiting
+    # 480p requests filled it, and the Python backend stub then failed to copy their inputs ("failed to copy data")
+    # while the requests still succeeded, with wrong frames (measured on H100, benchmarks/RESULTS.md). Size it for
+    # (max_queue_size + max_batch_size + 2) requests at the largest shape.
+    cuda_memory_pool_mib: int = Field(default=1024, ge=64, le=65_536)
 
 
 class Deployment(_Strict):

@@ -84,6 +84,34 @@ def cache_directory() -> Path | None:
     return _pytriton_root() / "caches"
 
 
+def _recorded_deployments(repos: list[Path]):
+    """The deployment each repository was rendered for (every model of one repository records the same one)."""
+    from .deployment import Deployment
+    from .serving.triton import DEPLOYMENT_FILE
+
+    for repo in repos:
+        recorded = sorted(repo.glob(f"*/{DEPLOYMENT_FILE}"))
+        if recorded:
+            yield Deployment.model_validate_json(recorded[0].read_text(encoding="utf-8"))
+
+
+def cuda_memory_pool_bytes(repos: list[Path]) -> int:
+    """Triton's CUDA memory pool per GPU for these repositories: the largest `serving.cuda_memory_pool_mib` of those
+    with a component on a GPU, in bytes; 0 (Triton's default pool) when nothing runs on a GPU."""
+    sizes = [
+        d.serving.cuda_memory_pool_mib << 20
+        for d in _recorded_deployments(repos)
+        if any(getattr(d.components, c).device == "cuda" for c in ("text_encoder", "denoiser", "vae_decoder"))
+    ]
+    return max(sizes, default=0)
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def result_cache_bytes(repos: list[Path]) -> int:
     """The response cache size the repositories ask for: the sum of each rendered deployment's result_cache_bytes.
 
@@ -91,15 +119,7 @@ def result_cache_bytes(repos: list[Path]) -> int:
     is added; every model of one repository records the same deployment, so one `deployment.json` per repository
     is read.
     """
-    from .deployment import Deployment
-    from .serving.triton import DEPLOYMENT_FILE
-
-    total = 0
-    for repo in repos:
-        recorded = sorted(repo.glob(f"*/{DEPLOYMENT_FILE}"))
-        if recorded:
-            total += Deployment.model_validate_json(recorded[0].read_text(encoding="utf-8")).result_cache_bytes
-    return total
+    return sum(d.result_cache_bytes for d in _recorded_deployments(repos))
 
 
 def server_command(
@@ -109,7 +129,12 @@ def server_command(
     metrics_port: int,
     log_verbose: int = 0,
     cache_bytes: int = 0,
+    cuda_pool_bytes: int = 0,
+    num_gpus: int = 0,
 ) -> list[str]:
+    # One pool per GPU: every GPU model instance may hand tensors to the next step on its own GPU.
+    gpus = range(num_gpus if cuda_pool_bytes else 0)
+    pools = [f"--cuda-memory-pool-byte-size={gpu}:{cuda_pool_bytes}" for gpu in gpus]
     cache = []
     if cache_bytes > 0:
         directory = cache_directory()
@@ -129,6 +154,7 @@ def server_command(
         "--exit-on-error=true",
         "--strict-readiness=true",
         f"--log-verbose={log_verbose}",
+        *pools,
         *cache,
     ]
 
@@ -148,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     for repo in args.repo:
         if not (repo / REPOSITORY_MARKER).is_file():
             parser.error(f"{repo} is not a model repository made by `make build`")
+    pool = cuda_memory_pool_bytes(args.repo)
     cmd = server_command(
         args.repo,
         args.http_port,
@@ -155,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         args.metrics_port,
         args.log_verbose,
         cache_bytes=result_cache_bytes(args.repo),
+        cuda_pool_bytes=pool,
+        num_gpus=gpu_count() if pool else 0,
     )
     print("starting:", " ".join(cmd), file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, server_environment())
