@@ -7,6 +7,7 @@ stream stops the scheduler's loop within one step; `timeout_s` stops either endp
 from __future__ import annotations
 
 import queue
+import re
 import subprocess
 import sys
 import time
@@ -152,6 +153,35 @@ def test_cancelled_stream_stops_the_loop_within_one_step(server):
     assert final.as_numpy("frames").shape == (9, 64, 96, 3)
     left = set(JobBoard().root.glob("*")) - board_before
     assert not left, left
+
+
+def test_a_client_that_disappears_mid_stream_stops_the_loop(server, tmp_path):
+    cancelled_before = _counter(server, "wan_requests_total", model=MODEL, stage="scheduler", outcome="cancelled")
+    steps_before = _counter(server, "wan_denoise_steps_total", model=MODEL)
+    # The real client, killed (nothing on the wire but the closed connection) once it has shown step 10 (off a
+    # terminal it prints a line every 10 steps).
+    client = subprocess.Popen(
+        [
+            *(sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, "--stream"),
+            *("--prompt", LONG["prompt"], "--seed", "6", "--height", "384", "--width", "384", "--num-frames", "33"),
+            *("--steps", "50", "--output", str(tmp_path / "never.mp4")),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in client.stderr:
+            shown = re.search(r" step (\d+)/50 denoise", line)
+            if shown and int(shown.group(1)) >= 10:
+                break
+        else:
+            raise AssertionError("the client never showed step 10")
+    finally:
+        client.kill()
+        client.wait()
+    _wait_for(server, "wan_requests_total", cancelled_before + 1, model=MODEL, stage="scheduler", outcome="cancelled")
+    assert _counter(server, "wan_denoise_steps_total", model=MODEL) - steps_before < 50
+    assert not (tmp_path / "never.mp4").exists()
 
 
 def test_unary_deadline_stops_the_loop_with_a_clear_error(server):
