@@ -265,10 +265,15 @@ def guided_noise_pred(
         noise_pred = expert.run(
             {"hidden_states": model_input, "timestep": t.expand(batch), "encoder_hidden_states": embeds}
         )["noise_pred"]
-    if guidance_scale is not None:
-        cond, uncond = noise_pred[0:1], noise_pred[1:2]
-        noise_pred = uncond + guidance_scale * (cond - uncond)
-    return noise_pred
+    return _guide(noise_pred, guidance_scale)
+
+
+def _guide(noise_pred: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
+    """Classifier-free guidance on one request's rows [cond, uncond]; None: guidance off (a single row)."""
+    if guidance_scale is None:
+        return noise_pred
+    cond, uncond = noise_pred[0:1], noise_pred[1:2]
+    return uncond + guidance_scale * (cond - uncond)
 
 
 def batch_noise_preds(
@@ -294,31 +299,4 @@ def batch_noise_preds(
     noise_pred = expert.run(
         {"hidden_states": model_input, "timestep": t.expand(all_embeds.shape[0]), "encoder_hidden_states": all_embeds}
     )["noise_pred"]
-    out = []
-    for n, scale in enumerate(guidance_scales):
-        pred = noise_pred[n * rows : (n + 1) * rows]
-        if scale is not None:
-            cond, uncond = pred[0:1], pred[1:2]
-            pred = uncond + scale * (cond - uncond)
-        out.append(pred)
-    return out
-
-
-def denoise_batch_step(
-    expert: Engine,
-    schedulers: list,
-    latents: list[torch.Tensor],
-    t: torch.Tensor,
-    embeds: list[torch.Tensor],
-    guidance_scales: list[float | None],
-    cfg_parallel: CfgParallel | None = None,
-) -> list[torch.Tensor]:
-    """`denoise_step` for several requests of one shape: `batch_noise_preds`, then each request's solver update.
-
-    With one request this is `denoise_step` exactly (the same forward input, combine and update).
-    """
-    preds = batch_noise_preds(expert, latents, t, embeds, guidance_scales, cfg_parallel)
-    return [
-        scheduler.step(pred, t, x, return_dict=False)[0]
-        for scheduler, x, pred in zip(schedulers, latents, preds, strict=True)
-    ]
+    return [_guide(noise_pred[n * rows : (n + 1) * rows], scale) for n, scale in enumerate(guidance_scales)]
