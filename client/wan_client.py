@@ -150,6 +150,40 @@ def _to_array(name: str, datatype: str, value: object) -> np.ndarray:
     raise AssertionError(f"no conversion for datatype {datatype}")  # INPUT_DATATYPES only holds the ones above
 
 
+def _request_inputs(inputs: Mapping[str, object], timeout_s: float | None) -> list[grpcclient.InferInput]:
+    """The request's Triton inputs; `timeout_s` travels as the input of that name (the server stops at it)."""
+    if inputs.get("prompt") is None:
+        raise GenerateError("a prompt is required", EXIT_INVALID_ARGUMENT)
+    if timeout_s is not None:
+        inputs = {**inputs, "timeout_s": timeout_s}
+    try:
+        return build_infer_inputs(inputs)
+    except (TypeError, ValueError) as error:
+        raise GenerateError(str(error), EXIT_INVALID_ARGUMENT) from error
+
+
+def _connect(url: str) -> grpcclient.InferenceServerClient:
+    try:
+        return grpcclient.InferenceServerClient(url=url)
+    except Exception as error:  # tritonclient raises plain Exception for a malformed URL
+        raise GenerateError(f"cannot reach Triton at {url}: {error}") from error
+
+
+def _requested_outputs(want_frames: bool, extra: Sequence[str] = ()) -> list[grpcclient.InferRequestedOutput]:
+    names = [VIDEO_OUTPUT, *extra] + ([FRAMES_OUTPUT] if want_frames else [])
+    return [grpcclient.InferRequestedOutput(name) for name in names]
+
+
+def _generate_result(result: grpcclient.InferResult, want_frames: bool, elapsed_s: float) -> GenerateResult:
+    video = result.as_numpy(VIDEO_OUTPUT)
+    if video is None or video.size != 1:
+        raise GenerateError(f"the server's response has no single '{VIDEO_OUTPUT}' output")
+    frames = result.as_numpy(FRAMES_OUTPUT) if want_frames else None
+    if want_frames and frames is None:
+        raise GenerateError(f"the server's response has no '{FRAMES_OUTPUT}' output")
+    return GenerateResult(video=bytes(video.reshape(-1)[0]), frames=frames, elapsed_s=elapsed_s)
+
+
 def generate(
     url: str,
     model: str,
@@ -163,35 +197,14 @@ def generate(
 
     `progress` is called with the elapsed seconds about every POLL_INTERVAL_S while waiting. Raises GenerateError.
     """
-    if inputs.get("prompt") is None:
-        raise GenerateError("a prompt is required", EXIT_INVALID_ARGUMENT)
-    if timeout_s is not None:
-        inputs = {**inputs, "timeout_s": timeout_s}  # the server stops the request at its deadline
-    try:
-        infer_inputs = build_infer_inputs(inputs)
-    except (TypeError, ValueError) as error:
-        raise GenerateError(str(error), EXIT_INVALID_ARGUMENT) from error
-
-    try:
-        client = grpcclient.InferenceServerClient(url=url)
-    except Exception as error:  # tritonclient raises plain Exception for a malformed URL
-        raise GenerateError(f"cannot reach Triton at {url}: {error}") from error
+    infer_inputs = _request_inputs(inputs, timeout_s)
+    client = _connect(url)
     try:
         _check_ready(client, url, model)
-        outputs = [grpcclient.InferRequestedOutput(VIDEO_OUTPUT)]
-        if want_frames:
-            outputs.append(grpcclient.InferRequestedOutput(FRAMES_OUTPUT))
-        result, elapsed_s = _infer(client, model, infer_inputs, outputs, timeout_s, progress)
+        result, elapsed_s = _infer(client, model, infer_inputs, _requested_outputs(want_frames), timeout_s, progress)
     finally:
         client.close()
-
-    video = result.as_numpy(VIDEO_OUTPUT)
-    if video is None or video.size != 1:
-        raise GenerateError(f"the server's response has no single '{VIDEO_OUTPUT}' output")
-    frames = result.as_numpy(FRAMES_OUTPUT) if want_frames else None
-    if want_frames and frames is None:
-        raise GenerateError(f"the server's response has no '{FRAMES_OUTPUT}' output")
-    return GenerateResult(video=bytes(video.reshape(-1)[0]), frames=frames, elapsed_s=elapsed_s)
+    return _generate_result(result, want_frames, elapsed_s)
 
 
 @dataclass(frozen=True)
@@ -216,28 +229,16 @@ def generate_stream(
 ) -> GenerateResult:
     """`generate` through the streaming endpoint `<model>_stream`: `on_update` sees every progress response (step,
     stage, preview frames when `inputs["preview"]` asks for them). Ctrl-C cancels the request on the server."""
-    if inputs.get("prompt") is None:
-        raise GenerateError("a prompt is required", EXIT_INVALID_ARGUMENT)
-    if timeout_s is not None:
-        inputs = {**inputs, "timeout_s": timeout_s}
-    try:
-        infer_inputs = build_infer_inputs(inputs)
-    except (TypeError, ValueError) as error:
-        raise GenerateError(str(error), EXIT_INVALID_ARGUMENT) from error
+    infer_inputs = _request_inputs(inputs, timeout_s)
     stream_model = model + STREAM_SUFFIX
-    try:
-        client = grpcclient.InferenceServerClient(url=url)
-    except Exception as error:  # tritonclient raises plain Exception for a malformed URL
-        raise GenerateError(f"cannot reach Triton at {url}: {error}") from error
+    client = _connect(url)
     responses: queue.Queue = queue.Queue()
     start = time.monotonic()
+    finished = False
     try:
         _check_ready(client, url, stream_model)
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
-        outputs = [grpcclient.InferRequestedOutput(VIDEO_OUTPUT)]
-        outputs += [grpcclient.InferRequestedOutput(name) for name in STREAM_PROGRESS_OUTPUTS]
-        if want_frames:
-            outputs.append(grpcclient.InferRequestedOutput(FRAMES_OUTPUT))
+        outputs = _requested_outputs(want_frames, STREAM_PROGRESS_OUTPUTS)
         client.async_stream_infer(stream_model, infer_inputs, outputs=outputs)
         while True:
             try:
@@ -252,18 +253,14 @@ def generate_stream(
             if on_update is not None:
                 on_update(update)
             if update.stage == "done":
+                finished = True
                 break
-    except KeyboardInterrupt:
-        client.stop_stream(cancel_requests=True)  # the server stops denoising within one step
+    finally:
+        # Leaving early (Ctrl-C, our own timeout, a bad response) cancels the request: the server stops denoising
+        # within one step.
+        client.stop_stream(cancel_requests=not finished)
         client.close()
-        raise
-    client.stop_stream()
-    client.close()
-    video = result.as_numpy(VIDEO_OUTPUT)
-    if video is None or video.size != 1:
-        raise GenerateError(f"the server's final response has no single '{VIDEO_OUTPUT}' output")
-    frames = result.as_numpy(FRAMES_OUTPUT) if want_frames else None
-    return GenerateResult(video=bytes(video.reshape(-1)[0]), frames=frames, elapsed_s=time.monotonic() - start)
+    return _generate_result(result, want_frames, time.monotonic() - start)
 
 
 STREAM_PROGRESS_OUTPUTS = ("stage", "step", "num_steps", "elapsed_s", "preview_frame")
