@@ -134,11 +134,9 @@ class ExternalServer:
     metrics_port: int
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        from wan_triton.launch import server_ready
+
+        return server_ready(self.http_port)
 
 
 def send(url: str, model: str, request: dict, seeds: list[int]) -> list[dict]:

@@ -29,6 +29,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_ready(http_port: int) -> bool:
+    """Whether the Triton server on this host's `http_port` reports ready (every model loaded and warmed up)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
 @dataclass
 class RunningServer:
     process: subprocess.Popen
@@ -42,11 +51,7 @@ class RunningServer:
         return f"localhost:{self.grpc_port}"
 
     def is_ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return server_ready(self.http_port)
 
     def log_tail(self, num_lines: int = 40) -> str:
         try:
