@@ -257,6 +257,7 @@ def test_a_failing_batch_is_retried_one_request_at_a_time(fake_pb):
         ({"max_queue_size": 0}, "max_queue_size"),
         ({"max_queue_delay_ms": -1}, "max_queue_delay_ms"),
         ({"max_queue": 4}, "max_queue"),  # a typo is an error, not ignored
+        ({"cuda_memory_pool_mib": 16}, "cuda_memory_pool_mib"),  # below Triton's own default
     ],
 )
 def test_bad_serving_settings_are_rejected(serving, field):
