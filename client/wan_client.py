@@ -248,6 +248,8 @@ def generate_stream(
                     raise GenerateError(f"request timed out after {timeout_s:g} s", EXIT_DEADLINE) from None
                 continue
             if error is not None:
+                # The stream model sends an error only as its final response: the request has ended on the server.
+                finished = True
                 raise stream_error(error)
             update = _stream_update(result)
             if on_update is not None:
@@ -256,8 +258,10 @@ def generate_stream(
                 finished = True
                 break
     finally:
-        # Leaving early (Ctrl-C, our own timeout, a bad response) cancels the request: the server stops denoising
-        # within one step.
+        # Leaving while the request still runs (Ctrl-C, our own timeout, a malformed progress response) cancels it:
+        # the server stops denoising within one step. A request that has ended is never cancelled: in Triton 2.51,
+        # cancelling a stream after a request that streamed several responses has finished leaks that request in the
+        # gRPC frontend, and the stream model can then never unload (server shutdown waits out its exit timeout).
         client.stop_stream(cancel_requests=not finished)
         client.close()
     return _generate_result(result, want_frames, time.monotonic() - start)

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 import wan_client
 from wan_client import INPUT_DATATYPES, build_infer_inputs, inputs_from_args, parse_args
@@ -266,3 +267,84 @@ def test_main_reports_failures(
     assert not output.exists()
     if "--timeout" in argv:  # the deadline travels to the server as `timeout_s`
         assert "timeout_s" in {i.name for i in servicer.requests[0].inputs}
+
+
+class _StreamResult:
+    def __init__(self, **outputs: object) -> None:
+        self.outputs = {
+            name: np.array([value], dtype=object if isinstance(value, bytes) else None)
+            for name, value in outputs.items()
+        }
+
+    def as_numpy(self, name: str):
+        return self.outputs.get(name)
+
+
+class _FakeStreamClient:
+    """A tritonclient gRPC client whose stream answers with scripted (result, error) callbacks; records how the
+    stream was closed."""
+
+    def __init__(self, answers: list) -> None:
+        self.answers = answers
+        self.cancel_requests: list[bool] = []
+
+    def is_server_live(self, client_timeout=None) -> bool:
+        return True
+
+    def is_model_ready(self, model, client_timeout=None) -> bool:
+        return model == "wan_t2v_stream"
+
+    def start_stream(self, callback) -> None:
+        self.callback = callback
+
+    def async_stream_infer(self, model, inputs, outputs=None) -> None:
+        for result, error in self.answers:
+            self.callback(result=result, error=error)
+
+    def stop_stream(self, cancel_requests: bool = False) -> None:
+        self.cancel_requests.append(cancel_requests)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(stage: bytes = b"denoise", step: int = 1) -> _StreamResult:
+    return _StreamResult(stage=stage, step=step, num_steps=4, elapsed_s=0.1)
+
+
+@pytest.mark.parametrize(
+    ("answers", "exit_code", "cancelled"),
+    [
+        # The server ended the request with an error (its final response): nothing is left to cancel. Cancelling
+        # anyway is what makes Triton 2.51 leak the request and keep the stream model from unloading.
+        (
+            [(_progress(), None), (None, InferenceServerException("[CANCELLED] timeout_s: deadline exceeded: 1.5 s"))],
+            wan_client.EXIT_DEADLINE,
+            False,
+        ),
+        (
+            [(None, InferenceServerException("[INVALID_ARG] height: must be a multiple of 16"))],
+            wan_client.EXIT_INVALID_ARGUMENT,
+            False,
+        ),
+        # A malformed progress response: the client leaves while the request still runs, so it cancels it.
+        ([(_progress(), None), (_StreamResult(step=2), None)], wan_client.EXIT_FAILURE, True),
+    ],
+)
+def test_stream_is_cancelled_only_while_its_request_runs(monkeypatch, answers, exit_code, cancelled) -> None:
+    fake = _FakeStreamClient(answers)
+    monkeypatch.setattr(wan_client, "_connect", lambda url: fake)
+    with pytest.raises(wan_client.GenerateError) as caught:
+        wan_client.generate_stream("fake:8001", "wan_t2v", {"prompt": "a fox"}, False, 1.5)
+    assert caught.value.exit_code == exit_code
+    assert fake.cancel_requests == [cancelled]
+
+
+def test_finished_stream_is_closed_without_cancelling(monkeypatch) -> None:
+    video = b"\x00\x00\x00\x18ftypisom"
+    done = _StreamResult(stage=b"done", step=4, num_steps=4, elapsed_s=1.0, video=video)
+    fake = _FakeStreamClient([(_progress(), None), (done, None)])
+    monkeypatch.setattr(wan_client, "_connect", lambda url: fake)
+    result = wan_client.generate_stream("fake:8001", "wan_t2v", {"prompt": "a fox"}, False, None)
+    assert result.video == video
+    assert fake.cancel_requests == [False]

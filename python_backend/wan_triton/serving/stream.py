@@ -43,10 +43,9 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.05
 # The longer side of a preview frame, in pixels.
 PREVIEW_MAX_SIDE = 256
-# How long `close` waits for requests still running when the model unloads: well inside Triton's own exit timeout
-# (30 s), so that the model always unloads. A full-suite run once found one thread still waiting after 30 s (the
-# model then missed Triton's exit timeout); the threads are daemons, so ones still running are left to the process's
-# end, and named in the log with the stage they are in.
+# How long `close` waits for requests still running when the model unloads (each is answered CANCELLED): well inside
+# Triton's own exit timeout (30 s). The threads are daemons, so any still running after that are left to the
+# process's end, and named in the log with the stage they are in.
 CLOSE_WAIT_S = 5.0
 
 
