@@ -145,4 +145,4 @@ def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
         repos.append(repo)
     with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
         yield running
-    assert running.process.returncode == 0, running.log_tail()
+    assert running.process.returncode == 0, running.shutdown_report()

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+# Triton's log lines for a model's load and unload, and its exit countdown ("Timeout 12: Found 1 live models ...").
+_LOADED = re.compile(r"successfully loaded '([^']+)'")
+_UNLOADED = re.compile(r"successfully unloaded '([^']+)'")
+_COUNTDOWN = re.compile(r"\] \"Timeout \d+: Found ")
 
 
 def free_port() -> int:
@@ -53,11 +59,24 @@ class RunningServer:
     def is_ready(self) -> bool:
         return server_ready(self.http_port)
 
-    def log_tail(self, num_lines: int = 40) -> str:
+    def _log_lines(self) -> list[str]:
         try:
-            return "\n".join(self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-num_lines:])
+            return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
-            return ""
+            return []
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        return "\n".join(self._log_lines()[-num_lines:])
+
+    def shutdown_report(self, num_lines: int = 40) -> str:
+        """Why a stop did not end cleanly: the models Triton loaded but never unloaded (the usual cause of "Exit
+        timeout expired"), then the log's tail without the once-a-second exit countdown, which otherwise fills it."""
+        lines = self._log_lines()
+        loaded = {m.group(1) for line in lines if (m := _LOADED.search(line))}
+        unloaded = {m.group(1) for line in lines if (m := _UNLOADED.search(line))}
+        tail = [line for line in lines if not _COUNTDOWN.search(line)][-num_lines:]
+        stuck = ", ".join(sorted(loaded - unloaded)) or "none"
+        return f"models never unloaded: {stuck}\n" + "\n".join(tail)
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
