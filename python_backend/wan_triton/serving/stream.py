@@ -43,9 +43,9 @@ logger = logging.getLogger(__name__)
 POLL_S = 0.05
 # The longer side of a preview frame, in pixels.
 PREVIEW_MAX_SIDE = 256
-# How long `close` waits for requests still running when the model unloads (each is answered CANCELLED): well inside
-# Triton's own exit timeout (30 s). The threads are daemons, so any still running after that are left to the
-# process's end, and named in the log with the stage they are in.
+# How long `close` waits for requests still running when the model unloads (each stops at its next check, answered
+# CANCELLED): well inside Triton's own exit timeout (30 s). The threads are daemons, so any still running after that
+# are left to the process's end, and named in the log with the stage they are in.
 CLOSE_WAIT_S = 5.0
 
 
