@@ -35,10 +35,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--tf32",
+        choices=["off", "serving"],
+        default="off",
+        help="off: a strict fp32 reference; serving: PyTorch's defaults, as the server runs (cuDNN TF32 on)",
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    if args.tf32 == "off":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
 
     ckpt = Checkpoint.open(make_shapes_checkpoint(Path(tempfile.mkdtemp()) / "a14b"))
     device = torch.device("cuda")
@@ -50,6 +57,7 @@ def main() -> None:
         "commit": os.environ.get("COMMIT", "unknown"),
         "date": time.strftime("%Y-%m-%d"),
         "command": " ".join(sys.argv),
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "sizes": {},
     }
     for size in args.sizes:

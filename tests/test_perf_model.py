@@ -9,8 +9,10 @@ from wan_triton.parallel.perf_model import (
     ModelShape,
     collectives,
     flop_per_rank,
+    flop_scaled_compute,
     plans_of,
     predict,
+    predict_from_compute,
 )
 from wan_triton.parallel.plan import ParallelPlan, PlanError
 
@@ -73,3 +75,14 @@ def test_plans_of_lists_what_fits_and_predict_refuses_what_does_not():
     with pytest.raises(PlanError):
         predict(A14B_720P, ParallelPlan(ulysses=16), 20.0, BW)
     assert len(collectives(A14B_720P, ParallelPlan(cfg=2, ulysses=2, tp=2))) == 6
+
+
+def test_measured_compute_replaces_the_flop_scaling_and_keeps_the_collectives():
+    plan = ParallelPlan(cfg=2, ulysses=2)
+    scaled = predict(A14B_720P, plan, 20.0, BW)
+    assert flop_scaled_compute(A14B_720P, plan, 20.0) == pytest.approx(scaled.compute_s)
+    measured = predict_from_compute(A14B_720P, plan, 6.0, BW)
+    assert measured.compute_s == 6.0
+    assert measured.comm_s == pytest.approx(scaled.comm_s) and measured.collectives == scaled.collectives
+    with pytest.raises(PlanError):
+        predict_from_compute(A14B_720P, ParallelPlan(ulysses=16), 1.0, BW)

@@ -7,7 +7,9 @@ Assumptions (each one can be checked against the 2-GPU measurements of the same 
 1. Compute scales with the matmul FLOP each rank does, at the efficiency measured on one GPU:
    compute_s(plan) = one_gpu_step_s x flop_per_rank(plan) / flop_per_rank(1x1x1). Elementwise work (norms,
    modulation, rotary, the solver) is taken to scale the same way. Optimistic where a rank's GEMMs become small
-   enough to lose efficiency (large tp).
+   enough to lose efficiency (large tp). Where a rank's compute has been measured instead
+   (benchmarks/parallel_compute.py times rank 0 of a plan on one GPU with the collectives stubbed out),
+   `predict_from_compute` takes that figure and this assumption drops out.
 2. Per-rank FLOP of one guided step (batch B = 2 / cfg per rank, S tokens, L = 512 text tokens, width d, FFN f,
    per layer): projections and FFN (8 S d^2 + 4 S d^2 + 4 S d f) / (ulysses x tp); cross-attention K, V on the
    text 4 L d^2 / tp (every ulysses rank repeats it); self-attention 4 S^2 d / (ulysses x tp); cross-attention
@@ -126,14 +128,25 @@ def collective_seconds(c: Collective, bw: Bandwidth) -> float:
     return c.calls * (bw.latency_s + c.bytes_per_rank * _bus_factor(c.kind, c.group_size) / busbw)
 
 
-def predict(shape: ModelShape, plan: ParallelPlan, one_gpu_step_s: float, bw: Bandwidth) -> Prediction:
-    """The step time of `plan`, from the one-GPU step time and the bandwidths measured in the same run."""
+def flop_scaled_compute(shape: ModelShape, plan: ParallelPlan, one_gpu_step_s: float) -> float:
+    """A rank's compute seconds per step, from the one-GPU step time (assumption 1)."""
+    return one_gpu_step_s * flop_per_rank(shape, plan) / flop_per_rank(shape, ParallelPlan())
+
+
+def predict_from_compute(shape: ModelShape, plan: ParallelPlan, compute_s: float, bw: Bandwidth) -> Prediction:
+    """The step time of `plan` from a rank's compute seconds per step (measured, e.g. by
+    benchmarks/parallel_compute.py on one GPU, or FLOP-scaled) plus its collectives at these bandwidths."""
     plan.check_transformer({"num_attention_heads": shape.num_heads, "ffn_dim": shape.ffn_dim})
     if shape.tokens % plan.ulysses:
         raise ValueError(f"{shape.tokens} tokens do not split over ulysses {plan.ulysses}")
-    compute = one_gpu_step_s * flop_per_rank(shape, plan) / flop_per_rank(shape, ParallelPlan())
     cs = collectives(shape, plan)
-    return Prediction(plan, compute, sum(collective_seconds(c, bw) for c in cs), cs)
+    return Prediction(plan, compute_s, sum(collective_seconds(c, bw) for c in cs), cs)
+
+
+def predict(shape: ModelShape, plan: ParallelPlan, one_gpu_step_s: float, bw: Bandwidth) -> Prediction:
+    """The step time of `plan`, from the one-GPU step time and the bandwidths measured in the same run."""
+    plan.check_transformer({"num_attention_heads": shape.num_heads, "ffn_dim": shape.ffn_dim})
+    return predict_from_compute(shape, plan, flop_scaled_compute(shape, plan, one_gpu_step_s), bw)
 
 
 def plans_of(world_size: int, num_heads: int, ffn_dim: int) -> list[ParallelPlan]:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 4's measurements that one GPU can make, in one command per call (see benchmarks/RESULTS.md):
+#   bash benchmarks/gpu_parallel.sh compute ARGS...   benchmarks/parallel_compute.py ARGS (per-rank compute of
+#                                                      every plan, rank 0 alone in a fake process group)
+#   bash benchmarks/gpu_parallel.sh vae ARGS...       benchmarks/vae_decode.py ARGS
+# Run from the project root after `source .gpukit/setup.sh` (+ the FlashAttention-4 add-on), with the wheels the
+# kit lacks (pydantic, pytest) in .whl/. Results go to $OUT.
+set -euo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+# The host's own site-packages first: its scipy and sklearn need its numpy 2 (the kit's numpy 1.26 is for Triton).
+HOST_SITE=$(ls -d /opt/torch/.venv/lib/python3*/site-packages 2>/dev/null | head -1)
+export PYTHONPATH=$HOST_SITE:/tmp/site PYTHONUNBUFFERED=1
+export COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+mode=$1
+shift
+case $mode in
+  compute) python3 benchmarks/parallel_compute.py "$@" ;;
+  vae) python3 benchmarks/vae_decode.py "$@" ;;
+  *) echo "unknown mode $mode" >&2; exit 2 ;;
+esac

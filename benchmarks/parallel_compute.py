@@ -1,0 +1,292 @@
+"""Per-rank compute of every parallel plan, measured on ONE GPU, and the step times the model predicts from it.
+
+One GPU can measure this because the ranks of a plan are symmetric: each cfg rank runs a batch of 1, each ulysses
+rank 1/U of the tokens (attention: all tokens, 1/U of the heads), each tp rank 1/T of the heads and FFN columns. So
+rank 0's work is the plan's compute per step. This script runs rank 0 of each plan alone, in torch.distributed's
+fake process group (`torch.testing._internal.distributed.fake_pg`: every collective returns at once and moves
+nothing; the tensors it would have filled keep what they held, which changes no kernel's speed), through the
+code the workers run (`parallel.model.parallelize`, `denoise_step` with `CfgParallel`), so the time is compute
+only: matmuls, attention, norms, the layout copies around each all-to-all, the solver update.
+
+The model (`wan_triton.parallel.perf_model`) then adds communication from bus bandwidths given on the command
+line, by default the NCCL figures measured on 2x H200 NV18 (BASELINES.md: all-to-all 295 GB/s, all-reduce
+318 GB/s). Printed per plan: measured compute, the model's compute (the 1-GPU step scaled by the rank's matmul
+FLOP: its assumption 1, checked here), predicted communication and step, and each rank's weight memory (one
+expert; a parallel plan keeps both experts resident, so twice that).
+
+    python benchmarks/parallel_compute.py --sizes 480p --world-sizes 2 4 8 --out $OUT/compute_480p.json
+    python benchmarks/parallel_compute.py --device cpu --tiny --out out/compute_tiny.json     # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from parallel_step import SIZES, TEXT_LEN, TINY_TRANSFORMER, _expert  # noqa: E402
+
+from wan_build.shapes_checkpoint import A14B_TRANSFORMER, SCHEDULER  # noqa: E402
+from wan_triton.parallel.perf_model import (  # noqa: E402
+    Bandwidth,
+    ModelShape,
+    flop_scaled_compute,
+    plans_of,
+    predict_from_compute,
+)
+from wan_triton.parallel.plan import ParallelPlan  # noqa: E402
+
+logger = logging.getLogger("benchmarks.parallel_compute")
+
+MIB_512 = 512 << 20
+# BASELINES.md, "Interconnect (2x H200, NV18)": NCCL bf16, 512 MB per rank. Bus bandwidth = bytes x factor / time
+# (NCCL-tests' convention): all-to-all (n-1)/n, all-reduce 2(n-1)/n, n = 2.
+NV18_ALL_TO_ALL = MIB_512 * 0.5 / 0.91e-3
+NV18_ALL_REDUCE = MIB_512 * 1.0 / 1.69e-3
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _rank0_of(plan: ParallelPlan):
+    """Join a fake world of the plan's size as rank 0 and create the plan's groups in it."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from wan_triton.parallel.groups import create_groups
+
+    dist.init_process_group("fake", rank=0, world_size=plan.world_size, store=FakeStore())
+    return create_groups(plan)
+
+
+def _time_size(engine, cfg_parallel, config: dict, size: tuple[int, int, int], repeat: int, device) -> dict:
+    """Guided steps (`denoise_step`: forward(s), CFG exchange, guidance combine, UniPC update) at one size."""
+    from diffusers import UniPCMultistepScheduler
+
+    from wan_triton.denoise import denoise_step
+
+    height, width, frames = size
+    gen = torch.Generator("cpu").manual_seed(0)
+    latents = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, generator=gen).to(device)
+    text = torch.randn(2, TEXT_LEN, config["text_dim"], generator=gen).to(device, engine.dtype)
+    scheduler = UniPCMultistepScheduler(**SCHEDULER)
+    scheduler.set_timesteps(1000, device=device)
+    state = {"latents": latents, "i": 0}
+
+    def step():
+        t = scheduler.timesteps[state["i"] % 1000]
+        state["latents"] = denoise_step(engine, scheduler, state["latents"], t, text, 4.0, cfg_parallel)
+        state["i"] += 1
+
+    started = time.perf_counter()
+    step()  # warm-up: kernel and graph compilation
+    _sync(device)
+    warmup_s = time.perf_counter() - started
+    base = _allocated(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        started = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return {
+        "compute_s": statistics.median(times),
+        "times": times,
+        "warmup_s": warmup_s,
+        "peak_activation_bytes": torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None,
+    }
+
+
+def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, device, dtype) -> dict:
+    """Rank 0's step seconds at each size, its weight bytes (one expert) and its peak memory."""
+    from wan_triton import attention
+    from wan_triton.engines.torch_engine import denoiser_engine
+    from wan_triton.parallel.cfg import CfgParallel
+    from wan_triton.parallel.model import parallelize
+
+    groups = _rank0_of(plan)
+    try:
+        base = _allocated(device)
+        module = _expert(config, dtype, device)
+        if plan.is_single:
+            attention.install(module, args.attention, device)  # components.build_denoiser's single path
+        else:
+            parallelize(module, groups, args.attention, device)  # parallel.rank.build_rank_denoiser's path
+        _free(device)
+        weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+        allocated_bytes = _allocated(device) - base  # on cuda: what the rank's device really holds after the cut
+        if args.compile:
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # As served: fullgraph on one GPU; a parallel rank allows graph breaks at collectives (rank.py).
+            module.compile_repeated_blocks(fullgraph=plan.is_single, dynamic=False)
+        engine = denoiser_engine(module, device, dtype)
+        cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
+        entry: dict = {
+            "world_size": plan.world_size,
+            "weight_bytes_per_expert": weight_bytes,
+            "allocated_bytes_after_load": allocated_bytes if device.type == "cuda" else None,
+            "sizes": {},
+        }
+        for size_name in sizes:
+            entry["sizes"][size_name] = _time_size(engine, cfg_parallel, config, SIZES[size_name], args.repeat, device)
+            _free(device)
+            logger.info(
+                "%s %s: %.4f s compute per step, %.2f GB weights per expert",
+                size_name,
+                plan,
+                entry["sizes"][size_name]["compute_s"],
+                weight_bytes / 1e9,
+            )
+        del engine, module, cfg_parallel
+        _free(device)
+        return entry
+    finally:
+        torch._dynamo.reset()  # each plan's blocks are new modules; do not let their graphs pile up
+        dist.destroy_process_group()
+
+
+def model_shape(config: dict, size_name: str, tiny: bool) -> ModelShape:
+    height, width, frames = SIZES[size_name]
+    return ModelShape(
+        num_layers=config["num_layers"],
+        num_heads=config["num_attention_heads"],
+        head_dim=config["attention_head_dim"],
+        ffn_dim=config["ffn_dim"],
+        tokens=((frames - 1) // 4 + 1) * (height // 16) * (width // 16),
+        bytes_per_element=4 if tiny else 2,
+    )
+
+
+def predictions(
+    plans: list[ParallelPlan], measured: dict, config: dict, sizes: list[str], bw: Bandwidth, tiny: bool
+) -> dict:
+    """Per size and plan: measured compute, the FLOP-scaled compute (model assumption 1), predicted step."""
+    table = {}
+    for size_name in sizes:
+        shape = model_shape(config, size_name, tiny)
+        one = measured[str(ParallelPlan())]["sizes"][size_name]["compute_s"]
+        rows = {}
+        for plan in plans:
+            plan_name = str(plan)
+            entry = measured[plan_name]
+            compute = entry["sizes"][size_name]["compute_s"]
+            p = predict_from_compute(shape, plan, compute, bw)
+            rows[plan_name] = {
+                "world_size": plan.world_size,
+                "measured_compute_s": compute,
+                "flop_scaled_compute_s": flop_scaled_compute(shape, plan, one),
+                "predicted_comm_s": p.comm_s,
+                "predicted_step_s": p.step_s,
+                "predicted_speedup": one / p.step_s,
+                "weight_gb_per_expert": entry["weight_bytes_per_expert"] / 1e9,
+            }
+        table[size_name] = {"tokens": shape.tokens, "one_gpu_step_s": one, "plans": rows}
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a 4-head tiny expert in fp32 at 64x64x9 (smoke test)")
+    parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES))
+    parser.add_argument("--world-sizes", nargs="+", type=int, default=[2, 4, 8])
+    parser.add_argument("--plans", nargs="+", default=None, help="only these plans (e.g. cfg2xulysses4xtp1)")
+    parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.attention)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--all-to-all-gbps", type=float, default=NV18_ALL_TO_ALL / 1e9, help="bus bandwidth")
+    parser.add_argument("--all-reduce-gbps", type=float, default=NV18_ALL_REDUCE / 1e9, help="bus bandwidth")
+    parser.add_argument(
+        "--all-gather-gbps", type=float, default=None, help="bus bandwidth (default: the all-to-all figure)"
+    )
+    parser.add_argument("--latency-us", type=float, default=20.0, help="fixed cost of one collective call")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    config = TINY_TRANSFORMER if args.tiny else A14B_TRANSFORMER
+    sizes = args.sizes or (["tiny"] if args.tiny else ["480p", "720p"])
+    plans = [ParallelPlan()]
+    for n in args.world_sizes:
+        plans += plans_of(n, config["num_attention_heads"], config["ffn_dim"])
+    if args.plans:
+        plans = [p for p in plans if p.is_single or str(p) in args.plans]
+    for size_name in sizes:
+        tokens = model_shape(config, size_name, args.tiny).tokens
+        plans = [p for p in plans if tokens % p.ulysses == 0]
+
+    started = time.perf_counter()
+    measured = {str(plan): measure_plan(plan, config, sizes, args, device, dtype) for plan in plans}
+    all_to_all = args.all_to_all_gbps * 1e9
+    bw = Bandwidth(
+        all_reduce=args.all_reduce_gbps * 1e9,
+        all_to_all=all_to_all,
+        all_gather=(args.all_gather_gbps or args.all_to_all_gbps) * 1e9,
+        latency_s=args.latency_us * 1e-6,
+    )
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    result = {
+        "device": f"1x {device_name} (rank 0 of each plan, fake process group)",
+        "commit": os.environ.get("COMMIT", "unknown"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "compile": args.compile,
+        "bandwidth": {"all_reduce": bw.all_reduce, "all_to_all": bw.all_to_all, "all_gather": bw.all_gather},
+        "latency_s": bw.latency_s,
+        "measured": measured,
+        "model": predictions(plans, measured, config, sizes, bw, args.tiny),
+        "wall_s": time.perf_counter() - started,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+    print(f"\n{result['device']}  commit {result['commit']}  compile {args.compile}")
+    print(
+        f"bus bandwidth assumed GB/s: all-reduce {bw.all_reduce / 1e9:.0f}, all-to-all {bw.all_to_all / 1e9:.0f}, "
+        f"all-gather {bw.all_gather / 1e9:.0f}; {bw.latency_s * 1e6:.0f} us per call"
+    )
+    header = f"{'size':6} {'plan':20} {'gpus':>4} {'compute s':>9} {'flop-model':>10} {'comm s':>7} "
+    print(header + f"{'step s':>7} {'speedup':>7} {'GB/expert':>9}")
+    for size_name, entry in result["model"].items():
+        for plan_name, row in entry["plans"].items():
+            print(
+                f"{size_name:6} {plan_name:20} {row['world_size']:4} {row['measured_compute_s']:9.4f} "
+                f"{row['flop_scaled_compute_s']:10.4f} {row['predicted_comm_s']:7.4f} {row['predicted_step_s']:7.4f} "
+                f"{row['predicted_speedup']:7.2f} {row['weight_gb_per_expert']:9.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
