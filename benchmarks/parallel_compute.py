@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -184,18 +185,27 @@ def model_shape(config: dict, size_name: str, tiny: bool) -> ModelShape:
     )
 
 
-def predictions(
-    plans: list[ParallelPlan], measured: dict, config: dict, sizes: list[str], bw: Bandwidth, tiny: bool
-) -> dict:
-    """Per size and plan: measured compute, the FLOP-scaled compute (model assumption 1), predicted step."""
+def parse_plan(name: str) -> ParallelPlan:
+    match = re.fullmatch(r"cfg(\d+)xulysses(\d+)xtp(\d+)", name)
+    if match is None:
+        raise ValueError(f"not a plan name: {name!r} (e.g. cfg2xulysses4xtp1)")
+    cfg, ulysses, tp = map(int, match.groups())
+    return ParallelPlan(cfg=cfg, ulysses=ulysses, tp=tp)
+
+
+def predictions(measured: dict, config: dict, bw: Bandwidth, tiny: bool) -> dict:
+    """Per size and plan: measured compute, the FLOP-scaled compute (model assumption 1), predicted step. Only at
+    the sizes where the 1-GPU step was measured (the speedups' baseline)."""
     table = {}
-    for size_name in sizes:
+    one_gpu = measured.get(str(ParallelPlan()), {}).get("sizes", {})
+    for size_name, one_entry in one_gpu.items():
         shape = model_shape(config, size_name, tiny)
-        one = measured[str(ParallelPlan())]["sizes"][size_name]["compute_s"]
+        one = one_entry["compute_s"]
         rows = {}
-        for plan in plans:
-            plan_name = str(plan)
-            entry = measured[plan_name]
+        for plan_name, entry in measured.items():
+            if size_name not in entry["sizes"]:
+                continue
+            plan = parse_plan(plan_name)
             compute = entry["sizes"][size_name]["compute_s"]
             p = predict_from_compute(shape, plan, compute, bw)
             rows[plan_name] = {
@@ -207,8 +217,28 @@ def predictions(
                 "predicted_speedup": one / p.step_s,
                 "weight_gb_per_expert": entry["weight_bytes_per_expert"] / 1e9,
             }
+        rows = dict(sorted(rows.items(), key=lambda kv: (kv[1]["world_size"], kv[0])))
         table[size_name] = {"tokens": shape.tokens, "one_gpu_step_s": one, "plans": rows}
     return table
+
+
+def print_table(result: dict) -> None:
+    bw = result["bandwidth"]
+    print(f"\n{result['device']}  compile {result['compile']}")
+    print(
+        f"bus bandwidth assumed GB/s: all-reduce {bw['all_reduce'] / 1e9:.0f}, all-to-all "
+        f"{bw['all_to_all'] / 1e9:.0f}, all-gather {bw['all_gather'] / 1e9:.0f}; "
+        f"{result['latency_s'] * 1e6:.0f} us per call"
+    )
+    header = f"{'size':6} {'plan':20} {'gpus':>4} {'compute s':>9} {'flop-model':>10} {'comm s':>7} "
+    print(header + f"{'step s':>7} {'speedup':>7} {'GB/expert':>9}")
+    for size_name, entry in result["model"].items():
+        for plan_name, row in entry["plans"].items():
+            print(
+                f"{size_name:6} {plan_name:20} {row['world_size']:4} {row['measured_compute_s']:9.4f} "
+                f"{row['flop_scaled_compute_s']:10.4f} {row['predicted_comm_s']:7.4f} {row['predicted_step_s']:7.4f} "
+                f"{row['predicted_speedup']:7.2f} {row['weight_gb_per_expert']:9.2f}"
+            )
 
 
 def main() -> None:
@@ -227,65 +257,73 @@ def main() -> None:
         "--all-gather-gbps", type=float, default=None, help="bus bandwidth (default: the all-to-all figure)"
     )
     parser.add_argument("--latency-us", type=float, default=20.0, help="fixed cost of one collective call")
+    parser.add_argument(
+        "--merge", nargs="+", type=Path, default=None, help="measure nothing: join these runs' results (JSON)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    config = TINY_TRANSFORMER if args.tiny else A14B_TRANSFORMER
+    bw = Bandwidth(
+        all_reduce=args.all_reduce_gbps * 1e9,
+        all_to_all=args.all_to_all_gbps * 1e9,
+        all_gather=(args.all_gather_gbps or args.all_to_all_gbps) * 1e9,
+        latency_s=args.latency_us * 1e-6,
+    )
+    result = {
+        "command": " ".join(sys.argv),
+        "bandwidth": {"all_reduce": bw.all_reduce, "all_to_all": bw.all_to_all, "all_gather": bw.all_gather},
+        "latency_s": bw.latency_s,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        runs = [json.loads(path.read_text()) for path in args.merge]
+        if len({(r["device"], r["compile"]) for r in runs}) > 1:
+            raise SystemExit("--merge: the runs differ in device or compile; their figures do not mix")
+        result.update(device=runs[0]["device"], compile=runs[0]["compile"], measured={}, runs=[])
+        for path, run in zip(args.merge, runs, strict=True):
+            keys = ("commit", "date", "command", "torch", "wall_s")
+            result["runs"].append({k: run[k] for k in keys} | {"file": path.name})
+            for plan_name, entry in run["measured"].items():
+                merged = result["measured"].setdefault(plan_name, dict(entry, sizes={}))
+                merged["sizes"].update(entry["sizes"])
+        result["model"] = predictions(result["measured"], config, bw, args.tiny)
+        args.out.write_text(json.dumps(result, indent=2))
+        print_table(result)
+        return
+
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    config = TINY_TRANSFORMER if args.tiny else A14B_TRANSFORMER
     sizes = args.sizes or (["tiny"] if args.tiny else ["480p", "720p"])
-    plans = [ParallelPlan()]
-    for n in args.world_sizes:
-        plans += plans_of(n, config["num_attention_heads"], config["ffn_dim"])
     if args.plans:
-        plans = [p for p in plans if p.is_single or str(p) in args.plans]
+        plans = [parse_plan(name) for name in args.plans]
+    else:
+        plans = [ParallelPlan()]
+        for n in args.world_sizes:
+            plans += plans_of(n, config["num_attention_heads"], config["ffn_dim"])
     for size_name in sizes:
         tokens = model_shape(config, size_name, args.tiny).tokens
         plans = [p for p in plans if tokens % p.ulysses == 0]
-
-    started = time.perf_counter()
-    measured = {str(plan): measure_plan(plan, config, sizes, args, device, dtype) for plan in plans}
-    all_to_all = args.all_to_all_gbps * 1e9
-    bw = Bandwidth(
-        all_reduce=args.all_reduce_gbps * 1e9,
-        all_to_all=all_to_all,
-        all_gather=(args.all_gather_gbps or args.all_to_all_gbps) * 1e9,
-        latency_s=args.latency_us * 1e-6,
-    )
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    result = {
-        "device": f"1x {device_name} (rank 0 of each plan, fake process group)",
-        "commit": os.environ.get("COMMIT", "unknown"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
-        "compile": args.compile,
-        "bandwidth": {"all_reduce": bw.all_reduce, "all_to_all": bw.all_to_all, "all_gather": bw.all_gather},
-        "latency_s": bw.latency_s,
-        "measured": measured,
-        "model": predictions(plans, measured, config, sizes, bw, args.tiny),
-        "wall_s": time.perf_counter() - started,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-
-    print(f"\n{result['device']}  commit {result['commit']}  compile {args.compile}")
-    print(
-        f"bus bandwidth assumed GB/s: all-reduce {bw.all_reduce / 1e9:.0f}, all-to-all {bw.all_to_all / 1e9:.0f}, "
-        f"all-gather {bw.all_gather / 1e9:.0f}; {bw.latency_s * 1e6:.0f} us per call"
+    result.update(
+        device=f"1x {device_name} (rank 0 of each plan, fake process group)",
+        commit=os.environ.get("COMMIT", "unknown"),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        date=time.strftime("%Y-%m-%d"),
+        compile=args.compile,
+        measured={},
     )
-    header = f"{'size':6} {'plan':20} {'gpus':>4} {'compute s':>9} {'flop-model':>10} {'comm s':>7} "
-    print(header + f"{'step s':>7} {'speedup':>7} {'GB/expert':>9}")
-    for size_name, entry in result["model"].items():
-        for plan_name, row in entry["plans"].items():
-            print(
-                f"{size_name:6} {plan_name:20} {row['world_size']:4} {row['measured_compute_s']:9.4f} "
-                f"{row['flop_scaled_compute_s']:10.4f} {row['predicted_comm_s']:7.4f} {row['predicted_step_s']:7.4f} "
-                f"{row['predicted_speedup']:7.2f} {row['weight_gb_per_expert']:9.2f}"
-            )
+    started = time.perf_counter()
+    for plan in plans:
+        result["measured"][str(plan)] = measure_plan(plan, config, sizes, args, device, dtype)
+        result["wall_s"] = time.perf_counter() - started
+        args.out.write_text(json.dumps(result, indent=2))  # a run cut short keeps the plans it finished
+    result["model"] = predictions(result["measured"], config, bw, args.tiny)
+    args.out.write_text(json.dumps(result, indent=2))
+    print_table(result)
 
 
 if __name__ == "__main__":
