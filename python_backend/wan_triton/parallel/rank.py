@@ -40,8 +40,10 @@ def build_rank_denoiser(
             module = ckpt.load_transformer(name, dtype, str(device))
         parallelize(module, groups, cfg.attention, device)
         if cfg.compile_blocks:
-            # Not fullgraph: a collective dynamo cannot trace becomes a graph break, not a load failure.
-            # (Unmeasured on GPU so far.)
+            # Not fullgraph: a collective dynamo cannot trace becomes a graph break, not a load failure. dynamo
+            # traces ours in as functional collectives (no break seen on CPU), and on one H100 with a fake
+            # process group the compiled ranks computed 1/N of the 1-GPU step (benchmarks/RESULTS.md); with
+            # NCCL on several GPUs this is still unmeasured.
             module.compile_repeated_blocks(fullgraph=False, dynamic=False)
         experts[name] = denoiser_engine(module, device, dtype)
     cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
