@@ -40,9 +40,9 @@ import torch.distributed as dist
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from parallel_step import SIZES, TEXT_LEN, TINY_TRANSFORMER, _expert  # noqa: E402
+from parallel_step import SIZES, TINY_TRANSFORMER, build_rank_expert, guided_step, time_alone  # noqa: E402
 
-from wan_build.shapes_checkpoint import A14B_TRANSFORMER, SCHEDULER  # noqa: E402
+from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
 from wan_triton.parallel.perf_model import (  # noqa: E402
     Bandwidth,
     ModelShape,
@@ -59,11 +59,6 @@ MIB_512 = 512 << 20
 # (NCCL-tests' convention): all-to-all (n-1)/n, all-reduce 2(n-1)/n, n = 2.
 NV18_ALL_TO_ALL = MIB_512 * 0.5 / 0.91e-3
 NV18_ALL_REDUCE = MIB_512 * 1.0 / 1.69e-3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _free(device: torch.device) -> None:
@@ -114,61 +109,29 @@ def _rank0_of(plan: ParallelPlan):
 
 
 def _time_size(engine, cfg_parallel, config: dict, size: tuple[int, int, int], repeat: int, device) -> dict:
-    """Guided steps (`denoise_step`: forward(s), CFG exchange, guidance combine, UniPC update) at one size."""
-    from diffusers import UniPCMultistepScheduler
+    """Guided steps (`parallel_step.guided_step`) at one size, this process alone."""
+    step = guided_step(engine, cfg_parallel, config, size, device, engine.dtype)
+    memory = {}
 
-    from wan_triton.denoise import denoise_step
+    def after_warmup():  # peak memory of the timed steps only, above what the warm-up left allocated
+        memory["base"] = _allocated(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
 
-    height, width, frames = size
-    gen = torch.Generator("cpu").manual_seed(0)
-    latents = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, generator=gen).to(device)
-    text = torch.randn(2, TEXT_LEN, config["text_dim"], generator=gen).to(device, engine.dtype)
-    scheduler = UniPCMultistepScheduler(**SCHEDULER)
-    scheduler.set_timesteps(1000, device=device)
-    state = {"latents": latents, "i": 0}
-
-    def step():
-        t = scheduler.timesteps[state["i"] % 1000]
-        state["latents"] = denoise_step(engine, scheduler, state["latents"], t, text, 4.0, cfg_parallel)
-        state["i"] += 1
-
-    started = time.perf_counter()
-    step()  # warm-up: kernel and graph compilation
-    _sync(device)
-    warmup_s = time.perf_counter() - started
-    base = _allocated(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(repeat):
-        _sync(device)
-        started = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    return {
-        "compute_s": statistics.median(times),
-        "times": times,
-        "warmup_s": warmup_s,
-        "peak_activation_bytes": torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None,
-    }
+    warmup_s, times = time_alone(step, device, repeat, after_warmup)  # the warm-up includes compilation
+    peak = torch.cuda.max_memory_allocated(device) - memory["base"] if device.type == "cuda" else None
+    return {"compute_s": statistics.median(times), "times": times, "warmup_s": warmup_s, "peak_activation_bytes": peak}
 
 
 def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, device, dtype) -> dict:
     """Rank 0's step seconds at each size, its weight bytes (one expert) and its peak memory."""
-    from wan_triton import attention
     from wan_triton.engines.torch_engine import denoiser_engine
     from wan_triton.parallel.cfg import CfgParallel
-    from wan_triton.parallel.model import parallelize
 
     groups = _rank0_of(plan)
     try:
         base = _allocated(device)
-        module = _expert(config, dtype, device)
-        if plan.is_single:
-            attention.install(module, args.attention, device)  # components.build_denoiser's single path
-        else:
-            parallelize(module, groups, args.attention, device)  # parallel.rank.build_rank_denoiser's path
+        module = build_rank_expert(plan, groups, config, dtype, device, args.attention)
         _free(device)
         weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
         allocated_bytes = _allocated(device) - base  # on cuda: what the rank's device really holds after the cut

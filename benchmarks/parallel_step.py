@@ -99,28 +99,28 @@ def _expert(config: dict, dtype: torch.dtype, device: torch.device):
     )
 
 
-def _time_plan(plan, config, size, dtype, device, attention_backend, repeat):
-    """Median step seconds of `plan` on the ranks it uses (None on the others)."""
-    from diffusers import UniPCMultistepScheduler
-
+def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backend):
+    """One expert with random weights, as rank `groups.rank` of `plan` serves it: the single-GPU path
+    (`attention.install`, exactly components.build_denoiser's) or cut for the plan (`parallelize`, rank.py's)."""
     from wan_triton import attention
-    from wan_triton.denoise import denoise_step
-    from wan_triton.engines.torch_engine import denoiser_engine
-    from wan_triton.parallel.cfg import CfgParallel
-    from wan_triton.parallel.groups import create_groups
     from wan_triton.parallel.model import parallelize
 
-    groups = create_groups(plan)  # the 1-GPU baseline: rank 0 alone; the other ranks wait at the next barrier
-    if groups is None:
-        return None
-    height, width, frames = size
     module = _expert(config, dtype, device)
-    if plan.world_size == 1:
-        attention.install(module, attention_backend, device)  # exactly components.build_denoiser's single path
+    if plan.is_single:
+        attention.install(module, attention_backend, device)
     else:
         parallelize(module, groups, attention_backend, device)
-    engine = denoiser_engine(module, device, dtype)
-    cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
+    return module
+
+
+def guided_step(engine, cfg_parallel, config: dict, size: tuple[int, int, int], device, dtype):
+    """A function running one guided step (`denoise_step`: forward(s), CFG exchange, guidance combine, UniPC
+    update) on fixed random latents and text at `size`, advancing through the solver's timesteps."""
+    from diffusers import UniPCMultistepScheduler
+
+    from wan_triton.denoise import denoise_step
+
+    height, width, frames = size
     gen = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, generator=gen).to(device)
     text = torch.randn(2, TEXT_LEN, config["text_dim"], generator=gen).to(device, dtype)
@@ -133,9 +133,18 @@ def _time_plan(plan, config, size, dtype, device, attention_backend, repeat):
         state["latents"] = denoise_step(engine, scheduler, state["latents"], t, text, 4.0, cfg_parallel)
         state["i"] += 1
 
-    if plan.world_size > 1:
-        return _timed(step, device, repeat)
-    step()  # warm-up; alone, so no barrier
+    return step
+
+
+def time_alone(step, device: torch.device, repeat: int, after_warmup=None) -> tuple[float, list[float]]:
+    """(seconds of one warm-up call, seconds of each of `repeat` timed calls) of `step` in this process alone;
+    `after_warmup()` runs between them (e.g. to reset peak-memory statistics)."""
+    started = time.perf_counter()
+    step()
+    _sync(device)
+    warmup_s = time.perf_counter() - started
+    if after_warmup is not None:
+        after_warmup()
     times = []
     for _ in range(repeat):
         _sync(device)
@@ -143,7 +152,25 @@ def _time_plan(plan, config, size, dtype, device, attention_backend, repeat):
         step()
         _sync(device)
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return warmup_s, times
+
+
+def _time_plan(plan, config, size, dtype, device, attention_backend, repeat):
+    """Median step seconds of `plan` on the ranks it uses (None on the others)."""
+    from wan_triton.engines.torch_engine import denoiser_engine
+    from wan_triton.parallel.cfg import CfgParallel
+    from wan_triton.parallel.groups import create_groups
+
+    groups = create_groups(plan)  # the 1-GPU baseline: rank 0 alone; the other ranks wait at the next barrier
+    if groups is None:
+        return None
+    module = build_rank_expert(plan, groups, config, dtype, device, attention_backend)
+    engine = denoiser_engine(module, device, dtype)
+    cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
+    step = guided_step(engine, cfg_parallel, config, size, device, dtype)
+    if plan.world_size > 1:
+        return _timed(step, device, repeat)
+    return statistics.median(time_alone(step, device, repeat)[1])  # alone, so no barrier
 
 
 def _rank_main(rank: int, args: dict) -> dict | None:
