@@ -28,6 +28,11 @@ from .world import free_port
 
 logger = logging.getLogger(__name__)
 
+# After a rank reports an error, how long to wait for a peer's exit to show before blaming the reporting rank.
+# A peer killed mid-collective is reaped within milliseconds once its threads are gone; a genuine error on a
+# healthy group costs this much extra before the request fails.
+PEER_EXIT_GRACE_S = 2.0
+
 
 class WorkerGroupError(RuntimeError):
     """A worker died or failed; the in-flight request is lost and the group is rebuilt before the next one."""
@@ -170,8 +175,9 @@ class WorkerGroup:
         A worker that died between requests can still look alive when the next request arrives: a killed
         multi-threaded process is reaped only once all its threads have exited, so `is_alive()` stays True for a
         moment after the kill (measured: a request sent right after a SIGKILL found the group "healthy" and then
-        failed). So when a worker turns out to be gone before any rank reported anything for this request, the
-        group is rebuilt and the request sent once more; a worker lost mid-request fails the request.
+        failed, or its peer's first collective failed on it). So when a worker turns out to be gone before any rank
+        reported a step of this request, the group is rebuilt and the request sent once more; a worker lost
+        mid-request fails the request.
         """
         for attempt in (1, 2):
             progressed: list[bool] = []
@@ -242,6 +248,7 @@ class WorkerGroup:
                         del by_handle[handle]  # its sentinel reports the exit
                         continue
                     if msg[0] == "error":
+                        self._raise_for_gone_peer(rank, doing)
                         raise self._fail(f"denoiser worker rank {rank} failed while {doing}:\n{msg[1]}")
                     try:
                         if accept(rank, msg):
@@ -250,10 +257,22 @@ class WorkerGroup:
                         self.close()  # e.g. a cancelled request: the workers are mid-loop
                         raise
                 else:
-                    proc = self._procs[rank]
-                    proc.join(timeout=1)
-                    raise self._fail(
-                        f"denoiser worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} while "
-                        f"{doing}; the request failed and the worker group will be restarted before the next request",
-                        worker_gone=True,
-                    )
+                    raise self._gone(rank, doing)
+
+    def _gone(self, rank: int, doing: str) -> WorkerGroupError:
+        proc = self._procs[rank]
+        proc.join(timeout=1)
+        return self._fail(
+            f"denoiser worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} while "
+            f"{doing}; the request failed and the worker group will be restarted before the next request",
+            worker_gone=True,
+        )
+
+    def _raise_for_gone_peer(self, reporting_rank: int, doing: str, grace_s: float = PEER_EXIT_GRACE_S) -> None:
+        """A rank's error is often its collective failing because a peer died (gloo: "connection reset"; NCCL:
+        a remote error), and it can arrive before the dead peer's exit is seen. The dead peer is the cause: name
+        it, and mark the failure as a lost worker (so a request that had not started yet is sent again)."""
+        others = {self._procs[r].sentinel: r for r in range(len(self._procs)) if r != reporting_rank}
+        ready = wait(list(others), timeout=grace_s)
+        if ready:
+            raise self._gone(min(others[h] for h in ready), doing)
