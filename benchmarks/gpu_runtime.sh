@@ -10,7 +10,7 @@ source "$(dirname "$0")/gpu_host_env.sh"
 mode=$1
 shift
 case $mode in
-  tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tee "$OUT/test_gpu.log" ;;
+  tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_parallel.py 2>&1 | tee "$OUT/test_gpu.log" ;;
   graphs) python3 benchmarks/step_variants.py --sizes "$@" --variants eager graphs --out "$OUT/graphs.json" ;;
   swap) python3 benchmarks/step_variants.py --sizes "$@" --variants resident swap --out "$OUT/swap.json" ;;
   swapgraphs) python3 benchmarks/step_variants.py --sizes "$@" --variants swap swap+graphs --out "$OUT/swapgraphs.json" ;;

@@ -40,7 +40,14 @@ import torch.distributed as dist
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from parallel_step import SIZES, TINY_TRANSFORMER, build_rank_expert, guided_step, time_alone  # noqa: E402
+from parallel_step import (  # noqa: E402
+    SIZES,
+    TINY_TRANSFORMER,
+    build_rank_expert,
+    guided_step,
+    served_engine,
+    time_alone,
+)
 
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
 from wan_triton.parallel.perf_model import (  # noqa: E402
@@ -125,7 +132,6 @@ def _time_size(engine, cfg_parallel, config: dict, size: tuple[int, int, int], r
 
 def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, device, dtype) -> dict:
     """Rank 0's step seconds at each size, its weight bytes (one expert) and its peak memory."""
-    from wan_triton.engines.torch_engine import denoiser_engine
     from wan_triton.parallel.cfg import CfgParallel
 
     groups = _rank0_of(plan)
@@ -135,11 +141,7 @@ def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, devic
         _free(device)
         weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
         allocated_bytes = _allocated(device) - base  # on cuda: what the rank's device really holds after the cut
-        if args.compile:
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # As served: fullgraph on one GPU; a parallel rank allows graph breaks at collectives (rank.py).
-            module.compile_repeated_blocks(fullgraph=plan.is_single, dynamic=False)
-        engine = denoiser_engine(module, device, dtype)
+        engine = served_engine(module, plan, device, dtype, args.compile, cuda_graphs=False)
         cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
         entry: dict = {
             "world_size": plan.world_size,

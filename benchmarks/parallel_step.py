@@ -11,7 +11,7 @@ The analytic model (`wan_triton.parallel.perf_model`, assumptions in its docstri
 step time and the bandwidths of this run; its world-size-2 predictions are printed next to the measurements (the
 check of the model) and it predicts every plan of 4 and 8 GPUs.
 
-    python benchmarks/parallel_step.py --sizes 480p 720p --out $OUT/parallel_step.json          # 2x H200
+    python benchmarks/parallel_step.py --sizes 480p 720p --compile --out $OUT/parallel_step.json   # 2x H200
     python benchmarks/parallel_step.py --device cpu --backend gloo --tiny --out out/parallel_tiny.json
 """
 
@@ -113,6 +113,23 @@ def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backe
     return module
 
 
+def served_engine(module, plan, device, dtype, compile_blocks: bool, cuda_graphs: bool):
+    """The engine a rank serves `module` with: regional compile as rank.py does it (fullgraph on one GPU; a
+    parallel rank allows graph breaks at collectives) and CUDA graphs around the forward, collectives included
+    (a parallel rank never falls back to eager alone, see engines.cuda_graph)."""
+    from wan_triton.engines.torch_engine import denoiser_engine
+
+    if compile_blocks:
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        module.compile_repeated_blocks(fullgraph=plan.is_single, dynamic=False)
+    engine = denoiser_engine(module, device, dtype)
+    if cuda_graphs:
+        from wan_triton.engines.cuda_graph import CudaGraphEngine
+
+        engine = CudaGraphEngine(engine, eager_fallback=plan.is_single)
+    return engine
+
+
 def guided_step(engine, cfg_parallel, config: dict, size: tuple[int, int, int], device, dtype):
     """A function running one guided step (`denoise_step`: forward(s), CFG exchange, guidance combine, UniPC
     update) on fixed random latents and text at `size`, advancing through the solver's timesteps."""
@@ -155,17 +172,17 @@ def time_alone(step, device: torch.device, repeat: int, after_warmup=None) -> tu
     return warmup_s, times
 
 
-def _time_plan(plan, config, size, dtype, device, attention_backend, repeat):
+def _time_plan(plan, config, size, dtype, device, args: dict):
     """Median step seconds of `plan` on the ranks it uses (None on the others)."""
-    from wan_triton.engines.torch_engine import denoiser_engine
     from wan_triton.parallel.cfg import CfgParallel
     from wan_triton.parallel.groups import create_groups
 
     groups = create_groups(plan)  # the 1-GPU baseline: rank 0 alone; the other ranks wait at the next barrier
     if groups is None:
         return None
-    module = build_rank_expert(plan, groups, config, dtype, device, attention_backend)
-    engine = denoiser_engine(module, device, dtype)
+    repeat = args["repeat"]
+    module = build_rank_expert(plan, groups, config, dtype, device, args["attention"])
+    engine = served_engine(module, plan, device, dtype, args["compile"], args["cuda_graphs"])
     cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
     step = guided_step(engine, cfg_parallel, config, size, device, dtype)
     if plan.world_size > 1:
@@ -188,8 +205,9 @@ def _rank_main(rank: int, args: dict) -> dict | None:
         size = SIZES[size_name]
         entry = {}
         for plan in plans:
-            step_s = _time_plan(plan, config, size, dtype, device, args["attention"], args["repeat"])
+            step_s = _time_plan(plan, config, size, dtype, device, args)
             dist.barrier()
+            torch._dynamo.reset()  # each plan's blocks are new modules; do not let their compiled graphs pile up
             if rank == 0:
                 entry[str(plan)] = step_s
                 logger.info("%s %s: %.4f s per step", size_name, plan, step_s)
@@ -240,6 +258,8 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 4-head tiny expert in fp32 at 64x64x9 (smoke test)")
     parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES))
     parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.attention)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
+    parser.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs around each forward, as served")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--bandwidth-mib", type=int, default=None, help="message size of the bandwidth test")
     parser.add_argument("--out", type=Path, required=True)
@@ -256,6 +276,8 @@ def main() -> None:
         "sizes": sizes,
         "attention": args.attention,
         "repeat": args.repeat,
+        "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         "bandwidth_bytes": mib << 20,
     }
     started = time.perf_counter()
@@ -265,6 +287,8 @@ def main() -> None:
     result.update(
         device=f"{args.world_size}x {device_name}",
         backend=backend,
+        compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         commit=os.environ.get("COMMIT", "unknown"),
         torch=torch.__version__,
         python=platform.python_version(),
@@ -277,7 +301,10 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
 
     bw = result["bandwidth"]
-    print(f"\n{result['device']} ({backend})  commit {result['commit']}")
+    print(
+        f"\n{result['device']} ({backend})  commit {result['commit']}  compile {args.compile}  "
+        f"cuda graphs {args.cuda_graphs}"
+    )
     print(
         "bus bandwidth GB/s: all-reduce {:.1f}, all-to-all {:.1f}, all-gather {:.1f}; latency {:.1f} us".format(
             bw["all_reduce"] / 1e9, bw["all_to_all"] / 1e9, bw["all_gather"] / 1e9, bw["latency_s"] * 1e6

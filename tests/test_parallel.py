@@ -177,6 +177,10 @@ def test_deployment_plan_setting():
         ComponentConfig(engine="onnxruntime", parallel={"tp": 2})
     with pytest.raises(ValueError, match="extra"):
         ComponentConfig(engine="torch", parallel={"pp": 2})
+    # CUDA graphs capture the ranks' collectives (tests/test_gpu_parallel.py); swapping experts stays single-GPU.
+    assert ComponentConfig(engine="torch", device="cuda", parallel={"ulysses": 2}, cuda_graphs=True).cuda_graphs
+    with pytest.raises(ValueError, match="does not combine with expert_residency: swap"):
+        ComponentConfig(engine="torch", device="cuda", parallel={"tp": 2}, expert_residency="swap")
 
 
 def test_single_rank_path_untouched(single):

@@ -44,6 +44,7 @@ class ComponentConfig(_Strict):
     expert_residency: Literal["auto", "resident", "swap"] = "auto"
     # Denoiser only (torch engine on CUDA): replay each expert's forward as a CUDA graph captured per input shape,
     # which removes the kernel-launch overhead that dominates small shapes (see wan_triton.engines.cuda_graph).
+    # With a parallel plan the forward's collectives are captured too.
     cuda_graphs: bool = False
 
     # Denoiser only: multi-GPU plan, cfg x ulysses x tp ranks (wan_triton.parallel). Above 1x1x1 the scheduler
@@ -63,9 +64,9 @@ class ComponentConfig(_Strict):
             raise ValueError(
                 f"parallel plan {self.parallel} runs one instance (one worker group), not {self.instance_count}"
             )
-        if not self.parallel.is_single and (self.cuda_graphs or self.expert_residency == "swap"):
-            # The ranks build their experts themselves, resident and without graphs (not yet combined).
-            raise ValueError(f"parallel plan {self.parallel} does not combine with cuda_graphs or expert swapping")
+        if not self.parallel.is_single and self.expert_residency == "swap":
+            # The ranks keep their experts resident: a TP shard is what makes both experts fit.
+            raise ValueError(f"parallel plan {self.parallel} does not combine with expert_residency: swap")
         return self
 
 

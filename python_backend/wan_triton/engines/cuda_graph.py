@@ -11,6 +11,15 @@ next replay overwrites. All graphs of one engine share one memory pool: they nev
 replay rewrites its own intermediates, so sharing is safe and keeps the activation memory of one shape, not one
 per shape. A capture that fails (an operation that cannot be captured) falls back to eager for that signature
 and says so in the log.
+
+Collectives (a rank of a parallel plan: Ulysses all-to-alls, tensor-parallel all-reduces inside the forward) are
+captured with the rest: NCCL operations are capturable, with one rule (NCCL's "Using NCCL with CUDA Graphs"):
+whether an operation is captured must be the same on every rank of its communicator, and a graph holding one is
+launched by all of them. The ranks see the same requests in the same order, so they capture the same signatures
+at the same call; the warm-up runs before capture also initialise the communicators and their peer connections,
+which NCCL asks for before capturing point-to-point operations (an all-to-all is made of them). A rank whose
+capture failed must not go on eagerly while its peers replay, so such an engine (`eager_fallback=False`) raises
+instead, and the request fails.
 """
 
 from __future__ import annotations
@@ -38,10 +47,11 @@ class _Captured:
 class CudaGraphEngine(Engine):
     """Runs `inner` (a CUDA torch engine) by replaying a graph captured on the first call of each signature."""
 
-    def __init__(self, inner: TorchEngine, warmup_runs: int = 2) -> None:
+    def __init__(self, inner: TorchEngine, warmup_runs: int = 2, eager_fallback: bool = True) -> None:
         if inner.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA engine")
         self.inner = inner
+        self.eager_fallback = eager_fallback
         self.kind = inner.kind
         self.device = inner.device
         self.dtype = inner.dtype
@@ -80,9 +90,11 @@ class CudaGraphEngine(Engine):
         try:
             with torch.cuda.graph(graph, pool=self.pool):
                 outputs = self.inner.run(static)
-        except RuntimeError:
-            logger.warning("CUDA-graph capture failed for %s; running it eagerly", key, exc_info=True)
+        except RuntimeError as exc:
             torch.cuda.synchronize(self.device)
+            if not self.eager_fallback:
+                raise RuntimeError(f"CUDA-graph capture failed for {key}: {exc}") from exc
+            logger.warning("CUDA-graph capture failed for %s; running it eagerly", key, exc_info=True)
             return None
         logger.info("captured a CUDA graph for %s", [(n, s) for n, s, _, _ in key])
         return _Captured(graph, static, outputs)

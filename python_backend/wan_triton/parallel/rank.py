@@ -45,6 +45,13 @@ def build_rank_denoiser(
             # process group the compiled ranks computed 1/N of the 1-GPU step (benchmarks/RESULTS.md); with
             # NCCL on several GPUs this is still unmeasured.
             module.compile_repeated_blocks(fullgraph=False, dynamic=False)
-        experts[name] = denoiser_engine(module, device, dtype)
+        engine = denoiser_engine(module, device, dtype)
+        if cfg.cuda_graphs:
+            from ..engines.cuda_graph import CudaGraphEngine
+
+            # The forward's collectives are captured with it; a failed capture fails the request rather than
+            # running eagerly while the peers replay (see engines.cuda_graph).
+            engine = CudaGraphEngine(engine, eager_fallback=False)
+        experts[name] = engine
     cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
     return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, cfg_parallel=cfg_parallel)
