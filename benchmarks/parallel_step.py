@@ -74,6 +74,7 @@ def measure_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int, rep
     x = torch.randn(elems, device=device).to(dtype)
     out = torch.empty_like(x)
     parts = [torch.empty(elems // n, device=device, dtype=dtype) for _ in range(n)]
+    # NCCL-tests' bus bandwidth: bytes x factor / time, the bytes being the whole buffer (an all-gather's output).
     kinds = {
         "all_reduce": (lambda: dist.all_reduce(x), 2 * (n - 1) / n),
         "all_to_all": (lambda: dist.all_to_all_single(out, x), (n - 1) / n),
@@ -81,8 +82,7 @@ def measure_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int, rep
     }
     result = {}
     for kind, (fn, factor) in kinds.items():
-        per_rank_bytes = nbytes if kind != "all_gather" else nbytes // n
-        result[kind] = per_rank_bytes * factor / _timed(fn, device, repeat)
+        result[kind] = nbytes * factor / _timed(fn, device, repeat)
     small = torch.zeros(256, device=device, dtype=dtype)
     result["latency_s"] = _timed(lambda: [dist.all_reduce(small) for _ in range(20)], device, repeat) / 20
     return result

@@ -15,8 +15,9 @@ Assumptions (each one can be checked against the 2-GPU measurements of the same 
    text 4 L d^2 / tp (every ulysses rank repeats it); self-attention 4 S^2 d / (ulysses x tp); cross-attention
    4 S L d / (ulysses x tp). Unguided requests (B = 1) are not modelled.
 3. No overlap of communication with compute (the implementation issues collectives in line), so their times add.
-4. A collective of M bytes per rank over n ranks takes latency + M x factor(n) / busbw, with NCCL-tests' bus
-   bandwidth factors: all-reduce 2 (n - 1) / n, all-gather and all-to-all (n - 1) / n. The bus bandwidth measured
+4. A collective of M bytes per rank (its input) over n ranks takes latency + M x factor(n) / busbw, with
+   NCCL-tests' bus bandwidth factors: all-reduce 2 (n - 1) / n, all-to-all (n - 1) / n, all-gather n - 1 (NCCL-tests
+   counts an all-gather's output, n M, with the factor (n - 1) / n). The bus bandwidth measured
    for each kind on 2 GPUs is taken to hold for 4 and 8 GPUs of the same NVSwitch host (NVSwitch gives every GPU
    its full link bandwidth whatever the group size); a multi-node plan is out of scope.
 5. Collectives per forward, per layer: tp: three all-reduces of [B, S/u, d] (self-attention out, cross-attention
@@ -119,7 +120,8 @@ def collectives(shape: ModelShape, plan: ParallelPlan) -> list[Collective]:
 
 
 def _bus_factor(kind: str, n: int) -> float:
-    return 2 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
+    """Bytes on the bus per byte of a rank's input, NCCL-tests' convention (assumption 4)."""
+    return {"all_reduce": 2 * (n - 1) / n, "all_to_all": (n - 1) / n, "all_gather": n - 1}[kind]
 
 
 def collective_seconds(c: Collective, bw: Bandwidth) -> float:
