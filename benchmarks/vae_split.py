@@ -1,0 +1,176 @@
+"""VAE decode on one rank vs split by width over N ranks (wan_triton.parallel.vae_split), measured on ONE GPU.
+
+The ranks of a split are symmetric (each decodes w/N latent columns, plus one halo column per side and 3x3
+convolution), so rank 0's time is the split's compute. This script decodes as rank 0 of a fake process group of N
+(torch.distributed's `fake_pg`), its all-gathers replaced by local copies of this rank's data (the fake group
+leaves outputs unwritten; see `parallel_compute.value_preserving_collectives`). It counts every all-gather (calls
+and bytes) and prices the communication with `wan_triton.parallel.perf_model` at the NCCL bus bandwidth given
+(default: the all-to-all figure measured on 2x H200 NV18, BASELINES.md, 295 GB/s, and 20 us a call). The N = 1
+row is the served one-GPU decode (`VaeDecoder` over diffusers' AutoencoderKLWan), in the same run.
+
+The VAE has random weights (A14B's Wan 2.1 VAE config) built on the device; 81 frames (21 latent frames).
+
+    python benchmarks/vae_split.py --sizes 720p --splits 1 2 4 8 --out $OUT/vae_split.json     # a GPU host
+    python benchmarks/vae_split.py --device cpu --sizes tiny --splits 1 2 --out out/vae_split_tiny.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
+
+from wan_build.shapes_checkpoint import make_shapes_checkpoint  # noqa: E402
+from wan_triton.checkpoint import Checkpoint  # noqa: E402
+from wan_triton.parallel.perf_model import Bandwidth, Collective, collective_seconds  # noqa: E402
+from wan_triton.vae import VaeDecoder, torch_vae_decode_fn  # noqa: E402
+
+# (height, width, num_latent_frames)
+SIZES = {"480p": (480, 832, 21), "720p": (720, 1280, 21), "tiny": (32, 64, 2)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _GatherCounter:
+    """Wraps the value-preserving all-gather stand-in: calls and input bytes per call."""
+
+    def __init__(self) -> None:
+        self.bytes: list[int] = []
+        self.counting = False
+
+    def __call__(self, tensor_list, tensor, *args, **kwargs):
+        if self.counting:
+            self.bytes.append(tensor.numel() * tensor.element_size())
+        for part in tensor_list:
+            part.copy_(tensor)
+
+
+def measure(ckpt: Checkpoint, size: tuple[int, int, int], dtype, splits: int, device, repeat: int) -> dict:
+    from wan_triton.parallel.vae_split import split_decode_fn, split_vae_decoder
+
+    height, width, latent_frames = size
+    gen = torch.Generator(device.type).manual_seed(0)
+    latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, device=device, generator=gen)
+    vae = ckpt.load_vae(dtype, str(device))
+    counter = _GatherCounter()
+    if splits > 1:
+        from torch.testing._internal.distributed.fake_pg import FakeStore
+
+        dist.init_process_group("fake", rank=0, world_size=splits, store=FakeStore())
+        decode_fn = split_decode_fn(split_vae_decoder(vae, dist.group.WORLD), dist.group.WORLD)
+    else:
+        decode_fn = torch_vae_decode_fn(vae)
+    decoder = VaeDecoder(ckpt, decode_fn, device, dtype)
+    saved = dist.all_gather
+    dist.all_gather = counter
+    try:
+        decoder(latents)  # warm-up
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        times = []
+        for i in range(repeat):
+            counter.counting = i == 0
+            started = time.perf_counter()
+            video = decoder(latents)
+            _sync(device)
+            times.append(time.perf_counter() - started)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda" else None
+    finally:
+        dist.all_gather = saved
+        if splits > 1:
+            dist.destroy_process_group()
+    entry = {
+        "splits": splits,
+        "decode_s": statistics.median(times),
+        "times": times,
+        "peak_activation_gb": peak,
+        "all_gather_calls": len(counter.bytes),
+        "all_gather_input_bytes": sum(counter.bytes),
+        "frames_shape": list(video.shape),
+    }
+    del video, decoder, vae
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return entry
+
+
+def comm_seconds(entry: dict, bw: Bandwidth) -> float:
+    n = entry["splits"]
+    if n == 1:
+        return 0.0
+    calls, total = entry["all_gather_calls"], entry["all_gather_input_bytes"]
+    # The model prices a collective as latency + bytes x factor / busbw; summing per call is the same as pricing
+    # the total bytes once plus latency per call.
+    return collective_seconds(Collective("all_gather", n, total, 1), bw) + (calls - 1) * bw.latency_s
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--sizes", nargs="+", default=["720p"], choices=list(SIZES))
+    parser.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--all-gather-gbps", type=float, default=295.0, help="NCCL bus bandwidth, GB/s")
+    parser.add_argument("--latency-us", type=float, default=20.0, help="fixed cost of one collective call")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    # As the server runs: PyTorch's defaults (cuDNN TF32 on, matmul TF32 off).
+    bw = Bandwidth(
+        all_reduce=0.0, all_to_all=0.0, all_gather=args.all_gather_gbps * 1e9, latency_s=args.latency_us * 1e-6
+    )
+    ckpt = Checkpoint.open(make_shapes_checkpoint(Path(tempfile.mkdtemp()) / "a14b"))
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "commit": os.environ.get("COMMIT", "unknown"),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
+        "bandwidth": {"all_gather": bw.all_gather, "latency_s": bw.latency_s},
+        "sizes": {},
+    }
+    print(f"{'size':5} {'prec':5} {'N':>2} {'decode s':>9} {'comm s':>7} {'total s':>8} {'speedup':>8} {'peak GB':>8}")
+    for size_name in args.sizes:
+        result["sizes"][size_name] = {}
+        for precision in args.precisions:
+            rows = []
+            for n in args.splits:
+                entry = measure(ckpt, SIZES[size_name], DTYPES[precision], n, device, args.repeat)
+                entry["comm_s_predicted"] = comm_seconds(entry, bw)
+                entry["total_s_predicted"] = entry["decode_s"] + entry["comm_s_predicted"]
+                rows.append(entry)
+                one = rows[0]["decode_s"] if rows[0]["splits"] == 1 else float("nan")
+                entry["speedup_predicted"] = one / entry["total_s_predicted"]
+                peak = "-" if entry["peak_activation_gb"] is None else f"{entry['peak_activation_gb']:.1f}"
+                print(
+                    f"{size_name:5} {precision:5} {n:2} {entry['decode_s']:9.3f} {entry['comm_s_predicted']:7.3f} "
+                    f"{entry['total_s_predicted']:8.3f} {entry['speedup_predicted']:8.2f} {peak:>8}",
+                    flush=True,
+                )
+            result["sizes"][size_name][precision] = rows
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
