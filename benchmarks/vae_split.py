@@ -2,11 +2,11 @@
 
 The ranks of a split are symmetric (each decodes w/N latent columns, plus one halo column per side and 3x3
 convolution), so rank 0's time is the split's compute. This script decodes as rank 0 of a fake process group of N
-(torch.distributed's `fake_pg`), its all-gathers replaced by local copies of this rank's data (the fake group
-leaves outputs unwritten; see `parallel_compute.value_preserving_collectives`). It counts every all-gather (calls
-and bytes) and prices the communication with `wan_triton.parallel.perf_model` at the NCCL bus bandwidth given
-(default: the all-to-all figure measured on 2x H200 NV18, BASELINES.md, 295 GB/s, and 20 us a call). The N = 1
-row is the served one-GPU decode (`VaeDecoder` over diffusers' AutoencoderKLWan), in the same run.
+(torch.distributed's `fake_pg`), its all-gathers and the final gather replaced by local copies of this rank's
+data (the fake group leaves outputs unwritten; see `parallel_compute.value_preserving_collectives`). It counts
+them (calls and bytes) and prices the communication with `wan_triton.parallel.perf_model` at the NCCL bus
+bandwidth given (default: the all-to-all figure measured on 2x H200 NV18, BASELINES.md, 295 GB/s, and 20 us a
+call). The N = 1 row is the served one-GPU decode (`VaeDecoder` over diffusers' AutoencoderKLWan), in the same run.
 
 The VAE has random weights (A14B's Wan 2.1 VAE config) built on the device; 81 frames (21 latent frames).
 
@@ -47,16 +47,25 @@ def _sync(device: torch.device) -> None:
 
 
 class _GatherCounter:
-    """Wraps the value-preserving all-gather stand-in: calls and input bytes per call."""
+    """Stands in for all_gather and gather: fills the outputs with this rank's data and counts calls and the
+    input bytes of each (both are priced as an all-gather: rank 0 takes in (N - 1) strips either way)."""
 
     def __init__(self) -> None:
         self.bytes: list[int] = []
         self.counting = False
 
-    def __call__(self, tensor_list, tensor, *args, **kwargs):
+    def _count(self, tensor: torch.Tensor) -> None:
         if self.counting:
             self.bytes.append(tensor.numel() * tensor.element_size())
+
+    def all_gather(self, tensor_list, tensor, *args, **kwargs):
+        self._count(tensor)
         for part in tensor_list:
+            part.copy_(tensor)
+
+    def gather(self, tensor, gather_list=None, *args, **kwargs):
+        self._count(tensor)
+        for part in gather_list or []:
             part.copy_(tensor)
 
 
@@ -76,8 +85,8 @@ def measure(ckpt: Checkpoint, size: tuple[int, int, int], dtype, splits: int, de
     else:
         decode_fn = torch_vae_decode_fn(vae)
     decoder = VaeDecoder(ckpt, decode_fn, device, dtype)
-    saved = dist.all_gather
-    dist.all_gather = counter
+    saved = dist.all_gather, dist.gather
+    dist.all_gather, dist.gather = counter.all_gather, counter.gather
     try:
         decoder(latents)  # warm-up
         _sync(device)
@@ -93,7 +102,7 @@ def measure(ckpt: Checkpoint, size: tuple[int, int, int], dtype, splits: int, de
             times.append(time.perf_counter() - started)
         peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda" else None
     finally:
-        dist.all_gather = saved
+        dist.all_gather, dist.gather = saved
         if splits > 1:
             dist.destroy_process_group()
     entry = {
