@@ -1,6 +1,7 @@
 """A parallel plan through the real Triton server: the scheduler model runs a worker group of 2 gloo processes
-(tp 2, from build-time shards) and the frames match diffusers' WanPipeline; a worker killed between requests is
-replaced before the next one (a worker killed mid-request: tests/test_worker_group.py)."""
+(tp 2, from build-time shards), the vae_decoder model another 2 (the decode split by width), and the frames match
+diffusers' WanPipeline; a worker of either group killed between requests is replaced before the next one (a worker
+killed mid-request: tests/test_worker_group.py)."""
 
 from __future__ import annotations
 
@@ -53,8 +54,9 @@ def _scheduler_dir(server) -> Path:
     return server.log_path.parent / f"repo_{PARALLEL_MODEL}" / f"{PARALLEL_MODEL}_scheduler"
 
 
-def _workers(server) -> list[int]:
-    """The worker group's processes: the server's descendants started by multiprocessing's spawn."""
+def _workers(server, stage: str = "scheduler") -> list[int]:
+    """A worker group's processes: the children that multiprocessing's spawn started from the Python backend stub
+    of `stage` (the scheduler's denoiser group, the vae_decoder's split decode)."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -63,18 +65,17 @@ def _workers(server) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [server.process.pid]
-    while todo:
-        pid = todo.pop()
-        for child in children.get(pid, []):
-            todo.append(child)
-            try:
-                cmdline = (Path("/proc") / str(child) / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"spawn_main" in cmdline:
-                found.append(child)
-    return sorted(found)
+
+    def cmdline(pid: int) -> bytes:
+        try:
+            return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return b""
+
+    model_dir = f"{PARALLEL_MODEL}_{stage}/".encode()
+    stubs = [pid for pid in children.get(server.process.pid, []) if model_dir in cmdline(pid)]
+    assert len(stubs) == 1, f"no single stub of {PARALLEL_MODEL}_{stage}: {stubs}"
+    return sorted(child for child in children.get(stubs[0], []) if b"spawn_main" in cmdline(child))
 
 
 def test_parallel_plan_frames_match_wan_pipeline(client, reference):
@@ -85,6 +86,7 @@ def test_repository_records_the_plan_and_its_shards(server):
     scheduler = _scheduler_dir(server)
     deployment = json.loads((scheduler / "deployment.json").read_text())
     assert deployment["components"]["denoiser"]["parallel"] == {"cfg": 1, "ulysses": 1, "tp": 2}
+    assert deployment["components"]["vae_decoder"]["split_width"] == 2
     manifest = json.loads((scheduler / "1" / "tp2-float32" / "manifest.json").read_text())
     assert manifest["plan"] == {"cfg": 1, "ulysses": 1, "tp": 2}
     assert manifest["experts"]["transformer"]["files"] == [
@@ -108,13 +110,14 @@ def _wait_until_dead(pid: int, timeout_s: float = 30.0) -> None:
     raise AssertionError(f"process {pid} still alive {timeout_s} s after SIGKILL")
 
 
-def test_worker_killed_between_requests_is_replaced(server, client, reference):
-    workers = _workers(server)
+@pytest.mark.parametrize("stage", ["scheduler", "vae_decoder"], ids=["denoiser-group", "vae-group"])
+def test_worker_killed_between_requests_is_replaced(server, client, reference, stage):
+    workers = _workers(server, stage)
     assert len(workers) == 2, workers
     os.kill(workers[1], signal.SIGKILL)
     _wait_until_dead(workers[1])  # a kill is delivered asynchronously: "between requests" means dead before the next
     assert_frames_close(_frames(client), reference)
-    replaced = _workers(server)
+    replaced = _workers(server, stage)
     assert len(replaced) == 2 and set(replaced).isdisjoint(workers), (workers, replaced)
 
 

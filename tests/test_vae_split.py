@@ -66,3 +66,37 @@ def test_strips_decoded_alone_do_not_match(vae_and_latents):
     with torch.inference_mode():
         alone = torch.cat([vae.decode(s, return_dict=False)[0] for s in latents.chunk(2, dim=-1)], dim=-1)
     assert _rel_l2(alone, whole) > 1e-2
+
+
+def test_vae_worker_group_serves_the_split_decode(tiny4_checkpoint, vae_and_latents):
+    from wan_triton.components import build_vae_decoder
+    from wan_triton.deployment import ComponentConfig
+
+    _, latents, _ = vae_and_latents
+    ckpt = Checkpoint.open(tiny4_checkpoint)
+    single = build_vae_decoder(ckpt, ComponentConfig(engine="torch"), Path("/nonexistent"))
+    group = build_vae_decoder(ckpt, ComponentConfig(engine="torch", split_width=2), Path("/nonexistent"))
+    try:
+        expected = single.frames(latents)
+        assert np.abs(group.frames(latents).astype(int) - expected.astype(int)).max() <= 1
+        assert group.healthy() and len(group.pids) == 2
+    finally:
+        group.close()
+
+
+def test_split_width_is_a_vae_setting():
+    from pydantic import ValidationError
+
+    from wan_triton.deployment import ComponentConfig, Components
+
+    torch_cpu = ComponentConfig(engine="torch")
+    with pytest.raises(ValidationError, match="denoiser: split_width is a vae_decoder setting"):
+        Components(
+            text_encoder=torch_cpu, denoiser=ComponentConfig(engine="torch", split_width=2), vae_decoder=torch_cpu
+        )
+    with pytest.raises(ValidationError, match="vae_decoder: parallel is a denoiser setting"):
+        Components(
+            text_encoder=torch_cpu, denoiser=torch_cpu, vae_decoder=ComponentConfig(engine="torch", parallel={"tp": 2})
+        )
+    with pytest.raises(ValidationError, match="split_width 2 needs engine torch and one instance"):
+        ComponentConfig(engine="onnxruntime", split_width=2)

@@ -16,7 +16,7 @@ from .engines.base import Engine, EngineKind
 from .vae import VaeDecoder, torch_vae_decode_fn
 
 if TYPE_CHECKING:
-    from .parallel.group import WorkerGroup
+    from .parallel.group import VaeWorkerGroup, WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -158,19 +158,21 @@ def build_denoiser(
     return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, swapper=swapper)
 
 
+def _group_device_ids(cfg: ComponentConfig, device_id: int, world: int, what: str) -> tuple[int, ...]:
+    """GPUs device_id .. device_id + world - 1 on cuda (checked to exist); none on cpu."""
+    if cfg.device != "cuda":
+        return ()
+    if not torch.cuda.is_available() or torch.cuda.device_count() < device_id + world:
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        raise RuntimeError(f"{what} needs GPUs {device_id}..{device_id + world - 1}; {available} found")
+    return tuple(range(device_id, device_id + world))
+
+
 def _worker_group(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int) -> WorkerGroup:
     from .parallel.group import WorkerGroup
     from .parallel.shards import find_shards
 
-    world = cfg.parallel.world_size
-    if cfg.device == "cuda":
-        if not torch.cuda.is_available() or torch.cuda.device_count() < device_id + world:
-            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            last = device_id + world - 1
-            raise RuntimeError(f"plan {cfg.parallel} needs GPUs {device_id}..{last}; {available} found")
-        device_ids = tuple(range(device_id, device_id + world))
-    else:
-        device_ids = ()
+    device_ids = _group_device_ids(cfg, device_id, cfg.parallel.world_size, f"plan {cfg.parallel}")
     group = WorkerGroup(ckpt, cfg, device_ids, shards=find_shards(artifacts, ckpt, cfg.parallel, cfg.precision))
     group.start()
     return group
@@ -184,7 +186,18 @@ def warm_up_denoiser(denoiser: Denoiser | WorkerGroup, height: int, width: int, 
         denoiser.warm_up(height, width, num_frames)
 
 
-def build_vae_decoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> VaeDecoder:
+def build_vae_decoder(
+    ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0
+) -> VaeDecoder | VaeWorkerGroup:
+    """Latents to video; both kinds give uint8 frames with `.frames(latents)`. With `split_width` above 1, a
+    started worker group decoding the frame's width in that many strips (one GPU each from `device_id` on)."""
+    if cfg.split_width > 1:
+        from .parallel.group import VaeWorkerGroup
+
+        ids = _group_device_ids(cfg, device_id, cfg.split_width, f"split_width {cfg.split_width}")
+        group = VaeWorkerGroup(ckpt, cfg, ids)
+        group.start()
+        return group
     match cfg.engine:
         case EngineKind.TORCH:
             device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]

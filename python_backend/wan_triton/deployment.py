@@ -50,6 +50,10 @@ class ComponentConfig(_Strict):
     # Denoiser only: multi-GPU plan, cfg x ulysses x tp ranks (wan_triton.parallel). Above 1x1x1 the scheduler
     # runs a worker group of that many processes (one GPU each on cuda; gloo on cpu) with the torch engine.
     parallel: ParallelPlan = ParallelPlan()
+    # VAE decoder only (torch engine): decode split by frame width over this many processes (one GPU each from the
+    # model's device on, on cuda; gloo on cpu), exact up to summation order (wan_triton.parallel.vae_split). On one
+    # H100 a 720p fp32 decode computes in 7.63 s whole and 1.20 s as one of 8 strips (benchmarks/RESULTS.md).
+    split_width: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _engine_options(self) -> ComponentConfig:
@@ -64,6 +68,8 @@ class ComponentConfig(_Strict):
             raise ValueError(
                 f"parallel plan {self.parallel} runs one instance (one worker group), not {self.instance_count}"
             )
+        if self.split_width > 1 and (self.engine != EngineKind.TORCH or self.instance_count != 1):
+            raise ValueError(f"split_width {self.split_width} needs engine torch and one instance")
         if not self.parallel.is_single and self.expert_residency == "swap":
             # The ranks keep their experts resident: a TP shard is what makes both experts fit.
             raise ValueError(f"parallel plan {self.parallel} does not combine with expert_residency: swap")
@@ -74,6 +80,17 @@ class Components(_Strict):
     text_encoder: ComponentConfig
     denoiser: ComponentConfig
     vae_decoder: ComponentConfig
+
+    @model_validator(mode="after")
+    def _parallel_settings_in_place(self) -> Components:
+        # Each parallel setting belongs to one component: a plan splits the denoiser, split_width the VAE decode.
+        for name in ("text_encoder", "vae_decoder"):
+            if not getattr(self, name).parallel.is_single:
+                raise ValueError(f"{name}: parallel is a denoiser setting (the VAE decode splits with split_width)")
+        for name in ("text_encoder", "denoiser"):
+            if getattr(self, name).split_width != 1:
+                raise ValueError(f"{name}: split_width is a vae_decoder setting")
+        return self
 
 
 class Limits(_Strict):

@@ -21,7 +21,6 @@ from .engines.base import Engine
 from .request import GenerationRequest
 from .text import PromptTokenizer, encode_tokens
 from .vae import VaeDecoder
-from .video import to_uint8_frames
 
 logger = logging.getLogger(__name__)
 
@@ -57,4 +56,4 @@ class LocalPipeline:
         """Returns frames, uint8 [num_frames, height, width, 3]."""
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts_for(request))
         latents = self.denoiser(request, embeds, on_step)
-        return to_uint8_frames(self.vae_decoder(latents))
+        return self.vae_decoder.frames(latents)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from .checkpoint import Checkpoint
@@ -32,6 +33,13 @@ class VaeDecoder:
         latents = latents.to(self.device, self.dtype)
         with torch.inference_mode():
             return self.decode_fn(latents / self.inv_std + self.mean)
+
+    def frames(self, latents: torch.Tensor) -> np.ndarray | None:
+        """uint8 RGB frames [F, H, W, 3] (None on a rank of a split decode other than 0)."""
+        from .video import to_uint8_frames  # not at import: it needs PyAV, which GPU benchmark hosts may lack
+
+        video = self(latents)
+        return None if video is None else to_uint8_frames(video)
 
 
 def torch_vae_decode_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -1,9 +1,11 @@
-"""The worker group the scheduler model runs: one process per rank of the plan, living across requests.
+"""Worker groups: one process per rank, living across requests. The scheduler model runs the denoiser's
+(`WorkerGroup`, one process per rank of the plan); the vae_decoder model runs the VAE's when the deployment splits
+the decode (`VaeWorkerGroup`).
 
-Each request goes to every worker; rank 0's latents come back (all ranks end with the same latents). The
-supervisor waits on the workers' pipes and process sentinels together, so a worker that dies mid-request (killed,
-out of memory, a crashed kernel) fails that request at once with a clear error instead of hanging on its peers'
-collectives; the rest of the group is stopped and a fresh group is started before the next request.
+Each request goes to every worker; rank 0's result comes back (latents, or frames). The supervisor waits on the
+workers' pipes and process sentinels together, so a worker that dies mid-request (killed, out of memory, a crashed
+kernel) fails that request at once with a clear error instead of hanging on its peers' collectives; the rest of the
+group is stopped and a fresh group is started before the next request.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import time
 from multiprocessing.connection import wait
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
@@ -23,7 +26,7 @@ from ..denoise import BatchItem
 from ..deployment import ComponentConfig
 from ..request import GenerationRequest, InvalidRequestError
 from .plan import num_tokens
-from .worker import WorkerSpec, worker_main
+from .worker import Role, WorkerSpec, worker_count, worker_main
 from .world import free_port
 
 logger = logging.getLogger(__name__)
@@ -51,8 +54,10 @@ def _python_executable() -> str:
     return str(Path(sys.prefix) / "bin" / "python3")
 
 
-class WorkerGroup:
-    """Denoiser-like: `group(request, prompt_embeds, on_step)` returns the final latents, as `Denoiser` does."""
+class _Supervisor:
+    """Starts, watches and restarts a group of worker processes (one role) and runs messages on all of them."""
+
+    role: Role
 
     def __init__(
         self,
@@ -62,20 +67,22 @@ class WorkerGroup:
         shards: Path | None = None,
         start_timeout_s: float = 600.0,
     ) -> None:
-        plan = cfg.parallel
-        for expert in ("transformer", "transformer_2"):
-            plan.check_transformer(ckpt.config(expert))
-        if cfg.device == "cuda" and len(device_ids) != plan.world_size:
-            raise ValueError(f"plan {plan} needs {plan.world_size} GPUs, got device ids {device_ids}")
+        self.world_size = worker_count(cfg, self.role)
+        if cfg.device == "cuda" and len(device_ids) != self.world_size:
+            raise ValueError(f"{self.label_of(cfg)} needs {self.world_size} GPUs, got device ids {device_ids}")
         self.ckpt = ckpt
         self.cfg = cfg
-        self.plan = plan
+        self.label = self.label_of(cfg)
         self.device_ids = tuple(device_ids)
         self.shards = shards
         self.start_timeout_s = start_timeout_s
         self._procs: list = []
         self._conns: list = []
         self.generation = 0  # how many times the group has been started
+
+    @classmethod
+    def label_of(cls, cfg: ComponentConfig) -> str:
+        raise NotImplementedError
 
     # Lifecycle
 
@@ -92,15 +99,16 @@ class WorkerGroup:
         ctx.set_executable(_python_executable())
         spec = WorkerSpec(
             checkpoint=str(self.ckpt.root),
-            denoiser=self.cfg,
+            component=self.cfg,
             port=free_port(),
             device_ids=self.device_ids,
             shards=None if self.shards is None else str(self.shards),
+            role=self.role,
         )
         started = time.perf_counter()
-        for rank in range(self.plan.world_size):
+        for rank in range(self.world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(rank, spec, child), name=f"wan-denoiser-rank{rank}")
+            proc = ctx.Process(target=worker_main, args=(rank, spec, child), name=f"wan-{self.role}-rank{rank}")
             proc.daemon = True
             proc.start()
             child.close()
@@ -108,9 +116,7 @@ class WorkerGroup:
             self._conns.append(parent)
         self.generation += 1
         self._collect("starting", lambda rank, msg: msg[0] == "ready", self.start_timeout_s)
-        logger.info(
-            "denoiser worker group %s started (pids %s) in %.1f s", self.plan, self.pids, time.perf_counter() - started
-        )
+        logger.info("%s started (pids %s) in %.1f s", self.label, self.pids, time.perf_counter() - started)
 
     def close(self) -> None:
         """Stop every worker: politely when idle, killed when not."""
@@ -129,45 +135,9 @@ class WorkerGroup:
         self._procs, self._conns = [], []
 
     def _fail(self, message: str, worker_gone: bool = False) -> WorkerGroupError:
-        logger.error(
-            "denoiser worker group %s: %s; stopping it (restarted before the next request)", self.plan, message
-        )
+        logger.error("%s: %s; stopping it (restarted before the next request)", self.label, message)
         self.close()
         return WorkerGroupError(message, worker_gone)
-
-    # Requests
-
-    def __call__(self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step=None) -> torch.Tensor:
-        self.check_request(request)
-        latents = self._send(("denoise", dataclasses.asdict(request), prompt_embeds.float().cpu().numpy()), on_step)
-        return torch.from_numpy(latents)
-
-    def run_batch(self, items: list[BatchItem]) -> list[torch.Tensor | BaseException]:
-        """`Denoiser.run_batch` for the scheduler model: the group denoises one request at a time."""
-        results: list[torch.Tensor | BaseException] = []
-        for item in items:
-            try:
-                results.append(self(item.request, item.prompt_embeds, item.on_step))
-            except Exception as exc:  # noqa: BLE001 - that request's error; the others go on
-                results.append(exc)
-        return results
-
-    def warm_up(self, height: int, width: int, num_frames: int) -> None:
-        self._send(("warm_up", height, width, num_frames))
-
-    def check_request(self, request: GenerationRequest) -> None:
-        """The token sequence must split evenly over the ulysses ranks (no padding): INVALID_ARG otherwise."""
-        ckpt, u = self.ckpt, self.plan.ulysses
-        sp = ckpt.vae_scale_factor_spatial
-        tokens = num_tokens(
-            ckpt.num_latent_frames(request.num_frames), request.height // sp, request.width // sp, ckpt.patch_size
-        )
-        if tokens % u:
-            raise InvalidRequestError(
-                "height, width, num_frames",
-                f"this deployment splits the video's {tokens} tokens (latent frames x height/16 x width/16) over "
-                f"{u} sequence-parallel ranks; choose a size whose token count is divisible by {u}",
-            )
 
     def _send(self, message: tuple, on_step=None):
         """Run `message` on every rank and return rank 0's result.
@@ -187,21 +157,21 @@ class WorkerGroup:
                 if attempt == 2 or progressed or not exc.worker_gone:
                     raise
                 logger.warning(
-                    "denoiser worker group %s: a worker was gone before the request started; rebuilt, sending it again",
-                    self.plan,
+                    "%s: a worker was gone before the request started; rebuilt, sending it again",
+                    self.label,
                 )
         raise AssertionError("unreachable")
 
     def _run(self, message: tuple, on_step, progressed: list[bool]):
         if not self.healthy():
             if self._procs:
-                logger.warning("denoiser worker group %s lost a worker; restarting it", self.plan)
+                logger.warning("%s lost a worker; restarting it", self.label)
             self.start()
         for rank, conn in enumerate(self._conns):
             try:
                 conn.send(message)
             except OSError as exc:
-                raise self._fail(f"denoiser worker rank {rank} is gone ({exc})", worker_gone=True) from None
+                raise self._fail(f"{self.role} worker rank {rank} is gone ({exc})", worker_gone=True) from None
         results: dict[int, object] = {}
         stopped: list[BaseException] = []
 
@@ -249,7 +219,7 @@ class WorkerGroup:
                         continue
                     if msg[0] == "error":
                         self._raise_for_gone_peer(rank, doing)
-                        raise self._fail(f"denoiser worker rank {rank} failed while {doing}:\n{msg[1]}")
+                        raise self._fail(f"{self.role} worker rank {rank} failed while {doing}:\n{msg[1]}")
                     try:
                         if accept(rank, msg):
                             pending.discard(rank)
@@ -263,7 +233,7 @@ class WorkerGroup:
         proc = self._procs[rank]
         proc.join(timeout=1)
         return self._fail(
-            f"denoiser worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} while "
+            f"{self.role} worker rank {rank} (pid {proc.pid}) exited with code {proc.exitcode} while "
             f"{doing}; the request failed and the worker group will be restarted before the next request",
             worker_gone=True,
         )
@@ -276,3 +246,69 @@ class WorkerGroup:
         ready = wait(list(others), timeout=grace_s)
         if ready:
             raise self._gone(min(others[h] for h in ready), doing)
+
+
+class WorkerGroup(_Supervisor):
+    """The denoiser of a parallel plan, Denoiser-like: `group(request, prompt_embeds, on_step)` returns the final
+    latents, as `Denoiser` does."""
+
+    role = "denoiser"
+
+    def __init__(self, ckpt: Checkpoint, cfg: ComponentConfig, *args, **kwargs) -> None:
+        for expert in ("transformer", "transformer_2"):
+            cfg.parallel.check_transformer(ckpt.config(expert))
+        super().__init__(ckpt, cfg, *args, **kwargs)
+        self.plan = cfg.parallel
+
+    @classmethod
+    def label_of(cls, cfg: ComponentConfig) -> str:
+        return f"denoiser worker group {cfg.parallel}"
+
+    def __call__(self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step=None) -> torch.Tensor:
+        self.check_request(request)
+        latents = self._send(("denoise", dataclasses.asdict(request), prompt_embeds.float().cpu().numpy()), on_step)
+        return torch.from_numpy(latents)
+
+    def run_batch(self, items: list[BatchItem]) -> list[torch.Tensor | BaseException]:
+        """`Denoiser.run_batch` for the scheduler model: the group denoises one request at a time."""
+        results: list[torch.Tensor | BaseException] = []
+        for item in items:
+            try:
+                results.append(self(item.request, item.prompt_embeds, item.on_step))
+            except Exception as exc:  # noqa: BLE001 - that request's error; the others go on
+                results.append(exc)
+        return results
+
+    def warm_up(self, height: int, width: int, num_frames: int) -> None:
+        self._send(("warm_up", height, width, num_frames))
+
+    def check_request(self, request: GenerationRequest) -> None:
+        """The token sequence must split evenly over the ulysses ranks (no padding): INVALID_ARG otherwise."""
+        ckpt, u = self.ckpt, self.cfg.parallel.ulysses
+        sp = ckpt.vae_scale_factor_spatial
+        tokens = num_tokens(
+            ckpt.num_latent_frames(request.num_frames), request.height // sp, request.width // sp, ckpt.patch_size
+        )
+        if tokens % u:
+            raise InvalidRequestError(
+                "height, width, num_frames",
+                f"this deployment splits the video's {tokens} tokens (latent frames x height/16 x width/16) over "
+                f"{u} sequence-parallel ranks; choose a size whose token count is divisible by {u}",
+            )
+
+
+class VaeWorkerGroup(_Supervisor):
+    """The VAE decoder split by width over `split_width` processes (wan_triton.parallel.vae_split), VaeDecoder-like
+    for the serving model: `group.frames(latents)` returns rank 0's uint8 frames [F, H, W, 3]."""
+
+    role = "vae"
+
+    @classmethod
+    def label_of(cls, cfg: ComponentConfig) -> str:
+        return f"VAE worker group (width split over {cfg.split_width})"
+
+    def frames(self, latents: torch.Tensor) -> np.ndarray:
+        return self._send(("decode", latents.float().cpu().numpy()))
+
+    def warm_up(self, height: int, width: int, num_frames: int) -> None:
+        self._send(("warm_up", height, width, num_frames))

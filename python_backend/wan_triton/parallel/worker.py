@@ -1,9 +1,12 @@
-"""One worker process of a group: joins the process group, loads its shard of both experts, then serves
-requests from its pipe until told to stop.
+"""One worker process of a group: joins the process group, builds its part of the model, then serves requests from
+its pipe until told to stop.
 
-Messages in: ("denoise", request fields, prompt embeddings as numpy), ("warm_up", height, width, num_frames),
-("stop",). Messages out: ("ready",), ("step", index, count) from rank 0, ("done", latents numpy on rank 0 else
-None), ("error", traceback text).
+Roles: "denoiser" (its shard of both experts, for the plan's rank) and "vae" (the VAE decoder, split by width over
+the group: wan_triton.parallel.vae_split).
+
+Messages in: ("denoise", request fields, prompt embeddings as numpy) or ("decode", latents as numpy),
+("warm_up", height, width, num_frames), ("stop",). Messages out: ("ready",), ("step", index, count) from rank 0,
+("done", latents or uint8 frames as numpy on rank 0 else None), ("error", traceback text).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import traceback
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -18,28 +22,48 @@ from ..deployment import ComponentConfig
 
 logger = logging.getLogger(__name__)
 
+Role = Literal["denoiser", "vae"]
+
 
 @dataclass(frozen=True)
 class WorkerSpec:
     """Everything a worker needs to start; picklable, sent to each spawned process."""
 
     checkpoint: str
-    denoiser: ComponentConfig
+    component: ComponentConfig
     port: int
     device_ids: tuple[int, ...]  # CUDA device of each rank; unused on cpu
     shards: str | None = None  # build-time TP shard folder (wan_build.shards), None: cut the whole expert here
+    role: Role = "denoiser"
 
     @property
     def world_size(self) -> int:
-        return self.denoiser.parallel.world_size
+        return worker_count(self.component, self.role)
+
+
+def worker_count(cfg: ComponentConfig, role: Role) -> int:
+    return cfg.parallel.world_size if role == "denoiser" else cfg.split_width
 
 
 def _device(spec: WorkerSpec, rank: int) -> torch.device:
-    if spec.denoiser.device == "cpu":
+    if spec.component.device == "cpu":
         return torch.device("cpu")
     device = torch.device("cuda", spec.device_ids[rank])
     torch.cuda.set_device(device)
     return device
+
+
+def _build_vae(spec: WorkerSpec, ckpt, device: torch.device):
+    """This rank's VaeDecoder: the VAE split by width over the whole (default) group; video on rank 0."""
+    import torch.distributed as dist
+
+    from ..components import DTYPES
+    from ..vae import VaeDecoder
+    from .vae_split import split_decode_fn, split_vae_decoder
+
+    dtype = DTYPES[spec.component.precision]
+    vae = split_vae_decoder(ckpt.load_vae(dtype, str(device)), dist.group.WORLD)
+    return VaeDecoder(ckpt, split_decode_fn(vae, dist.group.WORLD), device, dtype)
 
 
 def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
@@ -48,7 +72,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
     from pathlib import Path
 
     from ..checkpoint import Checkpoint
-    from ..denoise import warm_up
+    from ..denoise import latent_shape, warm_up
     from ..request import GenerationRequest
     from .groups import create_groups
     from .rank import build_rank_denoiser
@@ -59,9 +83,13 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
         backend = backend_for(device.type)
         threads = cpu_threads_per_rank(spec.world_size) if backend == "gloo" else None
         init_distributed(rank, spec.world_size, spec.port, backend, threads)
-        groups = create_groups(spec.denoiser.parallel)
-        shards = None if spec.shards is None else Path(spec.shards)
-        denoiser = build_rank_denoiser(Checkpoint.open(spec.checkpoint), spec.denoiser, groups, device, shards)
+        ckpt = Checkpoint.open(spec.checkpoint)
+        if spec.role == "vae":
+            denoiser, vae = None, _build_vae(spec, ckpt, device)
+        else:
+            groups = create_groups(spec.component.parallel)
+            shards = None if spec.shards is None else Path(spec.shards)
+            denoiser, vae = build_rank_denoiser(ckpt, spec.component, groups, device, shards), None
         conn.send(("ready",))
     except Exception:  # noqa: BLE001 - the supervisor reports it and fails the load
         conn.send(("error", traceback.format_exc()))
@@ -84,6 +112,14 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
                     _, fields, embeds = message
                     latents = denoiser(GenerationRequest(**fields), torch.from_numpy(embeds), on_step)
                     conn.send(("done", latents.float().cpu().numpy() if rank == 0 else None))
+                case "decode":
+                    # Every rank decodes its strip; rank 0 gets the frames (None elsewhere). uint8 frames, not the
+                    # float video: a quarter of the bytes through the pipe (224 MB at 720p).
+                    conn.send(("done", vae.frames(torch.from_numpy(message[1]))))
+                case "warm_up" if vae is not None:
+                    _, height, width, num_frames = message
+                    vae(torch.zeros(latent_shape(ckpt, height, width, num_frames)))
+                    conn.send(("done", None))
                 case "warm_up":
                     _, height, width, num_frames = message
                     warm_up(denoiser, height, width, num_frames)

@@ -19,7 +19,7 @@ from ..denoise import BatchItem, group_by_shape, latent_shape
 from ..pipeline import prompts_for
 from ..request import GenerationRequest, validate_request
 from ..text import PromptTokenizer, encode_tokens
-from ..video import encode_mp4, to_uint8_frames
+from ..video import encode_mp4
 from . import model_io as io
 from .metrics import StageMetrics
 from .stopping import JobBoard, StepGuard
@@ -257,13 +257,18 @@ class VaeDecoder(_Model):
         for shape in self.ctx.deployment.warmup:
             started = time.perf_counter()
             dims = latent_shape(self.ctx.checkpoint, shape.height, shape.width, shape.num_frames)
-            self.decoder(torch.zeros(dims))
+            self.decoder.frames(torch.zeros(dims))
             logger.info("%s warm-up %s: %.2f s", self.ctx.name, shape, time.perf_counter() - started)
 
     def handle(self, request):
         latents = read_torch(request, io.LATENTS)
-        frames = to_uint8_frames(self.decoder(latents))
-        return _response(output(io.DECODED_FRAMES.name, frames))
+        return _response(output(io.DECODED_FRAMES.name, self.decoder.frames(latents)))
+
+    def finalize(self) -> None:
+        close = getattr(self.decoder, "close", None)  # a split decode's worker group
+        if close is not None:
+            close()
+        super().finalize()
 
 
 class Postprocess(_Model):
