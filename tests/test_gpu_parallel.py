@@ -6,7 +6,7 @@
   inside the capture. What this checks: that torch's NCCL path captures and replays, bit-identical to eager.
   What it cannot: traffic between GPUs (a one-rank communicator moves nothing).
 - Two or more GPUs: the served worker group with and without `cuda_graphs` gives bit-identical latents for each
-  plan of world size 2.
+  plan of world size 2, and the VAE decode split over 2 GPUs gives one GPU's frames (within 1 uint8 level).
 
     python -m pytest tests/test_gpu_parallel.py
 """
@@ -146,3 +146,20 @@ def test_worker_group_with_cuda_graphs_matches_eager(tiny4_checkpoint, plan):
     assert torch.isfinite(latents[False][0]).all()
     for run in (0, 1):
         assert torch.equal(latents[True][run], latents[False][0])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_vae_split_over_two_gpus_matches_one(tiny4_checkpoint):
+    import numpy as np
+
+    from wan_triton.components import build_vae_decoder
+
+    ckpt = Checkpoint.open(tiny4_checkpoint)
+    cfg = ComponentConfig(engine="torch", device="cuda", precision="float32")
+    latents = torch.randn(1, 16, 3, 8, 12, generator=torch.Generator().manual_seed(2))
+    expected = build_vae_decoder(ckpt, cfg, Path("/nonexistent")).frames(latents)
+    group = build_vae_decoder(ckpt, cfg.model_copy(update={"split_width": 2}), Path("/nonexistent"))
+    try:
+        assert np.abs(group.frames(latents).astype(int) - expected.astype(int)).max() <= 1
+    finally:
+        group.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,6 +22,9 @@ from .engines.base import Engine
 from .request import GenerationRequest
 from .text import PromptTokenizer, encode_tokens
 from .vae import VaeDecoder
+
+if TYPE_CHECKING:
+    from .parallel.group import VaeWorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class LocalPipeline:
     tokenizer: PromptTokenizer
     text_encoder: Engine
     denoiser: Denoiser
-    vae_decoder: VaeDecoder
+    vae_decoder: VaeDecoder | VaeWorkerGroup  # a split decode's worker group (deployment split_width)
 
     @classmethod
     def load(cls, ckpt: Checkpoint, deployment: Deployment, artifacts: Path) -> LocalPipeline:

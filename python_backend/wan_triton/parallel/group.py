@@ -139,6 +139,10 @@ class _Supervisor:
         self.close()
         return WorkerGroupError(message, worker_gone)
 
+    def warm_up(self, height: int, width: int, num_frames: int) -> None:
+        """Every rank runs its part once at this shape (compiles, captures, allocates) before serving."""
+        self._send(("warm_up", height, width, num_frames))
+
     def _send(self, message: tuple, on_step=None):
         """Run `message` on every rank and return rank 0's result.
 
@@ -279,9 +283,6 @@ class WorkerGroup(_Supervisor):
                 results.append(exc)
         return results
 
-    def warm_up(self, height: int, width: int, num_frames: int) -> None:
-        self._send(("warm_up", height, width, num_frames))
-
     def check_request(self, request: GenerationRequest) -> None:
         """The token sequence must split evenly over the ulysses ranks (no padding): INVALID_ARG otherwise."""
         ckpt, u = self.ckpt, self.cfg.parallel.ulysses
@@ -309,6 +310,3 @@ class VaeWorkerGroup(_Supervisor):
 
     def frames(self, latents: torch.Tensor) -> np.ndarray:
         return self._send(("decode", latents.float().cpu().numpy()))
-
-    def warm_up(self, height: int, width: int, num_frames: int) -> None:
-        self._send(("warm_up", height, width, num_frames))
