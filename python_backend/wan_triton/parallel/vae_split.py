@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .ulysses import gather_sequence
+
 logger = logging.getLogger(__name__)
 
 
@@ -113,8 +115,7 @@ def _attention_forward(split: SplitState):
         q, k, v = qkv.chunk(3, dim=-1)
         if split.active:
             # Keys and values in rank order, not the frame's raster order: attention does not depend on key order.
-            k = torch.cat(_all_gather_list(k.contiguous(), split.group), dim=2)
-            v = torch.cat(_all_gather_list(v.contiguous(), split.group), dim=2)
+            k, v = gather_sequence(k, split.group, dim=2), gather_sequence(v, split.group, dim=2)
         x = F.scaled_dot_product_attention(q, k, v)
         x = x.squeeze(1).permute(0, 2, 1).reshape(batch_size * time, channels, height, width)
         x = self.proj(x)
@@ -122,12 +123,6 @@ def _attention_forward(split: SplitState):
         return x + identity
 
     return forward
-
-
-def _all_gather_list(x: torch.Tensor, group: dist.ProcessGroup) -> list[torch.Tensor]:
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x, group=group)
-    return parts
 
 
 def split_vae_decoder(vae: nn.Module, group: dist.ProcessGroup) -> nn.Module:
