@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import EXPERTS, Checkpoint
+from ..components import DTYPES
 from ..denoise import Denoiser
 from ..deployment import ComponentConfig
 from ..engines.base import EngineKind
@@ -16,8 +17,6 @@ from .groups import PlanGroups
 from .model import parallelize
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_rank_denoiser(

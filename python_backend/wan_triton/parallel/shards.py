@@ -90,7 +90,7 @@ def write_tp_shards(ckpt: Checkpoint, plan: ParallelPlan, precision: str, out: P
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from .rank import DTYPES
+    from ..components import DTYPES
 
     if plan.tp == 1:
         raise PlanError("no tensor-parallel shards for tp = 1")
