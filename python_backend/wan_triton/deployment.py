@@ -52,7 +52,8 @@ class ComponentConfig(_Strict):
     parallel: ParallelPlan = ParallelPlan()
     # VAE decoder only (torch engine): decode split by frame width over this many processes (one GPU each from the
     # model's device on, on cuda; gloo on cpu), exact up to summation order (wan_triton.parallel.vae_split). On one
-    # H100 a 720p fp32 decode computes in 7.63 s whole and 1.20 s as one of 8 strips (benchmarks/RESULTS.md).
+    # H100 (commit fbac6b4, benchmarks/vae_split.py) a 720p fp32 decode computes in 7.63 s whole and 1.20 s as one
+    # of 8 strips, the same run (benchmarks/RESULTS.md).
     split_width: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
