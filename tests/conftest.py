@@ -19,6 +19,23 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from wan_triton.request import GenerationRequest  # noqa: E402
+
+# The GPU tests' request (tests/test_gpu*.py): 64x96 pixels, 9 frames, crossing the expert switch in 8 steps;
+# 3 latent frames x 4 x 6 = 72 tokens, which split over 2 Ulysses ranks.
+GPU_REQUEST = GenerationRequest(
+    prompt="-",
+    negative_prompt="-",
+    height=64,
+    width=96,
+    num_frames=9,
+    num_inference_steps=8,
+    seed=3,
+    guidance_scale=4.0,
+    guidance_scale_2=3.0,
+    fps=16,
+)
+
 # A tiny model whose config differs from the embedded default in every size the loader must read: layer count,
 # widths, head count, vocabulary, text width and flow shift. Tests that serve it prove nothing is hard-coded.
 OTHER_TINY = dict(

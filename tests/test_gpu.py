@@ -10,30 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GPU_REQUEST as REQUEST
 
 from wan_triton.checkpoint import Checkpoint
 from wan_triton.components import build_denoiser
 from wan_triton.deployment import ComponentConfig
 from wan_triton.engines.base import EngineKind
-from wan_triton.request import GenerationRequest
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-REQUEST = GenerationRequest(
-    prompt="-",
-    negative_prompt="-",
-    height=64,
-    width=96,
-    num_frames=9,
-    num_inference_steps=8,
-    seed=3,
-    guidance_scale=4.0,
-    guidance_scale_2=3.0,
-    fps=16,
-)
 
 
 def _latents(ckpt: Checkpoint, cfg: ComponentConfig, embeds: torch.Tensor) -> torch.Tensor:

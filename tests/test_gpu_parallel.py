@@ -17,30 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import GPU_REQUEST as REQUEST
 
 from wan_triton.checkpoint import Checkpoint
 from wan_triton.deployment import ComponentConfig
 from wan_triton.parallel.plan import ParallelPlan
-from wan_triton.request import GenerationRequest
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
-
-# 64x96 pixels, 9 frames: 3 latent frames x 4 x 6 = 72 tokens, divisible by 2 (ulysses2).
-REQUEST = GenerationRequest(
-    prompt="-",
-    negative_prompt="-",
-    height=64,
-    width=96,
-    num_frames=9,
-    num_inference_steps=6,
-    seed=5,
-    guidance_scale=4.0,
-    guidance_scale_2=3.0,
-    fps=16,
-)
 COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather")
 
 
