@@ -1,0 +1,274 @@
+"""Where a denoising step's time goes on one GPU: the attention kernel's tile choices, and one A14B block by kernel.
+
+At 720p a guided step is 20.0 s on an H100, 1.20x its FLOP floor; a parallel plan only divides it, so the 8-GPU
+end-to-end target depends on it. Two measurements, in one run:
+
+1. `attention`: FlashAttention-4's forward at each SM90 tile configuration the kernel's own search
+   (`flash_attn/cute/sm90_config_search.py`) finds feasible for head size 128, against its default (128x128) and
+   cuDNN SDPA, on the shapes the server runs: batch 2 x 40 heads (one GPU, guidance as batch) and batch 1 x 10
+   heads (a rank of cfg2 x ulysses4). Each output is compared with the default's, so a broken configuration shows.
+2. `block`: one transformer block of the A14B shape as the server builds it (`attention.install` with the chosen
+   kernel and fused projections, regional `torch.compile`), timed with CUDA events and profiled: CUDA kernel time
+   by category (attention, GEMM, compiler-fused elementwise, other), the GEMMs' rate against their FLOP, and the
+   top kernels by name.
+
+Random bf16 weights built on the GPU (speed does not depend on weight values). On the GPU host, after
+`source .gpukit/setup.sh`, the FlashAttention-4 add-on and `source benchmarks/gpu_host_env.sh`:
+
+    python3 benchmarks/block_profile.py --sizes 480p 720p --out $OUT/block_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
+
+from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
+from wan_triton import attention, random_weights  # noqa: E402
+
+logger = logging.getLogger("benchmarks.block_profile")
+
+SIZES = {"480p": (480, 832), "720p": (720, 1280)}
+LATENT_FRAMES = 21  # 81 frames
+TEXT_LEN = 512
+HEAD_DIM = 128
+# (tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap, threads): SM90 forward configurations for head size 128 that
+# sm90_config_search.py lists as fitting registers and shared memory; 3 warpgroups of 128 threads compute a 192-row
+# tile, 2 a 128-row one (plus one producer warpgroup).
+TILES = [
+    (128, 128, True, True, 384),  # the kernel's default for head size 128
+    (128, 144, True, True, 384),
+    (128, 160, True, True, 384),
+    (128, 176, True, True, 384),  # FlashAttention-3's C++ choice for head size 128, non-causal
+    (128, 192, True, True, 384),
+    (128, 176, True, False, 384),
+    (192, 128, True, False, 512),
+    (192, 112, True, False, 512),
+]
+
+
+def time_cuda(fn, warmup: int, repeat: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return times
+
+
+def tokens_of(size: str) -> int:
+    height, width = SIZES[size]
+    return LATENT_FRAMES * (height // 16) * (width // 16)
+
+
+def attention_sweep(size: str, batch: int, heads: int, repeat: int) -> dict:
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    seq = tokens_of(size)
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, seq, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "qkv"
+    )
+    flop = 4 * batch * heads * seq * seq * HEAD_DIM
+    rows: list[dict] = []
+    reference = _flash_attn_fwd(q, k, v)[0].float()
+
+    def record(name: str, fn, **extra) -> None:
+        try:
+            out = fn().float()
+            times = time_cuda(fn, warmup=2, repeat=repeat)
+        except Exception as exc:  # noqa: BLE001 - a configuration the kernel rejects or fails to compile is a result too
+            rows.append({"config": name, "error": f"{type(exc).__name__}: {exc}"[:300], **extra})
+            logger.warning("%s %s b%d h%d: %s", size, name, batch, heads, rows[-1]["error"])
+            return
+        rel = ((out - reference).norm() / reference.norm()).item()
+        median = statistics.median(times)
+        rows.append({"config": name, "ms": median * 1e3, "tflops": flop / median / 1e12, "rel_l2_vs_default": rel})
+        rows[-1].update(extra)
+        logger.info(
+            "%s b%d h%d %-24s %8.2f ms %6.1f TFLOP/s rel %.1e",
+            size,
+            batch,
+            heads,
+            name,
+            median * 1e3,
+            rows[-1]["tflops"],
+            rel,
+        )
+
+    for tile_m, tile_n, rs, overlap, threads in TILES:
+        record(
+            f"fa4 {tile_m}x{tile_n} rs={int(rs)} ol={int(overlap)}",
+            lambda tm=tile_m, tn=tile_n, r=rs, o=overlap, t=threads: _flash_attn_fwd(
+                q, k, v, tile_mn=(tm, tn), mma_pv_is_rs=r, intra_wg_overlap=o, num_threads=t
+            )[0],
+            tile_mn=[tile_m, tile_n],
+            mma_pv_is_rs=rs,
+            intra_wg_overlap=overlap,
+            num_threads=threads,
+        )
+    record("cudnn sdpa", lambda: attention.attention_fn(attention.AttentionBackend.CUDNN)(q, k, v))
+    return {"size": size, "batch": batch, "heads": heads, "tokens": seq, "flop": flop, "rows": rows}
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    if "flash" in low or "fmha" in low or "attention" in low:
+        return "attention"
+    if "triton" in low:
+        return "fused elementwise (inductor)"
+    if any(key in low for key in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")):
+        return "gemm"
+    return "other"
+
+
+def block_gemm_flop(tokens: int, batch: int) -> float:
+    cfg = A14B_TRANSFORMER
+    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    per_sample = (
+        8 * tokens * d * d  # self-attn Q, K, V, O
+        + 4 * tokens * d * d  # cross-attn Q, O
+        + 4 * TEXT_LEN * d * d  # cross-attn K, V
+        + 4 * tokens * d * cfg["ffn_dim"]  # FFN
+    )
+    return batch * per_sample
+
+
+def build_model(backend: str):
+    from diffusers import WanTransformer3DModel
+
+    config = dict(A14B_TRANSFORMER, num_layers=1)
+    module = random_weights.build(
+        lambda: WanTransformer3DModel(**config),
+        torch.bfloat16,
+        "cuda",
+        list(WanTransformer3DModel._keep_in_fp32_modules),
+    )
+    chosen = attention.install(module, backend, torch.device("cuda"))
+    return module, chosen
+
+
+def block_inputs(module, size: str, batch: int) -> tuple:
+    """The block's arguments as the model's forward makes them (a forward pre-hook, before the block is compiled:
+    a hook with side effects inside a fullgraph region would not compile)."""
+    height, width = SIZES[size]
+    gen = torch.Generator("cuda").manual_seed(0)
+    latents = torch.randn(batch, 16, LATENT_FRAMES, height // 8, width // 8, device="cuda", generator=gen)
+    text = torch.randn(batch, TEXT_LEN, 4096, device="cuda", generator=gen)
+    captured: dict = {}
+    hook = module.blocks[0].register_forward_pre_hook(lambda _m, args: captured.setdefault("args", args))
+    with torch.no_grad():
+        module(
+            latents.to(torch.bfloat16),
+            torch.full((batch,), 900, device="cuda"),
+            text.to(torch.bfloat16),
+            return_dict=False,
+        )
+    hook.remove()
+    return captured["args"]
+
+
+def profile_block(module, args: tuple, size: str, batch: int, repeat: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    block = module.blocks[0]
+    with torch.no_grad():
+        times = time_cuda(lambda: block(*args), warmup=2, repeat=repeat)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeat):
+                block(*args)
+            torch.cuda.synchronize()
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels[event.name]
+            entry[0] += event.device_time_total / 1e3 / repeat  # a kernel's own duration, us -> ms per block
+            entry[1] += 1
+    by_category: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in kernels.items():
+        by_category[kernel_category(name)] += ms
+    tokens = tokens_of(size)
+    gemm_ms = by_category.get("gemm", 0.0)
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:25]
+    result = {
+        "size": size,
+        "batch": batch,
+        "tokens": tokens,
+        "block_ms": statistics.median(times) * 1e3,
+        "kernel_ms_by_category": dict(by_category),
+        "kernel_ms_total": sum(by_category.values()),
+        "gemm_flop": block_gemm_flop(tokens, batch),
+        "gemm_tflops": block_gemm_flop(tokens, batch) / (gemm_ms / 1e3) / 1e12 if gemm_ms else None,
+        "top_kernels": [
+            {"name": name[:160], "ms": ms, "calls_per_block": calls // repeat, "category": kernel_category(name)}
+            for name, (ms, calls) in top
+        ],
+    }
+    logger.info(
+        "%s b%d block %.2f ms; by category %s",
+        size,
+        batch,
+        result["block_ms"],
+        {key: round(value, 2) for key, value in by_category.items()},
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", nargs="+", default=["480p", "720p"], choices=list(SIZES))
+    parser.add_argument("--parts", nargs="+", default=["attention", "block"], choices=["attention", "block"])
+    parser.add_argument("--backend", default="auto", help="attention backend of the profiled block")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    result: dict = {
+        "device": torch.cuda.get_device_name(),
+        "commit": os.environ.get("COMMIT", "unknown"),
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "attention": [],
+        "block": [],
+    }
+
+    def save() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+
+    if "attention" in args.parts:
+        for size in args.sizes:
+            # One GPU (guidance as batch), and a rank of cfg2 x ulysses4 (one guidance branch, 40/4 heads).
+            for batch, heads in ((2, 40), (1, 10)):
+                result["attention"].append(attention_sweep(size, batch, heads, args.repeat))
+                save()
+    if "block" in args.parts:
+        module, chosen = build_model(args.backend)
+        result["block_attention_backend"] = chosen.value
+        inputs = {size: block_inputs(module, size, 2) for size in args.sizes}
+        module.compile_repeated_blocks(fullgraph=True, dynamic=False)  # as components.build_denoiser does
+        for size in args.sizes:
+            result["block"].append(profile_block(module, inputs[size], size, 2, args.repeat))
+            save()
+    save()
+
+
+if __name__ == "__main__":
+    main()
