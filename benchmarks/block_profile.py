@@ -77,7 +77,9 @@ def tokens_of(size: str) -> int:
     return LATENT_FRAMES * (height // 16) * (width // 16)
 
 
-def attention_sweep(size: str, batch: int, heads: int, repeat: int) -> dict:
+def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repeat: int, rounds: int) -> dict:
+    """Each configuration timed `repeat` times per round, the configurations interleaved over `rounds` rounds (so a
+    drift of the GPU's clock over the sweep spreads over all of them); the median over all timings is reported."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
     seq = tokens_of(size)
@@ -86,21 +88,35 @@ def attention_sweep(size: str, batch: int, heads: int, repeat: int) -> dict:
         torch.randn(batch, seq, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "qkv"
     )
     flop = 4 * batch * heads * seq * seq * HEAD_DIM
-    rows: list[dict] = []
     reference = _flash_attn_fwd(q, k, v)[0].float()
-
-    def record(name: str, fn, **extra) -> None:
+    candidates: dict[str, tuple] = {}
+    for tile_m, tile_n, rs, overlap, threads in tiles:
+        name = f"fa4 {tile_m}x{tile_n} rs={int(rs)} ol={int(overlap)}"
+        candidates[name] = (
+            lambda tm=tile_m, tn=tile_n, r=rs, o=overlap, t=threads: _flash_attn_fwd(
+                q, k, v, tile_mn=(tm, tn), mma_pv_is_rs=r, intra_wg_overlap=o, num_threads=t
+            )[0],
+            {"tile_mn": [tile_m, tile_n], "mma_pv_is_rs": rs, "intra_wg_overlap": overlap, "num_threads": threads},
+        )
+    candidates["cudnn sdpa"] = (lambda: attention.attention_fn(attention.AttentionBackend.CUDNN)(q, k, v), {})
+    rows: dict[str, dict] = {}
+    times: dict[str, list[float]] = defaultdict(list)
+    for name, (fn, extra) in candidates.items():
         try:
             out = fn().float()
-            times = time_cuda(fn, warmup=2, repeat=repeat)
         except Exception as exc:  # noqa: BLE001 - a configuration the kernel rejects or fails to compile is a result too
-            rows.append({"config": name, "error": f"{type(exc).__name__}: {exc}"[:300], **extra})
-            logger.warning("%s %s b%d h%d: %s", size, name, batch, heads, rows[-1]["error"])
-            return
+            rows[name] = {"config": name, "error": f"{type(exc).__name__}: {exc}"[:300], **extra}
+            logger.warning("%s %s b%d h%d: %s", size, name, batch, heads, rows[name]["error"])
+            continue
         rel = ((out - reference).norm() / reference.norm()).item()
-        median = statistics.median(times)
-        rows.append({"config": name, "ms": median * 1e3, "tflops": flop / median / 1e12, "rel_l2_vs_default": rel})
-        rows[-1].update(extra)
+        rows[name] = {"config": name, "rel_l2_vs_default": rel, **extra}
+    runnable = [name for name in candidates if "error" not in rows[name]]
+    for _ in range(rounds):
+        for name in runnable:
+            times[name] += time_cuda(candidates[name][0], warmup=1, repeat=repeat)
+    for name in runnable:
+        median = statistics.median(times[name])
+        rows[name].update(ms=median * 1e3, tflops=flop / median / 1e12, timings=len(times[name]))
         logger.info(
             "%s b%d h%d %-24s %8.2f ms %6.1f TFLOP/s rel %.1e",
             size,
@@ -108,23 +124,10 @@ def attention_sweep(size: str, batch: int, heads: int, repeat: int) -> dict:
             heads,
             name,
             median * 1e3,
-            rows[-1]["tflops"],
-            rel,
+            rows[name]["tflops"],
+            rows[name]["rel_l2_vs_default"],
         )
-
-    for tile_m, tile_n, rs, overlap, threads in TILES:
-        record(
-            f"fa4 {tile_m}x{tile_n} rs={int(rs)} ol={int(overlap)}",
-            lambda tm=tile_m, tn=tile_n, r=rs, o=overlap, t=threads: _flash_attn_fwd(
-                q, k, v, tile_mn=(tm, tn), mma_pv_is_rs=r, intra_wg_overlap=o, num_threads=t
-            )[0],
-            tile_mn=[tile_m, tile_n],
-            mma_pv_is_rs=rs,
-            intra_wg_overlap=overlap,
-            num_threads=threads,
-        )
-    record("cudnn sdpa", lambda: attention.attention_fn(attention.AttentionBackend.CUDNN)(q, k, v))
-    return {"size": size, "batch": batch, "heads": heads, "tokens": seq, "flop": flop, "rows": rows}
+    return {"size": size, "batch": batch, "heads": heads, "tokens": seq, "flop": flop, "rows": list(rows.values())}
 
 
 def kernel_category(name: str) -> str:
@@ -236,6 +239,14 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["attention", "block"], choices=["attention", "block"])
     parser.add_argument("--backend", default="auto", help="attention backend of the profiled block")
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1, help="attention: interleaved rounds of --repeat timings")
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        default=["2x40", "1x10"],
+        help="attention: batch x heads per rank; 2x40 is one GPU (guidance as batch), 1x10 a rank of cfg2 x ulysses4",
+    )
+    parser.add_argument("--tiles", nargs="+", type=int, help="attention: indices into TILES (default: all)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -255,9 +266,10 @@ def main() -> None:
 
     if "attention" in args.parts:
         for size in args.sizes:
-            # One GPU (guidance as batch), and a rank of cfg2 x ulysses4 (one guidance branch, 40/4 heads).
-            for batch, heads in ((2, 40), (1, 10)):
-                result["attention"].append(attention_sweep(size, batch, heads, args.repeat))
+            tiles = [TILES[i] for i in args.tiles] if args.tiles else TILES
+            for shape in args.shapes:
+                batch, heads = (int(part) for part in shape.split("x"))
+                result["attention"].append(attention_sweep(size, batch, heads, tiles, args.repeat, args.rounds))
                 save()
     if "block" in args.parts:
         module, chosen = build_model(args.backend)
