@@ -47,3 +47,19 @@ def test_processor_really_runs_the_given_kernel(expert):
 def test_auto_keeps_the_reference_processor_on_cpu(expert):
     assert attention.install(expert, "auto", torch.device("cpu")) == AttentionBackend.REFERENCE
     assert not getattr(expert.blocks[0].attn1, "fused_projections", False)
+
+
+@pytest.mark.parametrize(
+    ("shape", "capability", "wide"),
+    [
+        ((2, 75_600, 40, 75_600, 128), (9, 0), True),  # 720p on one GPU, guidance as batch
+        ((1, 75_600, 10, 75_600, 128), (9, 0), True),  # 720p rank of cfg2 x ulysses4
+        ((2, 32_760, 40, 32_760, 128), (9, 0), True),  # 480p on one GPU
+        ((2, 32_760, 10, 32_760, 128), (9, 0), False),  # 480p ulysses4 rank: the default tile measured as fast
+        ((2, 75_600, 40, 512, 128), (9, 0), False),  # cross-attention: 512 text keys, not measured
+        ((2, 75_600, 40, 75_600, 64), (9, 0), False),  # another head size
+        ((2, 75_600, 40, 75_600, 128), (10, 0), False),  # Blackwell runs another kernel
+    ],
+)
+def test_wide_query_tile_only_where_it_was_measured_faster(shape, capability, wide):
+    assert attention.use_wide_q_tile(*shape, capability) is wide

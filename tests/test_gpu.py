@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import GPU_REQUEST as REQUEST
 
+from wan_triton import attention
 from wan_triton.checkpoint import Checkpoint
 from wan_triton.components import build_denoiser
 from wan_triton.deployment import ComponentConfig
@@ -74,3 +75,29 @@ def test_swapped_experts_on_gpu_match_resident(other_checkpoint, cuda_graphs):
     swapped, denoiser = _served(ckpt, expert_residency="swap", cuda_graphs=cuda_graphs)
     assert torch.equal(swapped, resident)
     assert denoiser.swapper.swaps_overlapped == 2 and denoiser.swapper.swaps_blocking == 0
+
+
+@pytest.mark.skipif(
+    not (attention.flash4_available() and torch.cuda.get_device_capability()[0] == 9),
+    reason="needs FlashAttention-4 on a Hopper GPU",
+)
+def test_flash4_wide_query_tile_is_bit_identical_to_the_default():
+    """The served flash4 op picks 192-row query tiles above WIDE_Q_TILE_MIN_ROWS; the key tile is unchanged, so its
+    output must equal FlashAttention-4's default tile exactly (and both must be attention: checked against SDPA)."""
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.interface import _flash_attn_fwd
+
+    batch, seqlen, heads = 1, 20_000, 40  # 800k query rows: over the threshold
+    assert attention.use_wide_q_tile(batch, seqlen, heads, seqlen, 128, torch.cuda.get_device_capability())
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(batch, seqlen, heads, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "qkv"
+    )
+    served = attention.attention_fn(attention.AttentionBackend.FLASH4)(q, k, v)
+    default = flash_attn_func(q, k, v, causal=False)
+    default = default[0] if isinstance(default, tuple) else default
+    wide = _flash_attn_fwd(q, k, v, causal=False, **attention.WIDE_Q_TILE)[0]
+    assert torch.equal(wide, default)
+    assert torch.equal(served, wide)
+    reference = attention.attention_fn(attention.AttentionBackend.CUDNN)(q, k, v).float()
+    assert float((served.float() - reference).norm() / reference.norm()) < 1e-2

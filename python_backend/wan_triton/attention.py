@@ -43,6 +43,26 @@ def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 _flash4_op = None
 
+# FlashAttention-4's forward on Hopper at head size 128, long sequences: query tiles of 192 rows (three consumer
+# warpgroups) instead of its default 128 were 2-4% faster on every 720p shape the parallel plans run (batch 1-2 x
+# 5-40 heads x 75,600 tokens) and on the larger 480p ones; below about 700k query rows (batch x heads x tokens) the
+# default was as fast or faster. The key tile stays 128, so each row accumulates its softmax in the same order and
+# the output is bit-identical (H100, benchmarks/block_profile.py; benchmarks/RESULTS.md).
+WIDE_Q_TILE = {"tile_mn": (192, 128), "mma_pv_is_rs": True, "intra_wg_overlap": False, "num_threads": 512}
+WIDE_Q_TILE_MIN_ROWS = 700_000
+WIDE_Q_TILE_MIN_KEYS = 16_384  # measured with 32,760 and 75,600 keys only; cross-attention's 512 keep the default
+
+
+def use_wide_q_tile(
+    batch: int, seqlen_q: int, heads: int, seqlen_k: int, head_dim: int, capability: tuple[int, int]
+) -> bool:
+    return (
+        capability[0] == 9
+        and head_dim == 128
+        and batch * heads * seqlen_q >= WIDE_Q_TILE_MIN_ROWS
+        and seqlen_k >= WIDE_Q_TILE_MIN_KEYS
+    )
+
 
 def _flash4() -> AttentionFn:
     """FlashAttention-4 as a torch custom op, so regional torch.compile treats it as one opaque kernel."""
@@ -50,8 +70,22 @@ def _flash4() -> AttentionFn:
     if _flash4_op is None:
         from flash_attn.cute import flash_attn_func
 
+        # The tile is a keyword of the module's forward entry point only (flash_attn_func does not pass it on);
+        # a release without it keeps the default tile.
+        try:
+            from flash_attn.cute.interface import _flash_attn_fwd
+        except ImportError:
+            _flash_attn_fwd = None
+            logger.warning("flash_attn.cute.interface._flash_attn_fwd is missing: FlashAttention-4 keeps its tiles")
+
         @torch.library.custom_op("wan_triton::flash4_attention", mutates_args=())
         def flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            batch, seqlen_q, heads, head_dim = q.shape
+            capability = torch.cuda.get_device_capability(q.device)
+            if _flash_attn_fwd is not None and use_wide_q_tile(
+                batch, seqlen_q, heads, k.shape[1], head_dim, capability
+            ):
+                return _flash_attn_fwd(q, k, v, causal=False, **WIDE_Q_TILE)[0]
             out = flash_attn_func(q, k, v, causal=False)
             return out[0] if isinstance(out, tuple) else out
 
