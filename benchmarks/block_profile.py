@@ -21,12 +21,14 @@ Random bf16 weights built on the GPU (speed does not depend on weight values). O
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -132,10 +134,10 @@ def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repea
 
 def kernel_category(name: str) -> str:
     low = name.lower()
-    if "flash" in low or "fmha" in low or "attention" in low:
-        return "attention"
-    if "triton" in low:
+    if low.startswith("triton"):  # inductor names its kernels after the ops fused in, attention ones included
         return "fused elementwise (inductor)"
+    if "flash" in low or "fmha" in low or "attention" in low or "cudnn" in low:
+        return "attention"
     if any(key in low for key in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")):
         return "gemm"
     return "other"
@@ -233,11 +235,41 @@ def profile_block(module, args: tuple, size: str, batch: int, repeat: int) -> di
     return result
 
 
+def _rotate_by_swap(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Candidate rotary embedding: the same products as `attention._rotate` (diffusers' interleaved pairs), written
+    as x * cos + pair_swapped(x) * (-sin, +sin) so the compiler sees one elementwise expression without a stack."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    sign = torch.tensor([-1.0, 1.0], device=x.device, dtype=sin.dtype).repeat(sin.shape[-1] // 2)
+    return (x * cos + swapped * (sin * sign)).type_as(x)
+
+
+@contextlib.contextmanager
+def block_variant(name: str) -> Iterator[None]:
+    """`served`: the block as served. `coordinate_descent`: inductor tunes its fused kernels' launch configurations
+    (`coordinate_descent_tuning`). `rope_swap`: the rotary embedding as `_rotate_by_swap`."""
+    import torch._inductor.config as inductor_config
+
+    saved_rotate, saved_tuning = attention._rotate, inductor_config.coordinate_descent_tuning
+    if name == "coordinate_descent":
+        inductor_config.coordinate_descent_tuning = True
+    elif name == "rope_swap":
+        attention._rotate = _rotate_by_swap
+    elif name != "served":
+        raise ValueError(f"unknown block variant {name}")
+    try:
+        yield
+    finally:
+        attention._rotate, inductor_config.coordinate_descent_tuning = saved_rotate, saved_tuning
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", nargs="+", default=["480p", "720p"], choices=list(SIZES))
     parser.add_argument("--parts", nargs="+", default=["attention", "block"], choices=["attention", "block"])
     parser.add_argument("--backend", default="auto", help="attention backend of the profiled block")
+    parser.add_argument(
+        "--variants", nargs="+", default=["served"], choices=["served", "coordinate_descent", "rope_swap"]
+    )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1, help="attention: interleaved rounds of --repeat timings")
     parser.add_argument(
@@ -272,13 +304,18 @@ def main() -> None:
                 result["attention"].append(attention_sweep(size, batch, heads, tiles, args.repeat, args.rounds))
                 save()
     if "block" in args.parts:
-        module, chosen = build_model(args.backend)
-        result["block_attention_backend"] = chosen.value
-        inputs = {size: block_inputs(module, size, 2) for size in args.sizes}
-        module.compile_repeated_blocks(fullgraph=True, dynamic=False)  # as components.build_denoiser does
-        for size in args.sizes:
-            result["block"].append(profile_block(module, inputs[size], size, 2, args.repeat))
-            save()
+        for variant in args.variants:
+            torch._dynamo.reset()
+            with block_variant(variant):
+                module, chosen = build_model(args.backend)
+                result["block_attention_backend"] = chosen.value
+                inputs = {size: block_inputs(module, size, 2) for size in args.sizes}
+                module.compile_repeated_blocks(fullgraph=True, dynamic=False)  # as components.build_denoiser does
+                for size in args.sizes:
+                    profiled = profile_block(module, inputs[size], size, 2, args.repeat)
+                    result["block"].append({"variant": variant, **profiled})
+                    save()
+            del module, inputs
     save()
 
 
