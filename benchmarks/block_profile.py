@@ -235,25 +235,25 @@ def profile_block(module, args: tuple, size: str, batch: int, repeat: int) -> di
     return result
 
 
-def _rotate_by_swap(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Candidate rotary embedding: the same products as `attention._rotate` (diffusers' interleaved pairs), written
-    as x * cos + pair_swapped(x) * (-sin, +sin) so the compiler sees one elementwise expression without a stack."""
-    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    sign = torch.tensor([-1.0, 1.0], device=x.device, dtype=sin.dtype).repeat(sin.shape[-1] // 2)
-    return (x * cos + swapped * (sin * sign)).type_as(x)
+def _rotate_by_stack(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding as served up to commit adf527a (a stack of the rotated halves), for comparison."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
 
 
 @contextlib.contextmanager
 def block_variant(name: str) -> Iterator[None]:
     """`served`: the block as served. `coordinate_descent`: inductor tunes its fused kernels' launch configurations
-    (`coordinate_descent_tuning`). `rope_swap`: the rotary embedding as `_rotate_by_swap`."""
+    (`coordinate_descent_tuning`). `rope_stack`: the rotary embedding written as before (`_rotate_by_stack`; the
+    run of commit adf527a measured the served one as `rope_swap` against this one as `served`)."""
     import torch._inductor.config as inductor_config
 
     saved_rotate, saved_tuning = attention._rotate, inductor_config.coordinate_descent_tuning
     if name == "coordinate_descent":
         inductor_config.coordinate_descent_tuning = True
-    elif name == "rope_swap":
-        attention._rotate = _rotate_by_swap
+    elif name == "rope_stack":
+        attention._rotate = _rotate_by_stack
     elif name != "served":
         raise ValueError(f"unknown block variant {name}")
     try:
@@ -268,7 +268,7 @@ def main() -> None:
     parser.add_argument("--parts", nargs="+", default=["attention", "block"], choices=["attention", "block"])
     parser.add_argument("--backend", default="auto", help="attention backend of the profiled block")
     parser.add_argument(
-        "--variants", nargs="+", default=["served"], choices=["served", "coordinate_descent", "rope_swap"]
+        "--variants", nargs="+", default=["served"], choices=["served", "coordinate_descent", "rope_stack"]
     )
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=1, help="attention: interleaved rounds of --repeat timings")

@@ -134,10 +134,15 @@ def attention_fn(backend: AttentionBackend) -> AttentionFn:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Same arithmetic as diffusers' WanAttnProcessor (interleaved pairs), written to avoid strided writes.
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    c, s = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2).type_as(x)
+    """diffusers' WanAttnProcessor rotary embedding (interleaved pairs: out[2i] = x[2i] cos - x[2i+1] sin,
+    out[2i+1] = x[2i] sin + x[2i+1] cos; `cos` and `sin` hold each pair's angle twice), with the same products.
+
+    Written as x * cos + pair_swapped(x) * (-sin, +sin) rather than diffusers' strided writes or a stack of the two
+    halves: compiled, the q/k RMS norm and rotation then run in one kernel of 3.1 ms instead of 5.7 ms per 720p
+    block (batch 2, H100; the block's elementwise time 15.8 ms instead of 20.0; benchmarks/block_profile.py)."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    sign = torch.tensor([-1.0, 1.0], device=x.device, dtype=sin.dtype).repeat(sin.shape[-1] // 2)
+    return (x * cos + swapped * (sin * sign)).type_as(x)
 
 
 class WanT2VAttnProcessor:
