@@ -63,3 +63,17 @@ def test_auto_keeps_the_reference_processor_on_cpu(expert):
 )
 def test_wide_query_tile_only_where_it_was_measured_faster(shape, capability, wide):
     assert attention.use_wide_q_tile(*shape, capability) is wide
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_embedding_is_bit_identical_to_diffusers_formula(dtype):
+    """attention._rotate computes diffusers' WanAttnProcessor rotation (copied below) with the same products."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 50, 4, 128, generator=gen).to(dtype)
+    angles = torch.randn(1, 50, 1, 64, generator=gen)
+    cos, sin = angles.cos().repeat_interleave(2, -1), angles.sin().repeat_interleave(2, -1)
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    expected = torch.empty_like(x)
+    expected[..., 0::2] = x1 * cos[..., 0::2] - x2 * sin[..., 1::2]
+    expected[..., 1::2] = x1 * sin[..., 1::2] + x2 * cos[..., 0::2]
+    assert torch.equal(attention._rotate(x, cos, sin), expected.type_as(x))

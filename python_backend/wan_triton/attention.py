@@ -134,15 +134,18 @@ def attention_fn(backend: AttentionBackend) -> AttentionFn:
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """diffusers' WanAttnProcessor rotary embedding (interleaved pairs: out[2i] = x[2i] cos - x[2i+1] sin,
-    out[2i+1] = x[2i] sin + x[2i+1] cos; `cos` and `sin` hold each pair's angle twice), with the same products.
+    """diffusers' WanAttnProcessor rotary embedding with the same products: for each interleaved pair (x1, x2) with
+    angle cos c = cos[2i], sin s = sin[2i+1], out[2i] = x1 c - x2 s and out[2i+1] = x1 s + x2 c.
 
-    Written as x * cos + pair_swapped(x) * (-sin, +sin) rather than diffusers' strided writes or a stack of the two
-    halves: compiled, the q/k RMS norm and rotation then run in one kernel of 3.1 ms instead of 5.7 ms per 720p
-    block (batch 2, H100; the block's elementwise time 15.8 ms instead of 20.0; benchmarks/block_profile.py)."""
+    Written as x * (c, c) + pair_swapped(x) * (-s, s), the pair tables built on the small [S, head_dim] rotary
+    tensors, rather than diffusers' strided writes or a stack of the two rotated halves of q and k: compiled, the
+    q/k RMS norm and rotation then run in one kernel of 3.1 ms instead of 5.7 ms per 720p block (batch 2, H100;
+    benchmarks/block_profile.py). No tensor is made from host data, so a CUDA graph can capture it."""
+    c, s = cos[..., 0::2], sin[..., 1::2]
+    cos_pairs = torch.stack((c, c), dim=-1).flatten(-2)
+    sin_pairs = torch.stack((-s, s), dim=-1).flatten(-2)
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    sign = torch.tensor([-1.0, 1.0], device=x.device, dtype=sin.dtype).repeat(sin.shape[-1] // 2)
-    return (x * cos + swapped * (sin * sign)).type_as(x)
+    return (x * cos_pairs + swapped * sin_pairs).type_as(x)
 
 
 class WanT2VAttnProcessor:
