@@ -139,8 +139,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
     Written as x * (c, c) + pair_swapped(x) * (-s, s), the pair tables built on the small [S, head_dim] rotary
     tensors, rather than diffusers' strided writes or a stack of the two rotated halves of q and k: compiled, the
-    q/k RMS norm and rotation then run in one kernel of 3.1 ms instead of 5.7 ms per 720p block (batch 2, H100;
-    benchmarks/block_profile.py). No tensor is made from host data, so a CUDA graph can capture it."""
+    q/k RMS norm and rotation then run in one kernel of 3.9 ms instead of 6.0 ms per 720p block, and v is no longer
+    copied before attention (batch 2, H100; benchmarks/block_profile.py, benchmarks/RESULTS.md). No tensor is made
+    from host data, so a CUDA graph can capture it."""
     c, s = cos[..., 0::2], sin[..., 1::2]
     cos_pairs = torch.stack((c, c), dim=-1).flatten(-2)
     sin_pairs = torch.stack((-s, s), dim=-1).flatten(-2)
