@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,29 @@ def test_a_worker_killed_between_requests_costs_no_request(group, embeds):
         os.kill(pids[1], signal.SIGKILL)
         assert torch.equal(group(_request(2), embeds), expected)
         assert group.healthy() and set(group.pids).isdisjoint(pids)
+
+
+def test_a_hung_worker_fails_the_request_after_the_stall_timeout(ckpt, embeds):
+    # A stopped worker is alive but never answers: its peer waits in the first collective, and no rank reports
+    # progress. Without the stall timeout the request (and the model instance) would wait forever.
+    stall_s = 10.0
+    hung = WorkerGroup(ckpt, CFG.model_copy(update={"worker_stall_timeout_s": stall_s}))
+    hung.start()
+    try:
+        expected = hung(_request(2), embeds)
+        pids = hung.pids
+        os.kill(pids[1], signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(WorkerGroupError, match=rf"no progress from denoiser worker ranks \[0, 1\] for {stall_s} s"):
+            hung(_request(2), embeds)
+        assert stall_s <= time.monotonic() - started < stall_s + 30
+        assert not hung.healthy()  # stopped (killed) as a whole
+
+        # The next request gets a fresh group and the same result.
+        assert torch.equal(hung(_request(2), embeds), expected)
+        assert hung.healthy() and set(hung.pids).isdisjoint(pids)
+    finally:
+        hung.close()
 
 
 def test_sequence_must_split_over_the_ulysses_ranks(group, embeds):

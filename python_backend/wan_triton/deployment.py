@@ -55,6 +55,12 @@ class ComponentConfig(_Strict):
     # H100 (commit fbac6b4, benchmarks/vae_split.py) a 720p fp32 decode computes in 7.63 s whole and 1.20 s as one
     # of 8 strips, the same run (benchmarks/RESULTS.md).
     split_width: int = Field(default=1, ge=1)
+    # Worker groups (a parallel plan, split_width > 1): a request fails when no rank has reported progress (a
+    # denoising step, or its result) for this long, and the group is restarted before the next request. A rank hung
+    # in a collective (a stuck GPU, a peer stopped without exiting) would otherwise hold the request, and the model
+    # instance, forever. A shape that was not warmed up compiles (and captures graphs) within its first step, which
+    # takes minutes at 720p: keep this well above that.
+    worker_stall_timeout_s: float = Field(default=900.0, gt=0)
 
     @model_validator(mode="after")
     def _engine_options(self) -> ComponentConfig:

@@ -5,7 +5,9 @@ the decode (`VaeWorkerGroup`).
 Each request goes to every worker; rank 0's result comes back (latents, or frames). The supervisor waits on the
 workers' pipes and process sentinels together, so a worker that dies mid-request (killed, out of memory, a crashed
 kernel) fails that request at once with a clear error instead of hanging on its peers' collectives; the rest of the
-group is stopped and a fresh group is started before the next request.
+group is stopped and a fresh group is started before the next request. A worker that hangs without dying (stuck in
+a collective, stopped) fails the request once no rank has reported progress for the deployment's
+`worker_stall_timeout_s`, and the group is restarted the same way.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class _Supervisor:
         self.device_ids = tuple(device_ids)
         self.shards = shards
         self.start_timeout_s = start_timeout_s
+        self.stall_timeout_s = cfg.worker_stall_timeout_s
         self._procs: list = []
         self._conns: list = []
         self.generation = 0  # how many times the group has been started
@@ -193,25 +196,37 @@ class _Supervisor:
 
         # A hook that raises (cancellation, deadline) cannot stop the ranks mid-loop: they would have to agree on the
         # step, a collective per step. The loop runs to its end and the request fails then, with the group intact.
-        self._collect("running a request", accept, timeout_s=None)
+        self._collect("running a request", accept, timeout_s=None, stall_timeout_s=self.stall_timeout_s)
         if stopped:
             raise stopped[0]
         return results[0]
 
-    def _collect(self, doing: str, accept, timeout_s: float | None) -> None:
+    def _collect(self, doing: str, accept, timeout_s: float | None, stall_timeout_s: float | None = None) -> None:
         """Read messages until `accept(rank, message)` returned True once per rank; fail on a dead worker, an
-        error message or the timeout."""
+        error message, the timeout, or `stall_timeout_s` without any message."""
         pending = set(range(len(self._procs)))
         by_handle = {}
         for rank, (proc, conn) in enumerate(zip(self._procs, self._conns, strict=True)):
             by_handle[conn] = ("conn", rank)
             by_handle[proc.sentinel] = ("proc", rank)
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        last_message = time.monotonic()
         while pending:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = wait(list(by_handle), timeout=remaining)
+            limits = []
+            if deadline is not None:
+                limits.append(deadline - time.monotonic())
+            if stall_timeout_s is not None:
+                limits.append(last_message + stall_timeout_s - time.monotonic())
+            ready = wait(list(by_handle), timeout=max(0.0, min(limits)) if limits else None)
             if not ready:
-                raise self._fail(f"no answer from ranks {sorted(pending)} within {timeout_s} s while {doing}")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._fail(f"no answer from ranks {sorted(pending)} within {timeout_s} s while {doing}")
+                raise self._fail(
+                    f"no progress from {self.role} worker ranks {sorted(pending)} for {stall_timeout_s} s while "
+                    f"{doing} (a rank is hung, e.g. in a collective; worker_stall_timeout_s); the request failed "
+                    "and the worker group will be restarted before the next request"
+                )
+            last_message = time.monotonic()
             # Messages first: a worker that answered and then exited is not a failure of this request.
             for handle in sorted(ready, key=lambda h: by_handle[h][0] != "conn"):
                 kind, rank = by_handle[handle]
