@@ -34,6 +34,9 @@ from pathlib import Path
 import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from denoiser_step import time_cuda  # noqa: E402
 
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
 from wan_triton import attention, random_weights  # noqa: E402
@@ -57,21 +60,6 @@ TILES = [
     (192, 128, True, False, 512),
     (192, 112, True, False, 512),
 ]
-
-
-def time_cuda(fn, warmup: int, repeat: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
 
 
 def tokens_of(size: str) -> int:

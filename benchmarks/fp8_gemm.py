@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import denoiser_step  # noqa: E402
+
 logger = logging.getLogger("benchmarks.fp8_gemm")
 
 FP8 = torch.float8_e4m3fn
@@ -40,19 +43,9 @@ LAYERS = {
 TOKENS = {"720p 1 GPU": 2 * 75600, "480p 1 GPU": 2 * 32760, "720p cfg2xulysses4 rank": 75600 // 4}
 
 
-def time_cuda(fn, warmup: int = 3, repeat: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+def time_cuda(fn) -> float:
+    """Median seconds of 10 timed calls after 3 warm-up calls."""
+    return statistics.median(denoiser_step.time_cuda(fn, warmup=3, repeat=10))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
