@@ -219,13 +219,16 @@ class _Supervisor:
                 limits.append(last_message + stall_timeout_s - time.monotonic())
             ready = wait(list(by_handle), timeout=max(0.0, min(limits)) if limits else None)
             if not ready:
-                if deadline is not None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
                     raise self._fail(f"no answer from ranks {sorted(pending)} within {timeout_s} s while {doing}")
-                raise self._fail(
-                    f"no progress from {self.role} worker ranks {sorted(pending)} for {stall_timeout_s} s while "
-                    f"{doing} (a rank is hung, e.g. in a collective; worker_stall_timeout_s); the request failed "
-                    "and the worker group will be restarted before the next request"
-                )
+                if stall_timeout_s is not None and now >= last_message + stall_timeout_s:
+                    raise self._fail(
+                        f"no progress from {self.role} worker ranks {sorted(pending)} for {stall_timeout_s} s while "
+                        f"{doing} (a rank is hung, e.g. in a collective; worker_stall_timeout_s); the request "
+                        "failed and the worker group will be restarted before the next request"
+                    )
+                continue  # the wait returned a little early
             last_message = time.monotonic()
             # Messages first: a worker that answered and then exited is not a failure of this request.
             for handle in sorted(ready, key=lambda h: by_handle[h][0] != "conn"):
