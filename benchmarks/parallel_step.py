@@ -114,20 +114,14 @@ def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backe
 
 
 def served_engine(module, plan, device, dtype, compile_blocks: bool, cuda_graphs: bool):
-    """The engine a rank serves `module` with: regional compile as rank.py does it (fullgraph on one GPU; a
-    parallel rank allows graph breaks at collectives) and CUDA graphs around the forward, collectives included
-    (a parallel rank never falls back to eager alone, see engines.cuda_graph)."""
-    from wan_triton.engines.torch_engine import denoiser_engine
+    """The engine a rank serves `module` with, through the code the server runs: regional compile and CUDA graphs
+    as `components.build_denoiser` sets them up on one GPU and `parallel.rank` on a parallel rank."""
+    from wan_triton.components import compile_expert_blocks, torch_engines
 
     if compile_blocks:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        module.compile_repeated_blocks(fullgraph=plan.is_single, dynamic=False)
-    engine = denoiser_engine(module, device, dtype)
-    if cuda_graphs:
-        from wan_triton.engines.cuda_graph import CudaGraphEngine
-
-        engine = CudaGraphEngine(engine, eager_fallback=plan.is_single)
-    return engine
+        compile_expert_blocks(module, parallel=not plan.is_single)
+    eager, graphed = torch_engines(module, device, dtype, cuda_graphs, parallel=not plan.is_single)
+    return graphed or eager
 
 
 def guided_step(engine, cfg_parallel, config: dict, size: tuple[int, int, int], device, dtype):

@@ -39,8 +39,8 @@ def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool) -> dict
     graphed outputs for three inputs of one shape, and how many collectives one eager forward calls."""
     import torch.distributed as dist
 
+    from wan_triton.components import compile_expert_blocks, torch_engines
     from wan_triton.engines.cuda_graph import CudaGraphEngine
-    from wan_triton.engines.torch_engine import denoiser_engine
     from wan_triton.parallel.groups import PlanGroups
     from wan_triton.parallel.model import parallelize, shard_tensor_parallel
 
@@ -54,9 +54,9 @@ def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool) -> dict
     plan = ParallelPlan()
     parallelize(module, PlanGroups(plan, 0, plan.coords(0), None, world, world), "cudnn", device)
     if compile_blocks:
-        module.compile_repeated_blocks(fullgraph=False, dynamic=False)
-    eager = denoiser_engine(module, device, torch.bfloat16)
-    graphed = CudaGraphEngine(eager, eager_fallback=False)
+        compile_expert_blocks(module, parallel=True)  # as a parallel rank compiles (parallel.rank)
+    eager, graphed = torch_engines(module, device, torch.bfloat16, cuda_graphs=True, parallel=True)
+    assert isinstance(graphed, CudaGraphEngine) and not graphed.eager_fallback
 
     gen = torch.Generator().manual_seed(1)
 

@@ -73,24 +73,34 @@ def _torch_expert(ckpt: Checkpoint, name: str, cfg: ComponentConfig, device: tor
     module = ckpt.load_transformer(name, dtype, str(device))
     chosen = attention.install(module, cfg.attention, device)
     if cfg.compile_blocks:
-        # One compiled variant per request shape (static shapes keep the fastest kernels). dynamo's default of 8
-        # variants per code object would silently fall back to eager on a server that has seen 9 shapes; each
-        # deployment bounds its shapes through `limits`, so allow as many as a busy server plausibly sees.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES_LIMIT)
-        module.compile_repeated_blocks(fullgraph=True, dynamic=False)
+        compile_expert_blocks(module, parallel=False)
     return module, chosen
 
 
-def _torch_engines(module, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype):
-    """(eager engine, CUDA-graph engine over it or None when the deployment does not ask for graphs)."""
+def compile_expert_blocks(module: torch.nn.Module, parallel: bool) -> None:
+    """Regional torch.compile of every transformer block, as served on one GPU and on a parallel plan's ranks.
+
+    One compiled variant per request shape (static shapes keep the fastest kernels). dynamo's default of 8 variants
+    per code object would silently fall back to eager on a server that has seen 9 shapes; each deployment bounds its
+    shapes through `limits`, so allow as many as a busy server plausibly sees. A parallel rank compiles without
+    `fullgraph`: a collective dynamo cannot trace becomes a graph break, not a load failure (dynamo traces ours in as
+    functional collectives, no break seen on CPU)."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES_LIMIT)
+    module.compile_repeated_blocks(fullgraph=not parallel, dynamic=False)
+
+
+def torch_engines(module, device: torch.device, dtype: torch.dtype, cuda_graphs: bool, parallel: bool = False):
+    """(eager engine, CUDA-graph engine over it or None without graphs). A parallel rank's graph engine captures
+    the forward's collectives with it and never falls back to eager on its own: its peers would replay while it ran
+    eagerly, which NCCL does not allow (see engines.cuda_graph)."""
     from .engines.torch_engine import denoiser_engine
 
     eager = denoiser_engine(module, device, dtype)
-    if not cfg.cuda_graphs:
+    if not cuda_graphs:
         return eager, None
     from .engines.cuda_graph import CudaGraphEngine
 
-    return eager, CudaGraphEngine(eager)
+    return eager, CudaGraphEngine(eager, eager_fallback=not parallel)
 
 
 def _swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype):
@@ -121,7 +131,7 @@ def _swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.devic
             "expert swapping: %.1f GB of device memory in use after loading", torch.cuda.memory_allocated(device) / 1e9
         )
     swapper = ExpertSwapper(first, host_states, resident=EXPERTS[0])
-    eager, graphed = _torch_engines(first, cfg, device, dtype)
+    eager, graphed = torch_engines(first, device, dtype, cfg.cuda_graphs)
     return {name: SwappedExpert(name, swapper, eager, graphed) for name in EXPERTS}, swapper
 
 
@@ -146,7 +156,7 @@ def build_denoiser(
             else:
                 for name in filter(ckpt.has_expert, EXPERTS):
                     module, _ = _torch_expert(ckpt, name, cfg, device, dtype)
-                    eager, graphed = _torch_engines(module, cfg, device, dtype)
+                    eager, graphed = torch_engines(module, device, dtype, cfg.cuda_graphs)
                     experts[name] = graphed or eager
         case EngineKind.ONNXRUNTIME:
             for name in EXPERTS:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import EXPERTS, Checkpoint
-from ..components import DTYPES
+from ..components import DTYPES, compile_expert_blocks, torch_engines
 from ..denoise import Denoiser
 from ..deployment import ComponentConfig
 from ..engines.base import EngineKind
@@ -24,8 +24,6 @@ def build_rank_denoiser(
 ) -> Denoiser:
     """This rank's Denoiser. `shards`: a build-time TP shard folder (wan_build.shards) to load only this rank's
     weights from; without it the whole expert is loaded and cut here."""
-    from ..engines.torch_engine import denoiser_engine
-
     if cfg.engine != EngineKind.TORCH:
         raise ValueError(f"a parallel plan needs the torch engine, not {cfg.engine.value}")
     dtype = DTYPES[cfg.precision]
@@ -39,18 +37,10 @@ def build_rank_denoiser(
             module = ckpt.load_transformer(name, dtype, str(device))
         parallelize(module, groups, cfg.attention, device)
         if cfg.compile_blocks:
-            # Not fullgraph: a collective dynamo cannot trace becomes a graph break, not a load failure. dynamo
-            # traces ours in as functional collectives (no break seen on CPU), and on one H100 with a fake
-            # process group the compiled ranks computed 1/N of the 1-GPU step (benchmarks/RESULTS.md); with
-            # NCCL on several GPUs this is still unmeasured.
-            module.compile_repeated_blocks(fullgraph=False, dynamic=False)
-        engine = denoiser_engine(module, device, dtype)
-        if cfg.cuda_graphs:
-            from ..engines.cuda_graph import CudaGraphEngine
-
-            # The forward's collectives are captured with it; a failed capture fails the request rather than
-            # running eagerly while the peers replay (see engines.cuda_graph).
-            engine = CudaGraphEngine(engine, eager_fallback=False)
-        experts[name] = engine
+            # On one H100 with a fake process group the compiled ranks computed 1/N of the 1-GPU step
+            # (benchmarks/RESULTS.md); with NCCL on several GPUs this is still unmeasured.
+            compile_expert_blocks(module, parallel=True)
+        eager, graphed = torch_engines(module, device, dtype, cfg.cuda_graphs, parallel=True)
+        experts[name] = graphed or eager
     cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
     return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, cfg_parallel=cfg_parallel)
