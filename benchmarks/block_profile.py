@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import statistics
 import sys
 from collections import defaultdict
@@ -36,7 +35,7 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from denoiser_step import time_cuda  # noqa: E402
+from denoiser_step import run_header, time_cuda  # noqa: E402
 
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
 from wan_triton import attention, random_weights  # noqa: E402
@@ -271,14 +270,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    result: dict = {
-        "device": torch.cuda.get_device_name(),
-        "commit": os.environ.get("COMMIT", "unknown"),
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
-        "attention": [],
-        "block": [],
-    }
+    result: dict = {**run_header(), "attention": [], "block": []}
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

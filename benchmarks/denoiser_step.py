@@ -55,6 +55,19 @@ def forward_flop(tokens: int, cfg: dict = A14B_TRANSFORMER) -> float:
     return cfg["num_layers"] * per_layer
 
 
+def run_header() -> dict:
+    """What every GPU result file records about its run: device, commit (COMMIT: the host has no .git), versions,
+    date and command."""
+    return {
+        "device": torch.cuda.get_device_name(),
+        "commit": os.environ.get("COMMIT", "unknown"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+    }
+
+
 def time_cuda(fn, warmup: int, repeat: int) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -113,16 +126,7 @@ def main() -> None:
     from diffusers import UniPCMultistepScheduler
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-    result: dict = {
-        "device": torch.cuda.get_device_name(),
-        "commit": os.environ.get("COMMIT", "unknown"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
-        "flash4_available": flash4_available(),
-        "sizes": {},
-    }
+    result: dict = {**run_header(), "flash4_available": flash4_available(), "sizes": {}}
     result["gemm_tflops"] = gemm_tflops()
     logger.info("bf16 GEMM 8192^3: %.0f TFLOP/s", result["gemm_tflops"])
     started = time.perf_counter()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -95,13 +94,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result: dict = {
-        "device": torch.cuda.get_device_name(),
-        "commit": os.environ.get("COMMIT", "unknown"),
-        "torch": torch.__version__,
-        "command": " ".join(sys.argv),
-        "shapes": {},
-    }
+    result: dict = {**denoiser_step.run_header(), "shapes": {}}
     for label, tokens in TOKENS.items():
         rows = {name: measure(tokens, *dims) for name, dims in LAYERS.items()}
         # One block: QKV once, the 5120x5120 shape three times (self-attn out, cross-attn Q and out), FFN in and out.
