@@ -242,9 +242,7 @@ class Scheduler(_Model):
         return error_response(exc, self.ctx.name)
 
     def finalize(self) -> None:
-        close = getattr(self.denoiser, "close", None)  # a parallel plan's worker group
-        if close is not None:
-            close()
+        _stop_workers(self.denoiser)
         super().finalize()
 
 
@@ -265,9 +263,7 @@ class VaeDecoder(_Model):
         return _response(output(io.DECODED_FRAMES.name, self.decoder.frames(latents)))
 
     def finalize(self) -> None:
-        close = getattr(self.decoder, "close", None)  # a split decode's worker group
-        if close is not None:
-            close()
+        _stop_workers(self.decoder)
         super().finalize()
 
 
@@ -300,6 +296,14 @@ class Stream(_Model):
     def finalize(self) -> None:
         self.runner.close()
         super().finalize()
+
+
+def _stop_workers(component) -> None:
+    """Stop the processes of a worker group (a parallel plan's denoiser, a split decode); a component that runs in
+    this process has none."""
+    close = getattr(component, "close", None)
+    if close is not None:
+        close()
 
 
 def _response(*tensors):
