@@ -248,3 +248,19 @@ def test_client_streams_with_previews_and_exits_4_at_its_deadline(server, tmp_pa
     )
     assert late.returncode == EXIT_DEADLINE, late.stderr
     assert "deadline exceeded" in late.stderr and not (tmp_path / "late.mp4").exists()
+
+
+def test_concurrent_streams_keep_the_server_alive(server):
+    """Four clients streaming short, invalid and cancelled requests for 20 s: every answer is the expected one and
+    the server is live after. Before the stub serialised its metric calls (wan_triton.serving.metrics), this load
+    killed the server within 2-15 s in every run."""
+    stress = Path(__file__).resolve().parents[1] / "benchmarks" / "stream_stress.py"
+    run = subprocess.run(
+        [sys.executable, str(stress), "--url", server.grpc_url, "--model", MODEL, "--duration-s", "20"],
+        capture_output=True,
+        text=True,
+        timeout=STOP_WAIT_S,
+    )
+    assert run.returncode == 0, run.stderr[-3000:] + server.log_tail()
+    assert "server live" in run.stderr
+    assert server.process.poll() is None

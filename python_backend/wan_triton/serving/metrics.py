@@ -14,13 +14,24 @@ the Python backend's custom-metrics API; Triton merges them into one /metrics pa
 - `wan_device_memory_bytes{model, stage}`: peak device memory of the step's process during its last request.
 
 Queue length is Triton's own `nv_inference_pending_request_count{model=...}`.
+
+Every metric call of a stub process goes through one lock. In Triton 2.51 a `Metric` call is not thread-safe: it
+writes the operation into shared memory owned by the `Metric` object and swaps that block out on the next call, so
+two threads updating one metric at once can free the block the server is about to read. The server then reads
+garbage and dies (SIGSEGV in `ProcessMetricRequest` -> `Metric::LoadFromSharedMemory`, or a `std::bad_alloc` or
+`boost::interprocess::lock_exception` abort). The stream model's request threads and the scheduler's batch threads
+update metrics concurrently; `benchmarks/stream_stress.py` crashed the server within minutes before the lock.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 logger = logging.getLogger(__name__)
+
+# One per stub process: see the module docstring.
+_METRIC_CALLS = threading.Lock()
 
 # Seconds: from a tiny CPU request (milliseconds) to a 720p A14B denoising loop (about 15 minutes).
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
@@ -78,21 +89,26 @@ class StageMetrics:
 
     def request_done(self, seconds: float, outcome: str) -> None:
         if self.enabled:
-            self.seconds.observe(seconds)
-            self.outcomes[outcome].increment(1)
+            with _METRIC_CALLS:
+                self.seconds.observe(seconds)
+                self.outcomes[outcome].increment(1)
 
     def denoised(self, num_steps: int, seconds: float) -> None:
         if self.enabled and self.steps_per_second is not None and seconds > 0:
-            self.steps_per_second.set(num_steps / seconds)
+            with _METRIC_CALLS:
+                self.steps_per_second.set(num_steps / seconds)
 
     def step_done(self, num_requests: int = 1) -> None:
         if self.enabled and self.steps is not None:
-            self.steps.increment(num_requests)
+            with _METRIC_CALLS:
+                self.steps.increment(num_requests)
 
     def batched(self, num_requests: int) -> None:
         if self.enabled and self.batch_size is not None:
-            self.batch_size.observe(num_requests)
+            with _METRIC_CALLS:
+                self.batch_size.observe(num_requests)
 
     def device_memory_peak(self, num_bytes: int) -> None:
         if self.enabled:
-            self.device_memory.set(num_bytes)
+            with _METRIC_CALLS:
+                self.device_memory.set(num_bytes)
