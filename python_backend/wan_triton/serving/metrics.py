@@ -20,7 +20,8 @@ writes the operation into shared memory owned by the `Metric` object and swaps t
 two threads updating one metric at once can free the block the server is about to read. The server then reads
 garbage and dies (SIGSEGV in `ProcessMetricRequest` -> `Metric::LoadFromSharedMemory`, or a `std::bad_alloc` or
 `boost::interprocess::lock_exception` abort). The stream model's request threads and the scheduler's batch threads
-update metrics concurrently; `benchmarks/stream_stress.py` crashed the server within minutes before the lock.
+update metrics concurrently; `benchmarks/stream_stress.py` crashed the server within seconds without the lock
+(`benchmarks/triton_crash_stack.py` names the functions in such a crash stack).
 """
 
 from __future__ import annotations
