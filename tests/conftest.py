@@ -163,3 +163,17 @@ def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
     with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
         yield running
     assert running.process.returncode == 0, running.shutdown_report()
+
+
+@pytest.fixture(autouse=True)
+def _session_server_alive(request):
+    """A test that needs the session's server fails at once, saying so, when an earlier test left it dead: the
+    first failure is then the one that matters, not a screen of connection errors."""
+    if "server" in request.fixturenames:
+        running = request.getfixturevalue("server")
+        if running.process.poll() is not None:
+            pytest.fail(
+                f"the session's tritonserver died before this test (exit {running.process.returncode}); "
+                f"its log ends:\n{running.log_tail(30)}",
+                pytrace=False,
+            )
