@@ -19,9 +19,9 @@ Every metric call of a stub process goes through one lock. In Triton 2.51 a `Met
 writes the operation into shared memory owned by the `Metric` object and swaps that block out on the next call, so
 two threads updating one metric at once can free the block the server is about to read. The server then reads
 garbage and dies (SIGSEGV in `ProcessMetricRequest` -> `Metric::LoadFromSharedMemory`, or a `std::bad_alloc` or
-`boost::interprocess::lock_exception` abort). The stream model's request threads and the scheduler's batch threads
-update metrics concurrently; `benchmarks/stream_stress.py` crashed the server within seconds without the lock
-(`benchmarks/triton_crash_stack.py` names the functions in such a crash stack).
+`boost::interprocess::lock_exception` abort). The stream model answers each request from its own thread, and those
+threads update its metrics concurrently; `benchmarks/stream_stress.py` crashed the server within seconds without
+the lock (`benchmarks/triton_crash_stack.py` names the functions in such a crash stack).
 """
 
 from __future__ import annotations
