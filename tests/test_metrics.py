@@ -80,7 +80,7 @@ def _hammer(stage_metrics: list[StageMetrics], num_threads: int = 8, calls_each:
 def test_metric_calls_from_many_threads_never_overlap():
     calls = _Calls()
     pb = _fake_pb(calls)
-    # Two models' metrics in one process (the stream model's and a scheduler's): the rule is per process.
+    # Two StageMetrics in one process, used at once: the lock is the process's, not one object's.
     _hammer([StageMetrics(pb, "wan_t2v", "scheduler"), StageMetrics(pb, "wan_t2v", "stream")])
     assert calls.total == 8 * 40 * 6 - 4 * 40 * 3  # the stream stage has no rate, batch or step metrics
     assert calls.overlaps == 0
