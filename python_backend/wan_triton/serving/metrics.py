@@ -15,9 +15,10 @@ the Python backend's custom-metrics API; Triton merges them into one /metrics pa
 
 Queue length is Triton's own `nv_inference_pending_request_count{model=...}`.
 
-Every metric call of a stub process goes through one lock. In Triton 2.51 a `Metric` call is not thread-safe: it
-writes the operation into shared memory owned by the `Metric` object and swaps that block out on the next call, so
-two threads updating one metric at once can free the block the server is about to read. The server then reads
+Every metric call of a stub process goes through one lock: each `Metric` is wrapped in a `SerialMetric`. In Triton
+2.51 a `Metric` call is not thread-safe: it writes the operation into shared memory owned by the `Metric` object
+and swaps that block out on the next call, so two threads updating one metric at once can free the block the
+server is about to read. The server then reads
 garbage and dies (SIGSEGV in `ProcessMetricRequest` -> `Metric::LoadFromSharedMemory`, or a `std::bad_alloc` or
 `boost::interprocess::lock_exception` abort). The stream model answers each request from its own thread, and those
 threads update its metrics concurrently; `benchmarks/stream_stress.py` crashed the server within seconds without
@@ -33,6 +34,26 @@ logger = logging.getLogger(__name__)
 
 # One per stub process: see the module docstring.
 _METRIC_CALLS = threading.Lock()
+
+
+class SerialMetric:
+    """A Python-backend `Metric` whose every call holds the process's metric lock (see the module docstring)."""
+
+    def __init__(self, metric) -> None:
+        self._metric = metric
+
+    def increment(self, value: float) -> None:
+        with _METRIC_CALLS:
+            self._metric.increment(value)
+
+    def set(self, value: float) -> None:
+        with _METRIC_CALLS:
+            self._metric.set(value)
+
+    def observe(self, value: float) -> None:
+        with _METRIC_CALLS:
+            self._metric.observe(value)
+
 
 # Seconds: from a tiny CPU request (milliseconds) to a 720p A14B denoising loop (about 15 minutes).
 BATCH_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
@@ -64,9 +85,9 @@ class StageMetrics:
                 kind=family.GAUGE,
             ),
         }
-        self.seconds = self.families["seconds"].Metric(labels=labels, buckets=STAGE_BUCKETS)
-        self.outcomes = {o: self.families["requests"].Metric(labels={**labels, "outcome": o}) for o in OUTCOMES}
-        self.device_memory = self.families["memory"].Metric(labels=labels)
+        self.seconds = self._metric("seconds", labels, buckets=STAGE_BUCKETS)
+        self.outcomes = {o: self._metric("requests", {**labels, "outcome": o}) for o in OUTCOMES}
+        self.device_memory = self._metric("memory", labels)
         self.steps_per_second = None
         self.batch_size = None
         self.steps = None
@@ -76,40 +97,38 @@ class StageMetrics:
                 description="Denoising steps per second of the last request",
                 kind=family.GAUGE,
             )
-            self.steps_per_second = self.families["rate"].Metric(labels={"model": model})
+            self.steps_per_second = self._metric("rate", {"model": model})
             self.families["batch"] = family(
                 name="wan_batch_size",
                 description="Requests denoised together in one batched loop",
                 kind=family.HISTOGRAM,
             )
-            self.batch_size = self.families["batch"].Metric(labels={"model": model}, buckets=BATCH_BUCKETS)
+            self.batch_size = self._metric("batch", {"model": model}, buckets=BATCH_BUCKETS)
             self.families["steps"] = family(
                 name="wan_denoise_steps_total", description="Denoising steps run, per request", kind=family.COUNTER
             )
-            self.steps = self.families["steps"].Metric(labels={"model": model})
+            self.steps = self._metric("steps", {"model": model})
+
+    def _metric(self, family: str, labels: dict[str, str], **options) -> SerialMetric:
+        return SerialMetric(self.families[family].Metric(labels=labels, **options))
 
     def request_done(self, seconds: float, outcome: str) -> None:
         if self.enabled:
-            with _METRIC_CALLS:
-                self.seconds.observe(seconds)
-                self.outcomes[outcome].increment(1)
+            self.seconds.observe(seconds)
+            self.outcomes[outcome].increment(1)
 
     def denoised(self, num_steps: int, seconds: float) -> None:
         if self.enabled and self.steps_per_second is not None and seconds > 0:
-            with _METRIC_CALLS:
-                self.steps_per_second.set(num_steps / seconds)
+            self.steps_per_second.set(num_steps / seconds)
 
     def step_done(self, num_requests: int = 1) -> None:
         if self.enabled and self.steps is not None:
-            with _METRIC_CALLS:
-                self.steps.increment(num_requests)
+            self.steps.increment(num_requests)
 
     def batched(self, num_requests: int) -> None:
         if self.enabled and self.batch_size is not None:
-            with _METRIC_CALLS:
-                self.batch_size.observe(num_requests)
+            self.batch_size.observe(num_requests)
 
     def device_memory_peak(self, num_bytes: int) -> None:
         if self.enabled:
-            with _METRIC_CALLS:
-                self.device_memory.set(num_bytes)
+            self.device_memory.set(num_bytes)
