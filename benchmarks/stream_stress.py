@@ -4,7 +4,7 @@ reproduction of the Python-backend crash under concurrent streams (README, "Oper
 Each client keeps its own gRPC stream and sends, in turn (`--kinds`), a short valid request (`good`: must end in
 its video), a request with a bad height (`bad`: must be refused with INVALID_ARG naming `height`), and a long request
 it cancels after the first progress response (`cancel`). With `--url` it loads a running server; without, it builds
-the cpu.yaml deployment of a fresh tiny checkpoint, starts a server, and at the end also requires a clean exit.
+the cpu.yaml deployment of the tiny checkpoint, starts a server, and at the end also requires a clean exit.
 
 Exits 0 when every answer was the expected one and the server is live (and, when started here, exited 0); 1 when
 the server died, a request got a wrong answer, or a client raised.
@@ -101,13 +101,11 @@ def load(url: str, model: str, kinds: list[str], num_clients: int, duration_s: f
 
 
 def build_repo(root: Path) -> Path:
-    """The cpu.yaml deployment of a fresh tiny checkpoint, rendered under `root`."""
+    """The cpu.yaml deployment of the tiny checkpoint (`make build`'s default model), rendered under `root`."""
     from wan_build.__main__ import main as build_main
-    from wan_build.tiny_model import make_tiny_checkpoint
 
-    checkpoint = make_tiny_checkpoint(root / "tiny")
     repo = root / "repo"
-    args = ["--model", str(checkpoint), "--deployment", str(_REPO / "model_repository/deployments/cpu.yaml")]
+    args = ["--model", "tiny", "--deployment", str(_REPO / "model_repository/deployments/cpu.yaml")]
     if build_main([*args, "--repo", str(repo), "--artifacts-root", str(root / "artifacts")]) != 0:
         raise SystemExit("build failed")
     return repo
