@@ -1,12 +1,14 @@
 """A parallel plan through the real Triton server: the scheduler model runs a worker group of 2 gloo processes
 (tp 2, from build-time shards), the vae_decoder model another 2 (the decode split by width), and the frames match
 diffusers' WanPipeline; a worker of either group killed between requests is replaced before the next one (a worker
-killed mid-request: tests/test_worker_group.py)."""
+killed mid-request: tests/test_worker_group.py); a request past its deadline stops every rank mid-loop and the same
+workers serve the next request."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import PARALLEL_MODEL, assert_frames_close, reference_frames
+from tritonclient.utils import InferenceServerException
 
 from wan_client import build_infer_inputs
 
@@ -30,6 +33,9 @@ REQUEST = dict(
     guidance_scale_2=2.5,
     seed=77,
 )
+
+# 0.5 s a step on this 2-core CPU (tp2, two gloo processes): 25 s for the whole loop.
+LONG = {**REQUEST, "height": 384, "width": 384, "num_frames": 33, "num_inference_steps": 50}
 
 
 @pytest.fixture(scope="module")
@@ -128,3 +134,22 @@ def test_size_the_sequence_cannot_split_over_is_still_served(client):
         PARALLEL_MODEL, build_infer_inputs(request), outputs=[grpcclient.InferRequestedOutput("frames")]
     )
     assert result.as_numpy("frames").shape == (1, 16, 16, 3)
+
+
+def test_deadline_stops_every_rank_mid_loop_and_keeps_the_group(server, client, reference):
+    # The scheduler's step hook sees the deadline; the ranks agree after each step (wan_triton.parallel.stop) and
+    # stop together soon after, instead of running out the loop, so the same processes serve the next request.
+    workers = _workers(server)
+    log_start = server.log_path.stat().st_size
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(PARALLEL_MODEL, build_infer_inputs({**LONG, "timeout_s": 3.0}))
+    assert caught.value.status() == "StatusCode.CANCELLED", caught.value
+    noticed = re.search(r"timeout_s: deadline exceeded: .* after step (\d+) of 50", caught.value.message())
+    assert noticed, caught.value.message()
+    with server.log_path.open("rb") as log:
+        log.seek(log_start)
+        text = log.read().decode("utf-8", errors="replace")
+    stops = [int(step) for step in re.findall(r"the ranks stopped the request after step (\d+)", text)]
+    assert len(stops) == 1 and int(noticed.group(1)) <= stops[0] < 50, (noticed.group(0), stops)
+    assert _workers(server) == workers  # not rebuilt
+    assert_frames_close(_frames(client), reference)

@@ -1,9 +1,12 @@
 """The worker group that serves a parallel plan: it lives across requests, returns rank 0's latents, and a worker
-killed mid-request fails only that request (with a clear error) before the group is rebuilt for the next."""
+killed mid-request fails only that request (with a clear error) before the group is rebuilt for the next; a request
+stopped mid-loop (cancelled, past its deadline) stops every rank after the same step and keeps the group."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -17,6 +20,7 @@ from wan_triton.deployment import ComponentConfig
 from wan_triton.parallel.group import WorkerGroup, WorkerGroupError
 from wan_triton.parallel.plan import PlanError
 from wan_triton.request import GenerationRequest, InvalidRequestError
+from wan_triton.serving.stopping import RequestStopped
 
 # Ulysses: every layer of every step waits on the peer rank, so a dead peer would hang a naive supervisor.
 CFG = ComponentConfig(engine="torch", parallel={"ulysses": 2})
@@ -88,6 +92,31 @@ def test_group_matches_one_process_and_survives_a_killed_worker(group, ckpt, emb
     again = group(_request(3), embeds)
     assert group.healthy() and set(group.pids).isdisjoint(pids) and group.generation == 2
     assert torch.equal(again, first)
+
+
+def test_a_stopped_request_stops_every_rank_and_keeps_the_group(group, embeds, caplog):
+    # The scheduler's step hook raises RequestStopped when a request is cancelled or past its deadline. The ranks
+    # cannot leave mid-step, but they agree after each step and all stop soon after, instead of running the
+    # request's 200 steps; the same processes serve the next request.
+    expected = group(_request(3), embeds)
+    pids, generation = group.pids, group.generation
+
+    def hook(index: int, count: int) -> None:
+        if index >= 1:
+            raise RequestStopped("cancelled", f"request cancelled after step {index + 1} of {count}")
+
+    with (
+        caplog.at_level(logging.INFO, logger="wan_triton.parallel.group"),
+        pytest.raises(RequestStopped, match="cancelled after step 2 of 200"),
+    ):
+        group(_request(200), embeds, on_step=hook)
+    logged = [r.getMessage() for r in caplog.records]
+    stops = [int(m) for line in logged for m in re.findall(r"stopped the request after step (\d+)", line)]
+    assert len(stops) == 1, f"the ranks did not report stopping mid-loop: {logged}"
+    # The ranks run on while the hook's answer travels back (on a loaded 2-core machine, several tiny steps).
+    assert 2 <= stops[0] < 100, stops
+    assert group.healthy() and group.pids == pids and group.generation == generation
+    assert torch.equal(group(_request(3), embeds), expected)
 
 
 def test_a_worker_killed_between_requests_costs_no_request(group, embeds):

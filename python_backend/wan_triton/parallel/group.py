@@ -81,6 +81,7 @@ class _Supervisor:
         self.stall_timeout_s = cfg.worker_stall_timeout_s
         self._procs: list = []
         self._conns: list = []
+        self._stop_flag = None  # shared with the workers: set when the request under way must stop
         self.generation = 0  # how many times the group has been started
 
     @classmethod
@@ -109,9 +110,12 @@ class _Supervisor:
             role=self.role,
         )
         started = time.perf_counter()
+        self._stop_flag = ctx.Event()
         for rank in range(self.world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(rank, spec, child), name=f"wan-{self.role}-rank{rank}")
+            proc = ctx.Process(
+                target=worker_main, args=(rank, spec, child, self._stop_flag), name=f"wan-{self.role}-rank{rank}"
+            )
             proc.daemon = True
             proc.start()
             child.close()
@@ -174,6 +178,7 @@ class _Supervisor:
             if self._procs:
                 logger.warning("%s lost a worker; restarting it", self.label)
             self.start()
+        self._stop_flag.clear()
         for rank, conn in enumerate(self._conns):
             try:
                 conn.send(message)
@@ -181,6 +186,7 @@ class _Supervisor:
                 raise self._fail(f"{self.role} worker rank {rank} is gone ({exc})", worker_gone=True) from None
         results: dict[int, object] = {}
         stopped: list[BaseException] = []
+        steps_done: dict[int, int] = {}
 
         def accept(rank: int, msg: tuple) -> bool:
             progressed.append(True)
@@ -188,17 +194,25 @@ class _Supervisor:
                 if on_step is not None and not stopped:
                     try:
                         on_step(msg[1], msg[2])
-                    except Exception as exc:  # noqa: BLE001 - raised once every rank has finished
+                    except Exception as exc:  # noqa: BLE001 - raised once every rank has stopped
                         stopped.append(exc)
+                        # The ranks cannot leave mid-step (their peers would wait in its collectives): they agree
+                        # after each step whether the flag is set (wan_triton.parallel.stop) and stop together.
+                        self._stop_flag.set()
                 return False
+            if msg[0] == "stopped":
+                steps_done[rank] = msg[1]
+                return True
             results[rank] = msg[1]
             return True
 
-        # A hook that raises (cancellation, deadline) cannot stop the ranks mid-loop: they would have to agree on the
-        # step, a collective per step. The loop runs to its end and the request fails then, with the group intact.
         self._collect("running a request", accept, timeout_s=None, stall_timeout_s=self.stall_timeout_s)
+        if steps_done:
+            logger.info("%s: the ranks stopped the request after step %d", self.label, max(steps_done.values()))
         if stopped:
             raise stopped[0]
+        if steps_done:  # no hook asked for it: only this supervisor sets the flag, so this is a bug
+            raise self._fail(f"the ranks stopped after step {steps_done} without a request to stop")
         return results[0]
 
     def _collect(self, doing: str, accept, timeout_s: float | None, stall_timeout_s: float | None = None) -> None:

@@ -6,7 +6,8 @@ the group: wan_triton.parallel.vae_split).
 
 Messages in: ("denoise", request fields, prompt embeddings as numpy) or ("decode", latents as numpy),
 ("warm_up", height, width, num_frames), ("stop",). Messages out: ("ready",), ("step", index, count) from rank 0,
-("done", latents or uint8 frames as numpy on rank 0 else None), ("error", traceback text).
+("done", latents or uint8 frames as numpy on rank 0 else None), ("stopped", steps done) when the ranks agreed to
+stop a request mid-loop (wan_triton.parallel.stop), ("error", traceback text).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _build_vae(spec: WorkerSpec, ckpt, device: torch.device):
     return VaeDecoder(ckpt, split_decode_fn(vae, dist.group.WORLD), device, dtype)
 
 
-def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
+def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
+    """`stop_flag`: the supervisor's multiprocessing Event, set when the request under way must stop."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
     from pathlib import Path
@@ -76,6 +78,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
     from ..request import GenerationRequest
     from .groups import create_groups
     from .rank import build_rank_denoiser
+    from .stop import StepAgreement, StopRequested
     from .world import backend_for, cpu_threads_per_rank, init_distributed
 
     try:
@@ -84,9 +87,11 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
         threads = cpu_threads_per_rank(spec.world_size) if backend == "gloo" else None
         init_distributed(rank, spec.world_size, spec.port, backend, threads)
         ckpt = Checkpoint.open(spec.checkpoint)
+        agreement = None
         if spec.role == "vae":
             denoiser, vae = None, _build_vae(spec, ckpt, device)
         else:
+            agreement = StepAgreement(stop_flag)
             groups = create_groups(spec.component.parallel)
             shards = None if spec.shards is None else Path(spec.shards)
             denoiser, vae = build_rank_denoiser(ckpt, spec.component, groups, device, shards), None
@@ -98,6 +103,8 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
     def on_step(index: int, count: int) -> None:
         if rank == 0:
             conn.send(("step", index, count))
+        if agreement is not None:
+            agreement.check(index + 1)
 
     while True:
         try:
@@ -110,8 +117,12 @@ def worker_main(rank: int, spec: WorkerSpec, conn) -> None:
                     break
                 case "denoise":
                     _, fields, embeds = message
-                    latents = denoiser(GenerationRequest(**fields), torch.from_numpy(embeds), on_step)
-                    conn.send(("done", latents.float().cpu().numpy() if rank == 0 else None))
+                    try:
+                        latents = denoiser(GenerationRequest(**fields), torch.from_numpy(embeds), on_step)
+                    except StopRequested as stop:  # every rank stops after the same step: the group stays usable
+                        conn.send(("stopped", stop.steps_done))
+                    else:
+                        conn.send(("done", latents.float().cpu().numpy() if rank == 0 else None))
                 case "decode":
                     # Every rank decodes its strip; rank 0 gets the frames (None elsewhere). uint8 frames, not the
                     # float video: a quarter of the bytes through the pipe (224 MB at 720p).
