@@ -5,8 +5,10 @@
   projections and in the q/k norms, the all-gather of the output tokens) through torch's NCCL process group
   inside the capture. What this checks: that torch's NCCL path captures and replays, bit-identical to eager.
   What it cannot: traffic between GPUs (a one-rank communicator moves nothing).
+- One GPU: the ranks' stop agreement (a gloo group) works beside an NCCL world.
 - Two or more GPUs: the served worker group with and without `cuda_graphs` gives bit-identical latents for each
-  plan of world size 2, and the VAE decode split over 2 GPUs gives one GPU's frames (within 1 uint8 level).
+  plan of world size 2, a graphed group stops a request mid-loop and then serves the next one as before, and the
+  VAE decode split over 2 GPUs gives one GPU's frames (within 1 uint8 level).
 
     python -m pytest tests/test_gpu_parallel.py
 """
@@ -104,6 +106,61 @@ def test_nccl_collectives_replay_in_a_cuda_graph(tiny4_checkpoint, compile_block
         assert torch.isfinite(eager).all()
         assert torch.equal(graphed, eager)
     assert not torch.equal(result["pairs"][0][0], result["pairs"][1][0])  # the replays saw new inputs
+
+
+def _stop_agreement_beside_nccl(rank: int) -> list[int | None]:
+    """In an NCCL world: the ranks' stop agreement (a gloo group of its own) goes on while the flag is clear and
+    stops once it is set."""
+    import multiprocessing as mp
+
+    from wan_triton.parallel.stop import StepAgreement, StopRequested
+
+    flag = mp.get_context("spawn").Event()
+    agreement = StepAgreement(flag)
+    seen = []
+    for steps_done in (1, 2):
+        try:
+            agreement.check(steps_done)
+            seen.append(None)
+        except StopRequested as stop:
+            seen.append(stop.steps_done)
+        flag.set()
+    return seen
+
+
+def test_stop_agreement_runs_beside_an_nccl_world():
+    from wan_triton.parallel.world import run_world
+
+    assert run_world(1, _stop_agreement_beside_nccl, backend="nccl") == [[None, 2]]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint):
+    from wan_triton.parallel.group import WorkerGroup
+    from wan_triton.request import GenerationRequest
+    from wan_triton.serving.stopping import RequestStopped
+
+    ckpt = Checkpoint.open(tiny4_checkpoint)
+    cfg = ComponentConfig(
+        engine="torch", device="cuda", precision="bfloat16", attention="cudnn", parallel={"cfg": 2}, cuda_graphs=True
+    )
+    long = GenerationRequest(**{**REQUEST.__dict__, "num_inference_steps": 500})
+
+    def stop_after_step_2(index: int, count: int) -> None:
+        if index >= 1:
+            raise RequestStopped("cancelled", "request cancelled")
+
+    group = WorkerGroup(ckpt, cfg, device_ids=(0, 1))
+    group.start()
+    try:
+        expected = group(REQUEST, _embeds(ckpt.text_dim))
+        pids = group.pids
+        with pytest.raises(RequestStopped):
+            group(long, _embeds(ckpt.text_dim), on_step=stop_after_step_2)
+        assert group.pids == pids and group.healthy()
+        assert torch.equal(group(REQUEST, _embeds(ckpt.text_dim)), expected)  # the graphs replay as before
+    finally:
+        group.close()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

@@ -2,7 +2,7 @@
 (tp 2, from build-time shards), the vae_decoder model another 2 (the decode split by width), and the frames match
 diffusers' WanPipeline; a worker of either group killed between requests is replaced before the next one (a worker
 killed mid-request: tests/test_worker_group.py); a request past its deadline stops every rank mid-loop and the same
-workers serve the next request."""
+workers serve the next request; the stream endpoint shows previews from rank 0's clean estimates."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from conftest import PARALLEL_MODEL, assert_frames_close, reference_frames
+from test_stream import Stream
 from tritonclient.utils import InferenceServerException
 
 from wan_client import build_infer_inputs
@@ -153,3 +155,21 @@ def test_deadline_stops_every_rank_mid_loop_and_keeps_the_group(server, client, 
     assert len(stops) == 1 and int(noticed.group(1)) <= stops[0] < 50, (noticed.group(0), stops)
     assert _workers(server) == workers  # not rebuilt
     assert_frames_close(_frames(client), reference)
+
+
+def test_stream_previews_come_from_rank_0s_estimates(server, client):
+    stream = Stream(server.grpc_url, f"{PARALLEL_MODEL}_stream")
+    try:
+        stream.send({**REQUEST, "preview": 3})
+        progress, final = stream.until_final()
+    finally:
+        stream.close()
+    previews = [(int(r.as_numpy("step")[0]), r.as_numpy("preview_frame")) for r in progress]
+    previews = [(step, frame) for step, frame in previews if frame is not None]
+    assert [step for step, _ in previews] == [3, 6], [step for step, _ in previews]
+    frames = final.as_numpy("frames")
+    assert all(frame.dtype == np.uint8 and frame.shape == (48, 80, 3) for _, frame in previews)
+    # The last step's clean estimate, decoded, is close to the video's first frame (the last update is small).
+    diff = np.abs(previews[-1][1].astype(np.int16) - frames[0].astype(np.int16))
+    assert diff.mean() < 4.0, float(diff.mean())
+    assert np.array_equal(frames, _frames(client))  # the unary endpoint's frames

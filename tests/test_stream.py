@@ -38,14 +38,15 @@ STOP_WAIT_S = 120.0
 class Stream:
     """One gRPC stream: send requests, read each response (result or error) in order."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, model: str = STREAM) -> None:
         self.client = grpcclient.InferenceServerClient(url)
+        self.model = model
         self.responses: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
 
     def send(self, request: dict, outputs=("video", "frames", "used_seed", *PROGRESS)) -> None:
         wanted = [grpcclient.InferRequestedOutput(o) for o in outputs]
-        self.client.async_stream_infer(STREAM, build_infer_inputs(request), outputs=wanted)
+        self.client.async_stream_infer(self.model, build_infer_inputs(request), outputs=wanted)
 
     def next(self, timeout_s: float = STOP_WAIT_S):
         return self.responses.get(timeout=timeout_s)

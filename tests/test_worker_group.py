@@ -94,6 +94,20 @@ def test_group_matches_one_process_and_survives_a_killed_worker(group, ckpt, emb
     assert torch.equal(again, first)
 
 
+def test_group_sends_the_first_frame_of_each_clean_estimate_when_asked(group, ckpt, embeds):
+    from wan_triton.components import build_denoiser
+
+    one_process = build_denoiser(ckpt, ComponentConfig(engine="torch"), Path("/nonexistent"))
+    expected, got = [], []
+    one_process(_request(3), embeds, on_estimate=lambda i, x: expected.append((i, x[:, :, :1].clone())))
+    group(_request(3), embeds, on_estimate=lambda i, x: got.append((i, x)))
+    assert [i for i, _ in got] == [i for i, _ in expected] == [0, 1, 2]
+    for (_, mine), (_, theirs) in zip(got, expected, strict=True):
+        assert mine.shape == theirs.shape and mine.shape[2] == 1, (mine.shape, theirs.shape)
+        rel = float((mine - theirs).norm() / theirs.norm())
+        assert rel < 1e-5, rel
+
+
 def test_a_stopped_request_stops_every_rank_and_keeps_the_group(group, embeds, caplog):
     # The scheduler's step hook raises RequestStopped when a request is cancelled or past its deadline. The ranks
     # cannot leave mid-step, but they agree after each step and all stop soon after, instead of running the

@@ -150,8 +150,9 @@ class _Supervisor:
         """Every rank runs its part once at this shape (compiles, captures, allocates) before serving."""
         self._send(("warm_up", height, width, num_frames))
 
-    def _send(self, message: tuple, on_step=None):
-        """Run `message` on every rank and return rank 0's result.
+    def _send(self, message: tuple, on_step=None, on_estimate=None):
+        """Run `message` on every rank and return rank 0's result; `on_step(index, count)` and
+        `on_estimate(index, first latent frame of the clean estimate)` see what rank 0 reports.
 
         A worker that died between requests can still look alive when the next request arrives: a killed
         multi-threaded process is reaped only once all its threads have exited, so `is_alive()` stays True for a
@@ -163,7 +164,7 @@ class _Supervisor:
         for attempt in (1, 2):
             progressed: list[bool] = []
             try:
-                return self._run(message, on_step, progressed)
+                return self._run(message, on_step, on_estimate, progressed)
             except WorkerGroupError as exc:
                 if attempt == 2 or progressed or not exc.worker_gone:
                     raise
@@ -173,7 +174,7 @@ class _Supervisor:
                 )
         raise AssertionError("unreachable")
 
-    def _run(self, message: tuple, on_step, progressed: list[bool]):
+    def _run(self, message: tuple, on_step, on_estimate, progressed: list[bool]):
         if not self.healthy():
             if self._procs:
                 logger.warning("%s lost a worker; restarting it", self.label)
@@ -190,10 +191,11 @@ class _Supervisor:
 
         def accept(rank: int, msg: tuple) -> bool:
             progressed.append(True)
-            if msg[0] == "step":
-                if on_step is not None and not stopped:
+            if msg[0] in ("step", "estimate"):
+                hook, argument = (on_step, msg[2]) if msg[0] == "step" else (on_estimate, torch.from_numpy(msg[2]))
+                if hook is not None and not stopped:
                     try:
-                        on_step(msg[1], msg[2])
+                        hook(msg[1], argument)
                     except Exception as exc:  # noqa: BLE001 - raised once every rank has stopped
                         stopped.append(exc)
                         # The ranks cannot leave mid-step (their peers would wait in its collectives): they agree
@@ -300,9 +302,14 @@ class WorkerGroup(_Supervisor):
     def label_of(cls, cfg: ComponentConfig) -> str:
         return f"denoiser worker group {cfg.parallel}"
 
-    def __call__(self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step=None) -> torch.Tensor:
+    def __call__(
+        self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step=None, on_estimate=None
+    ) -> torch.Tensor:
+        """`on_estimate` gets the first latent frame of each step's clean estimate, float32 [1, C, 1, h, w] (what
+        a preview shows), not the whole estimate: rank 0 sends it through its pipe only when a hook wants it."""
         self.check_request(request)
-        latents = self._send(("denoise", dataclasses.asdict(request), prompt_embeds.float().cpu().numpy()), on_step)
+        fields, embeds = dataclasses.asdict(request), prompt_embeds.float().cpu().numpy()
+        latents = self._send(("denoise", fields, embeds, on_estimate is not None), on_step, on_estimate)
         return torch.from_numpy(latents)
 
     def run_batch(self, items: list[BatchItem]) -> list[torch.Tensor | BaseException]:
@@ -310,7 +317,7 @@ class WorkerGroup(_Supervisor):
         results: list[torch.Tensor | BaseException] = []
         for item in items:
             try:
-                results.append(self(item.request, item.prompt_embeds, item.on_step))
+                results.append(self(item.request, item.prompt_embeds, item.on_step, item.on_estimate))
             except Exception as exc:  # noqa: BLE001 - that request's error; the others go on
                 results.append(exc)
         return results

@@ -4,8 +4,9 @@ its pipe until told to stop.
 Roles: "denoiser" (its shard of both experts, for the plan's rank) and "vae" (the VAE decoder, split by width over
 the group: wan_triton.parallel.vae_split).
 
-Messages in: ("denoise", request fields, prompt embeddings as numpy) or ("decode", latents as numpy),
-("warm_up", height, width, num_frames), ("stop",). Messages out: ("ready",), ("step", index, count) from rank 0,
+Messages in: ("denoise", request fields, prompt embeddings as numpy, whether to send estimates) or ("decode", latents
+as numpy), ("warm_up", height, width, num_frames), ("stop",). Messages out: ("ready",), ("step", index, count) and,
+when asked, ("estimate", index, the clean estimate's first latent frame as numpy) from rank 0,
 ("done", latents or uint8 frames as numpy on rank 0 else None), ("stopped", steps done) when the ranks agreed to
 stop a request mid-loop (wan_triton.parallel.stop), ("error", traceback text).
 """
@@ -106,6 +107,10 @@ def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
         if agreement is not None:
             agreement.check(index + 1)
 
+    def on_estimate(index: int, clean_latents: torch.Tensor) -> None:
+        # The first latent frame only (one video frame, what a preview decodes): under 1 MB at 720p.
+        conn.send(("estimate", index, clean_latents[:, :, :1].float().cpu().numpy()))
+
     while True:
         try:
             message = conn.recv()
@@ -116,9 +121,10 @@ def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
                 case "stop":
                     break
                 case "denoise":
-                    _, fields, embeds = message
+                    _, fields, embeds, estimates = message
+                    request, hook = GenerationRequest(**fields), on_estimate if estimates and rank == 0 else None
                     try:
-                        latents = denoiser(GenerationRequest(**fields), torch.from_numpy(embeds), on_step)
+                        latents = denoiser(request, torch.from_numpy(embeds), on_step, hook)
                     except StopRequested as stop:  # every rank stops after the same step: the group stays usable
                         conn.send(("stopped", stop.steps_done))
                     else:

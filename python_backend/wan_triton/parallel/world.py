@@ -33,9 +33,9 @@ def backend_for(device_type: str) -> str:
 
 def init_distributed(rank: int, world_size: int, port: int, backend: str, threads: int | None = None) -> None:
     """Join the process group on this host (127.0.0.1:port) as `rank`."""
-    if backend == "gloo":
-        # Gloo picks its network interface from the host name, which may not resolve in a container.
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    # Gloo picks its network interface from the host name, which may not resolve in a container. Set for an NCCL
+    # world too: the ranks' stop agreement (wan_triton.parallel.stop) is a gloo group beside it.
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     if threads is not None:
         torch.set_num_threads(threads)
     dist.init_process_group(

@@ -196,8 +196,12 @@ class Scheduler(_Model):
                 self.board.set_progress(token, index + 1, num_steps)
             guard.check(f"after step {index + 1} of {num_steps}")
 
+        if token is None or preview_every <= 0:
+            # No preview wanted: the loop skips the estimate (and a worker group does not send it).
+            return on_step, None
+
         def on_estimate(index: int, clean_latents: torch.Tensor) -> None:
-            if token is not None and preview_every > 0 and (index + 1) % preview_every == 0:
+            if (index + 1) % preview_every == 0:
                 # The first latent frame only: the stream model decodes it to one small frame.
                 self.board.set_preview(token, index + 1, clean_latents[:, :, :1].float().cpu().numpy())
 
