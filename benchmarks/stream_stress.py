@@ -2,15 +2,19 @@
 reproduction of the Python-backend crash under concurrent streams (README, "Operating it").
 
 Each client keeps its own gRPC stream and sends, in turn (`--kinds`), a short valid request (`good`: must end in
-its video), a request with a bad height (`bad`: must be refused with INVALID_ARG naming `height`), and a long request
-it cancels after the first progress response (`cancel`). With `--url` it loads a running server; without, it builds
-the cpu.yaml deployment of the tiny checkpoint, starts a server, and at the end also requires a clean exit.
+its video), a request with a bad height (`bad`: must be refused with INVALID_ARG naming `height`), a long request
+it cancels after the first progress response (`cancel`), and, when asked, a long request it cancels once a denoising
+step is reported (`cancel_loop`: stops the scheduler's loop, or a worker group's ranks, mid-loop). With `--url` it
+loads a running server; without, it builds a deployment (`--deployment`, default cpu.yaml) of the tiny checkpoint,
+starts a server, and at the end also requires a clean exit.
 
 Exits 0 when every answer was the expected one and the server is live (and, when started here, exited 0); 1 when
 the server died, a request got a wrong answer, or a client raised.
 
     python benchmarks/stream_stress.py --duration-s 300 --clients 4
     python benchmarks/stream_stress.py --url localhost:8001 --model wan_t2v --duration-s 20
+    python benchmarks/stream_stress.py --deployment model_repository/deployments/cpu_parallel.yaml \
+        --kinds good,bad,cancel,cancel_loop        # worker groups, cancelled mid-loop
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ GOOD = dict(
 )
 BAD = {**GOOD, "height": 50}  # not a multiple of 16
 LONG = {**GOOD, "height": 128, "width": 128, "num_frames": 17, "num_inference_steps": 30}
-REQUESTS = {"good": GOOD, "bad": BAD, "cancel": LONG}
+REQUESTS = {"good": GOOD, "bad": BAD, "cancel": LONG, "cancel_loop": LONG}
 # How long one answer may take before the client counts the request as lost.
 ANSWER_TIMEOUT_S = 60.0
 
@@ -58,6 +62,13 @@ def one_request(url: str, model: str, kind: str) -> str:
             if kind == "cancel":  # the first answer is a progress response; cancel the rest
                 client.stop_stream(cancel_requests=True)
                 return f"{kind}:{'expected' if error is None else 'error'}"
+            if kind == "cancel_loop":  # progress responses until a denoising step; then cancel the rest
+                if error is not None or result.as_numpy("stage")[0] == b"done":
+                    return f"{kind}:{'error' if error is not None else 'finished before a step was reported'}"
+                if result.as_numpy("stage")[0] == b"denoise":
+                    client.stop_stream(cancel_requests=True)
+                    return f"{kind}:expected"
+                continue
             if kind == "bad":
                 refused = error is not None and "[INVALID_ARG]" in str(error) and "height" in str(error)
                 return f"{kind}:{'expected' if refused else 'not refused'}"
@@ -100,12 +111,12 @@ def load(url: str, model: str, kinds: list[str], num_clients: int, duration_s: f
     return counts
 
 
-def build_repo(root: Path) -> Path:
-    """The cpu.yaml deployment of the tiny checkpoint (`make build`'s default model), rendered under `root`."""
+def build_repo(root: Path, deployment: Path) -> Path:
+    """`deployment` with the tiny checkpoint (`make build`'s default model), rendered under `root`."""
     from wan_build.__main__ import main as build_main
 
     repo = root / "repo"
-    args = ["--model", "tiny", "--deployment", str(_REPO / "model_repository/deployments/cpu.yaml")]
+    args = ["--model", "tiny", "--deployment", str(deployment)]
     if build_main([*args, "--repo", str(repo), "--artifacts-root", str(root / "artifacts")]) != 0:
         raise SystemExit("build failed")
     return repo
@@ -127,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--kinds", default="good,bad,cancel", help="what each client sends in turn (comma-separated)")
     parser.add_argument("--root", type=Path, default=None, help="work folder when starting a server (default: temp)")
+    parser.add_argument(
+        "--deployment",
+        type=Path,
+        default=_REPO / "model_repository/deployments/cpu.yaml",
+        help="deployment to build and serve when starting a server (its model_name must be --model)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kinds = args.kinds.split(",")
@@ -148,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from wan_triton.launch import running_server
 
     root = args.root or Path(tempfile.mkdtemp(prefix="stream_stress_"))
-    repo = build_repo(root)
+    repo = build_repo(root, args.deployment)
     with running_server([repo], root / "tritonserver.log") as server:
         counts = load(server.grpc_url, args.model, kinds, args.clients, args.duration_s, server.is_ready)
         live = server.process.poll() is None
