@@ -163,6 +163,9 @@ def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
     with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
         yield running
     assert running.process.returncode == 0, running.shutdown_report()
+    # Worker groups release what they share with their processes when they close (e.g. their stop flag's semaphores).
+    log = running.log_path.read_text(encoding="utf-8", errors="replace")
+    assert "resource_tracker" not in log, running.log_tail(20)
 
 
 @pytest.fixture(autouse=True)

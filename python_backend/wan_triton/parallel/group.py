@@ -139,7 +139,9 @@ class _Supervisor:
                 proc.join(timeout=5)
         for conn in self._conns:
             conn.close()
-        self._procs, self._conns = [], []
+        # Dropping the processes and the flag lets the flag's semaphores be unlinked now: inside Triton's stub they
+        # would otherwise outlive the interpreter and be reported at shutdown as leaked (resource_tracker).
+        self._procs, self._conns, self._stop_flag = [], [], None
 
     def _fail(self, message: str, worker_gone: bool = False) -> WorkerGroupError:
         logger.error("%s: %s; stopping it (restarted before the next request)", self.label, message)
