@@ -7,7 +7,8 @@ workers' pipes and process sentinels together, so a worker that dies mid-request
 kernel) fails that request at once with a clear error instead of hanging on its peers' collectives; the rest of the
 group is stopped and a fresh group is started before the next request. A worker that hangs without dying (stuck in
 a collective, stopped) fails the request once no rank has reported progress for the deployment's
-`worker_stall_timeout_s`, and the group is restarted the same way.
+`worker_stall_timeout_s`, and the group is restarted the same way. A request stopped by its step hook (cancelled,
+past its deadline) stops every rank after the same step (wan_triton.parallel.stop) and the group stays up.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ earlier would go on into the next step and wait in its collectives for a rank th
 each rank puts what it sees into an all-reduce (max) and all of them get the same answer after the same step.
 
 The all-reduce runs over a gloo group of its own, on the CPU: on a GPU group it neither waits for the device nor
-enters a captured CUDA graph, and it costs a few hundred microseconds a step against seconds of compute.
+enters a captured CUDA graph. It costs about a millisecond a step or less (`benchmarks/stop_agreement_cost.py`;
+figures in benchmarks/RESULTS.md) against seconds of compute.
 """
 
 from __future__ import annotations
