@@ -3,6 +3,7 @@ the parity tolerance, and one real Triton server per test session."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -119,6 +120,12 @@ SERVING = {
 # Also served: a parallel plan (a worker group of 2 gloo processes, tp 2) of the 4-head checkpoint `tiny4`.
 PARALLEL_MODEL = "wan_parallel"
 PARALLEL_DEPLOYMENT = REPO_ROOT / "model_repository/deployments/cpu_parallel.yaml"
+
+
+def logged_stops(log: str) -> list[int]:
+    """The steps after which a worker group's ranks stopped a request, from the supervisor's log lines
+    (wan_triton.parallel.group: "... the ranks stopped the request after step N")."""
+    return [int(step) for step in re.findall(r"the ranks stopped the request after step (\d+)", log)]
 
 
 # A third rendering with the result cache on (tests/test_result_cache.py): cpu.yaml plus result_cache_bytes.

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import GPU_REQUEST as REQUEST
+from conftest import logged_stops
 
 from wan_triton.checkpoint import Checkpoint
 from wan_triton.deployment import ComponentConfig
@@ -137,7 +138,6 @@ def test_stop_agreement_runs_beside_an_nccl_world():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint, caplog):
     import logging
-    import re
 
     from wan_triton.parallel.group import WorkerGroup
     from wan_triton.request import GenerationRequest
@@ -160,8 +160,8 @@ def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint, caplog):
         pids = group.pids
         with caplog.at_level(logging.INFO, logger="wan_triton.parallel.group"), pytest.raises(RequestStopped):
             group(long, _embeds(ckpt.text_dim), on_step=stop_after_step_2)
-        logged = " ".join(r.getMessage() for r in caplog.records)
-        stops = [int(step) for step in re.findall(r"stopped the request after step (\d+)", logged)]
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        stops = logged_stops(logged)
         assert len(stops) == 1 and stops[0] < 250, logged  # of 500
         assert group.pids == pids and group.healthy()
         assert torch.equal(group(REQUEST, _embeds(ckpt.text_dim)), expected)  # the graphs replay as before

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import PARALLEL_MODEL, assert_frames_close, reference_frames
+from conftest import PARALLEL_MODEL, assert_frames_close, logged_stops, reference_frames
 from test_stream import Stream
 from tritonclient.utils import InferenceServerException
 
@@ -151,7 +151,7 @@ def test_deadline_stops_every_rank_mid_loop_and_keeps_the_group(server, client, 
     with server.log_path.open("rb") as log:
         log.seek(log_start)
         text = log.read().decode("utf-8", errors="replace")
-    stops = [int(step) for step in re.findall(r"the ranks stopped the request after step (\d+)", text)]
+    stops = logged_stops(text)
     assert len(stops) == 1 and int(noticed.group(1)) <= stops[0] < 50, (noticed.group(0), stops)
     assert _workers(server) == workers  # not rebuilt
     assert_frames_close(_frames(client), reference)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import logged_stops
 
 from wan_triton.checkpoint import Checkpoint
 from wan_triton.deployment import ComponentConfig
@@ -124,8 +124,8 @@ def test_a_stopped_request_stops_every_rank_and_keeps_the_group(group, embeds, c
         pytest.raises(RequestStopped, match="cancelled after step 2 of 200"),
     ):
         group(_request(200), embeds, on_step=hook)
-    logged = [r.getMessage() for r in caplog.records]
-    stops = [int(m) for line in logged for m in re.findall(r"stopped the request after step (\d+)", line)]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    stops = logged_stops(logged)
     assert len(stops) == 1, f"the ranks did not report stopping mid-loop: {logged}"
     # The ranks run on while the hook's answer travels back (on a loaded 2-core machine, several tiny steps).
     assert 2 <= stops[0] < 100, stops

@@ -27,11 +27,11 @@ class StopRequested(Exception):
 class StepAgreement:
     """`check(steps_done)` raises StopRequested on every rank at once when any rank saw the stop flag set."""
 
-    def __init__(self, flag, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, flag) -> None:
         # `flag`: a multiprocessing Event shared with the supervisor. Each rank creates the group, in the same
         # order as its other groups (torch.distributed's rule for new_group).
         self.flag = flag
-        self.group = dist.new_group(backend="gloo") if group is None else group
+        self.group = dist.new_group(backend="gloo")
 
     def check(self, steps_done: int) -> None:
         seen = torch.tensor([1 if self.flag.is_set() else 0], dtype=torch.int32)
