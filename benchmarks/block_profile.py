@@ -130,6 +130,21 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+def kernel_times(prof, repeat: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """From a `torch.profiler` run of `repeat` calls: per kernel name [ms per call, launches], and ms per call by
+    `kernel_category` (each kernel's own device time; gaps between kernels are not counted)."""
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels[event.name]
+            entry[0] += event.device_time_total / 1e3 / repeat  # us -> ms per call
+            entry[1] += 1
+    by_category: dict[str, float] = defaultdict(float)
+    for name, (ms, _) in kernels.items():
+        by_category[kernel_category(name)] += ms
+    return dict(kernels), dict(by_category)
+
+
 def block_gemm_flop(tokens: int, batch: int) -> float:
     cfg = A14B_TRANSFORMER
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
@@ -186,15 +201,7 @@ def profile_block(module, args: tuple, size: str, batch: int, repeat: int) -> di
             for _ in range(repeat):
                 block(*args)
             torch.cuda.synchronize()
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = kernels[event.name]
-            entry[0] += event.device_time_total / 1e3 / repeat  # a kernel's own duration, us -> ms per block
-            entry[1] += 1
-    by_category: dict[str, float] = defaultdict(float)
-    for name, (ms, _) in kernels.items():
-        by_category[kernel_category(name)] += ms
+    kernels, by_category = kernel_times(prof, repeat)
     tokens = tokens_of(size)
     gemm_ms = by_category.get("gemm", 0.0)
     top = sorted(kernels.items(), key=lambda item: -item[1][0])[:25]

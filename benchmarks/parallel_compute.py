@@ -115,7 +115,9 @@ def _rank0_of(plan: ParallelPlan):
     return create_groups(plan)
 
 
-def _time_size(engine, cfg_parallel, config: dict, size: tuple[int, int, int], repeat: int, device) -> dict:
+def _time_size(
+    engine, cfg_parallel, config: dict, size: tuple[int, int, int], repeat: int, device, profile_steps: int = 0
+) -> dict:
     """Guided steps (`parallel_step.guided_step`) at one size, this process alone."""
     step = guided_step(engine, cfg_parallel, config, size, device, engine.dtype)
     memory = {}
@@ -127,7 +129,45 @@ def _time_size(engine, cfg_parallel, config: dict, size: tuple[int, int, int], r
 
     warmup_s, times = time_alone(step, device, repeat, after_warmup)  # the warm-up includes compilation
     peak = torch.cuda.max_memory_allocated(device) - memory["base"] if device.type == "cuda" else None
-    return {"compute_s": statistics.median(times), "times": times, "warmup_s": warmup_s, "peak_activation_bytes": peak}
+    entry = {"compute_s": statistics.median(times), "times": times, "warmup_s": warmup_s, "peak_activation_bytes": peak}
+    if profile_steps:
+        entry["profile"] = profile_step(step, device, profile_steps, statistics.median(times))
+    return entry
+
+
+def _is_layout_copy(name: str) -> bool:
+    """A kernel that only moves data (a heuristic on names: inductor's `clone` / `copy` kernels, ATen's copy and
+    cat kernels, the copy engine's Memcpy)."""
+    low = name.lower()
+    return any(key in low for key in ("clone", "copy", "memcpy", "cat_", "catarray"))
+
+
+def profile_step(step, device: torch.device, steps: int, step_s: float) -> dict:
+    """Where one step's time goes on the GPU: kernel ms by category (`block_profile.kernel_category`), the kernels
+    that only move data, the top kernels, and the step's time not covered by any kernel (launch gaps, host syncs)."""
+    from block_profile import kernel_category, kernel_times
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return {}
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize(device)
+    kernels, by_category = kernel_times(prof, steps)
+    kernel_ms = sum(by_category.values())
+    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:40]
+    return {
+        "steps": steps,
+        "kernel_ms_by_category": by_category,
+        "kernel_ms_total": kernel_ms,
+        "layout_copy_ms": sum(ms for name, (ms, _) in kernels.items() if _is_layout_copy(name)),
+        "step_ms_not_in_kernels": step_s * 1e3 - kernel_ms,
+        "top_kernels": [
+            {"name": name[:160], "ms": ms, "launches_per_step": n // steps, "category": kernel_category(name)}
+            for name, (ms, n) in top
+        ],
+    }
 
 
 def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, device, dtype) -> dict:
@@ -150,7 +190,9 @@ def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, devic
             "sizes": {},
         }
         for size_name in sizes:
-            entry["sizes"][size_name] = _time_size(engine, cfg_parallel, config, SIZES[size_name], args.repeat, device)
+            entry["sizes"][size_name] = _time_size(
+                engine, cfg_parallel, config, SIZES[size_name], args.repeat, device, args.profile
+            )
             _free(device)
             logger.info(
                 "%s %s: %.4f s compute per step, %.2f GB weights per expert",
@@ -245,6 +287,9 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.attention)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS", help="also profile this many steps (kernel time by kind)"
+    )
     parser.add_argument("--all-to-all-gbps", type=float, default=NV18_ALL_TO_ALL / 1e9, help="bus bandwidth")
     parser.add_argument("--all-reduce-gbps", type=float, default=NV18_ALL_REDUCE / 1e9, help="bus bandwidth")
     parser.add_argument(
