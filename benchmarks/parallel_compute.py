@@ -115,11 +115,12 @@ def _rank0_of(plan: ParallelPlan):
     return create_groups(plan)
 
 
-def _time_size(
-    engine, cfg_parallel, config: dict, size: tuple[int, int, int], repeat: int, device, profile_steps: int = 0
-) -> dict:
-    """Guided steps (`parallel_step.guided_step`) at one size, this process alone."""
+def _time_size(engine, cfg_parallel, config: dict, size: tuple[int, int, int], args, device, warmup: int = 1) -> dict:
+    """Guided steps (`parallel_step.guided_step`) at one size, this process alone, after `warmup` untimed ones (the
+    first compiles; a CUDA-graph engine captures on its third forward)."""
     step = guided_step(engine, cfg_parallel, config, size, device, engine.dtype)
+    for _ in range(warmup - 1):
+        step()
     memory = {}
 
     def after_warmup():  # peak memory of the timed steps only, above what the warm-up left allocated
@@ -127,19 +128,19 @@ def _time_size(
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
 
-    warmup_s, times = time_alone(step, device, repeat, after_warmup)  # the warm-up includes compilation
+    warmup_s, times = time_alone(step, device, args.repeat, after_warmup)  # the warm-up includes compilation
     peak = torch.cuda.max_memory_allocated(device) - memory["base"] if device.type == "cuda" else None
     entry = {"compute_s": statistics.median(times), "times": times, "warmup_s": warmup_s, "peak_activation_bytes": peak}
-    if profile_steps:
-        entry["profile"] = profile_step(step, device, profile_steps, statistics.median(times))
+    if args.profile:
+        entry["profile"] = profile_step(step, device, args.profile, statistics.median(times))
     return entry
 
 
 def _is_layout_copy(name: str) -> bool:
-    """A kernel that only moves data (a heuristic on names: inductor's `clone` / `copy` kernels, ATen's copy and
-    cat kernels, the copy engine's Memcpy)."""
+    """A kernel that only moves data (a heuristic on names: inductor's `clone` kernels, ATen's copy and cat
+    kernels, the copy engine's Memcpy; not `_to_copy`, a cast that inductor fuses into norms)."""
     low = name.lower()
-    return any(key in low for key in ("clone", "copy", "memcpy", "cat_", "catarray"))
+    return any(key in low for key in ("clone", "direct_copy", "memcpy", "catarray"))
 
 
 def profile_step(step, device: torch.device, steps: int, step_s: float) -> dict:
@@ -181,7 +182,7 @@ def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, devic
         _free(device)
         weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
         allocated_bytes = _allocated(device) - base  # on cuda: what the rank's device really holds after the cut
-        engine = served_engine(module, plan, device, dtype, args.compile, cuda_graphs=False)
+        engine = served_engine(module, plan, device, dtype, args.compile, cuda_graphs=args.cuda_graphs)
         cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
         entry: dict = {
             "world_size": plan.world_size,
@@ -190,9 +191,8 @@ def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, devic
             "sizes": {},
         }
         for size_name in sizes:
-            entry["sizes"][size_name] = _time_size(
-                engine, cfg_parallel, config, SIZES[size_name], args.repeat, device, args.profile
-            )
+            warmup = 3 if args.cuda_graphs else 1  # a step is one forward (guidance as batch, or one per cfg rank)
+            entry["sizes"][size_name] = _time_size(engine, cfg_parallel, config, SIZES[size_name], args, device, warmup)
             _free(device)
             logger.info(
                 "%s %s: %.4f s compute per step, %.2f GB weights per expert",
@@ -260,7 +260,7 @@ def predictions(measured: dict, config: dict, bw: Bandwidth, tiny: bool) -> dict
 
 def print_table(result: dict) -> None:
     bw = result["bandwidth"]
-    print(f"\n{result['device']}  compile {result['compile']}")
+    print(f"\n{result['device']}  compile {result['compile']}  CUDA graphs {result.get('cuda_graphs', False)}")
     print(
         f"bus bandwidth assumed GB/s: all-reduce {bw['all_reduce'] / 1e9:.0f}, all-to-all "
         f"{bw['all_to_all'] / 1e9:.0f}, all-gather {bw['all_gather'] / 1e9:.0f}; "
@@ -286,6 +286,9 @@ def main() -> None:
     parser.add_argument("--plans", nargs="+", default=None, help="only these plans (e.g. cfg2xulysses4xtp1)")
     parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.attention)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="CUDA graphs around each forward (the deployment's cuda_graphs)"
+    )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
         "--profile", type=int, default=0, metavar="STEPS", help="also profile this many steps (kernel time by kind)"
@@ -317,9 +320,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
         runs = [json.loads(path.read_text()) for path in args.merge]
-        if len({(r["device"], r["compile"]) for r in runs}) > 1:
-            raise SystemExit("--merge: the runs differ in device or compile; their figures do not mix")
-        result.update(device=runs[0]["device"], compile=runs[0]["compile"], measured={}, runs=[])
+        if len({(r["device"], r["compile"], r.get("cuda_graphs", False)) for r in runs}) > 1:
+            raise SystemExit("--merge: the runs differ in device, compile or CUDA graphs; their figures do not mix")
+        first = runs[0]
+        result.update(
+            device=first["device"], compile=first["compile"], cuda_graphs=first.get("cuda_graphs", False), measured={}
+        )
+        result["runs"] = []
         for path, run in zip(args.merge, runs, strict=True):
             keys = ("commit", "date", "command", "torch", "wall_s")
             result["runs"].append({k: run[k] for k in keys} | {"file": path.name})
@@ -353,6 +360,7 @@ def main() -> None:
         python=platform.python_version(),
         date=time.strftime("%Y-%m-%d"),
         compile=args.compile,
+        cuda_graphs=args.cuda_graphs,
         measured={},
     )
     started = time.perf_counter()
