@@ -289,6 +289,9 @@ def main() -> None:
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="CUDA graphs around each forward (the deployment's cuda_graphs)"
     )
+    parser.add_argument(
+        "--no-ffn-epilogue", action="store_true", help="diffusers' separate FFN GELU (no wan_triton.ffn)"
+    )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
         "--profile", type=int, default=0, metavar="STEPS", help="also profile this many steps (kernel time by kind)"
@@ -339,6 +342,10 @@ def main() -> None:
         return
 
     device = torch.device(args.device)
+    if args.no_ffn_epilogue:
+        from wan_triton import ffn
+
+        ffn.install = lambda module: 0  # for a side-by-side run against the served FFN
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -361,6 +368,7 @@ def main() -> None:
         date=time.strftime("%Y-%m-%d"),
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
+        ffn_epilogue=not args.no_ffn_epilogue,
         measured={},
     )
     started = time.perf_counter()

@@ -200,11 +200,15 @@ def fuse_projections(module: torch.nn.Module) -> None:
 def install(module: torch.nn.Module, backend: AttentionBackend | str, device: torch.device) -> AttentionBackend:
     """Set the attention kernel of every attention layer of a WanTransformer3DModel; returns the one chosen.
 
-    With any kernel but the reference, the projections are fused too (the processor reads the fused weights).
+    With any kernel but the reference, the projections are fused too (the processor reads the fused weights), and
+    each FFN's GELU runs in its input projection's epilogue (`wan_triton.ffn`); the reference keeps diffusers' math.
     """
     chosen = resolve(backend, device, module.config.attention_head_dim)
     if chosen != AttentionBackend.REFERENCE:
         module.set_attn_processor(WanT2VAttnProcessor(attention_fn(chosen)))
         fuse_projections(module)
+        from . import ffn
+
+        ffn.install(module)
     logger.info("denoiser attention: %s", chosen.value)
     return chosen

@@ -18,7 +18,7 @@ import logging
 import torch
 from torch import nn
 
-from .. import attention
+from .. import attention, ffn
 from ..attention import AttentionFn, WanT2VAttnProcessor
 from .groups import PlanGroups
 from .tensor_parallel import DistributedRMSNorm, RowParallelLinear, shard_column_parallel
@@ -89,6 +89,7 @@ def parallelize(
     module.set_attn_processor(ParallelWanAttnProcessor(attention.attention_fn(chosen), groups.ulysses))
     if chosen != attention.AttentionBackend.REFERENCE:
         attention.fuse_projections(module)  # after sharding: the fused weight holds this rank's Q, K, V
+        ffn.install(module)  # the GELU in the (column-parallel) FFN input projection's epilogue
     if groups.ulysses is not None:
         _install_sequence_hooks(module, groups.ulysses)
     logger.info("rank %d: expert parallelized as %s (attention %s)", groups.rank, plan, chosen.value)
