@@ -73,6 +73,7 @@ OPTION_INPUTS: dict[str, str] = {
 
 VIDEO_OUTPUT = "video"
 FRAMES_OUTPUT = "frames"
+USED_SEED_OUTPUT = "used_seed"
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -101,6 +102,7 @@ class GenerateResult:
     video: bytes
     frames: np.ndarray | None
     elapsed_s: float
+    used_seed: int  # the seed the server drew the noise from (its own random one when the request gave none)
 
 
 class GenerateError(Exception):
@@ -170,7 +172,7 @@ def _connect(url: str) -> grpcclient.InferenceServerClient:
 
 
 def _requested_outputs(want_frames: bool, extra: Sequence[str] = ()) -> list[grpcclient.InferRequestedOutput]:
-    names = [VIDEO_OUTPUT, *extra] + ([FRAMES_OUTPUT] if want_frames else [])
+    names = [VIDEO_OUTPUT, USED_SEED_OUTPUT, *extra] + ([FRAMES_OUTPUT] if want_frames else [])
     return [grpcclient.InferRequestedOutput(name) for name in names]
 
 
@@ -181,7 +183,12 @@ def _generate_result(result: grpcclient.InferResult, want_frames: bool, elapsed_
     frames = result.as_numpy(FRAMES_OUTPUT) if want_frames else None
     if want_frames and frames is None:
         raise GenerateError(f"the server's response has no '{FRAMES_OUTPUT}' output")
-    return GenerateResult(video=bytes(video.reshape(-1)[0]), frames=frames, elapsed_s=elapsed_s)
+    used_seed = result.as_numpy(USED_SEED_OUTPUT)
+    if used_seed is None or used_seed.size != 1:
+        raise GenerateError(f"the server's response has no single '{USED_SEED_OUTPUT}' output")
+    return GenerateResult(
+        video=bytes(video.reshape(-1)[0]), frames=frames, elapsed_s=elapsed_s, used_seed=int(used_seed.reshape(-1)[0])
+    )
 
 
 def generate(
@@ -602,7 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot write output: {error}", file=sys.stderr)
         return EXIT_FAILURE
 
-    summary = f"received {len(result.video) / 1e6:.2f} MB MP4 in {result.elapsed_s:.1f} s"
+    # The seed is printed even when the request set it: with it, the same request reproduces the video.
+    summary = f"received {len(result.video) / 1e6:.2f} MB MP4 in {result.elapsed_s:.1f} s, seed {result.used_seed}"
     details = describe_mp4(result.video)
     if details:
         summary += f" ({details})"

@@ -234,6 +234,7 @@ def test_client_streams_with_previews_and_exits_4_at_its_deadline(server, tmp_pa
     )
     assert done.returncode == EXIT_OK, done.stderr
     assert "step 6/6" in done.stderr and done.stdout.strip().endswith("boat.mp4")
+    assert ", seed 3 " in done.stderr or ", seed 3\n" in done.stderr
     previews = sorted((tmp_path / "previews").glob("*.ppm"))
     assert previews and previews[-1].name == "preview_step006.ppm"
     assert previews[-1].read_bytes().startswith(b"P6 96 64 255\n")
@@ -249,6 +250,33 @@ def test_client_streams_with_previews_and_exits_4_at_its_deadline(server, tmp_pa
     )
     assert late.returncode == EXIT_DEADLINE, late.stderr
     assert "deadline exceeded" in late.stderr and not (tmp_path / "late.mp4").exists()
+
+
+def test_client_prints_the_random_seed_that_reproduces_its_video(server, tmp_path):
+    """A request without --seed gets a seed drawn by the server; the client prints it, and the same request with
+    that seed gives the same frames."""
+
+    def run(name: str, *seed: str) -> tuple[str, np.ndarray]:
+        done = subprocess.run(
+            [
+                *(sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, "--prompt", "a kite"),
+                *("--height", "64", "--width", "96", "--num-frames", "9", "--steps", "3", *seed),
+                *("--output", str(tmp_path / f"{name}.mp4"), "--frames-npy", str(tmp_path / f"{name}.npy")),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=STOP_WAIT_S,
+        )
+        assert done.returncode == EXIT_OK, done.stderr
+        return done.stderr, np.load(tmp_path / f"{name}.npy")
+
+    log, drawn = run("drawn")
+    printed = re.search(r", seed (\d+)", log)
+    assert printed, log
+    _, again = run("again", "--seed", printed.group(1))
+    np.testing.assert_array_equal(again, drawn)
+    _, other = run("other", "--seed", str(int(printed.group(1)) + 1))
+    assert not np.array_equal(other, drawn)  # the seed really chose the noise
 
 
 def test_concurrent_streams_keep_the_server_alive(server):

@@ -157,8 +157,13 @@ class Scheduler(_Model):
         indices = list(items)
         groups = group_by_shape([items[n].request for n in indices], self.ctx.deployment.serving.max_batch_size)
         if len(requests) > 1:
+            refused = len(requests) - len(indices)  # their deadline had passed, or they could not be read
             logger.info(
-                "%s: %d requests handed over together, run as %d batches", self.ctx.name, len(requests), len(groups)
+                "%s: %d requests handed over together, run as %d batches%s",
+                self.ctx.name,
+                len(requests),
+                len(groups),
+                f"; {refused} answered with an error before denoising" if refused else "",
             )
         for group in groups:
             members = [indices[g] for g in group]
