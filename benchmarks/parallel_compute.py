@@ -179,6 +179,9 @@ def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, devic
     try:
         base = _allocated(device)
         module = build_rank_expert(plan, groups, config, dtype, device, args.attention)
+        if args.no_chunked_qk:  # the Ulysses Q/K layout before commit 2f1c0d3, for a side-by-side run
+            for processor in module.attn_processors.values():
+                processor.chunked_qk = False
         _free(device)
         weight_bytes = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
         allocated_bytes = _allocated(device) - base  # on cuda: what the rank's device really holds after the cut
@@ -290,6 +293,9 @@ def main() -> None:
         "--cuda-graphs", action="store_true", help="CUDA graphs around each forward (the deployment's cuda_graphs)"
     )
     parser.add_argument(
+        "--no-chunked-qk", action="store_true", help="Ulysses: normalise and rotate Q, K, then copy into chunk order"
+    )
+    parser.add_argument(
         "--no-ffn-epilogue", action="store_true", help="diffusers' separate FFN GELU (no wan_triton.ffn)"
     )
     parser.add_argument("--repeat", type=int, default=2)
@@ -369,6 +375,7 @@ def main() -> None:
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
         ffn_epilogue=not args.no_ffn_epilogue,
+        chunked_qk=not args.no_chunked_qk,
         measured={},
     )
     started = time.perf_counter()

@@ -277,3 +277,49 @@ def test_build_refuses_a_plan_that_does_not_fit(tiny4_checkpoint, tmp_path, caps
     assert not (tmp_path / "repo").exists()
     err = capsys.readouterr().err
     assert "plan cfg1xulysses3xtp1 does not fit the checkpoint: num_attention_heads 4 is not divisible" in err
+
+
+def _ulysses_qk_layouts(rank: int, checkpoint: Path) -> dict:
+    """One forward of a ulysses2 rank's expert with Q and K normalised and rotated straight into the all-to-all's
+    chunk order, then with the earlier layout (normalise, rotate, then copy into chunk order), then chunked with
+    fused projections; and how often the chunked path ran."""
+    from wan_triton import attention
+    from wan_triton.parallel import model as parallel_model
+    from wan_triton.parallel.groups import create_groups
+
+    groups = create_groups(ParallelPlan(ulysses=2))
+    module = Checkpoint.open(checkpoint).load_transformer("transformer")
+    parallel_model.parallelize(module, groups, "reference", torch.device("cpu"))
+    calls = []
+    chunked = parallel_model._normalised_rotated_chunks
+    parallel_model._normalised_rotated_chunks = lambda *args: calls.append(1) or chunked(*args)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, 2, 4, 8, generator=gen)  # 2 latent frames x 2 x 4 tokens after the 1x2x2 patch
+    text = torch.randn(1, 512, module.config.text_dim, generator=gen)
+
+    def forward() -> torch.Tensor:
+        with torch.no_grad():
+            return module(x, torch.tensor([700]), text, return_dict=False)[0]
+
+    out = {"chunked": forward()}
+    processors = {id(p): p for p in module.attn_processors.values()}.values()
+    for processor in processors:
+        processor.chunked_qk = False
+    out["after"] = forward()
+    out["calls_chunked"] = len(calls)
+    for processor in processors:
+        processor.chunked_qk = True
+    attention.fuse_projections(module)
+    out["fused"] = forward()
+    out["layers"] = len(module.blocks)
+    return out
+
+
+def test_ulysses_qk_straight_into_chunk_order_matches_the_layout_after_norm(tiny4_checkpoint):
+    from wan_triton.parallel.world import run_world
+
+    for rank in run_world(2, _ulysses_qk_layouts, (tiny4_checkpoint,)):
+        assert rank["calls_chunked"] == 2 * rank["layers"]  # Q and K of every self-attention took the new path
+        torch.testing.assert_close(rank["chunked"], rank["after"], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(rank["fused"], rank["after"], rtol=1e-5, atol=1e-5)
+        assert rank["chunked"].abs().max() > 0

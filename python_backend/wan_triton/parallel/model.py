@@ -16,23 +16,54 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .. import attention, ffn
 from ..attention import AttentionFn, WanT2VAttnProcessor
 from .groups import PlanGroups
 from .tensor_parallel import DistributedRMSNorm, RowParallelLinear, shard_column_parallel
-from .ulysses import gather_sequence, heads_to_seq, seq_to_heads, shard_sequence
+from .ulysses import exchange_head_chunks, gather_sequence, head_chunks, heads_to_seq, seq_to_heads, shard_sequence
 
 logger = logging.getLogger(__name__)
 
 
 class ParallelWanAttnProcessor(WanT2VAttnProcessor):
-    """WanT2VAttnProcessor whose self-attention runs Ulysses: [B, S/p, H, D] -> all-to-all -> [B, S, H/p, D]."""
+    """WanT2VAttnProcessor whose self-attention runs Ulysses: [B, S/p, H, D] -> all-to-all -> [B, S, H/p, D].
 
-    def __init__(self, attend: AttentionFn, ulysses_group) -> None:
+    With `chunked_qk` (the default), Q and K are normalised and rotated straight into the order the all-to-all
+    sends (`ulysses.head_chunks`): the compiled norm-and-rotate kernel then writes the all-to-all's input itself.
+    Normalising first and laying out after (`chunked_qk=False`) made the compiler store the rotated Q and K in fp32
+    and copy them into that order in a second kernel (benchmarks/RESULTS.md)."""
+
+    def __init__(self, attend: AttentionFn, ulysses_group, chunked_qk: bool = True) -> None:
         super().__init__(attend)
         self.ulysses_group = ulysses_group
+        self.chunked_qk = chunked_qk
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if (
+            encoder_hidden_states is not None
+            or self.ulysses_group is None
+            or not self.chunked_qk
+            or rotary_emb is None
+            or attention_mask is not None
+            or attn.add_k_proj is not None
+            or not (_is_plain_rms_norm(attn.norm_q) and _is_plain_rms_norm(attn.norm_k))  # not tensor-parallel
+        ):
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        g = self.ulysses_group
+        p = dist.get_world_size(g)
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q = _normalised_rotated_chunks(query, attn.norm_q, attn.heads, p, rotary_emb)
+        k = _normalised_rotated_chunks(key, attn.norm_k, attn.heads, p, rotary_emb)
+        v = head_chunks(value.unflatten(2, (attn.heads, -1)), p)
+        out = self.attend(exchange_head_chunks(q, g), exchange_head_chunks(k, g), exchange_head_chunks(v, g))
+        out = heads_to_seq(out, g).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool) -> torch.Tensor:
         if not self_attention or self.ulysses_group is None:
@@ -40,6 +71,26 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
         g = self.ulysses_group
         out = self.attend(seq_to_heads(q, g), seq_to_heads(k, g), seq_to_heads(v, g))
         return heads_to_seq(out, g)
+
+
+def _is_plain_rms_norm(norm: nn.Module) -> bool:
+    return type(norm) is nn.RMSNorm and norm.weight is not None and len(norm.normalized_shape) == 1
+
+
+def _normalised_rotated_chunks(
+    x: torch.Tensor, norm: nn.RMSNorm, heads: int, p: int, rotary: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """x: [B, S/p, H x D] -> norm(x) with the rotary embedding, as [p(head chunk), B, S/p, H/p, D].
+
+    The RMS norm is written out with torch's own arithmetic for it (aten._fused_rms_norm's decomposition: fp32
+    statistics, weight applied in fp32, one cast), so that the rotation and the chunk order follow it in the same
+    compiled kernel."""
+    eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+    xf = x.float()
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm.weight).type_as(x)
+    chunks = head_chunks(normed.unflatten(2, (heads, -1)), p)
+    cos, sin = (t.unsqueeze(0) for t in rotary)  # [1, S/p, 1, D] -> [1, 1, S/p, 1, D], against the chunks' axes
+    return attention._rotate(chunks, cos, sin)
 
 
 def shard_tensor_parallel(module: nn.Module, index: int, parts: int, group) -> None:

@@ -20,13 +20,25 @@ def _all_to_all(chunks: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out
 
 
+def head_chunks(x: torch.Tensor, p: int) -> torch.Tensor:
+    """x: [B, S/p, H, D] -> the view [p(head chunk), B, S/p, H/p, D] that the all-to-all sends chunk by chunk.
+
+    Materialising it is a copy of the tensor; a producer that computes straight into this order (as
+    `ParallelWanAttnProcessor` does for the normalised, rotated Q and K) makes that copy unnecessary."""
+    b, s_local, h, d = x.shape
+    return x.reshape(b, s_local, p, h // p, d).permute(2, 0, 1, 3, 4)
+
+
+def exchange_head_chunks(chunks: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """chunks: [p(head chunk), B, S/p, H/p, D] -> [B, S, H/p, D] (all tokens, this rank's heads)."""
+    p, b, s_local, h_local, d = chunks.shape
+    out = _all_to_all(chunks, group)  # [p(token chunk), B, S/p, H/p, D]
+    return out.permute(1, 0, 2, 3, 4).reshape(b, p * s_local, h_local, d)
+
+
 def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """x: [B, S/p, H, D] (this rank's tokens, all heads) -> [B, S, H/p, D] (all tokens, this rank's heads)."""
-    p = dist.get_world_size(group)
-    b, s_local, h, d = x.shape
-    chunks = x.reshape(b, s_local, p, h // p, d).permute(2, 0, 1, 3, 4)  # [p(head chunk), B, S/p, H/p, D]
-    out = _all_to_all(chunks, group)  # [p(token chunk), B, S/p, H/p, D]
-    return out.permute(1, 0, 2, 3, 4).reshape(b, p * s_local, h // p, d)
+    return exchange_head_chunks(head_chunks(x, dist.get_world_size(group)), group)
 
 
 def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
