@@ -179,7 +179,7 @@ def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, devic
     try:
         base = _allocated(device)
         module = build_rank_expert(plan, groups, config, dtype, device, args.attention)
-        if args.no_chunked_qk:  # the Ulysses Q/K layout before commit 2f1c0d3, for a side-by-side run
+        if args.no_chunked_qk:  # the earlier Ulysses Q/K layout (normalise, rotate, copy), for a side-by-side run
             for processor in module.attn_processors.values():
                 processor.chunked_qk = False
         _free(device)
