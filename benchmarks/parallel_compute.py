@@ -244,6 +244,14 @@ def parse_plan(name: str) -> ParallelPlan:
     return ParallelPlan(cfg=cfg, ulysses=ulysses, tp=tp)
 
 
+def exchange_stand_in_s(measured_size: dict) -> float:
+    """Seconds of a step that the all-to-all stand-ins' device-to-device copies took, where a profile counted them
+    (0 without one): on real GPUs that time is NCCL's, which the model adds as communication, so the compute the
+    model uses leaves it out. Before commit c33a611 the stand-in was traced into the compiled blocks and fused
+    into the layout copies, so no separate copies were counted."""
+    return measured_size.get("profile", {}).get("memcpy_dtod_ms", 0.0) / 1e3
+
+
 def predictions(measured: dict, config: dict, bw: Bandwidth, tiny: bool) -> dict:
     """Per size and plan: measured compute, the FLOP-scaled compute (model assumption 1), predicted step. Only at
     the sizes where the 1-GPU step was measured (the speedups' baseline)."""
@@ -257,11 +265,15 @@ def predictions(measured: dict, config: dict, bw: Bandwidth, tiny: bool) -> dict
             if size_name not in entry["sizes"]:
                 continue
             plan = parse_plan(plan_name)
-            compute = entry["sizes"][size_name]["compute_s"]
+            measured = entry["sizes"][size_name]
+            stand_in = exchange_stand_in_s(measured) if plan.ulysses > 1 else 0.0  # only Ulysses has all-to-alls
+            compute = measured["compute_s"] - stand_in
             p = predict_from_compute(shape, plan, compute, bw)
             rows[plan_name] = {
                 "world_size": plan.world_size,
-                "measured_compute_s": compute,
+                "measured_compute_s": measured["compute_s"],
+                "exchange_stand_in_s": stand_in,
+                "compute_s": compute,
                 "flop_scaled_compute_s": flop_scaled_compute(shape, plan, one),
                 "predicted_comm_s": p.comm_s,
                 "predicted_step_s": p.step_s,
@@ -281,12 +293,13 @@ def print_table(result: dict) -> None:
         f"{bw['all_to_all'] / 1e9:.0f}, all-gather {bw['all_gather'] / 1e9:.0f}; "
         f"{result['latency_s'] * 1e6:.0f} us per call"
     )
-    header = f"{'size':6} {'plan':20} {'gpus':>4} {'compute s':>9} {'flop-model':>10} {'comm s':>7} "
+    header = f"{'size':6} {'plan':20} {'gpus':>4} {'compute s':>9} {'stand-in':>8} {'flop-model':>10} {'comm s':>7} "
     print(header + f"{'step s':>7} {'speedup':>7} {'GB/expert':>9}")
     for size_name, entry in result["model"].items():
         for plan_name, row in entry["plans"].items():
             print(
                 f"{size_name:6} {plan_name:20} {row['world_size']:4} {row['measured_compute_s']:9.4f} "
+                f"{row.get('exchange_stand_in_s', 0.0):8.4f} "
                 f"{row['flop_scaled_compute_s']:10.4f} {row['predicted_comm_s']:7.4f} {row['predicted_step_s']:7.4f} "
                 f"{row['predicted_speedup']:7.2f} {row['weight_gb_per_expert']:9.2f}"
             )

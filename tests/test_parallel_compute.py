@@ -57,6 +57,33 @@ def test_model_rows_add_communication_to_the_measured_compute(result):
     assert one["predicted_comm_s"] == 0 and one["predicted_step_s"] == one["measured_compute_s"]
     for plan, row in rows.items():
         assert row["measured_compute_s"] == result["measured"][plan]["sizes"]["tiny"]["compute_s"]
-        assert row["predicted_step_s"] == pytest.approx(row["measured_compute_s"] + row["predicted_comm_s"])
+        # No profile on CPU, so no stand-in copies were counted to take out of the compute.
+        assert row["exchange_stand_in_s"] == 0 and row["compute_s"] == row["measured_compute_s"]
+        assert row["predicted_step_s"] == pytest.approx(row["compute_s"] + row["predicted_comm_s"])
         if plan != "cfg1xulysses1xtp1":
             assert row["predicted_comm_s"] > 0
+
+
+def test_the_all_to_all_stand_ins_copies_leave_the_compute_the_model_uses():
+    """On a GPU the profile counts the stand-ins' device-to-device copies; the model's step replaces them by NCCL
+    time, so a Ulysses plan's compute leaves them out, and a plan without all-to-alls keeps its measured time."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    from parallel_compute import TINY_TRANSFORMER, predictions
+
+    from wan_triton.parallel.perf_model import Bandwidth
+
+    def size(compute_s: float, copies_ms: float) -> dict:
+        sizes = {"tiny": {"compute_s": compute_s, "profile": {"memcpy_dtod_ms": copies_ms}}}
+        return {"weight_bytes_per_expert": 1, "sizes": sizes}
+
+    measured = {
+        "cfg1xulysses1xtp1": size(1.0, 0.1),
+        "cfg1xulysses2xtp1": size(0.6, 40.0),
+        "cfg2xulysses1xtp1": size(0.5, 0.1),
+    }
+    bw = Bandwidth(all_reduce=1e11, all_to_all=1e11, all_gather=1e11, latency_s=0.0)
+    rows = predictions(measured, TINY_TRANSFORMER, bw, tiny=True)["tiny"]["plans"]
+    assert rows["cfg1xulysses2xtp1"]["compute_s"] == pytest.approx(0.56)
+    assert rows["cfg1xulysses1xtp1"]["compute_s"] == 1.0 and rows["cfg2xulysses1xtp1"]["compute_s"] == 0.5
+    ulysses = rows["cfg1xulysses2xtp1"]
+    assert ulysses["predicted_step_s"] == pytest.approx(0.56 + ulysses["predicted_comm_s"])
