@@ -163,6 +163,7 @@ class _FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     VIDEO = b"\x00\x00\x00\x18ftypisom fake mp4 bytes"
     FRAMES = np.arange(2 * 4 * 6 * 3, dtype=np.uint8).reshape(2, 4, 6, 3)
+    USED_SEED = 1234567
 
     def __init__(self) -> None:
         self.requests: list[service_pb2.ModelInferRequest] = []
@@ -191,6 +192,9 @@ class _FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):
             elif output.name == "frames":
                 response.outputs.add(name="frames", datatype="UINT8", shape=list(self.FRAMES.shape))
                 response.raw_output_contents.append(self.FRAMES.tobytes())
+            elif output.name == "used_seed":
+                response.outputs.add(name="used_seed", datatype="INT64", shape=[1])
+                response.raw_output_contents.append(np.array([self.USED_SEED], dtype=np.int64).tobytes())
         return response
 
 
@@ -219,7 +223,8 @@ def test_main_writes_video_and_prints_path(fake_triton, capsys: pytest.CaptureFi
     assert captured.out.splitlines()[-1] == str(output)
     (request,) = servicer.requests
     assert {i.name for i in request.inputs} == {"prompt", "seed"}
-    assert [o.name for o in request.outputs] == ["video"]
+    assert [o.name for o in request.outputs] == ["video", "used_seed"]
+    assert f", seed {_FakeTriton.USED_SEED}" in captured.err  # the seed the server reports, not the one sent
 
 
 def test_main_saves_frames_when_asked(fake_triton, capsys: pytest.CaptureFixture[str], tmp_path) -> None:
@@ -232,7 +237,7 @@ def test_main_saves_frames_when_asked(fake_triton, capsys: pytest.CaptureFixture
 
     assert code == 0, capsys.readouterr().err
     np.testing.assert_array_equal(np.load(frames_path), _FakeTriton.FRAMES)
-    assert sorted(o.name for o in servicer.requests[0].outputs) == ["frames", "video"]
+    assert sorted(o.name for o in servicer.requests[0].outputs) == ["frames", "used_seed", "video"]
 
 
 @pytest.mark.parametrize(
@@ -342,9 +347,9 @@ def test_stream_is_cancelled_only_while_its_request_runs(monkeypatch, answers, e
 
 def test_finished_stream_is_closed_without_cancelling(monkeypatch) -> None:
     video = b"\x00\x00\x00\x18ftypisom"
-    done = _StreamResult(stage=b"done", step=4, num_steps=4, elapsed_s=1.0, video=video)
+    done = _StreamResult(stage=b"done", step=4, num_steps=4, elapsed_s=1.0, video=video, used_seed=42)
     fake = _FakeStreamClient([(_progress(), None), (done, None)])
     monkeypatch.setattr(wan_client, "_connect", lambda url: fake)
     result = wan_client.generate_stream("fake:8001", "wan_t2v", {"prompt": "a fox"}, False, None)
-    assert result.video == video
+    assert result.video == video and result.used_seed == 42
     assert fake.cancel_requests == [False]
