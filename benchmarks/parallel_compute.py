@@ -7,7 +7,9 @@ fake process group (`torch.testing._internal.distributed.fake_pg`: every collect
 nothing), with its all-to-all and all-gather replaced by local copies of this rank's data
 (`value_preserving_collectives`: attention on unwritten memory can run faster than on real data), through the code
 the workers run (`parallel.model.parallelize`, `denoise_step` with `CfgParallel`), so the time is compute
-only: matmuls, attention, norms, the layout copies around each all-to-all, the solver update.
+(matmuls, attention, norms, the layout copies around each all-to-all, the solver update) plus the all-to-alls'
+local copies. With `--profile` those copies are counted apart and the model leaves them out, as NCCL's time
+replaces them on real GPUs; without it they stay in (about 1% of a Ulysses rank's step at 720p).
 
 The model (`wan_triton.parallel.perf_model`) then adds communication from bus bandwidths given on the command
 line, by default the NCCL figures measured on 2x H200 NV18 (BASELINES.md: all-to-all 295 GB/s, all-reduce
@@ -83,8 +85,9 @@ def _exchange_stand_in(output: torch.Tensor, input_: torch.Tensor) -> None:
     """The local copy standing in for an all-to-all, as an op the compiler cannot see into: like NCCL's, its input
     is a buffer the compiled code must write first, and its copy cannot be merged into the kernel that produces the
     input. (A plain `copy_` was traced into the compiled blocks, where inductor fused it with the layout copy
-    before it, so the measured compute held a copy that on real GPUs is the all-to-all itself.) Same-dtype and
-    contiguous, the copy runs as a device-to-device memcpy, which `profile_step` counts apart."""
+    before it, so the copy wrote straight into the all-to-all's output and a change that removes the layout copy
+    could not show.) Same-dtype and contiguous, the copy runs as a device-to-device memcpy, which `profile_step`
+    counts apart."""
     output.copy_(input_)
 
 
@@ -325,7 +328,11 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
-        "--profile", type=int, default=0, metavar="STEPS", help="also profile this many steps (kernel time by kind)"
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="also profile this many steps (kernel time by kind; the model then leaves the all-to-all copies out)",
     )
     parser.add_argument("--all-to-all-gbps", type=float, default=NV18_ALL_TO_ALL / 1e9, help="bus bandwidth")
     parser.add_argument("--all-reduce-gbps", type=float, default=NV18_ALL_REDUCE / 1e9, help="bus bandwidth")
