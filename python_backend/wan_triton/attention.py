@@ -156,18 +156,7 @@ class WanT2VAttnProcessor:
         self.attend = attend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        if attn.add_k_proj is not None:
-            raise NotImplementedError("image-conditioned (I2V) attention is not supported by this processor")
-        if attention_mask is not None:
-            raise NotImplementedError("attention masks are not used by Wan T2V")
-        if not getattr(attn, "fused_projections", False):
-            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-            query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
-        elif encoder_hidden_states is None:
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query = attn.to_q(hidden_states)
-            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        query, key, value = self._project(attn, hidden_states, encoder_hidden_states, attention_mask)
         query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
         key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
@@ -176,6 +165,21 @@ class WanT2VAttnProcessor:
             key = _rotate(key, *rotary_emb)
         out = self._attention(query, key, value, encoder_hidden_states is None).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
+
+    @staticmethod
+    def _project(attn, hidden_states, encoder_hidden_states, attention_mask):
+        """Q, K, V [B, S, heads x D] from the (fused or separate) projections."""
+        if attn.add_k_proj is not None:
+            raise NotImplementedError("image-conditioned (I2V) attention is not supported by this processor")
+        if attention_mask is not None:
+            raise NotImplementedError("attention masks are not used by Wan T2V")
+        if not getattr(attn, "fused_projections", False):
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            return attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        if encoder_hidden_states is None:
+            return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        return attn.to_q(hidden_states), key, value
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool) -> torch.Tensor:
         """q, k, v: [B, S, heads, D] -> [B, S, heads, D]. The sequence-parallel processor overrides this."""
