@@ -323,3 +323,16 @@ def test_ulysses_qk_straight_into_chunk_order_matches_the_layout_after_norm(tiny
         torch.testing.assert_close(rank["chunked"], rank["after"], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(rank["fused"], rank["after"], rtol=1e-5, atol=1e-5)
         assert rank["chunked"].abs().max() > 0
+
+
+def test_rms_norm_eps_is_the_one_torch_adds():
+    """The tensor-parallel and Ulysses norms write RMSNorm out by hand; with eps=None and bf16 weights torch adds the
+    float32 epsilon (its statistics are float32), not bf16's, which would change small activations."""
+    from wan_triton.parallel.tensor_parallel import rms_norm_eps
+
+    norm = torch.nn.RMSNorm(64, eps=None).to(torch.bfloat16)
+    x = (torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 1e-3).to(torch.bfloat16)
+    xf = x.float()
+    by_hand = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_norm_eps(norm)) * norm.weight).type_as(x)
+    assert torch.equal(by_hand, norm(x))
+    assert rms_norm_eps(torch.nn.RMSNorm(64, eps=1e-6)) == 1e-6

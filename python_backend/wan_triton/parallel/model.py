@@ -22,7 +22,7 @@ from torch import nn
 from .. import attention, ffn
 from ..attention import AttentionFn, WanT2VAttnProcessor
 from .groups import PlanGroups
-from .tensor_parallel import DistributedRMSNorm, RowParallelLinear, shard_column_parallel
+from .tensor_parallel import DistributedRMSNorm, RowParallelLinear, rms_norm_eps, shard_column_parallel
 from .ulysses import exchange_head_chunks, gather_sequence, head_chunks, heads_to_seq, seq_to_heads, shard_sequence
 
 logger = logging.getLogger(__name__)
@@ -47,17 +47,12 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
             or self.ulysses_group is None
             or not self.chunked_qk
             or rotary_emb is None
-            or attention_mask is not None
-            or attn.add_k_proj is not None
             or not (_is_plain_rms_norm(attn.norm_q) and _is_plain_rms_norm(attn.norm_k))  # not tensor-parallel
         ):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         g = self.ulysses_group
         p = dist.get_world_size(g)
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        query, key, value = self._project(attn, hidden_states, None, attention_mask)
         q = _normalised_rotated_chunks(query, attn.norm_q, attn.heads, p, rotary_emb)
         k = _normalised_rotated_chunks(key, attn.norm_k, attn.heads, p, rotary_emb)
         v = head_chunks(value.unflatten(2, (attn.heads, -1)), p)
@@ -85,9 +80,8 @@ def _normalised_rotated_chunks(
     The RMS norm is written out with torch's own arithmetic for it (aten._fused_rms_norm's decomposition: fp32
     statistics, weight applied in fp32, one cast), so that the rotation and the chunk order follow it in the same
     compiled kernel."""
-    eps = norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
     xf = x.float()
-    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * norm.weight).type_as(x)
+    normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_norm_eps(norm)) * norm.weight).type_as(x)
     chunks = head_chunks(normed.unflatten(2, (heads, -1)), p)
     cos, sin = (t.unsqueeze(0) for t in rotary)  # [1, S/p, 1, D] -> [1, 1, S/p, 1, D], against the chunks' axes
     return attention._rotate(chunks, cos, sin)

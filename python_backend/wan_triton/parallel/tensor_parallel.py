@@ -48,6 +48,12 @@ class RowParallelLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def rms_norm_eps(norm: nn.RMSNorm) -> float:
+    """The epsilon torch.nn.RMSNorm adds: its own, or when None the float32 one (torch computes the statistics of
+    float32, bf16 and fp16 inputs in float32: aten._fused_rms_norm's decomposition)."""
+    return norm.eps if norm.eps is not None else torch.finfo(torch.float32).eps
+
+
 class DistributedRMSNorm(nn.Module):
     """torch.nn.RMSNorm over a feature dimension split across the tp group (Wan's q/k norm spans all heads).
 
@@ -58,7 +64,7 @@ class DistributedRMSNorm(nn.Module):
     def __init__(self, norm: nn.RMSNorm, index: int, parts: int, group: dist.ProcessGroup) -> None:
         super().__init__()
         (self.full_dim,) = norm.normalized_shape
-        self.eps = norm.eps if norm.eps is not None else torch.finfo(norm.weight.dtype).eps
+        self.eps = rms_norm_eps(norm)
         self.weight = nn.Parameter(_slice(norm.weight.data, 0, index, parts), requires_grad=False)
         self.group = group
 
