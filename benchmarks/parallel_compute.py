@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import platform
-import re
 import statistics
 import sys
 import time
@@ -46,9 +45,12 @@ from parallel_step import (  # noqa: E402
     SIZES,
     TINY_TRANSFORMER,
     build_rank_expert,
+    grouped_variants,
     guided_step,
+    parse_variant,
     served_engine,
     time_alone,
+    variant_name,
 )
 
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
@@ -98,6 +100,14 @@ def _all_to_all_single_stand_in(output, input_, *args, **kwargs):
     _exchange_stand_in(output, input_)
 
 
+def _start_all_to_all_stand_in(chunks: torch.Tensor, group) -> torch.Tensor:
+    """`ulysses._start_all_to_all` (head groups) as the same local copy, done at once: one GPU cannot show the
+    overlap, only the compute that grouping costs."""
+    output = torch.empty_like(chunks.contiguous())
+    _exchange_stand_in(output, chunks.contiguous())
+    return output
+
+
 def _all_gather_stand_in(tensor_list, tensor, *args, **kwargs):
     """Every rank's part is a copy of this rank's (the next step's input stays finite and realistic)."""
     for part in tensor_list:
@@ -110,12 +120,15 @@ def value_preserving_collectives():
     fill their outputs with this rank's data. The copies are timed with the compute (a local copy of each
     all-to-all's tensor: ~0.1 ms for 190 MB on an H100). all-reduce stays the fake no-op: the tensor keeps this
     rank's partial sum, a realistic value."""
-    saved = dist.all_to_all_single, dist.all_gather
+    from wan_triton.parallel import ulysses
+
+    saved = dist.all_to_all_single, dist.all_gather, ulysses._start_all_to_all, ulysses._wait
     dist.all_to_all_single, dist.all_gather = _all_to_all_single_stand_in, _all_gather_stand_in
+    ulysses._start_all_to_all, ulysses._wait = _start_all_to_all_stand_in, lambda tensor: tensor
     try:
         yield
     finally:
-        dist.all_to_all_single, dist.all_gather = saved
+        dist.all_to_all_single, dist.all_gather, ulysses._start_all_to_all, ulysses._wait = saved
 
 
 def _rank0_of(plan: ParallelPlan):
@@ -187,14 +200,15 @@ def profile_step(step, device: torch.device, steps: int, step_s: float) -> dict:
     }
 
 
-def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, device, dtype) -> dict:
-    """Rank 0's step seconds at each size, its weight bytes (one expert) and its peak memory."""
+def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, device, dtype, head_groups: int = 1) -> dict:
+    """Rank 0's step seconds at each size, its weight bytes (one expert) and its peak memory; `head_groups`: the
+    Ulysses exchanges in that many head groups (the deployment's ulysses_head_groups)."""
     from wan_triton.parallel.cfg import CfgParallel
 
     groups = _rank0_of(plan)
     try:
         base = _allocated(device)
-        module = build_rank_expert(plan, groups, config, dtype, device, args.attention)
+        module = build_rank_expert(plan, groups, config, dtype, device, args.attention, head_groups)
         if args.no_chunked_qk:  # the earlier Ulysses Q/K layout (normalise, rotate, copy), for a side-by-side run
             for processor in module.attn_processors.values():
                 processor.chunked_qk = False
@@ -216,7 +230,7 @@ def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, devic
             logger.info(
                 "%s %s: %.4f s compute per step, %.2f GB weights per expert",
                 size_name,
-                plan,
+                variant_name(plan, head_groups),
                 entry["sizes"][size_name]["compute_s"],
                 weight_bytes / 1e9,
             )
@@ -240,14 +254,6 @@ def model_shape(config: dict, size_name: str, tiny: bool) -> ModelShape:
     )
 
 
-def parse_plan(name: str) -> ParallelPlan:
-    match = re.fullmatch(r"cfg(\d+)xulysses(\d+)xtp(\d+)", name)
-    if match is None:
-        raise ValueError(f"not a plan name: {name!r} (e.g. cfg2xulysses4xtp1)")
-    cfg, ulysses, tp = map(int, match.groups())
-    return ParallelPlan(cfg=cfg, ulysses=ulysses, tp=tp)
-
-
 def exchange_stand_in_s(measured_size: dict) -> float:
     """Seconds of a step that the all-to-all stand-ins' device-to-device copies took, where a profile counted them
     (0 without one): on real GPUs that time is NCCL's, which the model adds as communication, so the compute the
@@ -268,11 +274,11 @@ def predictions(measured: dict, config: dict, bw: Bandwidth, tiny: bool) -> dict
         for plan_name, entry in measured.items():
             if size_name not in entry["sizes"]:
                 continue
-            plan = parse_plan(plan_name)
+            plan, head_groups = parse_variant(plan_name)
             measured = entry["sizes"][size_name]
             stand_in = exchange_stand_in_s(measured) if plan.ulysses > 1 else 0.0  # only Ulysses has all-to-alls
             compute = measured["compute_s"] - stand_in
-            p = predict_from_compute(shape, plan, compute, bw)
+            p = predict_from_compute(shape, plan, compute, bw, head_groups)
             rows[plan_name] = {
                 "world_size": plan.world_size,
                 "measured_compute_s": measured["compute_s"],
@@ -297,12 +303,12 @@ def print_table(result: dict) -> None:
         f"{bw['all_to_all'] / 1e9:.0f}, all-gather {bw['all_gather'] / 1e9:.0f}; "
         f"{result['latency_s'] * 1e6:.0f} us per call"
     )
-    header = f"{'size':6} {'plan':20} {'gpus':>4} {'compute s':>9} {'stand-in':>8} {'flop-model':>10} {'comm s':>7} "
+    header = f"{'size':6} {'plan':28} {'gpus':>4} {'compute s':>9} {'stand-in':>8} {'flop-model':>10} {'comm s':>7} "
     print(header + f"{'step s':>7} {'speedup':>7} {'GB/expert':>9}")
     for size_name, entry in result["model"].items():
         for plan_name, row in entry["plans"].items():
             print(
-                f"{size_name:6} {plan_name:20} {row['world_size']:4} {row['measured_compute_s']:9.4f} "
+                f"{size_name:6} {plan_name:28} {row['world_size']:4} {row['measured_compute_s']:9.4f} "
                 f"{row.get('exchange_stand_in_s', 0.0):8.4f} "
                 f"{row['flop_scaled_compute_s']:10.4f} {row['predicted_comm_s']:7.4f} {row['predicted_step_s']:7.4f} "
                 f"{row['predicted_speedup']:7.2f} {row['weight_gb_per_expert']:9.2f}"
@@ -315,7 +321,9 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 4-head tiny expert in fp32 at 64x64x9 (smoke test)")
     parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES))
     parser.add_argument("--world-sizes", nargs="+", type=int, default=[2, 4, 8])
-    parser.add_argument("--plans", nargs="+", default=None, help="only these plans (e.g. cfg2xulysses4xtp1)")
+    parser.add_argument(
+        "--plans", nargs="+", default=None, help="only these plans (e.g. cfg2xulysses4xtp1, cfg2xulysses4xtp1+groups2)"
+    )
     parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.attention)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
     parser.add_argument(
@@ -326,6 +334,14 @@ def main() -> None:
     )
     parser.add_argument(
         "--no-ffn-epilogue", action="store_true", help="diffusers' separate FFN GELU (no wan_triton.ffn)"
+    )
+    parser.add_argument(
+        "--ulysses-head-groups",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="G",
+        help="also measure each Ulysses plan with its exchanges in G head groups (the deployment's setting)",
     )
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
@@ -390,14 +406,16 @@ def main() -> None:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     sizes = args.sizes or (["tiny"] if args.tiny else ["480p", "720p"])
     if args.plans:
-        plans = [parse_plan(name) for name in args.plans]
+        variants = [parse_variant(name) for name in args.plans]
     else:
-        plans = [ParallelPlan()]
+        variants = [(ParallelPlan(), 1)]
         for n in args.world_sizes:
-            plans += plans_of(n, config["num_attention_heads"], config["ffn_dim"])
+            variants += [(plan, 1) for plan in plans_of(n, config["num_attention_heads"], config["ffn_dim"])]
+    ungrouped = [plan for plan, groups in variants if groups == 1]
+    variants += grouped_variants(ungrouped, args.ulysses_head_groups, config["num_attention_heads"])
     for size_name in sizes:
         tokens = model_shape(config, size_name, args.tiny).tokens
-        plans = [p for p in plans if tokens % p.ulysses == 0]
+        variants = [(p, g) for p, g in variants if tokens % p.ulysses == 0]
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     result.update(
         device=f"1x {device_name} (rank 0 of each plan, fake process group)",
@@ -412,9 +430,10 @@ def main() -> None:
         measured={},
     )
     started = time.perf_counter()
-    for plan in plans:
+    for plan, head_groups in variants:
         with value_preserving_collectives():
-            result["measured"][str(plan)] = measure_plan(plan, config, sizes, args, device, dtype)
+            entry = measure_plan(plan, config, sizes, args, device, dtype, head_groups)
+            result["measured"][variant_name(plan, head_groups)] = entry
         result["wall_s"] = time.perf_counter() - started
         args.out.write_text(json.dumps(result, indent=2))  # a run cut short keeps the plans it finished
     result["model"] = predictions(result["measured"], config, bw, args.tiny)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -99,7 +100,31 @@ def _expert(config: dict, dtype: torch.dtype, device: torch.device):
     )
 
 
-def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backend):
+def variant_name(plan: ParallelPlan, head_groups: int = 1) -> str:
+    """A plan as measured: its name, with `+groups<G>` where its Ulysses exchanges run in G head groups."""
+    return str(plan) if head_groups == 1 else f"{plan}+groups{head_groups}"
+
+
+def parse_variant(name: str) -> tuple[ParallelPlan, int]:
+    """Inverse of `variant_name`: (plan, head groups)."""
+    match = re.fullmatch(r"cfg(\d+)xulysses(\d+)xtp(\d+)(?:\+groups(\d+))?", name)
+    if match is None:
+        raise ValueError(f"not a plan name: {name!r} (e.g. cfg2xulysses4xtp1, or cfg2xulysses4xtp1+groups2)")
+    cfg, ulysses, tp, groups = match.groups()
+    return ParallelPlan(cfg=int(cfg), ulysses=int(ulysses), tp=int(tp)), int(groups or 1)
+
+
+def grouped_variants(plans: list[ParallelPlan], head_groups: list[int], num_heads: int) -> list[tuple]:
+    """(plan, G) for each Ulysses plan and each G > 1 that divides a rank's heads."""
+    return [
+        (plan, g)
+        for plan in plans
+        for g in head_groups
+        if g > 1 and plan.ulysses > 1 and (num_heads // (plan.ulysses * plan.tp)) % g == 0
+    ]
+
+
+def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backend, ulysses_head_groups: int = 1):
     """One expert with random weights, as rank `groups.rank` of `plan` serves it: the single-GPU path
     (`attention.install`, exactly components.build_denoiser's) or cut for the plan (`parallelize`, rank.py's)."""
     from wan_triton import attention
@@ -109,7 +134,7 @@ def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backe
     if plan.is_single:
         attention.install(module, attention_backend, device)
     else:
-        parallelize(module, groups, attention_backend, device)
+        parallelize(module, groups, attention_backend, device, ulysses_head_groups)
     return module
 
 
@@ -166,7 +191,7 @@ def time_alone(step, device: torch.device, repeat: int, after_warmup=None) -> tu
     return warmup_s, times
 
 
-def _time_plan(plan, config, size, dtype, device, args: dict):
+def _time_plan(plan, config, size, dtype, device, args: dict, head_groups: int = 1):
     """Median step seconds of `plan` on the ranks it uses (None on the others)."""
     from wan_triton.parallel.cfg import CfgParallel
     from wan_triton.parallel.groups import create_groups
@@ -175,7 +200,7 @@ def _time_plan(plan, config, size, dtype, device, args: dict):
     if groups is None:
         return None
     repeat = args["repeat"]
-    module = build_rank_expert(plan, groups, config, dtype, device, args["attention"])
+    module = build_rank_expert(plan, groups, config, dtype, device, args["attention"], head_groups)
     engine = served_engine(module, plan, device, dtype, args["compile"], args["cuda_graphs"])
     cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
     step = guided_step(engine, cfg_parallel, config, size, device, dtype)
@@ -194,17 +219,19 @@ def _rank_main(rank: int, args: dict) -> dict | None:
     config = TINY_TRANSFORMER if args["tiny"] else A14B_TRANSFORMER
     world = dist.get_world_size()
     out: dict = {"bandwidth": measure_bandwidth(device, dtype, args["bandwidth_bytes"], args["repeat"]), "sizes": {}}
-    plans = [ParallelPlan(), *plans_of(world, config["num_attention_heads"], config["ffn_dim"])]
+    plans = plans_of(world, config["num_attention_heads"], config["ffn_dim"])
+    variants = [(ParallelPlan(), 1), *((plan, 1) for plan in plans)]
+    variants += grouped_variants(plans, args["ulysses_head_groups"], config["num_attention_heads"])
     for size_name in args["sizes"]:
         size = SIZES[size_name]
         entry = {}
-        for plan in plans:
-            step_s = _time_plan(plan, config, size, dtype, device, args)
+        for plan, head_groups in variants:
+            step_s = _time_plan(plan, config, size, dtype, device, args, head_groups)
             dist.barrier()
             torch._dynamo.reset()  # each plan's blocks are new modules; do not let their compiled graphs pile up
             if rank == 0:
-                entry[str(plan)] = step_s
-                logger.info("%s %s: %.4f s per step", size_name, plan, step_s)
+                entry[variant_name(plan, head_groups)] = step_s
+                logger.info("%s %s: %.4f s per step", size_name, variant_name(plan, head_groups), step_s)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         out["sizes"][size_name] = entry
@@ -228,17 +255,20 @@ def model_table(result: dict, config: dict, world_sizes=(2, 4, 8)) -> dict:
         one = measured[str(ParallelPlan())]
         rows = {}
         for n in world_sizes:
-            for plan in plans_of(n, shape.num_heads, shape.ffn_dim):
-                if tokens % plan.ulysses:
-                    continue
-                p = predict(shape, plan, one, bw)
-                rows[str(plan)] = {
+            plans = [p for p in plans_of(n, shape.num_heads, shape.ffn_dim) if tokens % p.ulysses == 0]
+            grouped = {parse_variant(name) for name in measured if "+groups" in name}
+            for plan, head_groups in [(plan, 1) for plan in plans] + grouped_variants(
+                plans, sorted({g for _, g in grouped}), shape.num_heads
+            ):
+                p = predict(shape, plan, one, bw, head_groups)
+                name = variant_name(plan, head_groups)
+                rows[name] = {
                     "world_size": n,
                     "predicted_step_s": p.step_s,
                     "predicted_compute_s": p.compute_s,
                     "predicted_comm_s": p.comm_s,
                     "predicted_speedup": one / p.step_s,
-                    "measured_step_s": measured.get(str(plan)),
+                    "measured_step_s": measured.get(name),
                 }
         table[size_name] = {"tokens": tokens, "one_gpu_step_s": one, "plans": rows}
     return table
@@ -254,6 +284,14 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.attention)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
     parser.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs around each forward, as served")
+    parser.add_argument(
+        "--ulysses-head-groups",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="G",
+        help="also time each Ulysses plan with its exchanges in G head groups (the deployment's ulysses_head_groups)",
+    )
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--bandwidth-mib", type=int, default=None, help="message size of the bandwidth test")
     parser.add_argument("--out", type=Path, required=True)
@@ -272,6 +310,7 @@ def main() -> None:
         "repeat": args.repeat,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
+        "ulysses_head_groups": args.ulysses_head_groups,
         "bandwidth_bytes": mib << 20,
     }
     started = time.perf_counter()
@@ -304,13 +343,13 @@ def main() -> None:
             bw["all_reduce"] / 1e9, bw["all_to_all"] / 1e9, bw["all_gather"] / 1e9, bw["latency_s"] * 1e6
         )
     )
-    print(f"{'size':6} {'plan':20} {'ranks':>5} {'measured s':>10} {'model s':>9} {'comm s':>8} {'speedup':>8}")
+    print(f"{'size':6} {'plan':28} {'ranks':>5} {'measured s':>10} {'model s':>9} {'comm s':>8} {'speedup':>8}")
     for size, entry in result["model"].items():
-        print(f"{size:6} {'cfg1xulysses1xtp1':20} {1:5} {entry['one_gpu_step_s']:10.4f} {'':>9} {'':>8} {1:8.2f}")
+        print(f"{size:6} {'cfg1xulysses1xtp1':28} {1:5} {entry['one_gpu_step_s']:10.4f} {'':>9} {'':>8} {1:8.2f}")
         for plan, row in entry["plans"].items():
             measured = "-" if row["measured_step_s"] is None else f"{row['measured_step_s']:.4f}"
             print(
-                f"{size:6} {plan:20} {row['world_size']:5} {measured:>10} {row['predicted_step_s']:9.4f} "
+                f"{size:6} {plan:28} {row['world_size']:5} {measured:>10} {row['predicted_step_s']:9.4f} "
                 f"{row['predicted_comm_s']:8.4f} {row['predicted_speedup']:8.2f}"
             )
 

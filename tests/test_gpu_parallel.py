@@ -7,8 +7,9 @@
   What it cannot: traffic between GPUs (a one-rank communicator moves nothing).
 - One GPU: the ranks' stop agreement (a gloo group) works beside an NCCL world.
 - Two or more GPUs: the served worker group with and without `cuda_graphs` gives bit-identical latents for each
-  plan of world size 2, a graphed group stops a request mid-loop and then serves the next one as before, and the
-  VAE decode split over 2 GPUs gives one GPU's frames (within 1 uint8 level).
+  plan of world size 2 (and ulysses2 with its exchanges in 2 head groups), a graphed group stops a request
+  mid-loop and then serves the next one as before, and the VAE decode split over 2 GPUs gives one GPU's frames
+  (within 1 uint8 level).
 
     python -m pytest tests/test_gpu_parallel.py
 """
@@ -37,13 +38,15 @@ def _embeds(text_dim: int) -> torch.Tensor:
     return torch.randn(2, 512, text_dim, generator=torch.Generator().manual_seed(0))
 
 
-def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool) -> dict:
+def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool, head_groups: int = 1) -> dict:
     """In a one-rank NCCL world: an expert cut for a plan whose Ulysses and TP groups are that world; eager and
-    graphed outputs for three inputs of one shape, and how many collectives one eager forward calls."""
+    graphed outputs for three inputs of one shape, and how many collectives one eager forward calls. With
+    `head_groups`, the Ulysses exchanges are started a group ahead of their waits (functional collectives)."""
     import torch.distributed as dist
 
     from wan_triton.components import compile_expert_blocks, torch_engines
     from wan_triton.engines.cuda_graph import CudaGraphEngine
+    from wan_triton.parallel import ulysses
     from wan_triton.parallel.groups import PlanGroups
     from wan_triton.parallel.model import parallelize, shard_tensor_parallel
 
@@ -55,7 +58,7 @@ def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool) -> dict
     shard_tensor_parallel(module, 0, 1, world)  # row-parallel layers and distributed norms over a 1-rank group
     module._wan_tp_sharded = True
     plan = ParallelPlan()
-    parallelize(module, PlanGroups(plan, 0, plan.coords(0), None, world, world), "cudnn", device)
+    parallelize(module, PlanGroups(plan, 0, plan.coords(0), None, world, world), "cudnn", device, head_groups)
     if compile_blocks:
         compile_expert_blocks(module, parallel=True)  # as a parallel rank compiles (parallel.rank)
     eager, graphed = torch_engines(module, device, torch.bfloat16, cuda_graphs=True, parallel=True)
@@ -83,9 +86,14 @@ def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool) -> dict
 
         for name in COLLECTIVES:
             setattr(dist, name, counting(name))
+        started = ulysses._start_all_to_all
+        if head_groups > 1:  # the grouped exchanges do not go through dist.all_to_all_single
+            real["all_to_all_single"] = started
+            ulysses._start_all_to_all = counting("all_to_all_single")
         eager.run(inputs())
         for name in COLLECTIVES:
             setattr(dist, name, real[name])
+        ulysses._start_all_to_all = started
     pairs = []
     for _ in range(3):
         x = inputs()
@@ -94,11 +102,13 @@ def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool) -> dict
     return {"pairs": pairs, "captured": len(captured), "calls": calls}
 
 
+@pytest.mark.parametrize("head_groups", [1, 2], ids=["whole-exchanges", "2-head-groups"])
 @pytest.mark.parametrize("compile_blocks", [False, True], ids=["eager-blocks", "compiled-blocks"])
-def test_nccl_collectives_replay_in_a_cuda_graph(tiny4_checkpoint, compile_blocks):
+def test_nccl_collectives_replay_in_a_cuda_graph(tiny4_checkpoint, compile_blocks, head_groups):
     from wan_triton.parallel.world import run_world
 
-    result = run_world(1, _one_rank_capture, (tiny4_checkpoint, compile_blocks), backend="nccl")[0]
+    args = (tiny4_checkpoint, compile_blocks, head_groups)
+    result = run_world(1, _one_rank_capture, args, backend="nccl")[0]
     assert result["captured"] == 1
     if not compile_blocks:
         # The forward went through every kind of collective the plans use (so the capture held them).
@@ -170,8 +180,14 @@ def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint, caplog):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-@pytest.mark.parametrize("plan", [{"cfg": 2}, {"ulysses": 2}, {"tp": 2}], ids=["cfg2", "ulysses2", "tp2"])
-def test_worker_group_with_cuda_graphs_matches_eager(tiny4_checkpoint, plan):
+@pytest.mark.parametrize(
+    ("plan", "head_groups"),
+    [({"cfg": 2}, 1), ({"ulysses": 2}, 1), ({"tp": 2}, 1), ({"ulysses": 2}, 2)],
+    ids=["cfg2", "ulysses2", "tp2", "ulysses2-2-head-groups"],
+)
+def test_worker_group_with_cuda_graphs_matches_eager(tiny4_checkpoint, plan, head_groups):
+    """With 2 head groups the exchanges are started ahead of their waits: NCCL runs them beside the attention
+    (what the tiny model cannot show is the time that saves)."""
     from wan_triton.parallel.group import WorkerGroup
 
     ckpt = Checkpoint.open(tiny4_checkpoint)
@@ -183,6 +199,7 @@ def test_worker_group_with_cuda_graphs_matches_eager(tiny4_checkpoint, plan):
             precision="bfloat16",
             attention="cudnn",
             parallel=plan,
+            ulysses_head_groups=head_groups,
             cuda_graphs=graphs,
         )
         group = WorkerGroup(ckpt, cfg, device_ids=(0, 1))

@@ -18,6 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "parallel_compute.
 def result(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("compute") / "compute.json"
     cmd = [sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--repeat", "1", "--world-sizes", "2", "4"]
+    cmd += ["--ulysses-head-groups", "2"]
     subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=600)
     return json.loads(out.read_text())
 
@@ -34,6 +35,9 @@ def test_every_plan_that_fits_is_measured(result):
         "cfg1xulysses4xtp1",
         "cfg2xulysses1xtp2",
         "cfg2xulysses2xtp1",
+        # Two head groups where a rank has 2 heads (ulysses 2 without tp).
+        "cfg1xulysses2xtp1+groups2",
+        "cfg2xulysses2xtp1+groups2",
     }
     for entry in result["measured"].values():
         assert entry["sizes"]["tiny"]["compute_s"] > 0
@@ -62,6 +66,10 @@ def test_model_rows_add_communication_to_the_measured_compute(result):
         assert row["predicted_step_s"] == pytest.approx(row["compute_s"] + row["predicted_comm_s"])
         if plan != "cfg1xulysses1xtp1":
             assert row["predicted_comm_s"] > 0
+    # Two head groups: half of the all-to-alls' time is hidden, the rest of the communication is the same.
+    for plan in ("cfg1xulysses2xtp1", "cfg2xulysses2xtp1"):
+        grouped = rows[f"{plan}+groups2"]
+        assert 0 < grouped["predicted_comm_s"] < rows[plan]["predicted_comm_s"]
 
 
 def test_the_all_to_all_stand_ins_copies_leave_the_compute_the_model_uses():

@@ -7,6 +7,7 @@ import pytest
 from wan_triton.parallel.perf_model import (
     Bandwidth,
     ModelShape,
+    collective_seconds,
     collectives,
     flop_per_rank,
     flop_scaled_compute,
@@ -87,3 +88,22 @@ def test_measured_compute_replaces_the_flop_scaling_and_keeps_the_collectives():
     assert measured.comm_s == pytest.approx(scaled.comm_s) and measured.collectives == scaled.collectives
     with pytest.raises(PlanError):
         predict_from_compute(A14B_720P, ParallelPlan(ulysses=16), 1.0, BW)
+
+
+def test_head_groups_hide_all_but_one_group_of_the_attention_all_to_alls():
+    """With G head groups only 1/G of the all-to-alls around attention is waited for (assumption 3); the output
+    head's all-gather and the cfg exchange stay in line, and the compute is what the caller measured."""
+    plan = ParallelPlan(cfg=2, ulysses=4)
+    whole = predict_from_compute(A14B_720P, plan, 2.4, BW)
+    for groups in (2, 5, 10):
+        grouped = predict_from_compute(A14B_720P, plan, 2.4, BW, ulysses_head_groups=groups)
+        a2a, a2a_grouped = whole.collectives[0], grouped.collectives[0]
+        assert a2a.kind == "all_to_all" and (a2a.exposed, a2a_grouped.exposed) == (1.0, 1 / groups)
+        # G calls of 1/G of the bytes for each exchange; the first group's Q, K, V and the last group's output,
+        # 4 calls a layer, are waited for.
+        assert (a2a_grouped.calls, a2a_grouped.bytes_per_rank) == (a2a.calls * groups, a2a.bytes_per_rank / groups)
+        waited = a2a.calls * (BW.latency_s + a2a.bytes_per_rank / groups * 3 / 4 / BW.all_to_all)
+        assert grouped.comm_s == pytest.approx(whole.comm_s - collective_seconds(a2a, BW) + waited)
+        assert grouped.compute_s == 2.4
+    with pytest.raises(PlanError, match="ulysses_head_groups 4 does not divide the 10 heads of a rank"):
+        predict_from_compute(A14B_720P, plan, 2.4, BW, ulysses_head_groups=4)

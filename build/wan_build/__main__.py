@@ -68,7 +68,7 @@ def build_tp_shards(deployment: Deployment, ckpt: Checkpoint, artifacts: Path) -
     cfg = deployment.components.denoiser
     plan = cfg.parallel
     for expert in ("transformer", "transformer_2"):
-        plan.check_transformer(ckpt.config(expert))
+        plan.check_transformer(ckpt.config(expert), cfg.ulysses_head_groups)
     if plan.tp == 1:
         return
     if ckpt.random_weights:

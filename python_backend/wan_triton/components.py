@@ -77,6 +77,10 @@ def _torch_expert(ckpt: Checkpoint, name: str, cfg: ComponentConfig, device: tor
     return module, chosen
 
 
+# inductor options for blocks whose collectives are started ahead of their waits (see compile_expert_blocks).
+OVERLAP_COMPILE_OPTIONS = {"reorder_for_peak_memory": False}
+
+
 def compile_expert_blocks(module: torch.nn.Module, parallel: bool) -> None:
     """Regional torch.compile of every transformer block, as served on one GPU and on a parallel plan's ranks.
 
@@ -84,9 +88,16 @@ def compile_expert_blocks(module: torch.nn.Module, parallel: bool) -> None:
     per code object would silently fall back to eager on a server that has seen 9 shapes; each deployment bounds its
     shapes through `limits`, so allow as many as a busy server plausibly sees. A parallel rank compiles without
     `fullgraph`: a collective dynamo cannot trace becomes a graph break, not a load failure (dynamo traces ours in as
-    functional collectives, no break seen on CPU)."""
+    functional collectives, no break seen on CPU).
+
+    Where the Ulysses exchanges run in head groups, started ahead of their waits, inductor's reordering for peak
+    memory is off: on `ulysses.attend_head_groups` compiled alone it moved each wait up to its start and the next
+    group's starts after the attention (the generated code, on CPU), which serialises the exchanges again; without
+    it the calls keep the order they are written in (tests/test_ulysses_head_groups.py)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES_LIMIT)
-    module.compile_repeated_blocks(fullgraph=not parallel, dynamic=False)
+    overlapped = any(getattr(p, "head_groups", 1) > 1 for p in module.attn_processors.values())
+    options = OVERLAP_COMPILE_OPTIONS if parallel and overlapped else None
+    module.compile_repeated_blocks(fullgraph=not parallel, dynamic=False, options=options)
 
 
 def torch_engines(module, device: torch.device, dtype: torch.dtype, cuda_graphs: bool, parallel: bool = False):

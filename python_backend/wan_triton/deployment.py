@@ -50,6 +50,12 @@ class ComponentConfig(_Strict):
     # Denoiser only: multi-GPU plan, cfg x ulysses x tp ranks (wan_triton.parallel). Above 1x1x1 the scheduler
     # runs a worker group of that many processes (one GPU each on cuda; gloo on cpu) with the torch engine.
     parallel: ParallelPlan = ParallelPlan()
+    # Denoiser only, plans with ulysses > 1: each rank exchanges and attends its heads in this many groups, starting
+    # a group's all-to-all while the previous group is attended, so that only 1/G of the exchange is waited for
+    # (wan_triton.parallel.ulysses). Must divide num_attention_heads / (ulysses x tp). The result is the same for
+    # every G; the time it saves on several GPUs is still unmeasured (benchmarks/RESULTS.md), so the shipped
+    # deployments leave it at 1.
+    ulysses_head_groups: int = Field(default=1, ge=1)
     # VAE decoder only (torch engine): decode split by frame width over this many processes (one GPU each from the
     # model's device on, on cuda; gloo on cpu), exact up to summation order (wan_triton.parallel.vae_split). On one
     # H100 (commit fbac6b4, benchmarks/vae_split.py) a 720p fp32 decode computes in 7.63 s whole and 1.20 s as one
@@ -77,6 +83,8 @@ class ComponentConfig(_Strict):
             )
         if self.split_width > 1 and (self.engine != EngineKind.TORCH or self.instance_count != 1):
             raise ValueError(f"split_width {self.split_width} needs engine torch and one instance")
+        if self.ulysses_head_groups > 1 and self.parallel.ulysses == 1:
+            raise ValueError(f"ulysses_head_groups {self.ulysses_head_groups} needs a plan with ulysses > 1")
         if not self.parallel.is_single and self.expert_residency == "swap":
             # The ranks keep their experts resident: a TP shard is what makes both experts fit.
             raise ValueError(f"parallel plan {self.parallel} does not combine with expert_residency: swap")

@@ -297,7 +297,7 @@ class WorkerGroup(_Supervisor):
 
     def __init__(self, ckpt: Checkpoint, cfg: ComponentConfig, *args, **kwargs) -> None:
         for expert in ("transformer", "transformer_2"):
-            cfg.parallel.check_transformer(ckpt.config(expert))
+            cfg.parallel.check_transformer(ckpt.config(expert), cfg.ulysses_head_groups)
         super().__init__(ckpt, cfg, *args, **kwargs)
         self.plan = cfg.parallel
 

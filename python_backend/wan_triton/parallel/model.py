@@ -23,7 +23,7 @@ from .. import attention, ffn
 from ..attention import AttentionFn, WanT2VAttnProcessor
 from .groups import PlanGroups
 from .tensor_parallel import DistributedRMSNorm, RowParallelLinear, rms_norm_eps, shard_column_parallel
-from .ulysses import exchange_head_chunks, gather_sequence, head_chunks, heads_to_seq, seq_to_heads, shard_sequence
+from .ulysses import attend_head_groups, gather_sequence, head_chunks, shard_sequence
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,16 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
     With `chunked_qk` (the default), Q and K are normalised and rotated straight into the order the all-to-all
     sends (`ulysses.head_chunks`): the compiled norm-and-rotate kernel then writes the all-to-all's input itself.
     Normalising first and laying out after (`chunked_qk=False`) left a second kernel that casts and copies the
-    rotated Q and K into that order: 0.5-0.8% of a 720p cfg2 x ulysses4 step on an H100 (benchmarks/RESULTS.md)."""
+    rotated Q and K into that order: 0.5-0.8% of a 720p cfg2 x ulysses4 step on an H100 (benchmarks/RESULTS.md).
 
-    def __init__(self, attend: AttentionFn, ulysses_group, chunked_qk: bool = True) -> None:
+    With `head_groups` G > 1, a rank's heads are exchanged and attended G at a time, each group's all-to-all
+    overlapping the previous group's attention (`ulysses.attend_head_groups`)."""
+
+    def __init__(self, attend: AttentionFn, ulysses_group, chunked_qk: bool = True, head_groups: int = 1) -> None:
         super().__init__(attend)
         self.ulysses_group = ulysses_group
         self.chunked_qk = chunked_qk
+        self.head_groups = head_groups
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if (
@@ -50,22 +54,21 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
             or not (_is_plain_rms_norm(attn.norm_q) and _is_plain_rms_norm(attn.norm_k))  # not tensor-parallel
         ):
             return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        g = self.ulysses_group
+        g, n = self.ulysses_group, self.head_groups
         p = dist.get_world_size(g)
         query, key, value = self._project(attn, hidden_states, None, attention_mask)
-        q = _normalised_rotated_chunks(query, attn.norm_q, attn.heads, p, rotary_emb)
-        k = _normalised_rotated_chunks(key, attn.norm_k, attn.heads, p, rotary_emb)
-        v = head_chunks(value.unflatten(2, (attn.heads, -1)), p)
-        out = self.attend(exchange_head_chunks(q, g), exchange_head_chunks(k, g), exchange_head_chunks(v, g))
-        out = heads_to_seq(out, g).flatten(2, 3).type_as(query)
+        q = _normalised_rotated_chunks(query, attn.norm_q, attn.heads, p, rotary_emb, n)
+        k = _normalised_rotated_chunks(key, attn.norm_k, attn.heads, p, rotary_emb, n)
+        v = head_chunks(value.unflatten(2, (attn.heads, -1)), p, n)
+        out = attend_head_groups(q, k, v, self.attend, g).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool) -> torch.Tensor:
         if not self_attention or self.ulysses_group is None:
             return self.attend(q, k, v)
-        g = self.ulysses_group
-        out = self.attend(seq_to_heads(q, g), seq_to_heads(k, g), seq_to_heads(v, g))
-        return heads_to_seq(out, g)
+        g, n = self.ulysses_group, self.head_groups
+        p = dist.get_world_size(g)
+        return attend_head_groups(*(head_chunks(x, p, n) for x in (q, k, v)), self.attend, g)
 
 
 def _is_plain_rms_norm(norm: nn.Module) -> bool:
@@ -73,17 +76,17 @@ def _is_plain_rms_norm(norm: nn.Module) -> bool:
 
 
 def _normalised_rotated_chunks(
-    x: torch.Tensor, norm: nn.RMSNorm, heads: int, p: int, rotary: tuple[torch.Tensor, torch.Tensor]
+    x: torch.Tensor, norm: nn.RMSNorm, heads: int, p: int, rotary: tuple[torch.Tensor, torch.Tensor], groups: int = 1
 ) -> torch.Tensor:
-    """x: [B, S/p, H x D] -> norm(x) with the rotary embedding, as [p(head chunk), B, S/p, H/p, D].
+    """x: [B, S/p, H x D] -> norm(x) with the rotary embedding, as [G, p(head chunk), B, S/p, H/(p G), D].
 
     The RMS norm is written out with torch's own arithmetic for it (aten._fused_rms_norm's decomposition: fp32
     statistics, weight applied in fp32, one cast), so that the rotation and the chunk order follow it in the same
     compiled kernel."""
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_norm_eps(norm)) * norm.weight).type_as(x)
-    chunks = head_chunks(normed.unflatten(2, (heads, -1)), p)
-    cos, sin = (t.unsqueeze(0) for t in rotary)  # [1, S/p, 1, D] -> [1, 1, S/p, 1, D], against the chunks' axes
+    chunks = head_chunks(normed.unflatten(2, (heads, -1)), p, groups)
+    cos, sin = (t[None, None] for t in rotary)  # [1, S/p, 1, D] -> [1, 1, 1, S/p, 1, D], against the chunks' axes
     return attention._rotate(chunks, cos, sin)
 
 
@@ -120,18 +123,25 @@ def _install_sequence_hooks(module: nn.Module, group) -> None:
 
 
 def parallelize(
-    module: nn.Module, groups: PlanGroups, backend: attention.AttentionBackend | str, device: torch.device
+    module: nn.Module,
+    groups: PlanGroups,
+    backend: attention.AttentionBackend | str,
+    device: torch.device,
+    ulysses_head_groups: int = 1,
 ) -> attention.AttentionBackend:
     """Turn a whole WanTransformer3DModel into this rank's part of the plan (in place). With tp > 1 the module
     may already hold only this rank's shard (loaded by `shards.load_rank_shard`); then only the processor and
-    the hooks are installed."""
+    the hooks are installed. `ulysses_head_groups`: see `ParallelWanAttnProcessor`."""
     plan = groups.plan
-    plan.check_transformer(dict(module.config))
+    plan.check_transformer(dict(module.config), ulysses_head_groups)
     if plan.tp > 1 and not getattr(module, "_wan_tp_sharded", False):
         shard_tensor_parallel(module, groups.coords.tp, plan.tp, groups.tp)
         module._wan_tp_sharded = True
     chosen = attention.resolve(backend, device, module.config.attention_head_dim)
-    module.set_attn_processor(ParallelWanAttnProcessor(attention.attention_fn(chosen), groups.ulysses))
+    processor = ParallelWanAttnProcessor(
+        attention.attention_fn(chosen), groups.ulysses, head_groups=ulysses_head_groups
+    )
+    module.set_attn_processor(processor)
     if chosen != attention.AttentionBackend.REFERENCE:
         attention.fuse_projections(module)  # after sharding: the fused weight holds this rank's Q, K, V
         ffn.install(module)  # the GELU in the (column-parallel) FFN input projection's epilogue

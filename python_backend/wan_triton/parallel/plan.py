@@ -43,13 +43,20 @@ class ParallelPlan(BaseModel):
         if world_size != self.world_size:
             raise PlanError(f"plan {self} needs world size cfg x ulysses x tp = {self.world_size}, got {world_size}")
 
-    def check_transformer(self, config: dict[str, Any]) -> None:
-        """Refuse a plan the expert's config cannot be split by (config: the transformer's config.json)."""
+    def check_transformer(self, config: dict[str, Any], ulysses_head_groups: int = 1) -> None:
+        """Refuse a plan the expert's config cannot be split by (config: the transformer's config.json).
+        `ulysses_head_groups`: the groups each rank's heads are exchanged in (the deployment's setting)."""
         heads = int(config["num_attention_heads"])
         ffn_dim = int(config["ffn_dim"])
         problems = []
         if heads % (self.ulysses * self.tp):
             problems.append(f"num_attention_heads {heads} is not divisible by ulysses x tp = {self.ulysses * self.tp}")
+        elif ulysses_head_groups > 1 and (heads // (self.ulysses * self.tp)) % ulysses_head_groups:
+            local = heads // (self.ulysses * self.tp)
+            problems.append(
+                f"ulysses_head_groups {ulysses_head_groups} does not divide the {local} heads of a rank "
+                f"(num_attention_heads {heads} / (ulysses x tp))"
+            )
         if ffn_dim % self.tp:
             problems.append(f"ffn_dim {ffn_dim} is not divisible by tp = {self.tp}")
         if config.get("added_kv_proj_dim") is not None or config.get("image_dim") is not None:

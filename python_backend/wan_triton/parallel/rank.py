@@ -35,7 +35,7 @@ def build_rank_denoiser(
             module = load_rank_shard(ckpt, name, shards, groups, dtype, device)
         else:
             module = ckpt.load_transformer(name, dtype, str(device))
-        parallelize(module, groups, cfg.attention, device)
+        parallelize(module, groups, cfg.attention, device, cfg.ulysses_head_groups)
         if cfg.compile_blocks:
             # On one H100 with a fake process group the compiled ranks computed 1/N of the 1-GPU step
             # (benchmarks/RESULTS.md); with NCCL on several GPUs this is still unmeasured.

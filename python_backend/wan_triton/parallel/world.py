@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import multiprocessing as mp
 import os
@@ -57,12 +58,20 @@ def _entry(rank: int, world_size: int, port: int, backend: str, fn, args, result
         threads = cpu_threads_per_rank(world_size) if backend == "gloo" else None
         init_distributed(rank, world_size, port, backend, threads)
         value = fn(rank, *args)
-        results.put((rank, True, value))
+        results.put((rank, True, _serialised(value)))
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         results.put((rank, False, traceback.format_exc()))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _serialised(value: Any) -> bytes:
+    """The value as bytes. A tensor put on the queue as it is travels as a shared-memory handle that the parent
+    fetches from this process, which may have exited by then ("Connection reset by peer" in the parent)."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
 
 
 def run_world(
@@ -90,7 +99,7 @@ def run_world(
                 raise TimeoutError(f"world of {world_size}: no result within {timeout_s} s") from None
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            values[rank] = value
+            values[rank] = torch.load(io.BytesIO(value), weights_only=False)  # from this function's own ranks
     finally:
         for p in procs:
             p.join(timeout=30)
