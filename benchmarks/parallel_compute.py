@@ -263,36 +263,41 @@ def exchange_stand_in_s(measured_size: dict) -> float:
 
 
 def predictions(measured: dict, config: dict, bw: Bandwidth, tiny: bool) -> dict:
-    """Per size and plan: measured compute, the FLOP-scaled compute (model assumption 1), predicted step. Only at
-    the sizes where the 1-GPU step was measured (the speedups' baseline)."""
+    """Per size and plan: measured compute, predicted step, and where the 1-GPU step was measured at that size (the
+    speedups' baseline) the FLOP-scaled compute (model assumption 1) and the speedup; without it those are None."""
     table = {}
     one_gpu = measured.get(str(ParallelPlan()), {}).get("sizes", {})
-    for size_name, one_entry in one_gpu.items():
+    sizes = dict.fromkeys(size for entry in measured.values() for size in entry["sizes"])
+    for size_name in sizes:
         shape = model_shape(config, size_name, tiny)
-        one = one_entry["compute_s"]
+        one = one_gpu[size_name]["compute_s"] if size_name in one_gpu else None
         rows = {}
         for plan_name, entry in measured.items():
             if size_name not in entry["sizes"]:
                 continue
             plan, head_groups = parse_variant(plan_name)
-            measured = entry["sizes"][size_name]
-            stand_in = exchange_stand_in_s(measured) if plan.ulysses > 1 else 0.0  # only Ulysses has all-to-alls
-            compute = measured["compute_s"] - stand_in
+            measured_size = entry["sizes"][size_name]
+            stand_in = exchange_stand_in_s(measured_size) if plan.ulysses > 1 else 0.0  # only Ulysses has all-to-alls
+            compute = measured_size["compute_s"] - stand_in
             p = predict_from_compute(shape, plan, compute, bw, head_groups)
             rows[plan_name] = {
                 "world_size": plan.world_size,
-                "measured_compute_s": measured["compute_s"],
+                "measured_compute_s": measured_size["compute_s"],
                 "exchange_stand_in_s": stand_in,
                 "compute_s": compute,
-                "flop_scaled_compute_s": flop_scaled_compute(shape, plan, one),
+                "flop_scaled_compute_s": None if one is None else flop_scaled_compute(shape, plan, one),
                 "predicted_comm_s": p.comm_s,
                 "predicted_step_s": p.step_s,
-                "predicted_speedup": one / p.step_s,
+                "predicted_speedup": None if one is None else one / p.step_s,
                 "weight_gb_per_expert": entry["weight_bytes_per_expert"] / 1e9,
             }
         rows = dict(sorted(rows.items(), key=lambda kv: (kv[1]["world_size"], kv[0])))
         table[size_name] = {"tokens": shape.tokens, "one_gpu_step_s": one, "plans": rows}
     return table
+
+
+def _or_dash(value: float | None, width: int, decimals: int) -> str:
+    return f"{'-':>{width}}" if value is None else f"{value:{width}.{decimals}f}"
 
 
 def print_table(result: dict) -> None:
@@ -310,8 +315,9 @@ def print_table(result: dict) -> None:
             print(
                 f"{size_name:6} {plan_name:28} {row['world_size']:4} {row['measured_compute_s']:9.4f} "
                 f"{row.get('exchange_stand_in_s', 0.0):8.4f} "
-                f"{row['flop_scaled_compute_s']:10.4f} {row['predicted_comm_s']:7.4f} {row['predicted_step_s']:7.4f} "
-                f"{row['predicted_speedup']:7.2f} {row['weight_gb_per_expert']:9.2f}"
+                f"{_or_dash(row['flop_scaled_compute_s'], 10, 4)} {row['predicted_comm_s']:7.4f} "
+                f"{row['predicted_step_s']:7.4f} {_or_dash(row['predicted_speedup'], 7, 2)} "
+                f"{row['weight_gb_per_expert']:9.2f}"
             )
 
 

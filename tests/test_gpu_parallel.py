@@ -94,12 +94,18 @@ def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool, head_gr
         for name in COLLECTIVES:
             setattr(dist, name, real[name])
         ulysses._start_all_to_all = started
+    codes = []
+    if compile_blocks:  # the first run compiles: keep the generated code of the blocks that exchange
+        from torch._inductor.utils import run_and_get_code
+
+        _, codes = run_and_get_code(eager.run, inputs())
+        codes = [code for code in codes if "all_to_all_single" in code]
     pairs = []
     for _ in range(3):
         x = inputs()
         pairs.append((graphed.run(x)["noise_pred"].cpu(), eager.run(x)["noise_pred"].cpu()))
     captured = [key for key, graph in graphed.graphs.items() if graph is not None]
-    return {"pairs": pairs, "captured": len(captured), "calls": calls}
+    return {"pairs": pairs, "captured": len(captured), "calls": calls, "codes": codes}
 
 
 @pytest.mark.parametrize("head_groups", [1, 2], ids=["whole-exchanges", "2-head-groups"])
@@ -117,6 +123,13 @@ def test_nccl_collectives_replay_in_a_cuda_graph(tiny4_checkpoint, compile_block
         assert torch.isfinite(eager).all()
         assert torch.equal(graphed, eager)
     assert not torch.equal(result["pairs"][0][0], result["pairs"][1][0])  # the replays saw new inputs
+    if compile_blocks:
+        # The blocks compiled for CUDA keep each group's exchange started ahead of the previous group's attention.
+        from test_ulysses_head_groups import assert_self_attention_one_group_ahead
+
+        assert result["codes"]
+        for code in result["codes"]:
+            assert_self_attention_one_group_ahead(code, head_groups)
 
 
 def _stop_agreement_beside_nccl(rank: int) -> list[int | None]:

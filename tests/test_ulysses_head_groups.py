@@ -96,17 +96,14 @@ def test_head_groups_attend_the_whole_sequence_and_start_each_exchange_one_group
             "wait 6",
             "wait 7",
         ]
-        _assert_one_group_ahead(["attend" if e == "attend" else e.split()[0] for e in rank["events4"]], 4)
+        assert_one_group_ahead(["attend" if e == "attend" else e.split()[0] for e in rank["events4"]], 4)
         torch.testing.assert_close(rank["compiled"], rank["expected"], rtol=1e-5, atol=1e-5)
-        _assert_one_group_ahead(_calls(rank["code"][0]), 4)
+        assert_one_group_ahead(calls_in(rank["code"][0]), 4)
 
 
-def _assert_one_group_ahead(order: list[str], groups: int) -> None:
+def assert_one_group_ahead(order: list[str], groups: int) -> None:
     """order: "start" (an exchange), "wait", "attend". Before group g is attended, the Q, K, V of groups up to g + 1
     and the outputs of groups before g have been sent, and only the inputs of groups up to g waited for."""
-    order = [
-        "start" if op in ("start", "all_to_all_single") else "wait" if op.startswith("wait") else op for op in order
-    ]
     attends = [i for i, op in enumerate(order) if op == "attend"]
     assert len(attends) == groups, order
     for g, at in enumerate(attends):
@@ -115,12 +112,32 @@ def _assert_one_group_ahead(order: list[str], groups: int) -> None:
     assert order.count("start") == 4 * groups and order.count("wait") == 4 * groups, order
 
 
-# A call in inductor's generated code of a collective or of the attention op (not a kernel or comment naming one).
-CALL = r"torch\.ops\.(?:_c10d_functional\.(all_to_all_single|wait_tensor)|aten\.(_scaled_dot_product\w*))\.default\("
+# inductor's generated code: a started all-to-all (its buffer), a wait (for a buffer), the attention op.
+A2A_CALL = re.compile(r"(\w+) = torch\.ops\._c10d_functional\.all_to_all_single\.default\(")
+WAIT_CALL = re.compile(r"torch\.ops\._c10d_functional\.wait_tensor\.default\((\w+)\)")
+ATTEND_CALL = re.compile(r"torch\.ops\.aten\._scaled_dot_product\w*\.default\(")
 
 
-def _calls(code: str) -> list[str]:
-    return ["attend" if attend else op for op, attend in re.findall(CALL, code)]
+def calls_in(code: str) -> list[str]:
+    """The order of all-to-all starts, their waits (not other collectives') and attention calls in generated code."""
+    order, exchanged = [], set()
+    for line in code.splitlines():
+        if started := A2A_CALL.search(line):
+            exchanged.add(started[1])
+            order.append("start")
+        elif (waited := WAIT_CALL.search(line)) and waited[1] in exchanged:
+            order.append("wait")
+        elif ATTEND_CALL.search(line):
+            order.append("attend")
+    return order
+
+
+def assert_self_attention_one_group_ahead(code: str, groups: int) -> None:
+    """In one compiled block: its self-attention's exchanges in `groups` groups, one ahead (the cross-attention,
+    without exchanges, comes after the last of them)."""
+    calls = calls_in(code)
+    last_exchange = max(i for i, op in enumerate(calls) if op != "attend")
+    assert_one_group_ahead(calls[: last_exchange + 1], groups)
 
 
 def _tiny_expert_runs(rank: int, checkpoint: Path) -> dict:
@@ -173,9 +190,7 @@ def test_tiny_expert_gives_the_same_output_with_head_groups_and_compiles_them_in
         blocks = [code for code in rank["code"] if "all_to_all_single" in code]
         assert blocks, "no compiled code calls the all-to-all"
         for code in blocks:
-            calls = _calls(code)
-            last_exchange = max(i for i, op in enumerate(calls) if op != "attend")  # the cross-attention is after it
-            _assert_one_group_ahead(calls[: last_exchange + 1], 2)
+            assert_self_attention_one_group_ahead(code, 2)
 
 
 def test_head_groups_that_do_not_split_a_ranks_heads_are_refused():
