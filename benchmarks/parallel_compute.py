@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -170,6 +171,13 @@ def _is_layout_copy(name: str) -> bool:
     return any(key in low for key in ("clone", "direct_copy", "catarray"))
 
 
+def is_device_copy(name: str) -> bool:
+    """A device-to-device memcpy as the profiler names it: "Memcpy DtoD (Device -> Device)", or the driver's copy
+    kernel "memcpy128" (and its kin), which the same copies of a replayed CUDA graph appeared as at commit 504ab62
+    (160 launches a cfg2 x ulysses4 step: the 4 all-to-all stand-ins of 40 layers)."""
+    return name.startswith("Memcpy DtoD") or re.fullmatch(r"memcpy\d+", name) is not None
+
+
 def profile_step(step, device: torch.device, steps: int, step_s: float) -> dict:
     """Where one step's time goes on the GPU: kernel ms by category (`block_profile.kernel_category`), the kernels
     that only move data, the top kernels, and the step's time not covered by any kernel (launch gaps, host syncs)."""
@@ -191,7 +199,7 @@ def profile_step(step, device: torch.device, steps: int, step_s: float) -> dict:
         "kernel_ms_total": kernel_ms,
         "layout_copy_ms": sum(ms for name, (ms, _) in kernels.items() if _is_layout_copy(name)),
         # The all-to-all stand-ins' copies (and any other device-to-device memcpy): on real GPUs, NCCL's time.
-        "memcpy_dtod_ms": sum(ms for name, (ms, _) in kernels.items() if name.startswith("Memcpy DtoD")),
+        "memcpy_dtod_ms": sum(ms for name, (ms, _) in kernels.items() if is_device_copy(name)),
         "step_ms_not_in_kernels": step_s * 1e3 - kernel_ms,
         "top_kernels": [
             {"name": name[:160], "ms": ms, "launches_per_step": n // steps, "category": kernel_category(name)}

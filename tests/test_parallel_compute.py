@@ -95,3 +95,12 @@ def test_the_all_to_all_stand_ins_copies_leave_the_compute_the_model_uses():
     assert rows["cfg1xulysses1xtp1"]["compute_s"] == 1.0 and rows["cfg2xulysses1xtp1"]["compute_s"] == 0.5
     ulysses = rows["cfg1xulysses2xtp1"]
     assert ulysses["predicted_step_s"] == pytest.approx(0.56 + ulysses["predicted_comm_s"])
+
+
+def test_device_copies_are_told_by_both_names_the_profiler_gives_them():
+    sys.path.insert(0, str(SCRIPT.parent))
+    from parallel_compute import is_device_copy
+
+    assert is_device_copy("Memcpy DtoD (Device -> Device)") and is_device_copy("memcpy128")
+    assert not is_device_copy("Memcpy HtoD (Pageable -> Device)")
+    assert not is_device_copy("triton_poi_fused_clone_exchange_stand_in_permute_select_split_view_2")
