@@ -63,13 +63,13 @@ def _grouped_attention(rank: int) -> dict:
     for n in (1, 2, 4):
         events.clear()
         ids.clear()
-        chunks = (ulysses.head_chunks(x, 2, n) for x in (q, k, v))
+        chunks = (ulysses.head_chunks(x, 2, n).unbind(0) for x in (q, k, v))
         out[n] = ulysses.attend_head_groups(*chunks, logged_attend, group)
         out[f"events{n}"] = list(events)
     ulysses._start_all_to_all, ulysses._wait = start, wait
 
     def grouped(q, k, v):
-        return ulysses.attend_head_groups(*(ulysses.head_chunks(x, 2, 4) for x in (q, k, v)), _attend, group)
+        return ulysses.attend_head_groups(*(ulysses.head_chunks(x, 2, 4).unbind(0) for x in (q, k, v)), _attend, group)
 
     compiled = torch.compile(grouped, fullgraph=True, options=OVERLAP_COMPILE_OPTIONS)
     out["compiled"], out["code"] = run_and_get_code(compiled, q, k, v)

@@ -59,7 +59,7 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
         query, key, value = self._project(attn, hidden_states, None, attention_mask)
         q = _normalised_rotated_chunks(query, attn.norm_q, attn.heads, p, rotary_emb, n)
         k = _normalised_rotated_chunks(key, attn.norm_k, attn.heads, p, rotary_emb, n)
-        v = head_chunks(value.unflatten(2, (attn.heads, -1)), p, n)
+        v = head_chunks(value.unflatten(2, (attn.heads, -1)), p, n).unbind(0)
         out = attend_head_groups(q, k, v, self.attend, g).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
@@ -68,7 +68,7 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
             return self.attend(q, k, v)
         g, n = self.ulysses_group, self.head_groups
         p = dist.get_world_size(g)
-        return attend_head_groups(*(head_chunks(x, p, n) for x in (q, k, v)), self.attend, g)
+        return attend_head_groups(*(head_chunks(x, p, n).unbind(0) for x in (q, k, v)), self.attend, g)
 
 
 def _is_plain_rms_norm(norm: nn.Module) -> bool:
@@ -77,8 +77,9 @@ def _is_plain_rms_norm(norm: nn.Module) -> bool:
 
 def _normalised_rotated_chunks(
     x: torch.Tensor, norm: nn.RMSNorm, heads: int, p: int, rotary: tuple[torch.Tensor, torch.Tensor], groups: int = 1
-) -> torch.Tensor:
-    """x: [B, S/p, H x D] -> norm(x) with the rotary embedding, as [G, p(head chunk), B, S/p, H/(p G), D].
+) -> list[torch.Tensor]:
+    """x: [B, S/p, H x D] -> norm(x) with the rotary embedding, as G groups [p(head chunk), B, S/p, H/(p G), D]
+    (each rotated on its own, so that each is an output of the compiled norm kernel).
 
     The RMS norm is written out with torch's own arithmetic for it (aten._fused_rms_norm's decomposition: fp32
     statistics, weight applied in fp32, one cast), so that the rotation and the chunk order follow it in the same
@@ -86,8 +87,8 @@ def _normalised_rotated_chunks(
     xf = x.float()
     normed = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_norm_eps(norm)) * norm.weight).type_as(x)
     chunks = head_chunks(normed.unflatten(2, (heads, -1)), p, groups)
-    cos, sin = (t[None, None] for t in rotary)  # [1, S/p, 1, D] -> [1, 1, 1, S/p, 1, D], against the chunks' axes
-    return attention._rotate(chunks, cos, sin)
+    cos, sin = (t.unsqueeze(0) for t in rotary)  # [1, S/p, 1, D] -> [1, 1, S/p, 1, D], against a group's axes
+    return [attention._rotate(chunk, cos, sin) for chunk in chunks.unbind(0)]
 
 
 def shard_tensor_parallel(module: nn.Module, index: int, parts: int, group) -> None:
