@@ -5,7 +5,9 @@ three collectives the plans use (all-reduce, all-to-all, all-gather) and their p
 1-GPU baseline (rank 0 alone, the project's single-process path: `attention.install` + `denoise_step`) and each
 plan of the world size that fits the expert, builds one expert with random weights (A14B shapes in bf16; `--tiny`:
 a 4-head tiny config in fp32), cuts it for the plan (`wan_triton.parallel`) and times guided denoising steps
-(`denoise_step`: forward(s), CFG exchange, guidance combine, UniPC update), the slowest rank per step.
+(`denoise_step`: forward(s), CFG exchange, guidance combine, UniPC update), the slowest rank per step. With
+`--ulysses-head-groups G`, each Ulysses plan is also timed with its exchanges in G head groups, overlapped with
+attention (`+groups<G>` in the results).
 
 The analytic model (`wan_triton.parallel.perf_model`, assumptions in its docstring) is calibrated with the 1-GPU
 step time and the bandwidths of this run; its world-size-2 predictions are printed next to the measurements (the
