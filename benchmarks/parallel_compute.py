@@ -45,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from parallel_step import (  # noqa: E402
     SIZES,
     TINY_TRANSFORMER,
+    add_head_groups_argument,
     build_rank_expert,
     grouped_variants,
     guided_step,
@@ -349,14 +350,7 @@ def main() -> None:
     parser.add_argument(
         "--no-ffn-epilogue", action="store_true", help="diffusers' separate FFN GELU (no wan_triton.ffn)"
     )
-    parser.add_argument(
-        "--ulysses-head-groups",
-        nargs="+",
-        type=int,
-        default=[],
-        metavar="G",
-        help="also measure each Ulysses plan with its exchanges in G head groups (the deployment's setting)",
-    )
+    add_head_groups_argument(parser)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
         "--profile",

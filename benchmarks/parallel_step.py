@@ -126,6 +126,17 @@ def grouped_variants(plans: list[ParallelPlan], head_groups: list[int], num_head
     ]
 
 
+def add_head_groups_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ulysses-head-groups",
+        nargs="+",
+        type=int,
+        default=[],
+        metavar="G",
+        help="also run each Ulysses plan with its exchanges in G head groups (the deployment's ulysses_head_groups)",
+    )
+
+
 def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backend, ulysses_head_groups: int = 1):
     """One expert with random weights, as rank `groups.rank` of `plan` serves it: the single-GPU path
     (`attention.install`, exactly components.build_denoiser's) or cut for the plan (`parallelize`, rank.py's)."""
@@ -286,14 +297,7 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.attention)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
     parser.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs around each forward, as served")
-    parser.add_argument(
-        "--ulysses-head-groups",
-        nargs="+",
-        type=int,
-        default=[],
-        metavar="G",
-        help="also time each Ulysses plan with its exchanges in G head groups (the deployment's ulysses_head_groups)",
-    )
+    add_head_groups_argument(parser)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--bandwidth-mib", type=int, default=None, help="message size of the bandwidth test")
     parser.add_argument("--out", type=Path, required=True)
