@@ -68,11 +68,6 @@ def exchange_head_chunks(chunks: torch.Tensor, group: dist.ProcessGroup) -> torc
     return _sequence_major(_all_to_all(chunks, group))
 
 
-def seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """x: [B, S/p, H, D] (this rank's tokens, all heads) -> [B, S, H/p, D] (all tokens, this rank's heads)."""
-    return exchange_head_chunks(head_chunks(x, dist.get_world_size(group))[0], group)
-
-
 def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     """x: [B, S, H/p, D] (all tokens, this rank's heads) -> [B, S/p, H, D] (this rank's tokens, all heads)."""
     p = dist.get_world_size(group)
@@ -94,7 +89,7 @@ def attend_head_groups(
     """q, k, v: G groups each, [p(head chunk), B, S/p, H/(p G), D] (the groups of `head_chunks`) -> attention
     output [B, S/p, H, D] (this rank's tokens, all heads). `attend` takes and returns [B, S, heads, D].
 
-    With G = 1 the exchanges are the blocking ones of `seq_to_heads` / `heads_to_seq`. With G > 1 they are started
+    With G = 1 the exchanges are blocking (`exchange_head_chunks`, `heads_to_seq`). With G > 1 they are started
     one group ahead (module docstring); attention is per head, so the result is the same. The groups are separate
     tensors, not views of one: compiled, the producer of Q and K (their norm and rotation) then writes each group's
     exchange input itself. From one tensor made contiguous, inductor copied each later group out in a kernel of
