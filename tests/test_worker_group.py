@@ -94,6 +94,24 @@ def test_group_matches_one_process_and_survives_a_killed_worker(group, ckpt, emb
     assert torch.equal(again, first)
 
 
+def test_group_sends_only_the_estimates_of_every_kth_step(group, ckpt, embeds):
+    """A preview every 2 steps: rank 0 computes and sends the estimates after steps 2 and 4 only, the same as one
+    process gives for them."""
+    from wan_triton.components import build_denoiser
+
+    one_process = build_denoiser(ckpt, ComponentConfig(engine="torch"), Path("/nonexistent"))
+    expected, got = [], []
+    one_process(_request(5), embeds, on_estimate=lambda i, x: expected.append((i, x[:, :, :1].clone())))
+    group(_request(5), embeds, on_estimate=lambda i, x: got.append((i, x)), estimate_every=2)
+    assert [i for i, _ in got] == [1, 3]
+    for i, mine in got:
+        theirs = expected[i][1]
+        assert float((mine - theirs).norm() / theirs.norm()) < 1e-5
+    seen = []
+    one_process(_request(5), embeds, on_estimate=lambda i, x: seen.append(i), estimate_every=2)
+    assert seen == [1, 3]
+
+
 def test_group_sends_the_first_frame_of_each_clean_estimate_when_asked(group, ckpt, embeds):
     from wan_triton.components import build_denoiser
 

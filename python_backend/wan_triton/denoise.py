@@ -75,6 +75,7 @@ class Denoiser:
         prompt_embeds: torch.Tensor,
         on_step: StepCallback | None = None,
         on_estimate: EstimateCallback | None = None,
+        estimate_every: int = 1,
     ) -> torch.Tensor:
         """Run every step and return the final latents.
 
@@ -83,10 +84,11 @@ class Denoiser:
             prompt_embeds: [2, text_len, text_dim] (prompt, negative prompt) with guidance, else [1, ...].
             on_step: progress / cancellation hook.
             on_estimate: receives each step's clean-latent estimate (flow matching: x0 = latents - sigma x noise_pred).
+            estimate_every: k: only after steps k, 2k, ... (what a preview every k steps shows).
         Returns:
             latents, float32 [1, C, latent_frames, height / 8, width / 8], on `self.device`.
         """
-        (result,) = self.run_batch([BatchItem(request, prompt_embeds, on_step, on_estimate)])
+        (result,) = self.run_batch([BatchItem(request, prompt_embeds, on_step, on_estimate, estimate_every)])
         if isinstance(result, BaseException):
             raise result
         return result
@@ -149,7 +151,7 @@ class Denoiser:
             for n, noise_pred in zip(active, preds, strict=True):
                 state, item = states[n], items[n]
                 try:
-                    if item.on_estimate is not None:
+                    if item.on_estimate is not None and (i + 1) % item.estimate_every == 0:
                         item.on_estimate(i, clean_estimate(state.scheduler, i, state.latents, noise_pred))
                     state.latents = state.scheduler.step(noise_pred, t, state.latents, return_dict=False)[0]
                     if item.on_step is not None:
@@ -172,6 +174,7 @@ class BatchItem:
     prompt_embeds: torch.Tensor  # [2, text_len, text_dim] with guidance, else [1, ...]
     on_step: StepCallback | None = None
     on_estimate: EstimateCallback | None = None  # the clean estimate of each step, before its solver update
+    estimate_every: int = 1  # on_estimate only after steps k, 2k, ...: the others are not computed (nor sent)
 
 
 @dataclass

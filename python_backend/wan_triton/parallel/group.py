@@ -306,13 +306,20 @@ class WorkerGroup(_Supervisor):
         return f"denoiser worker group {cfg.parallel}"
 
     def __call__(
-        self, request: GenerationRequest, prompt_embeds: torch.Tensor, on_step=None, on_estimate=None
+        self,
+        request: GenerationRequest,
+        prompt_embeds: torch.Tensor,
+        on_step=None,
+        on_estimate=None,
+        estimate_every: int = 1,
     ) -> torch.Tensor:
-        """`on_estimate` gets the first latent frame of each step's clean estimate, float32 [1, C, 1, h, w] (what
-        a preview shows), not the whole estimate: rank 0 sends it through its pipe only when a hook wants it."""
+        """`on_estimate` gets the first latent frame of the clean estimate after steps k, 2k, ... (k:
+        `estimate_every`), float32 [1, C, 1, h, w] (what a preview shows), not the whole estimate: rank 0 sends it
+        through its pipe only for those steps, and only when a hook wants it."""
         self.check_request(request)
         fields, embeds = dataclasses.asdict(request), prompt_embeds.float().cpu().numpy()
-        latents = self._send(("denoise", fields, embeds, on_estimate is not None), on_step, on_estimate)
+        every = estimate_every if on_estimate is not None else 0  # 0: no estimates
+        latents = self._send(("denoise", fields, embeds, every), on_step, on_estimate)
         return torch.from_numpy(latents)
 
     def run_batch(self, items: list[BatchItem]) -> list[torch.Tensor | BaseException]:
@@ -320,7 +327,8 @@ class WorkerGroup(_Supervisor):
         results: list[torch.Tensor | BaseException] = []
         for item in items:
             try:
-                results.append(self(item.request, item.prompt_embeds, item.on_step, item.on_estimate))
+                args = (item.request, item.prompt_embeds, item.on_step, item.on_estimate, item.estimate_every)
+                results.append(self(*args))
             except Exception as exc:  # noqa: BLE001 - that request's error; the others go on
                 results.append(exc)
         return results

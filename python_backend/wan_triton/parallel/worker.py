@@ -121,10 +121,10 @@ def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
                 case "stop":
                     break
                 case "denoise":
-                    _, fields, embeds, estimates = message
-                    request, hook = GenerationRequest(**fields), on_estimate if estimates and rank == 0 else None
+                    _, fields, embeds, estimate_every = message  # estimate_every 0: no estimates wanted
+                    request, hook = GenerationRequest(**fields), on_estimate if estimate_every and rank == 0 else None
                     try:
-                        latents = denoiser(request, torch.from_numpy(embeds), on_step, hook)
+                        latents = denoiser(request, torch.from_numpy(embeds), on_step, hook, max(estimate_every, 1))
                     except StopRequested as stop:  # every rank stops after the same step: the group stays usable
                         conn.send(("stopped", stop.steps_done))
                     else:

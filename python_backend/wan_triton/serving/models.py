@@ -189,7 +189,8 @@ class Scheduler(_Model):
         guard = StepGuard(req.timeout_s, req.deadline_unix_s, [] if token is None else [self._cancel_flag(token)])
         guard.check("before denoising (while queued)")
         on_step, on_estimate = self._hooks(guard, token, every)
-        return BatchItem(req, embeds[0], on_step, on_estimate)
+        # Estimates of the other steps are neither computed nor, from a worker group, sent.
+        return BatchItem(req, embeds[0], on_step, on_estimate, estimate_every=max(every, 1))
 
     def _cancel_flag(self, token: str):
         return lambda: self.board.is_cancelled(token)
@@ -206,7 +207,7 @@ class Scheduler(_Model):
             return on_step, None
 
         def on_estimate(index: int, clean_latents: torch.Tensor) -> None:
-            if (index + 1) % preview_every == 0:
+            if (index + 1) % preview_every == 0:  # the loop calls it only then (BatchItem.estimate_every)
                 # The first latent frame only: the stream model decodes it to one small frame.
                 self.board.set_preview(token, index + 1, clean_latents[:, :, :1].float().cpu().numpy())
 
