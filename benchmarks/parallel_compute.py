@@ -105,8 +105,9 @@ def _all_to_all_single_stand_in(output, input_, *args, **kwargs):
 def _start_all_to_all_stand_in(chunks: torch.Tensor, group) -> torch.Tensor:
     """`ulysses._start_all_to_all` (head groups) as the same local copy, done at once: one GPU cannot show the
     overlap, only the compute that grouping costs."""
-    output = torch.empty_like(chunks.contiguous())
-    _exchange_stand_in(output, chunks.contiguous())
+    chunks = chunks.contiguous()
+    output = torch.empty_like(chunks)
+    _exchange_stand_in(output, chunks)
     return output
 
 

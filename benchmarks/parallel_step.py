@@ -266,13 +266,12 @@ def model_table(result: dict, config: dict, world_sizes=(2, 4, 8)) -> dict:
             bytes_per_element=4 if config is TINY_TRANSFORMER else 2,
         )
         one = measured[str(ParallelPlan())]
+        head_groups_measured = sorted({parse_variant(name)[1] for name in measured} - {1})
         rows = {}
         for n in world_sizes:
             plans = [p for p in plans_of(n, shape.num_heads, shape.ffn_dim) if tokens % p.ulysses == 0]
-            grouped = {parse_variant(name) for name in measured if "+groups" in name}
-            for plan, head_groups in [(plan, 1) for plan in plans] + grouped_variants(
-                plans, sorted({g for _, g in grouped}), shape.num_heads
-            ):
+            grouped = grouped_variants(plans, head_groups_measured, shape.num_heads)
+            for plan, head_groups in [(plan, 1) for plan in plans] + grouped:
                 p = predict(shape, plan, one, bw, head_groups)
                 name = variant_name(plan, head_groups)
                 rows[name] = {

@@ -13,10 +13,12 @@ travels back while group g+1 is. Only the first group's inputs and the last grou
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
+
+from ..attention import AttentionFn
 
 
 def _all_to_all(chunks: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -76,14 +78,11 @@ def heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out.permute(1, 2, 0, 3, 4).reshape(b, s // p, p * h_local, d)
 
 
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 def attend_head_groups(
     q: Sequence[torch.Tensor],
     k: Sequence[torch.Tensor],
     v: Sequence[torch.Tensor],
-    attend: AttendFn,
+    attend: AttentionFn,
     group: dist.ProcessGroup,
 ) -> torch.Tensor:
     """q, k, v: G groups each, [p(head chunk), B, S/p, H/(p G), D] (the groups of `head_chunks`) -> attention
