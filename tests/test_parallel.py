@@ -262,13 +262,24 @@ def test_loader_refuses_a_repository_built_for_another_plan(tiny4_checkpoint, sh
     assert find_shards(tmp_path / "empty", ckpt, ParallelPlan(ulysses=2), "float32") is None
 
 
-def test_build_refuses_a_plan_that_does_not_fit(tiny4_checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("update", "reason"),
+    [
+        ({"parallel": ParallelPlan(ulysses=3)}, "num_attention_heads 4 is not divisible by ulysses x tp = 3"),
+        (
+            {"parallel": ParallelPlan(ulysses=2), "ulysses_head_groups": 3},
+            "ulysses_head_groups 3 does not divide the 2 heads of a rank",
+        ),
+    ],
+    ids=["heads", "head-groups"],
+)
+def test_build_refuses_a_plan_that_does_not_fit(tiny4_checkpoint, tmp_path, capsys, update, reason):
     from wan_build.__main__ import main as build_main
     from wan_triton.deployment import Deployment
 
     root = Path(__file__).resolve().parent.parent
     deployment = Deployment.load(root / "model_repository/deployments/cpu_parallel.yaml")
-    cfg = deployment.components.denoiser.model_copy(update={"parallel": ParallelPlan(ulysses=3)})
+    cfg = deployment.components.denoiser.model_copy(update=update)
     bad = deployment.model_copy(update={"components": deployment.components.model_copy(update={"denoiser": cfg})})
     path = tmp_path / "bad.json"
     path.write_text(bad.to_json())
@@ -276,7 +287,7 @@ def test_build_refuses_a_plan_that_does_not_fit(tiny4_checkpoint, tmp_path, caps
     assert build_main([*args, "--artifacts-root", str(tmp_path / "artifacts")]) == 1
     assert not (tmp_path / "repo").exists()
     err = capsys.readouterr().err
-    assert "plan cfg1xulysses3xtp1 does not fit the checkpoint: num_attention_heads 4 is not divisible" in err
+    assert f"plan {cfg.parallel} does not fit the checkpoint: {reason}" in err
 
 
 def _ulysses_qk_layouts(rank: int, checkpoint: Path) -> dict:

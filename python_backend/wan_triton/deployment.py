@@ -53,9 +53,10 @@ class ComponentConfig(_Strict):
     # Denoiser only, plans with ulysses > 1: each rank exchanges and attends its heads in this many groups, starting
     # a group's all-to-all while the previous group is attended, so that only 1/G of the exchange is waited for
     # (wan_triton.parallel.ulysses). Must divide num_attention_heads / (ulysses x tp). The result is the same for
-    # every G. On one H100 at 720p, 2 groups gave ulysses2 a 1.1% shorter predicted step, and cfg2 x ulysses4 a
-    # 1.3% longer one (5-head attention calls run 3.7% slower); the overlap is not yet measured on several GPUs
-    # (benchmarks/RESULTS.md), so the shipped deployments leave it at 1.
+    # every G. On one H100 at 720p (commit c1267d8, benchmarks/parallel_compute.py against G = 1 in the same run),
+    # 2 groups gave ulysses2 a 1.1% shorter predicted step, and cfg2 x ulysses4 a 1.3% longer one (5-head attention
+    # calls run 3.7% slower); the overlap is not yet measured on several GPUs (benchmarks/RESULTS.md), so the
+    # shipped deployments leave it at 1.
     ulysses_head_groups: int = Field(default=1, ge=1)
     # VAE decoder only (torch engine): decode split by frame width over this many processes (one GPU each from the
     # model's device on, on cuda; gloo on cpu), exact up to summation order (wan_triton.parallel.vae_split). On one
