@@ -4,9 +4,10 @@ At 720p a guided step is 20.0 s on an H100, 1.20x its FLOP floor; a parallel pla
 end-to-end target depends on it. Two measurements, in one run:
 
 1. `attention`: FlashAttention-4's forward at each SM90 tile configuration the kernel's own search
-   (`flash_attn/cute/sm90_config_search.py`) finds feasible for head size 128, against its default (128x128) and
-   cuDNN SDPA, on the shapes the server runs: batch 2 x 40 heads (one GPU, guidance as batch) and batch 1 x 10
-   heads (a rank of cfg2 x ulysses4). Each output is compared with the default's, so a broken configuration shows.
+   (`flash_attn/cute/sm90_config_search.py`) finds feasible for head size 128, against its default (128x128), the
+   served `flash4` and `flash3` ops and cuDNN SDPA, on the shapes the server runs: batch 2 x 40 heads (one GPU,
+   guidance as batch) and batch 1 x 10 heads (a rank of cfg2 x ulysses4). Each output is compared with the
+   default's, so a broken configuration shows, and with fp32 attention on the first query rows (accuracy).
 2. `block`: one transformer block of the A14B shape as the server builds it (`attention.install` with the chosen
    kernel and fused projections, regional `torch.compile`), timed with CUDA events and profiled: CUDA kernel time
    by category (attention, GEMM, compiler-fused elementwise, other), the GEMMs' rate against their FLOP, and the
@@ -66,9 +67,31 @@ def tokens_of(size: str) -> int:
     return LATENT_FRAMES * (height // 16) * (width // 16)
 
 
+REFERENCE_ROWS = 1024  # query rows of each (batch, head) compared against fp32 attention
+
+
+def fp32_attention_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int) -> torch.Tensor:
+    """Attention of the first `rows` queries of every (batch, head) against all keys, in fp32 with TF32 off: the
+    accuracy reference each kernel's bf16 output is measured against. q, k, v: [B, S, H, D] -> [B, rows, H, D]."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out = []
+        for b in range(q.shape[0]):  # one sample at a time: the fp32 scores of 40 heads at 720p take 12 GB
+            qb, kb, vb = (t[b].transpose(0, 1).float() for t in (q[:, :rows], k, v))  # [H, S, D]
+            scores = qb @ kb.transpose(1, 2) * q.shape[-1] ** -0.5
+            out.append((scores.softmax(-1) @ vb).transpose(0, 1))
+            del scores
+        return torch.stack(out)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repeat: int, rounds: int) -> dict:
     """Each configuration timed `repeat` times per round, the configurations interleaved over `rounds` rounds (so a
-    drift of the GPU's clock over the sweep spreads over all of them); the median over all timings is reported."""
+    drift of the GPU's clock over the sweep spreads over all of them); the median over all timings is reported.
+    Besides FlashAttention-4's tiles: the served `flash4` op (its tile rule), the served `flash3` op
+    (FlashAttention-3, where installed) and cuDNN SDPA; each output's error against fp32 attention is reported."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
     seq = tokens_of(size)
@@ -78,6 +101,7 @@ def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repea
     )
     flop = 4 * batch * heads * seq * seq * HEAD_DIM
     reference = _flash_attn_fwd(q, k, v)[0].float()
+    exact_rows = fp32_attention_rows(q, k, v, REFERENCE_ROWS)
     candidates: dict[str, tuple] = {}
     for tile_m, tile_n, rs, overlap, threads in tiles:
         name = f"fa4 {tile_m}x{tile_n} rs={int(rs)} ol={int(overlap)}"
@@ -87,6 +111,11 @@ def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repea
             )[0],
             {"tile_mn": [tile_m, tile_n], "mma_pv_is_rs": rs, "intra_wg_overlap": overlap, "num_threads": threads},
         )
+    served = [attention.AttentionBackend.FLASH4]
+    if attention.flash3_available():
+        served.append(attention.AttentionBackend.FLASH3)
+    for backend in served:
+        candidates[f"served {backend.value}"] = (lambda fn=attention.attention_fn(backend): fn(q, k, v), {})
     candidates["cudnn sdpa"] = (lambda: attention.attention_fn(attention.AttentionBackend.CUDNN)(q, k, v), {})
     rows: dict[str, dict] = {}
     times: dict[str, list[float]] = defaultdict(list)
@@ -98,7 +127,8 @@ def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repea
             logger.warning("%s %s b%d h%d: %s", size, name, batch, heads, rows[name]["error"])
             continue
         rel = ((out - reference).norm() / reference.norm()).item()
-        rows[name] = {"config": name, "rel_l2_vs_default": rel, **extra}
+        rel_exact = ((out[:, :REFERENCE_ROWS] - exact_rows).norm() / exact_rows.norm()).item()
+        rows[name] = {"config": name, "rel_l2_vs_default": rel, "rel_l2_vs_fp32": rel_exact, **extra}
     runnable = [name for name in candidates if "error" not in rows[name]]
     for _ in range(rounds):
         for name in runnable:
@@ -107,7 +137,7 @@ def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repea
         median = statistics.median(times[name])
         rows[name].update(ms=median * 1e3, tflops=flop / median / 1e12, timings=len(times[name]))
         logger.info(
-            "%s b%d h%d %-24s %8.2f ms %6.1f TFLOP/s rel %.1e",
+            "%s b%d h%d %-24s %8.2f ms %6.1f TFLOP/s rel %.1e, vs fp32 %.2e",
             size,
             batch,
             heads,
@@ -115,6 +145,7 @@ def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repea
             median * 1e3,
             rows[name]["tflops"],
             rows[name]["rel_l2_vs_default"],
+            rows[name]["rel_l2_vs_fp32"],
         )
     return {"size": size, "batch": batch, "heads": heads, "tokens": seq, "flop": flop, "rows": list(rows.values())}
 

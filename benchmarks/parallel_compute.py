@@ -56,6 +56,7 @@ from parallel_step import (  # noqa: E402
 )
 
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
+from wan_triton import attention  # noqa: E402
 from wan_triton.parallel.perf_model import (  # noqa: E402
     Bandwidth,
     ModelShape,
@@ -432,6 +433,7 @@ def main() -> None:
         torch=torch.__version__,
         python=platform.python_version(),
         date=time.strftime("%Y-%m-%d"),
+        attention=attention.resolve(args.attention, device, config["attention_head_dim"]).value,
         compile=args.compile,
         cuda_graphs=args.cuda_graphs,
         ffn_epilogue=not args.no_ffn_epilogue,

@@ -50,6 +50,34 @@ def test_auto_keeps_the_reference_processor_on_cpu(expert):
 
 
 @pytest.mark.parametrize(
+    ("installed", "head_dim", "chosen"),
+    [
+        ({"flash3", "flash4"}, 128, AttentionBackend.FLASH4),
+        ({"flash4"}, 128, AttentionBackend.FLASH4),
+        ({"flash3"}, 128, AttentionBackend.FLASH3),
+        (set(), 128, AttentionBackend.CUDNN),
+        ({"flash3", "flash4"}, 80, AttentionBackend.CUDNN),  # a head size neither kernel is built for
+    ],
+)
+def test_auto_takes_the_first_installed_kernel_of_its_order_on_cuda(monkeypatch, installed, head_dim, chosen):
+    monkeypatch.setattr(attention, "flash3_available", lambda: "flash3" in installed)
+    monkeypatch.setattr(attention, "flash4_available", lambda: "flash4" in installed)
+    assert attention.resolve("auto", torch.device("cuda"), head_dim) == chosen
+
+
+@pytest.mark.parametrize("backend", ["flash3", "flash4"])
+def test_a_named_kernel_refuses_a_head_size_it_is_not_built_for(backend):
+    with pytest.raises(ValueError, match=f"{backend} attention supports head sizes .* not 80"):
+        attention.resolve(backend, torch.device("cuda"), 80)
+
+
+def test_flash3_is_not_available_without_a_hopper_gpu():
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9:
+        pytest.skip("a Hopper GPU is present")
+    assert not attention.flash3_available()
+
+
+@pytest.mark.parametrize(
     ("shape", "capability", "wide"),
     [
         ((2, 75_600, 40, 75_600, 128), (9, 0), True),  # 720p on one GPU, guidance as batch

@@ -30,9 +30,15 @@ def _latents(ckpt: Checkpoint, cfg: ComponentConfig, embeds: torch.Tensor) -> to
     return build_denoiser(ckpt, cfg, Path("/nonexistent"))(REQUEST, embeds).float().cpu()
 
 
-@pytest.mark.parametrize("attention", ["cudnn", "auto"])
+def _installed(backend: str) -> bool:
+    return {"flash4": attention.flash4_available, "flash3": attention.flash3_available}.get(backend, lambda: True)()
+
+
+@pytest.mark.parametrize("attention_backend", ["cudnn", "flash4", "flash3", "auto"])
 @pytest.mark.parametrize("compile_blocks", [False, True])
-def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention, compile_blocks):
+def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention_backend, compile_blocks):
+    if not _installed(attention_backend):
+        pytest.skip(f"{attention_backend} is not installed on this GPU host")
     ckpt = Checkpoint.open(other_checkpoint)
     embeds = torch.randn(2, 512, ckpt.text_dim, generator=torch.Generator().manual_seed(0))
     reference = _latents(ckpt, ComponentConfig(engine=EngineKind.TORCH, device="cuda", attention="reference"), embeds)
@@ -42,7 +48,7 @@ def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention, co
             engine=EngineKind.TORCH,
             device="cuda",
             precision="bfloat16",
-            attention=attention,
+            attention=attention_backend,
             compile_blocks=compile_blocks,
         ),
         embeds,
@@ -101,6 +107,53 @@ def test_flash4_wide_query_tile_is_bit_identical_to_the_default():
     assert torch.equal(served, wide)
     reference = attention.attention_fn(attention.AttentionBackend.CUDNN)(q, k, v).float()
     assert float((served.float() - reference).norm() / reference.norm()) < 1e-2
+
+
+def _fp32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+        return (scores.softmax(-1) @ v).transpose(1, 2)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.skipif(not attention.flash3_available(), reason="needs FlashAttention-3 (fa3-fwd) on a Hopper GPU")
+def test_flash3_is_attention_as_accurate_as_the_other_kernels_and_replays_in_a_graph():
+    """The served flash3 op against fp32 attention, beside cuDNN (and FlashAttention-4 where installed): V strided as
+    the fused QKV projection leaves it, self- and cross-attention lengths. Captured in a CUDA graph it replays the
+    eager output bit for bit (the parallel ranks capture their forwards)."""
+    flash3 = attention.attention_fn(attention.AttentionBackend.FLASH3)
+    others = [attention.AttentionBackend.CUDNN]
+    if attention.flash4_available():
+        others.append(attention.AttentionBackend.FLASH4)
+    gen = torch.Generator("cuda").manual_seed(0)
+    for seq_k in (6000, 512):
+        q = torch.randn(2, 6000, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        kv = torch.randn(2, seq_k, 2 * 8 * 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k, v = (t.unflatten(-1, (8, 128)) for t in kv.chunk(2, dim=-1))  # strided in the sequence, as served
+        assert not v.is_contiguous()
+        exact = _fp32_attention(q, k, v)
+
+        def rel(out: torch.Tensor, exact: torch.Tensor = exact) -> float:
+            return float((out.float() - exact).norm() / exact.norm())
+
+        served = flash3(q, k, v)
+        errors = {backend.value: rel(attention.attention_fn(backend)(q, k, v)) for backend in others}
+        assert rel(served) < 1e-2, (rel(served), errors)
+        assert rel(served) <= 1.5 * min(errors.values()), (rel(served), errors)
+
+        static = [t.clone() for t in (q, k, v)]
+        out = flash3(*static)  # warm-up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = flash3(*static)
+        for t, new in zip(static, (q.flip(1), k, v), strict=True):
+            t.copy_(new)
+        graph.replay()
+        assert torch.equal(out, flash3(q.flip(1), k, v))
 
 
 def test_ffn_epilogue_applies_the_tanh_gelu_and_rounds_once():

@@ -26,6 +26,7 @@ class AttentionBackend(StrEnum):
     REFERENCE = "reference"  # diffusers' processor and its default dispatch, unchanged
     CUDNN = "cudnn"  # PyTorch SDPA with the cuDNN backend forced
     FLASH4 = "flash4"  # flash-attn-4 (CuTe DSL), Hopper and Blackwell
+    FLASH3 = "flash3"  # FlashAttention-3's forward (the fa3-fwd build), Hopper only
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -105,20 +106,68 @@ def flash4_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
-# Head sizes FlashAttention-4's forward kernels are built for.
+_flash3_op = None
+
+
+def _flash3() -> AttentionFn:
+    """FlashAttention-3's Hopper forward (the `fa3-fwd` wheel: the upstream hopper/ kernels, forward only, built
+    against PyTorch's stable C ABI, so one build loads in several torch releases) as a torch custom op.
+
+    It calls the extension's operator itself rather than its Python wrapper, which makes two empty tensors from a
+    Python list on every call. One split (no split-KV): each row's softmax is accumulated over the keys in one
+    order, as in FlashAttention-4 and cuDNN, so a call's output does not depend on the GPU's free SMs."""
+    global _flash3_op
+    if _flash3_op is None:
+        import fa3_fwd._C  # noqa: F401 - registers torch.ops.fa3_fwd
+
+        @torch.library.custom_op("wan_triton::flash3_attention", mutates_args=())
+        def flash3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            # The kernel needs unit stride in the head dimension only; V from the fused QKV projection has it.
+            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+            return torch.ops.fa3_fwd.fwd(q, k, v, is_causal=False, num_splits=1)[0]
+
+        @flash3_attention.register_fake
+        def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.empty_like(q)
+
+        _flash3_op = flash3_attention
+    return _flash3_op
+
+
+def flash3_available() -> bool:
+    try:
+        import fa3_fwd._C  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+# Head sizes the kernels are built for (FlashAttention-4's forward; the fa3-fwd build's hdim flags).
 FLASH4_HEAD_DIMS = (64, 96, 128, 192, 256)
+FLASH3_HEAD_DIMS = (64, 96, 128, 192, 256)
+
+
+# `auto`'s order on CUDA: the first kernel installed for the GPU and head size, else cuDNN SDPA.
+AUTO_ORDER = (AttentionBackend.FLASH4, AttentionBackend.FLASH3)
+_HEAD_DIMS = {AttentionBackend.FLASH3: FLASH3_HEAD_DIMS, AttentionBackend.FLASH4: FLASH4_HEAD_DIMS}
+
+
+def _available(backend: AttentionBackend) -> bool:
+    # Looked up by name at call time, so tests can stand in for the GPU checks.
+    return {AttentionBackend.FLASH3: flash3_available, AttentionBackend.FLASH4: flash4_available}[backend]()
 
 
 def resolve(backend: AttentionBackend | str, device: torch.device, head_dim: int) -> AttentionBackend:
     backend = AttentionBackend(backend)
-    if backend == AttentionBackend.FLASH4 and head_dim not in FLASH4_HEAD_DIMS:
-        raise ValueError(f"flash4 attention supports head sizes {FLASH4_HEAD_DIMS}, not {head_dim}")
+    if backend in _HEAD_DIMS and head_dim not in _HEAD_DIMS[backend]:
+        raise ValueError(f"{backend.value} attention supports head sizes {_HEAD_DIMS[backend]}, not {head_dim}")
     if backend != AttentionBackend.AUTO:
         return backend
     if device.type != "cuda":
         return AttentionBackend.REFERENCE
-    if flash4_available() and head_dim in FLASH4_HEAD_DIMS:
-        return AttentionBackend.FLASH4
+    for candidate in AUTO_ORDER:
+        if head_dim in _HEAD_DIMS[candidate] and _available(candidate):
+            return candidate
     return AttentionBackend.CUDNN
 
 
@@ -130,6 +179,8 @@ def attention_fn(backend: AttentionBackend) -> AttentionFn:
             return _cudnn
         case AttentionBackend.FLASH4:
             return _flash4()
+        case AttentionBackend.FLASH3:
+            return _flash3()
     raise ValueError(f"no attention function for backend {backend!r}")
 
 
