@@ -30,15 +30,9 @@ def _latents(ckpt: Checkpoint, cfg: ComponentConfig, embeds: torch.Tensor) -> to
     return build_denoiser(ckpt, cfg, Path("/nonexistent"))(REQUEST, embeds).float().cpu()
 
 
-def _installed(backend: str) -> bool:
-    return {"flash4": attention.flash4_available, "flash3": attention.flash3_available}.get(backend, lambda: True)()
-
-
-@pytest.mark.parametrize("attention_backend", ["cudnn", "flash4", "flash3", "auto"])
+@pytest.mark.parametrize("attention", ["cudnn", "auto"])
 @pytest.mark.parametrize("compile_blocks", [False, True])
-def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention_backend, compile_blocks):
-    if not _installed(attention_backend):
-        pytest.skip(f"{attention_backend} is not installed on this GPU host")
+def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention, compile_blocks):
     ckpt = Checkpoint.open(other_checkpoint)
     embeds = torch.randn(2, 512, ckpt.text_dim, generator=torch.Generator().manual_seed(0))
     reference = _latents(ckpt, ComponentConfig(engine=EngineKind.TORCH, device="cuda", attention="reference"), embeds)
@@ -48,7 +42,7 @@ def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention_bac
             engine=EngineKind.TORCH,
             device="cuda",
             precision="bfloat16",
-            attention=attention_backend,
+            attention=attention,
             compile_blocks=compile_blocks,
         ),
         embeds,
@@ -107,6 +101,61 @@ def test_flash4_wide_query_tile_is_bit_identical_to_the_default():
     assert torch.equal(served, wide)
     reference = attention.attention_fn(attention.AttentionBackend.CUDNN)(q, k, v).float()
     assert float((served.float() - reference).norm() / reference.norm()) < 1e-2
+    # Below the threshold the served op calls the forward entry point with the default tile: as flash_attn_func.
+    small = [t[:, :4096, :8].contiguous() for t in (q, k, v)]
+    assert not attention.use_wide_q_tile(1, 4096, 8, 4096, 128, torch.cuda.get_device_capability())
+    default = flash_attn_func(*small, causal=False)
+    default = default[0] if isinstance(default, tuple) else default
+    assert torch.equal(attention.attention_fn(attention.AttentionBackend.FLASH4)(*small), default)
+
+
+def _installed(backend: str) -> bool:
+    return {"flash4": attention.flash4_available, "flash3": attention.flash3_available}.get(backend, lambda: True)()
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash4", "flash3"])
+def test_served_kernels_on_a_head_size_128_expert_track_fp32_compiled_and_graphed(backend):
+    """The tiny test checkpoints have 8-channel heads, which only cuDNN takes; this 2-layer expert has the A14B head
+    size, so the FlashAttention kernels run inside the served path: attention.install, compiled blocks, a CUDA graph
+    (bit-identical to eager), against diffusers' processor in fp32 (relative L2 within the bf16 tolerance above)."""
+    if not _installed(backend):
+        pytest.skip(f"{backend} is not installed on this GPU host")
+    from diffusers import WanTransformer3DModel
+
+    from wan_triton.components import compile_expert_blocks, torch_engines
+
+    config = dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
+        text_dim=64, freq_dim=256, ffn_dim=512, num_layers=2, cross_attn_norm=True, rope_max_seq_len=1024,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference_model = WanTransformer3DModel(**config).cuda().eval()
+    served_model = WanTransformer3DModel(**config).to("cuda", torch.bfloat16).eval()
+    served_model.load_state_dict(reference_model.state_dict())
+    gen = torch.Generator("cuda").manual_seed(0)
+    inputs = {
+        "hidden_states": torch.randn(2, 16, 5, 32, 48, device="cuda", generator=gen),  # 1,920 tokens
+        "timestep": torch.tensor([900, 900], device="cuda"),
+        "encoder_hidden_states": torch.randn(2, 512, 64, device="cuda", generator=gen),
+    }
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.no_grad():
+            exact = reference_model(**inputs, return_dict=False)[0]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+    assert attention.install(served_model, backend, torch.device("cuda")) == attention.AttentionBackend(backend)
+    compile_expert_blocks(served_model, parallel=False)
+    eager, graphed = torch_engines(served_model, torch.device("cuda"), torch.bfloat16, cuda_graphs=True)
+    out_eager = eager.run(inputs)["noise_pred"].float()
+    graphed.run(inputs)  # capture
+    assert graphed.graphs and all(g is not None for g in graphed.graphs.values()), "the forward was not captured"
+    out_graphed = graphed.run(inputs)["noise_pred"].float()
+    assert torch.equal(out_graphed, out_eager)
+    rel_l2 = float((out_eager - exact).norm() / exact.norm())
+    assert torch.isfinite(out_eager).all() and rel_l2 <= 2e-2, rel_l2
 
 
 def _fp32_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

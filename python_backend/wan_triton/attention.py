@@ -83,12 +83,13 @@ def _flash4() -> AttentionFn:
         def flash4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             batch, seqlen_q, heads, head_dim = q.shape
             capability = torch.cuda.get_device_capability(q.device)
-            if _flash_attn_fwd is not None and use_wide_q_tile(
-                batch, seqlen_q, heads, k.shape[1], head_dim, capability
-            ):
-                return _flash_attn_fwd(q, k, v, causal=False, **WIDE_Q_TILE)[0]
-            out = flash_attn_func(q, k, v, causal=False)
-            return out[0] if isinstance(out, tuple) else out
+            if _flash_attn_fwd is None:
+                out = flash_attn_func(q, k, v, causal=False)
+                return out[0] if isinstance(out, tuple) else out
+            # The forward entry point for the default tile too: flash_attn_func's autograd wrapper cost 0.4-0.5 ms
+            # a call in eager steps of 8 ms calls (H200, benchmarks/RESULTS.md), for a backward never run here.
+            tile = WIDE_Q_TILE if use_wide_q_tile(batch, seqlen_q, heads, k.shape[1], head_dim, capability) else {}
+            return _flash_attn_fwd(q, k, v, causal=False, **tile)[0]
 
         @flash4_attention.register_fake
         def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
