@@ -2,8 +2,12 @@
 
 At 720p, 72% of a step's work is the S^2 attention, so this choice decides the step time. Measured on H100
 (../shared/reference/BASELINES.md): PyTorch's default SDPA pick runs at 375 TFLOP/s, SDPA with the cuDNN backend
-forced at 593, FlashAttention-4 (CuTe DSL) at 699. `auto` takes FlashAttention-4 when it is installed and
-otherwise cuDNN; on CPU it leaves diffusers' own processor in place (the reference's numerics).
+forced at 593, FlashAttention-4 (CuTe DSL) at 699. On H200 (benchmarks/RESULTS.md, commits 9c9622a and 17d6a2e)
+FlashAttention-3's forward (the fa3-fwd build) took 2.4-4.1% longer than the served FlashAttention-4 on the 720p
+shapes of 10 to 80 heads, within 0.5% of it on the 480p ones of 20 to 80, and ran 1.17-1.25x as fast as cuDNN; the
+served step took 1.5-2.5% longer with it at 720p and 1.0% less at 480p. `auto` takes FlashAttention-4, else
+FlashAttention-3, else cuDNN; on CPU it leaves diffusers' own processor in place
+(the reference's numerics).
 """
 
 from __future__ import annotations
@@ -86,8 +90,9 @@ def _flash4() -> AttentionFn:
             if _flash_attn_fwd is None:
                 out = flash_attn_func(q, k, v, causal=False)
                 return out[0] if isinstance(out, tuple) else out
-            # The forward entry point for the default tile too: flash_attn_func's autograd wrapper cost 0.4-0.5 ms
-            # a call in eager steps of 8 ms calls (H200, benchmarks/RESULTS.md), for a backward never run here.
+            # The forward entry point for the default tile too, not flash_attn_func and its autograd wrapper (for a
+            # backward never run here): at 8 ms shapes, eager, the op was 0.41-0.58 ms a call above the bare kernel
+            # call through flash_attn_func and 0.13-0.34 ms through the entry point (H200, benchmarks/RESULTS.md).
             tile = WIDE_Q_TILE if use_wide_q_tile(batch, seqlen_q, heads, k.shape[1], head_dim, capability) else {}
             return _flash_attn_fwd(q, k, v, causal=False, **tile)[0]
 
@@ -116,7 +121,8 @@ def _flash3() -> AttentionFn:
 
     It calls the extension's operator itself rather than its Python wrapper, which makes two empty tensors from a
     Python list on every call. One split (no split-KV): each row's softmax is accumulated over the keys in one
-    order, as in FlashAttention-4 and cuDNN, so a call's output does not depend on the GPU's free SMs."""
+    order, as in FlashAttention-4 and cuDNN, and the output does not depend on the SM count that the kernel's split
+    heuristic reads."""
     global _flash3_op
     if _flash3_op is None:
         import fa3_fwd._C  # noqa: F401 - registers torch.ops.fa3_fwd

@@ -32,7 +32,7 @@ class ComponentConfig(_Strict):
     precision: Precision = "float32"
     instance_count: int = Field(default=1, ge=1)
     # Denoiser only: attention kernel of the torch engine (see wan_triton.attention). "auto" picks the fastest
-    # installed on GPU and diffusers' own processor on CPU.
+    # installed on GPU (flash4, then flash3, then cudnn) and diffusers' own processor on CPU.
     attention: Literal["auto", "reference", "cudnn", "flash4", "flash3"] = "auto"
     # Denoiser only: regional torch.compile of every transformer block (fuses the norm/modulation/rotary
     # elementwise work around the GEMMs; 1.18x-1.25x per step on H100, see benchmarks/RESULTS.md).
