@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,19 @@ def test_auto_takes_the_first_installed_kernel_of_its_order_on_cuda(monkeypatch,
 def test_a_named_kernel_refuses_a_head_size_it_is_not_built_for(backend):
     with pytest.raises(ValueError, match=f"{backend} attention supports head sizes .* not 80"):
         attention.resolve(backend, torch.device("cuda"), 80)
+
+
+@pytest.mark.parametrize(("backend", "package"), [("flash3", "fa3-fwd"), ("flash4", "flash-attn-4")])
+def test_a_named_kernel_that_is_not_installed_fails_with_what_to_install(backend, package):
+    module, _ = attention._PACKAGES[AttentionBackend(backend)]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        pass
+    else:
+        pytest.skip(f"{backend} is installed here")
+    with pytest.raises(ValueError, match=f"attention {backend} is not installed here .*pip install {package}"):
+        attention.resolve(backend, torch.device("cuda"), 128)
 
 
 def test_flash3_is_not_available_without_a_hopper_gpu():

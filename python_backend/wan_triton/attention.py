@@ -12,6 +12,7 @@ FlashAttention-3, else cuDNN; on CPU it leaves diffusers' own processor in place
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from enum import StrEnum
@@ -164,10 +165,29 @@ def _available(backend: AttentionBackend) -> bool:
     return {AttentionBackend.FLASH3: flash3_available, AttentionBackend.FLASH4: flash4_available}[backend]()
 
 
+# What a deployment that names a kernel needs installed where the denoiser loads, and how to install it.
+_PACKAGES = {
+    AttentionBackend.FLASH4: ("flash_attn.cute", "pip install flash-attn-4"),
+    AttentionBackend.FLASH3: ("fa3_fwd._C", "pip install fa3-fwd==0.0.3 (Hopper, a CUDA 13 build of torch)"),
+}
+
+
+def _require_installed(backend: AttentionBackend) -> None:
+    """A named kernel whose package is missing fails the load with what to install, not an ImportError from the
+    first forward's call path."""
+    module, hint = _PACKAGES[backend]
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        raise ValueError(f"attention {backend.value} is not installed here ({exc}): {hint}") from exc
+
+
 def resolve(backend: AttentionBackend | str, device: torch.device, head_dim: int) -> AttentionBackend:
     backend = AttentionBackend(backend)
     if backend in _HEAD_DIMS and head_dim not in _HEAD_DIMS[backend]:
         raise ValueError(f"{backend.value} attention supports head sizes {_HEAD_DIMS[backend]}, not {head_dim}")
+    if backend in _PACKAGES:
+        _require_installed(backend)
     if backend != AttentionBackend.AUTO:
         return backend
     if device.type != "cuda":
