@@ -3,7 +3,7 @@
 At 720p, 72% of a step's work is the S^2 attention, so this choice decides the step time. Measured on H100
 (../shared/reference/BASELINES.md): PyTorch's default SDPA pick runs at 375 TFLOP/s, SDPA with the cuDNN backend
 forced at 593, FlashAttention-4 (CuTe DSL) at 699. On H200 (benchmarks/RESULTS.md, commits 9c9622a and 17d6a2e)
-FlashAttention-3's forward (the fa3-fwd build) took 2.4-4.1% longer than the served FlashAttention-4 on the 720p
+FlashAttention-3's forward (the fa3-fwd build) took 1.6-4.1% longer than the served FlashAttention-4 on the 720p
 shapes of 10 to 80 heads, within 0.5% of it on the 480p ones of 20 to 80, and ran 1.17-1.25x as fast as cuDNN; the
 served step took 1.5-2.5% longer with it at 720p and 1.0% less at 480p. `auto` takes FlashAttention-4, else
 FlashAttention-3, else cuDNN; on CPU it leaves diffusers' own processor in place
