@@ -34,6 +34,22 @@ class AttentionBackend(StrEnum):
     FLASH3 = "flash3"  # FlashAttention-3's forward (the fa3-fwd build), Hopper only
 
 
+# The module each optional kernel is imported from, and how to install it.
+_PACKAGES = {
+    AttentionBackend.FLASH4: ("flash_attn.cute", "pip install flash-attn-4"),
+    AttentionBackend.FLASH3: ("fa3_fwd._C", "pip install fa3-fwd==0.0.3 (Hopper, a CUDA 13 build of torch)"),
+}
+
+
+def _import_error(backend: AttentionBackend) -> ImportError | None:
+    """None where the kernel's package imports, else the error that says why not."""
+    try:
+        importlib.import_module(_PACKAGES[backend][0])
+    except ImportError as exc:
+        return exc
+    return None
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # PyTorch's own SDPA pick, as diffusers' default ("native") dispatch calls it.
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -106,11 +122,11 @@ def _flash4() -> AttentionFn:
 
 
 def flash4_available() -> bool:
-    try:
-        import flash_attn.cute  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
+    return (
+        _import_error(AttentionBackend.FLASH4) is None
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability()[0] >= 9
+    )
 
 
 _flash3_op = None
@@ -143,11 +159,11 @@ def _flash3() -> AttentionFn:
 
 
 def flash3_available() -> bool:
-    try:
-        import fa3_fwd._C  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+    return (
+        _import_error(AttentionBackend.FLASH3) is None
+        and torch.cuda.is_available()
+        and torch.cuda.get_device_capability()[0] == 9
+    )
 
 
 # Head sizes the kernels are built for (FlashAttention-4's forward; the fa3-fwd build's hdim flags).
@@ -165,21 +181,11 @@ def _available(backend: AttentionBackend) -> bool:
     return {AttentionBackend.FLASH3: flash3_available, AttentionBackend.FLASH4: flash4_available}[backend]()
 
 
-# What a deployment that names a kernel needs installed where the denoiser loads, and how to install it.
-_PACKAGES = {
-    AttentionBackend.FLASH4: ("flash_attn.cute", "pip install flash-attn-4"),
-    AttentionBackend.FLASH3: ("fa3_fwd._C", "pip install fa3-fwd==0.0.3 (Hopper, a CUDA 13 build of torch)"),
-}
-
-
 def _require_installed(backend: AttentionBackend) -> None:
     """A named kernel whose package is missing fails the load with what to install, not an ImportError from the
     first forward's call path."""
-    module, hint = _PACKAGES[backend]
-    try:
-        importlib.import_module(module)
-    except ImportError as exc:
-        raise ValueError(f"attention {backend.value} is not installed here ({exc}): {hint}") from exc
+    if (exc := _import_error(backend)) is not None:
+        raise ValueError(f"attention {backend.value} is not installed here ({exc}): {_PACKAGES[backend][1]}") from exc
 
 
 def resolve(backend: AttentionBackend | str, device: torch.device, head_dim: int) -> AttentionBackend:
