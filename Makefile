@@ -38,11 +38,11 @@ build: setup
 	$(VPY) -m wan_build --model $(MODEL) --deployment $(DEPLOYMENT) --repo $(REPO)
 
 serve: setup
-	$(VPY) -m wan_triton.server --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
+	$(VPY) -m wan_triton.tritonserver.server --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
 		--metrics-port $(METRICS_PORT)
 
 run: build
-	$(VPY) -m wan_triton.launch --repo $(REPO) --output out/sample.mp4
+	$(VPY) -m wan_triton.tritonserver.launch --repo $(REPO) --output out/sample.mp4
 
 test: setup
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
@@ -50,6 +50,7 @@ test: setup
 lint: setup
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf out artifacts

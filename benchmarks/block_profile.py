@@ -37,9 +37,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_b
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from denoiser_step import run_header, time_cuda  # noqa: E402
-
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
-from wan_triton import attention, random_weights  # noqa: E402
+from wan_triton.kernels import attention  # noqa: E402
+from wan_triton.model import random_init as random_weights  # noqa: E402
 
 logger = logging.getLogger("benchmarks.block_profile")
 

@@ -3,7 +3,7 @@
 Builds one A14B expert (the real shapes, 14.29 B parameters) with random bf16 weights directly on the device
 (no download is possible, and speed does not depend on weight values), then times, at each size:
   - diffusers' WanTransformer3DModel as WanPipeline runs it: two forwards (cond, uncond), default attention;
-  - this project's step: `wan_triton.denoise.denoise_step` on the torch engine as `components.build_denoiser`
+  - this project's step: `wan_triton.model.denoise.denoise_step` on the torch engine as `components.build_denoiser`
     makes it (`attention.install`: chosen kernel + fused projections; optionally regional torch.compile): one
     batch-2 forward (cond + uncond), the guidance combine and the UniPC update;
   - the bf16 GEMM rate of this GPU, and the FLOP floor of a step from it.
@@ -31,10 +31,11 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
 
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER, SCHEDULER  # noqa: E402
-from wan_triton import attention, random_weights  # noqa: E402
-from wan_triton.attention import AttentionBackend, flash3_available, flash4_available  # noqa: E402
-from wan_triton.denoise import denoise_step  # noqa: E402
-from wan_triton.engines.torch_engine import denoiser_engine  # noqa: E402
+from wan_triton.kernels import attention  # noqa: E402
+from wan_triton.kernels.attention import AttentionBackend, flash3_available, flash4_available  # noqa: E402
+from wan_triton.model import random_init as random_weights  # noqa: E402
+from wan_triton.model.denoise import denoise_step  # noqa: E402
+from wan_triton.runtime.engines.torch_engine import denoiser_engine  # noqa: E402
 
 logger = logging.getLogger("benchmarks.denoiser_step")
 
@@ -196,13 +197,13 @@ def main() -> None:
                 torch._dynamo.reset()
                 model.compile_repeated_blocks(fullgraph=True, dynamic=False)
             engine = denoiser_engine(model, torch.device("cuda"), torch.bfloat16)
-            scheduler = UniPCMultistepScheduler(**SCHEDULER)
-            scheduler.set_timesteps(1000, device="cuda")
+            solver = UniPCMultistepScheduler(**SCHEDULER)
+            solver.set_timesteps(1000, device="cuda")
             state = {"latents": latents.clone(), "i": 0}
 
             def our_step():
-                ts = scheduler.timesteps[state["i"] % 1000]
-                state["latents"] = denoise_step(engine, scheduler, state["latents"], ts, text, 4.0)
+                ts = solver.timesteps[state["i"] % 1000]
+                state["latents"] = denoise_step(engine, solver, state["latents"], ts, text, 4.0)
                 state["i"] += 1
 
             torch.cuda.reset_peak_memory_stats()

@@ -91,7 +91,7 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         url = args.url
         if args.repo:
-            from wan_triton.launch import running_server
+            from wan_triton.tritonserver.launch import running_server
 
             log = args.repo.resolve().parent / "tritonserver.log"
             server = stack.enter_context(running_server([args.repo], log, ready_timeout_s=900))

@@ -1,4 +1,4 @@
-"""The A14B feed-forward layer with and without its GELU in the GEMM's epilogue (`wan_triton.ffn`), on one GPU.
+"""The A14B feed-forward layer with and without its GELU in the GEMM's epilogue (`wan_triton.kernels.ffn`), on one GPU.
 
 For each token count a rank runs (one GPU at 720p and 480p with guidance as batch 2, a rank of cfg2 x ulysses4 at
 720p, and a tp2 rank whose FFN is half as wide), the whole FFN (Linear 5120 -> ffn, tanh GELU, Linear ffn -> 5120)
@@ -27,8 +27,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_b
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from denoiser_step import run_header, time_cuda  # noqa: E402
-
-from wan_triton import ffn  # noqa: E402
+from wan_triton.kernels import ffn  # noqa: E402
 
 logger = logging.getLogger("benchmarks.ffn_epilogue")
 

@@ -24,11 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "python_backend"), str(ROOT / "build")]
 
 from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint  # noqa: E402
-from wan_triton.checkpoint import Checkpoint  # noqa: E402
 from wan_triton.components import build_denoiser  # noqa: E402
-from wan_triton.deployment import ComponentConfig  # noqa: E402
-from wan_triton.engines.base import EngineKind  # noqa: E402
-from wan_triton.request import GenerationRequest  # noqa: E402
+from wan_triton.config.deployment import (  # noqa: E402
+    ComponentConfig,
+    EngineKind,
+)
+from wan_triton.config.request import GenerationRequest  # noqa: E402
+from wan_triton.model.checkpoint import Checkpoint  # noqa: E402
 
 logger = logging.getLogger("benchmarks.gpu_numerics")
 

@@ -17,7 +17,7 @@ HOST_SITE=$(ls -d /opt/torch/.venv/lib/python3*/site-packages 2>/dev/null | head
 PYTHONPATH=$HOST_SITE python3 - <<'PY'
 from pathlib import Path
 
-from wan_triton.deployment import Deployment, WarmupShape
+from wan_triton.config.deployment import Deployment, WarmupShape
 
 deployment = Deployment.load("model_repository/deployments/gpu_a14b.yaml")
 deployment = deployment.model_copy(update={"warmup": [WarmupShape(height=480, width=832, num_frames=81)]})

@@ -134,7 +134,7 @@ class ExternalServer:
     metrics_port: int
 
     def is_ready(self) -> bool:
-        from wan_triton.launch import server_ready
+        from wan_triton.tritonserver.launch import server_ready
 
         return server_ready(self.http_port)
 
@@ -198,7 +198,7 @@ def main() -> None:
     per_client = args.requests_per_client * len(args.concurrency)
     per_client = per_client if len(args.requests_per_client) == 1 else args.requests_per_client
 
-    from wan_triton.launch import running_server
+    from wan_triton.tritonserver.launch import running_server
 
     request = {
         "prompt": args.prompt,

@@ -33,7 +33,7 @@ if ! { [[ ${DETACH:-0} == 1 ]] && running "$PIDFILE"; }; then
 import os
 from pathlib import Path
 
-from wan_triton.deployment import Deployment, WarmupShape
+from wan_triton.config.deployment import Deployment, WarmupShape
 
 deployment = Deployment.load("model_repository/deployments/gpu_a14b.yaml")
 serving = deployment.serving.model_copy(update={"max_batch_size": int(os.environ["MAX_BATCH"])})
@@ -67,7 +67,7 @@ if [[ ${DETACH:-0} == 1 ]]; then
       rm -f "$other"
     done
     date +%s > "/tmp/tritonserver_b$MAX_BATCH.started"
-    setsid python3 -m wan_triton.server --repo "$REPO" --http-port 8000 --grpc-port 8001 --metrics-port 8002 \
+    setsid python3 -m wan_triton.tritonserver.server --repo "$REPO" --http-port 8000 --grpc-port 8001 --metrics-port 8002 \
       > "$SERVER_LOG" 2>&1 < /dev/null &
     echo $! > "$PIDFILE"
     echo "started the server of max_batch_size $MAX_BATCH (pid $!)"

@@ -11,7 +11,7 @@ the workers run (`parallel.model.parallelize`, `denoise_step` with `CfgParallel`
 local copies. With `--profile` those copies are counted apart and the model leaves them out, as NCCL's time
 replaces them on real GPUs; without it they stay in (about 1% of a Ulysses rank's step at 720p).
 
-The model (`wan_triton.parallel.perf_model`) then adds communication from bus bandwidths given on the command
+The model (`wan_bench.perf_model`) then adds communication from bus bandwidths given on the command
 line, by default the NCCL figures measured on 2x H200 NV18 (BASELINES.md: all-to-all 295 GB/s, all-reduce
 318 GB/s). Printed per plan: measured compute, the model's compute (the 1-GPU step scaled by the rank's matmul
 FLOP: its assumption 1, checked here), predicted communication and step, and each rank's weight memory (one
@@ -54,17 +54,10 @@ from parallel_step import (  # noqa: E402
     time_alone,
     variant_name,
 )
-
+from wan_bench.perf_model import Bandwidth, ModelShape, flop_scaled_compute, plans_of, predict_from_compute  # noqa: E402
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
-from wan_triton import attention  # noqa: E402
-from wan_triton.parallel.perf_model import (  # noqa: E402
-    Bandwidth,
-    ModelShape,
-    flop_scaled_compute,
-    plans_of,
-    predict_from_compute,
-)
-from wan_triton.parallel.plan import ParallelPlan  # noqa: E402
+from wan_triton.config.plan import ParallelPlan  # noqa: E402
+from wan_triton.kernels import attention  # noqa: E402
 
 logger = logging.getLogger("benchmarks.parallel_compute")
 
@@ -139,7 +132,7 @@ def _rank0_of(plan: ParallelPlan):
     """Join a fake world of the plan's size as rank 0 and create the plan's groups in it."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from wan_triton.parallel.groups import create_groups
+    from wan_triton.parallel.process_groups import create_groups
 
     dist.init_process_group("fake", rank=0, world_size=plan.world_size, store=FakeStore())
     return create_groups(plan)
@@ -184,8 +177,9 @@ def is_device_copy(name: str) -> bool:
 def profile_step(step, device: torch.device, steps: int, step_s: float) -> dict:
     """Where one step's time goes on the GPU: kernel ms by category (`block_profile.kernel_category`), the kernels
     that only move data, the top kernels, and the step's time not covered by any kernel (launch gaps, host syncs)."""
-    from block_profile import kernel_category, kernel_times
     from torch.profiler import ProfilerActivity, profile
+
+    from block_profile import kernel_category, kernel_times
 
     if device.type != "cuda":
         return {}
@@ -341,7 +335,7 @@ def main() -> None:
     parser.add_argument(
         "--plans", nargs="+", default=None, help="only these plans (e.g. cfg2xulysses4xtp1, cfg2xulysses4xtp1+groups2)"
     )
-    parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.attention)")
+    parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.kernels.attention)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="CUDA graphs around each forward (the deployment's cuda_graphs)"
@@ -350,7 +344,7 @@ def main() -> None:
         "--no-chunked-qk", action="store_true", help="Ulysses: normalise and rotate Q, K, then copy into chunk order"
     )
     parser.add_argument(
-        "--no-ffn-epilogue", action="store_true", help="diffusers' separate FFN GELU (no wan_triton.ffn)"
+        "--no-ffn-epilogue", action="store_true", help="diffusers' separate FFN GELU (no wan_triton.kernels.ffn)"
     )
     add_head_groups_argument(parser)
     parser.add_argument("--repeat", type=int, default=2)
@@ -408,7 +402,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     if args.no_ffn_epilogue:
-        from wan_triton import ffn
+        from wan_triton.kernels import ffn
 
         ffn.install = lambda module: 0  # for a side-by-side run against the served FFN
     if device.type == "cuda":

@@ -9,7 +9,7 @@ a 4-head tiny config in fp32), cuts it for the plan (`wan_triton.parallel`) and 
 `--ulysses-head-groups G`, each Ulysses plan is also timed with its exchanges in G head groups, overlapped with
 attention (`+groups<G>` in the results).
 
-The analytic model (`wan_triton.parallel.perf_model`, assumptions in its docstring) is calibrated with the 1-GPU
+The analytic model (`wan_bench.perf_model`, assumptions in its docstring) is calibrated with the 1-GPU
 step time and the bandwidths of this run; its world-size-2 predictions are printed next to the measurements (the
 check of the model) and it predicts every plan of 4 and 8 GPUs.
 
@@ -35,9 +35,9 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
 
+from wan_bench.perf_model import Bandwidth, ModelShape, plans_of, predict  # noqa: E402
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER, SCHEDULER  # noqa: E402
-from wan_triton.parallel.perf_model import Bandwidth, ModelShape, plans_of, predict  # noqa: E402
-from wan_triton.parallel.plan import ParallelPlan  # noqa: E402
+from wan_triton.config.plan import ParallelPlan  # noqa: E402
 
 logger = logging.getLogger("benchmarks.parallel_step")
 
@@ -94,7 +94,7 @@ def measure_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int, rep
 def _expert(config: dict, dtype: torch.dtype, device: torch.device):
     from diffusers import WanTransformer3DModel
 
-    from wan_triton import random_weights
+    from wan_triton.model import random_init as random_weights
 
     torch.manual_seed(0)  # the same random weights on every rank
     return random_weights.build(
@@ -140,8 +140,8 @@ def add_head_groups_argument(parser: argparse.ArgumentParser) -> None:
 def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backend, ulysses_head_groups: int = 1):
     """One expert with random weights, as rank `groups.rank` of `plan` serves it: the single-GPU path
     (`attention.install`, exactly components.build_denoiser's) or cut for the plan (`parallelize`, rank.py's)."""
-    from wan_triton import attention
-    from wan_triton.parallel.model import parallelize
+    from wan_triton.kernels import attention
+    from wan_triton.parallel.sharding import parallelize
 
     module = _expert(config, dtype, device)
     if plan.is_single:
@@ -154,7 +154,7 @@ def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backe
 def served_engine(module, plan, device, dtype, compile_blocks: bool, cuda_graphs: bool):
     """The engine a rank serves `module` with, through the code the server runs: regional compile and CUDA graphs
     as `components.build_denoiser` sets them up on one GPU and `parallel.rank` on a parallel rank."""
-    from wan_triton.components import compile_expert_blocks, torch_engines
+    from wan_triton.runtime.experts import compile_expert_blocks, torch_engines
 
     if compile_blocks:
         compile_expert_blocks(module, parallel=not plan.is_single)
@@ -167,19 +167,19 @@ def guided_step(engine, cfg_parallel, config: dict, size: tuple[int, int, int], 
     update) on fixed random latents and text at `size`, advancing through the solver's timesteps."""
     from diffusers import UniPCMultistepScheduler
 
-    from wan_triton.denoise import denoise_step
+    from wan_triton.model.denoise import denoise_step
 
     height, width, frames = size
     gen = torch.Generator("cpu").manual_seed(0)
     latents = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, generator=gen).to(device)
     text = torch.randn(2, TEXT_LEN, config["text_dim"], generator=gen).to(device, dtype)
-    scheduler = UniPCMultistepScheduler(**SCHEDULER)
-    scheduler.set_timesteps(1000, device=device)
+    solver = UniPCMultistepScheduler(**SCHEDULER)
+    solver.set_timesteps(1000, device=device)
     state = {"latents": latents, "i": 0}
 
     def step():
-        t = scheduler.timesteps[state["i"] % 1000]
-        state["latents"] = denoise_step(engine, scheduler, state["latents"], t, text, 4.0, cfg_parallel)
+        t = solver.timesteps[state["i"] % 1000]
+        state["latents"] = denoise_step(engine, solver, state["latents"], t, text, 4.0, cfg_parallel)
         state["i"] += 1
 
     return step
@@ -207,7 +207,7 @@ def time_alone(step, device: torch.device, repeat: int, after_warmup=None) -> tu
 def _time_plan(plan, config, size, dtype, device, args: dict, head_groups: int = 1):
     """Median step seconds of `plan` on the ranks it uses (None on the others)."""
     from wan_triton.parallel.cfg import CfgParallel
-    from wan_triton.parallel.groups import create_groups
+    from wan_triton.parallel.process_groups import create_groups
 
     groups = create_groups(plan)  # the 1-GPU baseline: rank 0 alone; the other ranks wait at the next barrier
     if groups is None:
@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--world-size", type=int, default=2)
     parser.add_argument("--tiny", action="store_true", help="a 4-head tiny expert in fp32 at 64x64x9 (smoke test)")
     parser.add_argument("--sizes", nargs="+", default=None, choices=list(SIZES))
-    parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.attention)")
+    parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.kernels.attention)")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
     parser.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs around each forward, as served")
     add_head_groups_argument(parser)
@@ -302,7 +302,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from wan_triton.parallel.world import run_world
+    from wan_triton.workers.world import run_world
 
     backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
     sizes = args.sizes or (["tiny"] if args.tiny else ["480p", "720p"])

@@ -37,10 +37,10 @@ import torch
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
 
 from wan_build.shapes_checkpoint import make_shapes_checkpoint  # noqa: E402
-from wan_triton.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint  # noqa: E402
 from wan_triton.components import build_denoiser  # noqa: E402
-from wan_triton.denoise import denoise_step, latent_shape  # noqa: E402
-from wan_triton.deployment import Deployment  # noqa: E402
+from wan_triton.config.deployment import Deployment  # noqa: E402
+from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint  # noqa: E402
+from wan_triton.model.denoise import denoise_step, latent_shape  # noqa: E402
 
 logger = logging.getLogger("benchmarks.step_variants")
 
@@ -79,17 +79,17 @@ def run_variant(ckpt: Checkpoint, name: str, sizes: list[str], repeat: int) -> d
         gen = torch.Generator("cuda").manual_seed(0)
         latents = torch.randn(latent_shape(ckpt, height, width, num_frames), device="cuda", generator=gen)
         embeds = torch.randn(2, MAX_SEQUENCE_LENGTH, ckpt.text_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-        scheduler = ckpt.make_scheduler()
-        scheduler.set_timesteps(1000, device="cuda")
+        solver = ckpt.make_solver()
+        solver.set_timesteps(1000, device="cuda")
         state = {"latents": latents, "i": 0}
 
         def step(expert: str, upcoming: str) -> float:
             if swapper is not None:
                 swapper.prefetch(upcoming)
-            t = scheduler.timesteps[state["i"] % 1000]
+            t = solver.timesteps[state["i"] % 1000]
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            state["latents"] = denoise_step(denoiser.experts[expert], scheduler, state["latents"], t, embeds, 4.0)
+            state["latents"] = denoise_step(denoiser.experts[expert], solver, state["latents"], t, embeds, 4.0)
             end.record()
             end.synchronize()
             state["i"] += 1

@@ -1,4 +1,5 @@
-"""What the ranks' stop agreement (`wan_triton.parallel.stop.StepAgreement.check`, one per denoising step) costs:
+"""What the ranks' stop agreement (`wan_triton.workers.step_agreement.StepAgreement.check`, one per denoising step)
+costs:
 a 4-byte gloo all-reduce between local processes, timed per call for groups of 2, 4 and 8.
 
     python benchmarks/stop_agreement_cost.py --world-sizes 2 4 8 --calls 2000
@@ -21,7 +22,7 @@ def _time_checks(rank: int, calls: int) -> float:
 
     import torch.distributed as dist
 
-    from wan_triton.parallel.stop import StepAgreement
+    from wan_triton.workers.step_agreement import StepAgreement
 
     agreement = StepAgreement(mp.get_context("spawn").Event())
     for _ in range(100):  # warm-up: connections, first calls
@@ -34,7 +35,7 @@ def _time_checks(rank: int, calls: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from wan_triton.parallel.world import run_world
+    from wan_triton.workers.world import run_world
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8])

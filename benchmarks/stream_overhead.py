@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 for folder in ("client", "python_backend"):
     sys.path.insert(0, str(ROOT / folder))
 from wan_client import build_infer_inputs  # noqa: E402
-from wan_triton.launch import running_server  # noqa: E402
+from wan_triton.tritonserver.launch import running_server  # noqa: E402
 
 PROGRESS = ("stage", "step", "num_steps", "elapsed_s", "preview_frame")
 

@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = load(args.url, args.model, kinds, args.clients, args.duration_s, live)
         return verdict(counts, live())
 
-    from wan_triton.launch import running_server
+    from wan_triton.tritonserver.launch import running_server
 
     root = args.root or Path(tempfile.mkdtemp(prefix="stream_stress_"))
     repo = build_repo(root, args.deployment)

@@ -73,7 +73,7 @@ def run_level(url: str, model: str, request: dict, concurrency: int, per_client:
 
 def render(model: str, deployment_path: Path, batch_size: int, work: Path) -> Path:
     from wan_build.__main__ import main as build_main
-    from wan_triton.deployment import Deployment, Serving
+    from wan_triton.config.deployment import Deployment, Serving
 
     deployment = Deployment.load(deployment_path)
     deployment = deployment.model_copy(update={"serving": Serving(max_batch_size=batch_size)})
@@ -98,8 +98,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    from wan_triton.deployment import Deployment
-    from wan_triton.launch import running_server
+    from wan_triton.config.deployment import Deployment
+    from wan_triton.tritonserver.launch import running_server
 
     model_name = Deployment.load(args.deployment).model_name
     request = {"prompt": args.prompt}  # the deployment's default shape

@@ -91,7 +91,7 @@ def name_stack(frames: list[int], library: Path) -> list[str]:
 
 def default_library() -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
-    from wan_triton.server import _pytriton_root
+    from wan_triton.tritonserver.server import _pytriton_root
 
     return _pytriton_root() / "backends" / "python" / "libtriton_python.so"
 

@@ -1,4 +1,4 @@
-"""Wan VAE decode on a GPU: this project's decoder (wan_triton.vae.VaeDecoder on the torch engine) in fp32 and
+"""Wan VAE decode on a GPU: this project's decoder (wan_triton.model.vae.VaeDecoder on the torch engine) in fp32 and
 bf16, time, peak memory and the bf16 output's error against fp32, at 480p and 720p (21 latent frames).
 
 The VAE has random weights built on the device from its real config (speed does not depend on weight values).
@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "python_backend"), str(ROOT / "build")]
 
 from wan_build.shapes_checkpoint import make_shapes_checkpoint  # noqa: E402
-from wan_triton.checkpoint import Checkpoint  # noqa: E402
-from wan_triton.vae import VaeDecoder, torch_vae_decode_fn  # noqa: E402
+from wan_triton.model.checkpoint import Checkpoint  # noqa: E402
+from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn  # noqa: E402
 
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 

@@ -4,7 +4,7 @@ The ranks of a split are symmetric (each decodes w/N latent columns, plus one ha
 convolution), so rank 0's time is the split's compute. This script decodes as rank 0 of a fake process group of N
 (torch.distributed's `fake_pg`), its all-gathers and the final gather replaced by local copies of this rank's
 data (the fake group leaves outputs unwritten; see `parallel_compute.value_preserving_collectives`). It counts
-them (calls and bytes) and prices the communication with `wan_triton.parallel.perf_model` at the NCCL bus
+them (calls and bytes) and prices the communication with `wan_bench.perf_model` at the NCCL bus
 bandwidth given (default: the all-to-all figure measured on 2x H200 NV18, BASELINES.md, 295 GB/s, and 20 us a
 call). The N = 1 row is the served one-GPU decode (`VaeDecoder` over diffusers' AutoencoderKLWan), in the same run.
 
@@ -31,10 +31,10 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
 
+from wan_bench.perf_model import Bandwidth, Collective, collective_seconds  # noqa: E402
 from wan_build.shapes_checkpoint import make_shapes_checkpoint  # noqa: E402
-from wan_triton.checkpoint import Checkpoint  # noqa: E402
-from wan_triton.parallel.perf_model import Bandwidth, Collective, collective_seconds  # noqa: E402
-from wan_triton.vae import VaeDecoder, torch_vae_decode_fn  # noqa: E402
+from wan_triton.model.checkpoint import Checkpoint  # noqa: E402
+from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn  # noqa: E402
 
 # (height, width, num_latent_frames)
 SIZES = {"480p": (480, 832, 21), "720p": (720, 1280, 21), "tiny": (32, 64, 2)}

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from wan_triton.request import GenerationRequest  # noqa: E402
+from wan_triton.config.request import GenerationRequest  # noqa: E402
 
 # The GPU tests' request (tests/test_gpu*.py): 64x96 pixels, 9 frames, crossing the expert switch in 8 steps;
 # 3 latent frames x 4 x 6 = 72 tokens, which split over 2 Ulysses ranks.
@@ -124,7 +124,7 @@ PARALLEL_DEPLOYMENT = REPO_ROOT / "model_repository/deployments/cpu_parallel.yam
 
 def logged_stops(log: str) -> list[int]:
     """The steps after which a worker group's ranks stopped a request, from the supervisor's log lines
-    (wan_triton.parallel.group: "... the ranks stopped the request after step N")."""
+    (wan_triton.workers.supervisor: "... the ranks stopped the request after step N")."""
     return [int(step) for step in re.findall(r"the ranks stopped the request after step (\d+)", log)]
 
 
@@ -136,8 +136,8 @@ CACHED_BYTES = 64 << 20
 @pytest.fixture(scope="session")
 def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
     from wan_build.__main__ import main as build_main
-    from wan_triton.deployment import Deployment, Serving
-    from wan_triton.launch import running_server
+    from wan_triton.config.deployment import Deployment, Serving
+    from wan_triton.tritonserver.launch import running_server
 
     root = tmp_path_factory.mktemp("served")
     repos = []

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_triton import attention
-from wan_triton.attention import AttentionBackend, WanT2VAttnProcessor
-from wan_triton.checkpoint import Checkpoint
+from wan_triton.kernels import attention
+from wan_triton.kernels.attention import AttentionBackend, WanT2VAttnProcessor
+from wan_triton.model.checkpoint import Checkpoint
 
 
 def _sdpa(q, k, v):

@@ -15,11 +15,11 @@ import torch
 from pydantic import ValidationError
 
 from wan_build.render import dynamic_batching, render_repository
-from wan_triton.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.components import build_denoiser
-from wan_triton.denoise import BatchItem, group_by_shape
-from wan_triton.deployment import Deployment, Serving
-from wan_triton.request import GenerationRequest
+from wan_triton.config.deployment import Deployment, Serving
+from wan_triton.config.request import GenerationRequest
+from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
+from wan_triton.model.denoise import BatchItem, group_by_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,11 +21,11 @@ from wan_build.export_onnx import (
     source_hash,
 )
 from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
-from wan_triton.checkpoint import EXPERTS, Checkpoint
-from wan_triton.engines.onnxruntime_engine import OnnxRuntimeEngine
-from wan_triton.engines.tensorrt_engine import TensorRTEngine
-from wan_triton.specs import ShapeLimits, denoiser_spec, text_encoder_spec, vae_decoder_phase_specs
-from wan_triton.vae_chunks import onnx_vae_decode_fn
+from wan_triton.model.checkpoint import EXPERTS, Checkpoint
+from wan_triton.model.specs import ShapeLimits, denoiser_spec, text_encoder_spec, vae_decoder_phase_specs
+from wan_triton.model.vae_chunks import onnx_vae_decode_fn
+from wan_triton.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+from wan_triton.runtime.engines.tensorrt_engine import TensorRTEngine
 
 # fp32 graphs: ONNX Runtime differs from PyTorch only by float reordering.
 MAX_ABS = 1e-4

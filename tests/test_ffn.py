@@ -1,4 +1,4 @@
-"""The FFN with its GELU in the input projection's epilogue (wan_triton.ffn) against diffusers' FFN, on CPU.
+"""The FFN with its GELU in the input projection's epilogue (wan_triton.kernels.ffn) against diffusers' FFN, on CPU.
 
 On CPU the op computes diffusers' two ops, so the outputs must be identical; what these tests pin down is that the
 served module really goes through the op, keeps its parameter names, compiles, and is only installed where it
@@ -12,8 +12,8 @@ import copy
 import torch
 from diffusers.models.attention import FeedForward
 
-from wan_triton import ffn
-from wan_triton.checkpoint import Checkpoint
+from wan_triton.kernels import ffn
+from wan_triton.model.checkpoint import Checkpoint
 
 
 def _forward(model, seed=0):

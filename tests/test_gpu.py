@@ -12,11 +12,10 @@ import pytest
 import torch
 from conftest import GPU_REQUEST as REQUEST
 
-from wan_triton import attention
-from wan_triton.checkpoint import Checkpoint
 from wan_triton.components import build_denoiser
-from wan_triton.deployment import ComponentConfig
-from wan_triton.engines.base import EngineKind
+from wan_triton.config.deployment import ComponentConfig, EngineKind
+from wan_triton.kernels import attention
+from wan_triton.model.checkpoint import Checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -118,7 +117,7 @@ def test_served_kernels_on_a_head_size_128_expert_track_fp32_compiled_and_graphe
         pytest.skip(f"{backend} is not installed on this GPU host")
     from diffusers import WanTransformer3DModel
 
-    from wan_triton.components import compile_expert_blocks, torch_engines
+    from wan_triton.runtime.experts import compile_expert_blocks, torch_engines
 
     config = dict(
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=128, in_channels=16, out_channels=16,
@@ -207,7 +206,7 @@ def test_ffn_epilogue_applies_the_tanh_gelu_and_rounds_once():
     the epilogue must be no less accurate than diffusers' projection, rounding, GELU, rounding."""
     import torch.nn.functional as F
 
-    from wan_triton.ffn import linear_gelu_tanh
+    from wan_triton.kernels.ffn import linear_gelu_tanh
 
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False

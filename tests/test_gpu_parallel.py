@@ -23,9 +23,9 @@ import torch
 from conftest import GPU_REQUEST as REQUEST
 from conftest import logged_stops
 
-from wan_triton.checkpoint import Checkpoint
-from wan_triton.deployment import ComponentConfig
-from wan_triton.parallel.plan import ParallelPlan
+from wan_triton.config.deployment import ComponentConfig
+from wan_triton.config.plan import ParallelPlan
+from wan_triton.model.checkpoint import Checkpoint
 
 pytestmark = [
     pytest.mark.gpu,
@@ -44,11 +44,11 @@ def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool, head_gr
     `head_groups`, the Ulysses exchanges are started a group ahead of their waits (functional collectives)."""
     import torch.distributed as dist
 
-    from wan_triton.components import compile_expert_blocks, torch_engines
-    from wan_triton.engines.cuda_graph import CudaGraphEngine
     from wan_triton.parallel import ulysses
-    from wan_triton.parallel.groups import PlanGroups
-    from wan_triton.parallel.model import parallelize, shard_tensor_parallel
+    from wan_triton.parallel.process_groups import PlanGroups
+    from wan_triton.parallel.sharding import parallelize, shard_tensor_parallel
+    from wan_triton.runtime.engines.cuda_graph import CudaGraphEngine
+    from wan_triton.runtime.experts import compile_expert_blocks, torch_engines
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
@@ -111,7 +111,7 @@ def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool, head_gr
 @pytest.mark.parametrize("head_groups", [1, 2], ids=["whole-exchanges", "2-head-groups"])
 @pytest.mark.parametrize("compile_blocks", [False, True], ids=["eager-blocks", "compiled-blocks"])
 def test_nccl_collectives_replay_in_a_cuda_graph(tiny4_checkpoint, compile_blocks, head_groups):
-    from wan_triton.parallel.world import run_world
+    from wan_triton.workers.world import run_world
 
     args = (tiny4_checkpoint, compile_blocks, head_groups)
     result = run_world(1, _one_rank_capture, args, backend="nccl")[0]
@@ -137,7 +137,7 @@ def _stop_agreement_beside_nccl(rank: int) -> list[int | None]:
     stops once it is set."""
     import multiprocessing as mp
 
-    from wan_triton.parallel.stop import StepAgreement, StopRequested
+    from wan_triton.workers.step_agreement import StepAgreement, StopRequested
 
     flag = mp.get_context("spawn").Event()
     agreement = StepAgreement(flag)
@@ -153,7 +153,7 @@ def _stop_agreement_beside_nccl(rank: int) -> list[int | None]:
 
 
 def test_stop_agreement_runs_beside_an_nccl_world():
-    from wan_triton.parallel.world import run_world
+    from wan_triton.workers.world import run_world
 
     assert run_world(1, _stop_agreement_beside_nccl, backend="nccl") == [[None, 2]]
 
@@ -162,9 +162,9 @@ def test_stop_agreement_runs_beside_an_nccl_world():
 def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint, caplog):
     import logging
 
-    from wan_triton.parallel.group import WorkerGroup
-    from wan_triton.request import GenerationRequest
+    from wan_triton.config.request import GenerationRequest
     from wan_triton.serving.stopping import RequestStopped
+    from wan_triton.workers.supervisor import WorkerGroup
 
     ckpt = Checkpoint.open(tiny4_checkpoint)
     cfg = ComponentConfig(
@@ -181,7 +181,7 @@ def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint, caplog):
     try:
         expected = group(REQUEST, _embeds(ckpt.text_dim))
         pids = group.pids
-        with caplog.at_level(logging.INFO, logger="wan_triton.parallel.group"), pytest.raises(RequestStopped):
+        with caplog.at_level(logging.INFO, logger="wan_triton.workers.supervisor"), pytest.raises(RequestStopped):
             group(long, _embeds(ckpt.text_dim), on_step=stop_after_step_2)
         logged = "\n".join(r.getMessage() for r in caplog.records)
         stops = logged_stops(logged)
@@ -201,7 +201,7 @@ def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint, caplog):
 def test_worker_group_with_cuda_graphs_matches_eager(tiny4_checkpoint, plan, head_groups):
     """With 2 head groups the exchanges are started ahead of their waits: NCCL runs them beside the attention
     (what the tiny model cannot show is the time that saves)."""
-    from wan_triton.parallel.group import WorkerGroup
+    from wan_triton.workers.supervisor import WorkerGroup
 
     ckpt = Checkpoint.open(tiny4_checkpoint)
     latents = {}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wan_triton.launch import RunningServer
+from wan_triton.tritonserver.launch import RunningServer
 
 LOG = (
     """\

@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import assert_frames_close
 
-from wan_triton.checkpoint import Checkpoint
-from wan_triton.deployment import ComponentConfig
-from wan_triton.parallel.plan import ParallelPlan, PlanError, RankCoords, num_tokens
-from wan_triton.request import GenerationRequest
+from wan_triton.config.deployment import ComponentConfig
+from wan_triton.config.plan import ParallelPlan, PlanError, RankCoords, num_tokens
+from wan_triton.config.request import GenerationRequest
+from wan_triton.model.checkpoint import Checkpoint
 
 TORCH_CPU = ComponentConfig(engine="torch")
 PLANS = [
@@ -58,8 +58,8 @@ def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan], s
     latents per (plan, case) and what this rank's self-attention layers saw: (tokens, local heads, batch)."""
     from diffusers.models.transformers.transformer_wan import WanAttention
 
-    from wan_triton.parallel.groups import create_groups
-    from wan_triton.parallel.rank import build_rank_denoiser
+    from wan_triton.parallel.process_groups import create_groups
+    from wan_triton.workers.rank import build_rank_denoiser
 
     seen: set[tuple[int, int, int]] = set()
 
@@ -89,14 +89,14 @@ SHARDED_PLAN = ParallelPlan(tp=2)
 
 @pytest.fixture(scope="module")
 def shards(tiny4_checkpoint, tmp_path_factory) -> Path:
-    from wan_triton.parallel.shards import write_tp_shards
+    from wan_triton.parallel.tp_shards import write_tp_shards
 
     return write_tp_shards(Checkpoint.open(tiny4_checkpoint), SHARDED_PLAN, "float32", tmp_path_factory.mktemp("tp2"))
 
 
 @pytest.fixture(scope="module")
 def world_results(tiny4_checkpoint, shards):
-    from wan_triton.parallel.world import run_world
+    from wan_triton.workers.world import run_world
 
     return run_world(4, _denoise_each_plan, (tiny4_checkpoint, PLANS, shards))
 
@@ -105,7 +105,7 @@ def world_results(tiny4_checkpoint, shards):
 def single(tiny4_checkpoint):
     """World size 1: today's single-process path (components.build_denoiser), latents and decoded frames."""
     from wan_triton.components import build_denoiser, build_vae_decoder
-    from wan_triton.video import to_uint8_frames
+    from wan_triton.model.video import to_uint8_frames
 
     ckpt = Checkpoint.open(tiny4_checkpoint)
     denoiser = build_denoiser(ckpt, TORCH_CPU, Path("/nonexistent"))
@@ -121,7 +121,7 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("plan", PLANS, ids=str)
 @pytest.mark.parametrize("case", range(len(CASES)), ids=["guided", "unguided"])
 def test_plan_matches_world_size_1(world_results, single, plan, case):
-    from wan_triton.video import to_uint8_frames
+    from wan_triton.model.video import to_uint8_frames
 
     ref_latents, ref_frames, vae = single
     ranks = [r[(str(plan), case)] for r in world_results[: plan.world_size]]
@@ -169,7 +169,7 @@ def test_plan_is_validated_against_the_checkpoint():
 
 
 def test_deployment_plan_setting():
-    from wan_triton.deployment import ComponentConfig
+    from wan_triton.config.deployment import ComponentConfig
 
     assert ComponentConfig(engine="torch").parallel == ParallelPlan()
     assert ComponentConfig(engine="torch", parallel={"cfg": 2, "tp": 2}).parallel.world_size == 4
@@ -201,7 +201,7 @@ def test_shard_files_hold_exactly_the_sharded_module(tiny4_checkpoint, shards):
     """The build's name rules (TP_RULES) and the module surgery (shard_tensor_parallel) cut the same tensors."""
     from safetensors.torch import load_file
 
-    from wan_triton.parallel.model import shard_tensor_parallel
+    from wan_triton.parallel.sharding import shard_tensor_parallel
 
     ckpt = Checkpoint.open(tiny4_checkpoint)
     for j in range(2):
@@ -220,7 +220,7 @@ def test_manifest_mismatch_is_refused(tiny4_checkpoint, shards, tmp_path):
     import json
     import shutil
 
-    from wan_triton.parallel.shards import read_manifest
+    from wan_triton.parallel.tp_shards import read_manifest
 
     ckpt = Checkpoint.open(tiny4_checkpoint)
     manifest = read_manifest(shards, ckpt, SHARDED_PLAN, "float32")
@@ -248,7 +248,7 @@ def test_manifest_mismatch_is_refused(tiny4_checkpoint, shards, tmp_path):
 def test_loader_refuses_a_repository_built_for_another_plan(tiny4_checkpoint, shards, tmp_path):
     import shutil
 
-    from wan_triton.parallel.shards import find_shards
+    from wan_triton.parallel.tp_shards import find_shards
 
     ckpt = Checkpoint.open(tiny4_checkpoint)
     version = tmp_path / "1"
@@ -275,7 +275,7 @@ def test_loader_refuses_a_repository_built_for_another_plan(tiny4_checkpoint, sh
 )
 def test_build_refuses_a_plan_that_does_not_fit(tiny4_checkpoint, tmp_path, capsys, update, reason):
     from wan_build.__main__ import main as build_main
-    from wan_triton.deployment import Deployment
+    from wan_triton.config.deployment import Deployment
 
     root = Path(__file__).resolve().parent.parent
     deployment = Deployment.load(root / "model_repository/deployments/cpu_parallel.yaml")
@@ -294,9 +294,9 @@ def _ulysses_qk_layouts(rank: int, checkpoint: Path) -> dict:
     """One forward of a ulysses2 rank's expert with Q and K normalised and rotated straight into the all-to-all's
     chunk order, then with the earlier layout (normalise, rotate, then copy into chunk order), then chunked with
     fused projections; and how often the chunked path ran."""
-    from wan_triton import attention
-    from wan_triton.parallel import model as parallel_model
-    from wan_triton.parallel.groups import create_groups
+    from wan_triton.kernels import attention
+    from wan_triton.parallel import sharding as parallel_model
+    from wan_triton.parallel.process_groups import create_groups
 
     groups = create_groups(ParallelPlan(ulysses=2))
     module = Checkpoint.open(checkpoint).load_transformer("transformer")
@@ -327,7 +327,7 @@ def _ulysses_qk_layouts(rank: int, checkpoint: Path) -> dict:
 
 
 def test_ulysses_qk_straight_into_chunk_order_matches_the_layout_after_norm(tiny4_checkpoint):
-    from wan_triton.parallel.world import run_world
+    from wan_triton.workers.world import run_world
 
     for rank in run_world(2, _ulysses_qk_layouts, (tiny4_checkpoint,)):
         assert rank["calls_chunked"] == 2 * rank["layers"]  # Q and K of every self-attention took the new path

@@ -77,8 +77,7 @@ def test_the_all_to_all_stand_ins_copies_leave_the_compute_the_model_uses():
     time, so a Ulysses plan's compute leaves them out, and a plan without all-to-alls keeps its measured time."""
     sys.path.insert(0, str(SCRIPT.parent))
     from parallel_compute import TINY_TRANSFORMER, predictions
-
-    from wan_triton.parallel.perf_model import Bandwidth
+    from wan_bench.perf_model import Bandwidth
 
     def size(compute_s: float, copies_ms: float) -> dict:
         sizes = {"tiny": {"compute_s": compute_s, "profile": {"memcpy_dtod_ms": copies_ms}}}

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from wan_client import INPUT_DATATYPES
-from wan_triton.deployment import Deployment
-from wan_triton.request import validate_request
+from wan_triton.config.deployment import Deployment
+from wan_triton.config.request import validate_request
 
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "benchmarks" / "perf_analyzer.py"

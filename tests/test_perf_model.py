@@ -1,10 +1,10 @@
-"""The analytic step-time model of parallel plans (wan_triton.parallel.perf_model): pure arithmetic, checked by hand."""
+"""The analytic step-time model of parallel plans (wan_bench.perf_model): pure arithmetic, checked by hand."""
 
 from __future__ import annotations
 
 import pytest
 
-from wan_triton.parallel.perf_model import (
+from wan_bench.perf_model import (
     Bandwidth,
     ModelShape,
     collective_seconds,
@@ -15,7 +15,7 @@ from wan_triton.parallel.perf_model import (
     predict,
     predict_from_compute,
 )
-from wan_triton.parallel.plan import ParallelPlan, PlanError
+from wan_triton.config.plan import ParallelPlan, PlanError
 
 # A14B at 720p, 81 frames: 21 latent frames x 45 x 80 tokens.
 A14B_720P = ModelShape(num_layers=40, num_heads=40, head_dim=128, ffn_dim=13824, tokens=21 * 45 * 80)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from conftest import assert_frames_close, reference_frames
 
-from wan_triton.checkpoint import Checkpoint
-from wan_triton.deployment import Deployment
+from wan_triton.config.deployment import Deployment
+from wan_triton.config.request import validate_request
+from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.pipeline import LocalPipeline
-from wan_triton.request import validate_request
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,10 +79,10 @@ def test_both_experts_run_and_switch_at_the_boundary(pipeline):
 
         engine.run = spy
     try:
-        scheduler = ckpt.make_scheduler()
-        scheduler.set_timesteps(8)
+        solver = ckpt.make_solver()
+        solver.set_timesteps(8)
         boundary = ckpt.boundary_ratio * ckpt.num_train_timesteps
-        expected = ["transformer" if t >= boundary else "transformer_2" for t in scheduler.timesteps]
+        expected = ["transformer" if t >= boundary else "transformer_2" for t in solver.timesteps]
         pipe.denoiser(
             _request(ckpt, deployment, prompt="x", num_inference_steps=8, num_frames=1, height=16, width=16, seed=0),
             pipe_embeds(pipe),

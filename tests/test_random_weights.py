@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER, make_shapes_checkpoint
-from wan_triton.checkpoint import Checkpoint, CheckpointError
-from wan_triton.random_weights import MARKER
+from wan_triton.model.checkpoint import Checkpoint, CheckpointError
+from wan_triton.model.random_init import MARKER
 
 
 @pytest.fixture()

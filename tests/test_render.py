@@ -9,7 +9,7 @@ import pytest
 
 from wan_build import render
 from wan_build.render import RenderError, fill, render_repository
-from wan_triton.deployment import Deployment
+from wan_triton.config.deployment import Deployment
 from wan_triton.serving import model_io
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,7 +80,7 @@ def test_gpu_steps_take_inputs_where_they_are(tmp_path):
 
 
 def test_gpu_deployments_get_a_cuda_memory_pool_for_tensors_between_steps(tmp_path):
-    from wan_triton import server as triton_server
+    from wan_triton.tritonserver import server as triton_server
 
     cpu = render_repository(
         Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml"), tmp_path, tmp_path, tmp_path / "cpu"

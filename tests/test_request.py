@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wan_triton.deployment import Deployment
-from wan_triton.request import InvalidRequestError, validate_request
+from wan_triton.config.deployment import Deployment
+from wan_triton.config.request import InvalidRequestError, validate_request
 
 DEPLOYMENT = Deployment.load(Path(__file__).resolve().parent.parent / "model_repository/deployments/cpu.yaml")
 

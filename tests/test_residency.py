@@ -1,5 +1,5 @@
-"""Expert swapping (wan_triton.residency) on CPU: the same latents as both experts resident, the switch copied in
-during the step before it, and recovery from a forward that fails half-way. The GPU side (side-stream copies,
+"""Expert swapping (wan_triton.runtime.residency) on CPU: the same latents as both experts resident, the switch copied
+in during the step before it, and recovery from a forward that fails half-way. The GPU side (side-stream copies,
 peak memory, step time) is measured by benchmarks/expert_swap.py and checked by tests/test_gpu.py."""
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from wan_triton.checkpoint import Checkpoint
 from wan_triton.components import build_denoiser
-from wan_triton.denoise import warm_up
-from wan_triton.deployment import ComponentConfig
-from wan_triton.engines.base import EngineKind
-from wan_triton.request import GenerationRequest
+from wan_triton.config.deployment import ComponentConfig, EngineKind
+from wan_triton.config.request import GenerationRequest
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.model.denoise import warm_up
 
 REQUEST = GenerationRequest(
     prompt="-",
@@ -57,9 +56,9 @@ def test_swapped_experts_give_the_resident_latents(ckpt, embeds, resident_latent
     # One device module serves both experts.
     assert denoiser.experts["transformer"].eager is denoiser.experts["transformer_2"].eager
 
-    scheduler = ckpt.make_scheduler()
-    scheduler.set_timesteps(REQUEST.num_inference_steps)
-    schedule = [denoiser.expert_for(t) for t in scheduler.timesteps]
+    solver = ckpt.make_solver()
+    solver.set_timesteps(REQUEST.num_inference_steps)
+    schedule = [denoiser.expert_for(t) for t in solver.timesteps]
     assert set(schedule) == {"transformer", "transformer_2"}, schedule  # the request crosses the boundary
 
     for _ in range(2):  # twice: the switch back to the high-noise expert happens at the end of each request
@@ -91,9 +90,9 @@ def test_a_failed_forward_forces_a_full_copy_next_time(ckpt, embeds, resident_la
         return out
 
     swapper.module.forward = failing_forward
-    scheduler = ckpt.make_scheduler()
-    scheduler.set_timesteps(REQUEST.num_inference_steps)
-    schedule = [denoiser.expert_for(t) for t in scheduler.timesteps]
+    solver = ckpt.make_solver()
+    solver.set_timesteps(REQUEST.num_inference_steps)
+    schedule = [denoiser.expert_for(t) for t in solver.timesteps]
     assert schedule[2] == "transformer" and schedule[3] == "transformer_2", schedule
     with pytest.raises(RuntimeError, match="injected failure"):
         denoiser(REQUEST, embeds)

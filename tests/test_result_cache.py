@@ -21,9 +21,9 @@ from tritonclient.utils import InferenceServerException
 
 from wan_build.render import CACHED_PIPELINE, render_repository
 from wan_client import build_infer_inputs
-from wan_triton import server as triton_server
-from wan_triton.deployment import Deployment
-from wan_triton.request import InvalidRequestError, validate_request
+from wan_triton.config.deployment import Deployment
+from wan_triton.config.request import InvalidRequestError, validate_request
+from wan_triton.tritonserver import server as triton_server
 
 ROOT = Path(__file__).resolve().parent.parent
 CPU_TORCH = ROOT / "model_repository/deployments/cpu_torch.yaml"

@@ -14,8 +14,8 @@ from conftest import DEPLOYMENTS, assert_frames_close, reference_frames
 from tritonclient.utils import InferenceServerException
 
 from wan_client import build_infer_inputs
-from wan_triton.deployment import Deployment
-from wan_triton.video import decode_mp4
+from wan_triton.config.deployment import Deployment
+from wan_triton.model.video import decode_mp4
 
 pytestmark = pytest.mark.server
 

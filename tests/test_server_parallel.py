@@ -139,8 +139,9 @@ def test_size_the_sequence_cannot_split_over_is_still_served(client):
 
 
 def test_deadline_stops_every_rank_mid_loop_and_keeps_the_group(server, client, reference):
-    # The scheduler's step hook sees the deadline; the ranks agree after each step (wan_triton.parallel.stop) and
-    # stop together soon after, instead of running out the loop, so the same processes serve the next request.
+    # The scheduler's step hook sees the deadline; the ranks agree after each step
+    # (wan_triton.workers.step_agreement) and stop together soon after, instead of running out the loop, so the same
+    # processes serve the next request.
     workers = _workers(server)
     log_start = server.log_path.stat().st_size
     with pytest.raises(InferenceServerException) as caught:

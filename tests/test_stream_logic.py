@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from wan_triton.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.components import build_denoiser
-from wan_triton.deployment import Deployment
-from wan_triton.request import GenerationRequest, InvalidRequestError, validate_request
+from wan_triton.config.deployment import Deployment
+from wan_triton.config.request import GenerationRequest, InvalidRequestError, validate_request
+from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.serving.stopping import DEADLINE_MESSAGE, JobBoard, RequestStopped, StepGuard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,7 +99,7 @@ def test_clean_estimate_is_what_unipc_predicts():
     """x0 = latents - sigma x noise_pred is UniPC's own x0 prediction for flow matching, at every step."""
     import diffusers
 
-    from wan_triton.denoise import clean_estimate
+    from wan_triton.model.denoise import clean_estimate
 
     scheduler = diffusers.UniPCMultistepScheduler(
         prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0

@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_triton.checkpoint import Checkpoint
-from wan_triton.deployment import ComponentConfig
-from wan_triton.parallel.plan import ParallelPlan, PlanError
+from wan_triton.config.deployment import ComponentConfig
+from wan_triton.config.plan import ParallelPlan, PlanError
+from wan_triton.model.checkpoint import Checkpoint
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -28,8 +28,8 @@ def _grouped_attention(rank: int) -> dict:
     import torch.distributed as dist
     from torch._inductor.utils import run_and_get_code
 
-    from wan_triton.components import OVERLAP_COMPILE_OPTIONS
     from wan_triton.parallel import ulysses
+    from wan_triton.runtime.experts import OVERLAP_COMPILE_OPTIONS
 
     group = dist.group.WORLD
     gen = torch.Generator().manual_seed(rank)
@@ -77,7 +77,7 @@ def _grouped_attention(rank: int) -> dict:
 
 
 def test_head_groups_attend_the_whole_sequence_and_start_each_exchange_one_group_ahead():
-    from wan_triton.parallel.world import run_world
+    from wan_triton.workers.world import run_world
 
     for rank in run_world(2, _grouped_attention):
         for n in (1, 2, 4):
@@ -145,9 +145,9 @@ def _tiny_expert_runs(rank: int, checkpoint: Path) -> dict:
     layouts) and through the compiled blocks as a parallel rank compiles them, with the compiled code."""
     from torch._inductor.utils import run_and_get_code
 
-    from wan_triton.components import compile_expert_blocks
-    from wan_triton.parallel import model as parallel_model
-    from wan_triton.parallel.groups import create_groups
+    from wan_triton.parallel import sharding as parallel_model
+    from wan_triton.parallel.process_groups import create_groups
+    from wan_triton.runtime.experts import compile_expert_blocks
 
     groups = create_groups(ParallelPlan(ulysses=2))
     gen = torch.Generator().manual_seed(0)
@@ -177,7 +177,7 @@ def _tiny_expert_runs(rank: int, checkpoint: Path) -> dict:
 
 
 def test_tiny_expert_gives_the_same_output_with_head_groups_and_compiles_them_in_order(tiny4_checkpoint):
-    from wan_triton.parallel.world import run_world
+    from wan_triton.workers.world import run_world
 
     for rank in run_world(2, _tiny_expert_runs, (tiny4_checkpoint,)):
         assert rank["1 heads"] == [1] and rank["2 heads"] == [2]

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from wan_build.tiny_model import make_tiny_checkpoint
-from wan_triton.checkpoint import Checkpoint
-from wan_triton.engines.base import Engine, EngineKind
-from wan_triton.specs import ShapeLimits, vae_decoder_phase_specs
-from wan_triton.vae_chunks import (
+from wan_triton.config.deployment import EngineKind
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.model.engine import Engine
+from wan_triton.model.specs import ShapeLimits, vae_decoder_phase_specs
+from wan_triton.model.vae_chunks import (
     REP,
     CacheSlot,
     EngineVaeDecoder,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from wan_triton.checkpoint import Checkpoint
-from wan_triton.video import to_uint8_frames
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.model.video import to_uint8_frames
 
 # 3 latent frames (the causal time cache carries across them) of 4 x 8 latents: 2 columns a rank at 4 ranks.
 LATENT_SHAPE = (3, 4, 8)
@@ -42,7 +42,7 @@ def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_split_decode_matches_one_process(tiny4_checkpoint, vae_and_latents, ranks):
-    from wan_triton.parallel.world import run_world
+    from wan_triton.workers.world import run_world
 
     vae, latents, whole = vae_and_latents
     # Then a width of 6 latent columns: 3 per rank at 2 ranks, and not divisible at 4 (rank 0 decodes it whole).
@@ -70,7 +70,7 @@ def test_strips_decoded_alone_do_not_match(vae_and_latents):
 
 def test_vae_worker_group_serves_the_split_decode(tiny4_checkpoint, vae_and_latents):
     from wan_triton.components import build_vae_decoder
-    from wan_triton.deployment import ComponentConfig
+    from wan_triton.config.deployment import ComponentConfig
 
     _, latents, _ = vae_and_latents
     ckpt = Checkpoint.open(tiny4_checkpoint)
@@ -87,7 +87,7 @@ def test_vae_worker_group_serves_the_split_decode(tiny4_checkpoint, vae_and_late
 def test_split_width_is_a_vae_setting():
     from pydantic import ValidationError
 
-    from wan_triton.deployment import ComponentConfig, Components
+    from wan_triton.config.deployment import ComponentConfig, Components
 
     torch_cpu = ComponentConfig(engine="torch")
     with pytest.raises(ValidationError, match="denoiser: split_width is a vae_decoder setting"):

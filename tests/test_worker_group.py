@@ -15,12 +15,12 @@ import pytest
 import torch
 from conftest import logged_stops
 
-from wan_triton.checkpoint import Checkpoint
-from wan_triton.deployment import ComponentConfig
-from wan_triton.parallel.group import WorkerGroup, WorkerGroupError
-from wan_triton.parallel.plan import PlanError
-from wan_triton.request import GenerationRequest, InvalidRequestError
+from wan_triton.config.deployment import ComponentConfig
+from wan_triton.config.plan import PlanError
+from wan_triton.config.request import GenerationRequest, InvalidRequestError
+from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.serving.stopping import RequestStopped
+from wan_triton.workers.supervisor import WorkerGroup, WorkerGroupError
 
 # Ulysses: every layer of every step waits on the peer rank, so a dead peer would hang a naive supervisor.
 CFG = ComponentConfig(engine="torch", parallel={"ulysses": 2})
@@ -138,7 +138,7 @@ def test_a_stopped_request_stops_every_rank_and_keeps_the_group(group, embeds, c
             raise RequestStopped("cancelled", f"request cancelled after step {index + 1} of {count}")
 
     with (
-        caplog.at_level(logging.INFO, logger="wan_triton.parallel.group"),
+        caplog.at_level(logging.INFO, logger="wan_triton.workers.supervisor"),
         pytest.raises(RequestStopped, match="cancelled after step 2 of 200"),
     ):
         group(_request(200), embeds, on_step=hook)

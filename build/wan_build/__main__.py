@@ -15,10 +15,9 @@ import logging
 import sys
 from pathlib import Path
 
-from wan_triton.checkpoint import Checkpoint, CheckpointError
-from wan_triton.deployment import Deployment
-from wan_triton.engines.base import EngineKind
-from wan_triton.specs import ShapeLimits
+from wan_triton.config.deployment import Deployment, EngineKind
+from wan_triton.model.checkpoint import Checkpoint, CheckpointError
+from wan_triton.model.specs import ShapeLimits
 
 from .render import RenderError, render_repository
 from .tiny_model import make_tiny_checkpoint
@@ -63,7 +62,7 @@ def default_artifacts(ckpt: Checkpoint, artifacts_root: Path) -> Path:
 def build_tp_shards(deployment: Deployment, ckpt: Checkpoint, artifacts: Path) -> None:
     """Validate the denoiser's parallel plan against the checkpoint; with tp > 1 cut each expert into per-rank
     files (skipped when already cut from the same weights for the same plan and precision)."""
-    from wan_triton.parallel.shards import read_manifest, shard_folder_name, write_tp_shards
+    from wan_triton.parallel.tp_shards import read_manifest, shard_folder_name, write_tp_shards
 
     cfg = deployment.components.denoiser
     plan = cfg.parallel

@@ -1,6 +1,6 @@
 """Export the text encoder, both denoiser experts and the VAE decoder phases to ONNX, then check them.
 
-Every graph's tensor names, dtypes and dynamic dims come from `wan_triton.specs`. The dynamo exporter is used
+Every graph's tensor names, dtypes and dynamic dims come from `wan_triton.model.specs`. The dynamo exporter is used
 throughout (Wan's rotary embedding keeps dynamic shapes only through it) and it silently pins dims it cannot
 prove dynamic, so each exported graph is reloaded and its input/output dims compared with the spec: symbolic
 exactly where the spec names a dim, else an error. Each graph is then run in ONNX Runtime at the spec's min shape
@@ -40,9 +40,8 @@ try:
 except ImportError:  # run from a source checkout: the serving library sits next to build/
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python_backend"))
 
-from wan_triton.checkpoint import EXPERTS, MAX_SEQUENCE_LENGTH, Checkpoint
-from wan_triton.engines.onnxruntime_engine import OnnxRuntimeEngine
-from wan_triton.specs import (
+from wan_triton.model.checkpoint import EXPERTS, MAX_SEQUENCE_LENGTH, Checkpoint
+from wan_triton.model.specs import (
     ComponentSpec,
     DimRange,
     ShapeLimits,
@@ -50,7 +49,8 @@ from wan_triton.specs import (
     text_encoder_spec,
     vae_decoder_phase_specs,
 )
-from wan_triton.vae_chunks import EngineVaeDecoder, build_phase_modules, decode_latents, phase_graph_path
+from wan_triton.model.vae_chunks import EngineVaeDecoder, build_phase_modules, decode_latents, phase_graph_path
+from wan_triton.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,15 @@ import shutil
 from pathlib import Path
 from string import Template
 
-from wan_triton.deployment import ComponentConfig, Deployment, Serving
-from wan_triton.engines.base import EngineKind
+from wan_triton.config.deployment import (
+    DEPLOYMENT_FILE,
+    REPOSITORY_MARKER,
+    ComponentConfig,
+    Deployment,
+    EngineKind,
+    Serving,
+)
 from wan_triton.serving import model_io
-from wan_triton.serving.triton import DEPLOYMENT_FILE, REPOSITORY_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +154,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def _link_tp_shards(deployment: Deployment, component: ComponentConfig, artifacts: Path, version_dir: Path) -> None:
     """The build-time tp shards next to the scheduler model; the manifest records the plan they were cut for."""
-    from wan_triton.parallel.shards import MANIFEST, shard_folder_name
+    from wan_triton.parallel.tp_shards import MANIFEST, shard_folder_name
 
     name = shard_folder_name(component.parallel, component.precision)
     src = artifacts / name

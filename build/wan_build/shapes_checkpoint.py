@@ -2,7 +2,7 @@
 
 The folder has the Diffusers layout with every component's real config (A14B experts, UMT5-XXL text encoder, Wan
 VAE, the official UniPC settings) and a `RANDOM_WEIGHTS` marker; loaders then build the modules with random
-weights directly on the device (see `wan_triton.random_weights`). The tokenizer is the small offline-trained one:
+weights directly on the device (see `wan_triton.model.random_init`). The tokenizer is the small offline-trained one:
 token ids only index the real-size embedding table, and their values do not change the work.
 
     python -m wan_build.shapes_checkpoint OUT_DIR
@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 from transformers import UMT5Config
 
-from wan_triton.random_weights import MARKER
+from wan_triton.model.random_init import MARKER
 
 from .tiny_model import train_tokenizer
 

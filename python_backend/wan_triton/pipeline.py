@@ -9,22 +9,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint
-from .components import build_denoiser, build_text_encoder, build_vae_decoder
-from .denoise import Denoiser, StepCallback
-from .deployment import Deployment
-from .engines.base import Engine
-from .request import GenerationRequest
-from .text import PromptTokenizer, encode_tokens
-from .vae import VaeDecoder
-
-if TYPE_CHECKING:
-    from .parallel.group import VaeWorkerGroup
+from wan_triton.components import build_denoiser, build_text_encoder, build_vae_decoder
+from wan_triton.config.deployment import Deployment
+from wan_triton.config.request import GenerationRequest
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.model.denoise import Denoiser, StepCallback
+from wan_triton.model.engine import Engine
+from wan_triton.model.text import PromptTokenizer, encode_tokens
+from wan_triton.model.vae import VaeDecoder
+from wan_triton.workers.supervisor import VaeWorkerGroup
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
-"""Multi-GPU denoising: CFG parallel x Ulysses sequence parallel x tensor parallel, run by a worker group.
+"""Multi-GPU primitives of the denoiser: CFG parallel x Ulysses sequence parallel x tensor parallel.
 
-`plan` (the plan and its validation), `ulysses` (all-to-all heads <-> sequence), `tensor_parallel` (sharded
-Linear / RMSNorm layers), `model` (sharding a WanTransformer3DModel in place and its attention processor),
-`cfg` (the classifier-free-guidance exchange), `worker` / `group` (the worker processes and their supervisor),
-`perf_model` (the analytic step-time model of the benchmark).
+`process_groups` (the torch.distributed groups of a plan), `cfg` (the classifier-free-guidance exchange), `ulysses`
+(all-to-all heads <-> sequence), `tensor_parallel` (sharded Linear / RMSNorm layers), `sharding` (a
+WanTransformer3DModel sharded in place for one rank, and its attention processor), `tp_shards` (build-time
+tensor-parallel weight files), `vae_split` (the VAE decode split by frame width). The plan itself is configuration
+(`config.plan`); the processes that run it are `workers`.
 """

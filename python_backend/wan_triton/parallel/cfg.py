@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..engines.base import Engine
+from wan_triton.model.engine import Engine
 
 
 @dataclass(frozen=True)

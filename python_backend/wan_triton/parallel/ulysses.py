@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from ..attention import AttentionFn
+from wan_triton.kernels.attention import AttentionFn
 
 
 def _all_to_all(chunks: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

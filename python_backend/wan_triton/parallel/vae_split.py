@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .ulysses import gather_sequence
+from wan_triton.parallel.ulysses import gather_sequence
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..checkpoint import MAX_SEQUENCE_LENGTH
+from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH
 
 
 @dataclass(frozen=True)

@@ -14,17 +14,17 @@ import time
 import numpy as np
 import torch
 
-from ..components import build_denoiser, build_text_encoder, build_vae_decoder, warm_up_denoiser
-from ..denoise import BatchItem, group_by_shape, latent_shape
-from ..pipeline import prompts_for
-from ..request import GenerationRequest, validate_request
-from ..text import PromptTokenizer, encode_tokens
-from ..video import encode_mp4
-from . import model_io as io
-from .metrics import StageMetrics
-from .stopping import JobBoard, StepGuard
-from .stream import StreamRunner
-from .triton import (
+from wan_triton.components import build_denoiser, build_text_encoder, build_vae_decoder, warm_up_denoiser
+from wan_triton.config.request import GenerationRequest, validate_request
+from wan_triton.model.denoise import BatchItem, group_by_shape, latent_shape
+from wan_triton.model.text import PromptTokenizer, encode_tokens
+from wan_triton.model.video import encode_mp4
+from wan_triton.pipeline import prompts_for
+from wan_triton.serving import model_io as io
+from wan_triton.serving.metrics import StageMetrics
+from wan_triton.serving.stopping import JobBoard, StepGuard
+from wan_triton.serving.stream import StreamRunner
+from wan_triton.serving.triton import (
     ModelContext,
     error_response,
     execute_each,

@@ -29,13 +29,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import Checkpoint
-from ..deployment import Deployment
-from ..request import GenerationRequest, InvalidRequestError, validate_request
-from . import model_io as io
-from .metrics import StageMetrics
-from .stopping import DEADLINE_MESSAGE, JobBoard, RequestStopped, StepGuard
-from .triton import StageError, bls_infer, error_response, outcome_of, output, pb_utils
+from wan_triton.config.deployment import Deployment
+from wan_triton.config.request import GenerationRequest, InvalidRequestError, validate_request
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.serving import model_io as io
+from wan_triton.serving.metrics import StageMetrics
+from wan_triton.serving.stopping import DEADLINE_MESSAGE, JobBoard, RequestStopped, StepGuard
+from wan_triton.serving.triton import StageError, bls_infer, error_response, outcome_of, output, pb_utils
 
 logger = logging.getLogger(__name__)
 

@@ -16,17 +16,14 @@ import numpy as np
 import torch
 import torch.utils.dlpack
 
-from ..checkpoint import Checkpoint
-from ..deployment import Deployment
-from ..request import InvalidRequestError
-from .metrics import StageMetrics
-from .model_io import IO
-from .stopping import RequestStopped
+from wan_triton.config.deployment import DEPLOYMENT_FILE, Deployment
+from wan_triton.config.request import InvalidRequestError
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.serving.metrics import StageMetrics
+from wan_triton.serving.model_io import IO
+from wan_triton.serving.stopping import RequestStopped
 
 logger = logging.getLogger(__name__)
-
-DEPLOYMENT_FILE = "deployment.json"
-REPOSITORY_MARKER = ".wan_t2v_repository"  # marks a model repository that `make build` rendered
 
 
 def pb_utils():

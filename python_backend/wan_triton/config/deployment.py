@@ -1,0 +1,230 @@
+"""The deployment config: engines, devices, precision, request limits and defaults, in one YAML file.
+
+`make build` renders every Triton model from one of these files and writes the resolved result next to each
+model as `deployment.json`, which the model.py files read at load time. Unknown keys are errors, so a typo in a
+deployment file fails the build instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from wan_triton.config.plan import ParallelPlan
+
+Device = Literal["cpu", "cuda"]
+Precision = Literal["float32", "bfloat16", "float16"]
+MIN_RESULT_CACHE_BYTES = 1 << 20
+# Each rendered model's resolved deployment, read by its model.py at load time and by the server launcher.
+DEPLOYMENT_FILE = "deployment.json"
+REPOSITORY_MARKER = ".wan_t2v_repository"  # marks a model repository that `make build` rendered
+
+
+class EngineKind(StrEnum):
+    ONNXRUNTIME = "onnxruntime"  # the exported ONNX graphs; the default on CPU
+    TORCH = "torch"  # the library modules (diffusers/transformers); the default on GPU
+    TENSORRT = "tensorrt"  # reserved: compiled plans built from the same specs' profiles
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ComponentConfig(_Strict):
+    engine: EngineKind
+    device: Device = "cpu"
+    precision: Precision = "float32"
+    instance_count: int = Field(default=1, ge=1)
+    # Denoiser only: attention kernel of the torch engine (see wan_triton.kernels.attention). "auto" picks the fastest
+    # installed on GPU (flash4, then flash3, then cudnn) and diffusers' own processor on CPU.
+    attention: Literal["auto", "reference", "cudnn", "flash4", "flash3"] = "auto"
+    # Denoiser only: regional torch.compile of every transformer block (fuses the norm/modulation/rotary
+    # elementwise work around the GEMMs; 1.18x-1.25x per step on H100, see benchmarks/RESULTS.md).
+    compile_blocks: bool = False
+    # Denoiser only (torch engine): `resident` keeps both experts on the device; `swap` keeps both in pinned host
+    # memory and one on the device, copying the next expert in block by block during the step before the switch
+    # (one expert's memory, no visible cost; see wan_triton.runtime.residency); `auto` keeps both resident when their
+    # weights take at most 3/4 of the device's memory.
+    expert_residency: Literal["auto", "resident", "swap"] = "auto"
+    # Denoiser only (torch engine on CUDA): replay each expert's forward as a CUDA graph captured per input shape,
+    # which removes the kernel-launch overhead that dominates small shapes (see wan_triton.runtime.engines.cuda_graph).
+    # With a parallel plan the forward's collectives are captured too.
+    cuda_graphs: bool = False
+
+    # Denoiser only: multi-GPU plan, cfg x ulysses x tp ranks (wan_triton.parallel). Above 1x1x1 the scheduler
+    # runs a worker group of that many processes (one GPU each on cuda; gloo on cpu) with the torch engine.
+    parallel: ParallelPlan = ParallelPlan()
+    # Denoiser only, plans with ulysses > 1: each rank exchanges and attends its heads in this many groups, starting
+    # a group's all-to-all while the previous group is attended, so that only 1/G of the exchange is waited for
+    # (wan_triton.parallel.ulysses). Must divide num_attention_heads / (ulysses x tp). The result is the same for
+    # every G. On one H100 at 720p (commit c1267d8, benchmarks/parallel_compute.py against G = 1 in the same run),
+    # 2 groups gave ulysses2 a 1.1% shorter predicted step, and cfg2 x ulysses4 a 1.3% longer one (5-head attention
+    # calls run 3.7% slower); the overlap is not yet measured on several GPUs (benchmarks/RESULTS.md), so the
+    # shipped deployments leave it at 1.
+    ulysses_head_groups: int = Field(default=1, ge=1)
+    # VAE decoder only (torch engine): decode split by frame width over this many processes (one GPU each from the
+    # model's device on, on cuda; gloo on cpu), exact up to summation order (wan_triton.parallel.vae_split). On one
+    # H100 (commit fbac6b4, benchmarks/vae_split.py) a 720p fp32 decode computes in 7.63 s whole and 1.20 s as one
+    # of 8 strips, the same run (benchmarks/RESULTS.md).
+    split_width: int = Field(default=1, ge=1)
+    # Worker groups (a parallel plan, split_width > 1): a request fails when no rank has reported progress (a
+    # denoising step, or its result) for this long, and the group is restarted before the next request. A rank hung
+    # in a collective (a stuck GPU, a peer stopped without exiting) would otherwise hold the request, and the model
+    # instance, forever. A shape that was not warmed up compiles (and captures graphs) within its first step, which
+    # takes minutes at 720p: keep this well above that.
+    worker_stall_timeout_s: float = Field(default=900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _engine_options(self) -> ComponentConfig:
+        if self.cuda_graphs and (self.engine != EngineKind.TORCH or self.device != "cuda"):
+            raise ValueError("cuda_graphs needs engine: torch and device: cuda")
+        if self.expert_residency == "swap" and self.engine != EngineKind.TORCH:
+            raise ValueError("expert_residency: swap needs engine: torch")
+        if not self.parallel.is_single and self.engine != EngineKind.TORCH:
+            raise ValueError(f"parallel plan {self.parallel} needs engine torch, not {self.engine.value}")
+        if not self.parallel.is_single and self.instance_count != 1:
+            # One instance owns the group's GPUs (0 .. world size - 1); a second would share them.
+            raise ValueError(
+                f"parallel plan {self.parallel} runs one instance (one worker group), not {self.instance_count}"
+            )
+        if self.split_width > 1 and (self.engine != EngineKind.TORCH or self.instance_count != 1):
+            raise ValueError(f"split_width {self.split_width} needs engine torch and one instance")
+        if self.ulysses_head_groups > 1 and self.parallel.ulysses == 1:
+            raise ValueError(f"ulysses_head_groups {self.ulysses_head_groups} needs a plan with ulysses > 1")
+        if not self.parallel.is_single and self.expert_residency == "swap":
+            # The ranks keep their experts resident: a TP shard is what makes both experts fit.
+            raise ValueError(f"parallel plan {self.parallel} does not combine with expert_residency: swap")
+        return self
+
+
+class Components(_Strict):
+    text_encoder: ComponentConfig
+    denoiser: ComponentConfig
+    vae_decoder: ComponentConfig
+
+    @model_validator(mode="after")
+    def _parallel_settings_in_place(self) -> Components:
+        # Each parallel setting belongs to one component: a plan splits the denoiser, split_width the VAE decode.
+        for name in ("text_encoder", "vae_decoder"):
+            if not getattr(self, name).parallel.is_single:
+                raise ValueError(f"{name}: parallel is a denoiser setting (the VAE decode splits with split_width)")
+        for name in ("text_encoder", "denoiser"):
+            if getattr(self, name).split_width != 1:
+                raise ValueError(f"{name}: split_width is a vae_decoder setting")
+        return self
+
+
+class Limits(_Strict):
+    """The largest request accepted. Engine shape ranges (ONNX dims, TensorRT profiles) are derived from these."""
+
+    max_height: int = Field(gt=0)
+    max_width: int = Field(gt=0)
+    max_pixels: int = Field(gt=0, description="height x width")
+    max_num_frames: int = Field(gt=0)
+    max_num_inference_steps: int = Field(gt=0)
+    max_prompt_chars: int = Field(gt=0)
+    max_guidance_scale: float = Field(default=50.0, gt=0)
+    max_fps: int = Field(default=120, gt=0)
+    # The largest `timeout_s` a request may ask for (a 720p A14B request takes about 15 minutes on one H100).
+    max_timeout_s: float = Field(default=3600.0, gt=0)
+
+
+class Defaults(_Strict):
+    """Values used for optional request inputs that a request leaves out."""
+
+    negative_prompt: str = ""
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    guidance_scale_2: float
+    fps: int
+    # None: no deadline unless the request sets `timeout_s`.
+    timeout_s: float | None = Field(default=None, gt=0)
+
+
+class WarmupShape(_Strict):
+    """A request shape run once at load, before the model reports ready (compiles kernels, fills caches)."""
+
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    num_frames: int = Field(gt=0)
+
+
+class Serving(_Strict):
+    """How the scheduler step (the denoising loop) queues and batches requests; rendered into its config.pbtxt as
+    Triton's own `max_batch_size` and `dynamic_batching` (see README "Queue limit and batching")."""
+
+    # Requests with the same shape settings (size, frames, steps, guidance on/off) run their expert forwards as one
+    # batch of up to this many requests. 1 turns batching off.
+    max_batch_size: int = Field(default=1, ge=1, le=64)
+    # Requests waiting for the scheduler beyond those it runs; one more is refused at once with UNAVAILABLE
+    # ("Exceeds maximum queue size"). None: unbounded.
+    max_queue_size: int | None = Field(default=None, ge=1)
+    # How long the batcher may hold a request to fill a batch (Triton's max_queue_delay_microseconds). 0: batch
+    # only what is already waiting when an instance frees up, so a lone request is never delayed.
+    max_queue_delay_ms: float = Field(default=0.0, ge=0, le=60_000)
+    # Triton's CUDA memory pool per GPU (`--cuda-memory-pool-byte-size`), in MiB, set by `make serve` when a component
+    # runs on a GPU. GPU tensors waiting between steps live there: prompt embeddings (16 MiB a request for A14B in
+    # fp32) and latents (8 MiB at 480p, 19 MiB at 720p, 81 frames). With Triton's default of 64 MiB a few waiting
+    # 480p requests filled it, and the Python backend stub then failed to copy their inputs ("failed to copy data")
+    # while the requests still succeeded, with wrong frames (measured on H100, benchmarks/RESULTS.md). Size it for
+    # (max_queue_size + max_batch_size + 2) requests at the largest shape.
+    cuda_memory_pool_mib: int = Field(default=1024, ge=64, le=65_536)
+
+
+class Deployment(_Strict):
+    model_name: str = "wan_t2v"
+    checkpoint: str | None = Field(default=None, description="checkpoint directory; set by `make build MODEL=`")
+    components: Components
+    limits: Limits
+    defaults: Defaults
+    # Shapes the engines are tuned for (TensorRT profile "opt"; warm-up later).
+    opt_height: int | None = None
+    opt_width: int | None = None
+    opt_num_frames: int | None = None
+    warmup: list[WarmupShape] = Field(default_factory=list)
+    # Result cache: identical requests (same inputs, seed included) answered from Triton's response cache, bounded
+    # to this many bytes of CPU memory. 0 is off. When on, `seed` is required (see README "Result cache").
+    result_cache_bytes: int = Field(default=0, ge=0)
+    serving: Serving = Field(default_factory=Serving)
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Deployment:
+        d, lim = self.defaults, self.limits
+        problems = []
+        for name in ("text_encoder", "vae_decoder"):
+            if not getattr(self.components, name).parallel.is_single:
+                problems.append(f"components.{name}.parallel: only the denoiser runs a parallel plan")
+        if d.height > lim.max_height or d.width > lim.max_width or d.height * d.width > lim.max_pixels:
+            problems.append(f"default size {d.width}x{d.height} is above the limits")
+        if d.num_frames > lim.max_num_frames:
+            problems.append(f"default num_frames {d.num_frames} > max_num_frames {lim.max_num_frames}")
+        if not 1 <= d.num_inference_steps <= lim.max_num_inference_steps:
+            problems.append(f"default num_inference_steps {d.num_inference_steps} outside [1, max]")
+        if d.timeout_s is not None and d.timeout_s > lim.max_timeout_s:
+            problems.append(f"default timeout_s {d.timeout_s} > max_timeout_s {lim.max_timeout_s}")
+        for shape in self.warmup:
+            if shape.height > lim.max_height or shape.width > lim.max_width or shape.num_frames > lim.max_num_frames:
+                problems.append(f"warm-up shape {shape} is above the limits")
+        if 0 < self.result_cache_bytes < MIN_RESULT_CACHE_BYTES:
+            # Triton's local cache cannot initialise below ~1 KiB, and below 1 MiB it holds no default CPU result.
+            problems.append(f"result_cache_bytes must be 0 (off) or at least {MIN_RESULT_CACHE_BYTES}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> Deployment:
+        text = Path(path).read_text(encoding="utf-8")
+        data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        return cls.model_validate(data)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)

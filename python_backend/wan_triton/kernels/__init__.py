@@ -1,0 +1,1 @@
+"""GPU kernels of the denoiser: attention backends and the FFN's fused GELU."""

@@ -1,0 +1,188 @@
+"""Read a Wan2.2 text-to-video checkpoint in the Diffusers layout.
+
+Nothing here assumes the tiny test config: layer counts, widths, vocabulary, text length and scheduler settings
+all come from the checkpoint's own config files. Weights are read from safetensors only (pickle-based `.bin`
+files are refused, since loading them can run arbitrary code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wan_triton.model import random_init
+from wan_triton.model.random_init import MARKER
+
+logger = logging.getLogger(__name__)
+
+COMPONENTS = ("text_encoder", "tokenizer", "transformer", "transformer_2", "vae", "scheduler")
+EXPERTS = ("transformer", "transformer_2")
+# WanPipeline.__call__ default; the official Wan2.2 config uses the same text length.
+MAX_SEQUENCE_LENGTH = 512
+
+
+class CheckpointError(ValueError):
+    """The directory is not a usable Wan2.2 T2V checkpoint."""
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"missing {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint directory with `model_index.json`, `text_encoder/`, `tokenizer/`, `transformer/`,
+    `transformer_2/`, `vae/` and `scheduler/`."""
+
+    root: Path
+
+    @classmethod
+    def open(cls, root: str | Path) -> Checkpoint:
+        ckpt = cls(Path(root).resolve())
+        ckpt.validate()
+        return ckpt
+
+    def validate(self) -> None:
+        index = self.model_index
+        missing = [c for c in COMPONENTS if c not in index or not (self.root / c).is_dir()]
+        if missing:
+            raise CheckpointError(f"{self.root}: components missing from the Diffusers layout: {missing}")
+        if self.random_weights:
+            logger.warning("%s is a RANDOM-WEIGHT benchmark checkpoint: its output is noise", self.root)
+            return
+        for component in ("text_encoder", "transformer", "transformer_2", "vae"):
+            folder = self.root / component
+            if not any(folder.glob("*.safetensors")):
+                raise CheckpointError(f"{folder}: no .safetensors weights (other weight formats are refused)")
+
+    @property
+    def random_weights(self) -> bool:
+        """Configs only: modules are built with random weights (benchmarks of the real shapes)."""
+
+        return (self.root / MARKER).is_file()
+
+    @cached_property
+    def model_index(self) -> dict[str, Any]:
+        return _read_json(self.root / "model_index.json")
+
+    def config(self, component: str) -> dict[str, Any]:
+        name = "scheduler_config.json" if component == "scheduler" else "config.json"
+        return _read_json(self.root / component / name)
+
+    @property
+    def boundary_ratio(self) -> float | None:
+        return self.model_index.get("boundary_ratio")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.config("scheduler").get("num_train_timesteps", 1000))
+
+    @property
+    def vae_scale_factor_temporal(self) -> int:
+        return int(self.config("vae").get("scale_factor_temporal", 4))
+
+    @property
+    def vae_scale_factor_spatial(self) -> int:
+        return int(self.config("vae").get("scale_factor_spatial", 8))
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        return tuple(self.config("transformer")["patch_size"])  # type: ignore[return-value]
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.config("transformer")["in_channels"])
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.config("text_encoder")["d_model"])
+
+    @property
+    def spatial_multiple(self) -> int:
+        """Height and width must be multiples of this many pixels (VAE stride x patch size)."""
+        return self.vae_scale_factor_spatial * max(self.patch_size[1], self.patch_size[2])
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        return (num_frames - 1) // self.vae_scale_factor_temporal + 1
+
+    # Loaders. Each takes the dtype and device to load straight into.
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.root / "tokenizer")
+
+    def load_text_encoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu", eager_attention: bool = False):
+        from transformers import UMT5EncoderModel
+
+        if self.random_weights:
+            from transformers import UMT5Config
+
+            config = UMT5Config.from_pretrained(self.root / "text_encoder")
+            return random_init.build(lambda: UMT5EncoderModel(config), dtype, device)
+        kwargs: dict[str, Any] = {"dtype": dtype, "use_safetensors": True}
+        if eager_attention:
+            # The dynamo ONNX exporter fails on UMT5 under SDPA attention.
+            kwargs["attn_implementation"] = "eager"
+        model = UMT5EncoderModel.from_pretrained(self.root / "text_encoder", **kwargs)
+        return model.to(device).eval()
+
+    def has_expert(self, name: str) -> bool:
+        return (self.root / name / "config.json").is_file()
+
+    def expert_weight_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one expert's weights in `dtype`, from its config alone (built on the meta device)."""
+        from diffusers import WanTransformer3DModel
+
+        with torch.device("meta"):
+            module = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(self.root / EXPERTS[0]))
+        return sum(p.numel() for p in module.parameters()) * dtype.itemsize
+
+    def load_transformer(self, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        from diffusers import WanTransformer3DModel
+
+        if name not in EXPERTS:
+            raise ValueError(f"unknown expert {name!r}; expected one of {EXPERTS}")
+        if self.random_weights:
+            config = WanTransformer3DModel.load_config(self.root / name)
+            return random_init.build(
+                lambda: WanTransformer3DModel.from_config(config),
+                dtype,
+                device,
+                list(WanTransformer3DModel._keep_in_fp32_modules),
+            )
+        model = WanTransformer3DModel.from_pretrained(
+            self.root / name, torch_dtype=dtype, use_safetensors=True, device_map=device if device != "cpu" else None
+        )
+        return model.to(device).eval()
+
+    def load_vae(self, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        from diffusers import AutoencoderKLWan
+
+        if self.random_weights:
+            config = AutoencoderKLWan.load_config(self.root / "vae")
+            return random_init.build(lambda: AutoencoderKLWan.from_config(config), dtype, device)
+        model = AutoencoderKLWan.from_pretrained(self.root / "vae", torch_dtype=dtype, use_safetensors=True)
+        return model.to(device).eval()
+
+    def make_solver(self):
+        """A fresh solver for one request (solvers keep per-run state): the diffusers scheduler class the checkpoint
+        names. The project says "solver" for it; "scheduler" is the Triton step that runs the denoising loop."""
+        import diffusers
+
+        # The class named in model_index.json (UniPCMultistepScheduler in the official Wan2.2 checkpoints).
+        library, class_name = self.model_index["scheduler"]
+        if library != "diffusers" or not class_name.endswith("Scheduler") or not hasattr(diffusers, class_name):
+            raise CheckpointError(f"unsupported scheduler {library}.{class_name}")
+        return getattr(diffusers, class_name).from_config(self.config("scheduler"))

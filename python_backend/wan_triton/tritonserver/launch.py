@@ -1,0 +1,176 @@
+"""Start a Triton server in the background, wait until it is ready, and stop it cleanly.
+
+Used by the integration tests, the benchmarks and `make run`. The server runs as
+`python -m wan_triton.tritonserver.server` in its own process group; stopping sends SIGTERM (what an orchestrator
+sends) and waits for a clean exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Triton's log lines for a model's load and unload, and its exit countdown ("Timeout 12: Found 1 live models ...").
+_LOADED = re.compile(r"successfully loaded '([^']+)'")
+_UNLOADED = re.compile(r"successfully unloaded '([^']+)'")
+_COUNTDOWN = re.compile(r"\] \"Timeout \d+: Found ")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_ready(http_port: int) -> bool:
+    """Whether the Triton server on this host's `http_port` reports ready (every model loaded and warmed up)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    def is_ready(self) -> bool:
+        return server_ready(self.http_port)
+
+    def _log_lines(self) -> list[str]:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return []
+
+    def log_tail(self, num_lines: int = 40) -> str:
+        return "\n".join(self._log_lines()[-num_lines:])
+
+    def shutdown_report(self, num_lines: int = 40) -> str:
+        """Why a stop did not end cleanly: the models Triton loaded but never unloaded (the usual cause of "Exit
+        timeout expired"), then the log's tail without the once-a-second exit countdown, which otherwise fills it."""
+        lines = self._log_lines()
+        loaded = {m.group(1) for line in lines if (m := _LOADED.search(line))}
+        unloaded = {m.group(1) for line in lines if (m := _UNLOADED.search(line))}
+        tail = [line for line in lines if not _COUNTDOWN.search(line)][-num_lines:]
+        stuck = ", ".join(sorted(loaded - unloaded)) or "none"
+        return f"models never unloaded: {stuck}\n" + "\n".join(tail)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM, then wait; returns the exit code (SIGKILL only if it hangs past the timeout)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                logger.error("tritonserver ignored SIGTERM for %.0f s; killing it", timeout_s)
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(repos: list[Path], log_path: Path, ready_timeout_s: float = 300) -> RunningServer:
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "wan_triton.tritonserver.server",
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+    ]
+    for repo in repos:
+        cmd += ["--repo", str(repo)]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("wb")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = RunningServer(process, http, grpc, metrics, log_path)
+    try:
+        server.wait_ready(ready_timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@contextlib.contextmanager
+def running_server(repos: list[Path], log_path: Path, ready_timeout_s: float = 300) -> Iterator[RunningServer]:
+    server = start_server(repos, log_path, ready_timeout_s)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def demo(argv: list[str] | None = None) -> int:
+    """`make run`: start the server, generate one MP4 through the gRPC client, stop the server."""
+    parser = argparse.ArgumentParser(description="Generate a sample video through a freshly started server.")
+    parser.add_argument("--repo", type=Path, required=True)
+    parser.add_argument("--output", type=Path, default=Path("out/sample.mp4"))
+    parser.add_argument("--prompt", default="a red robot walks through a forest at sunset, cinematic")
+    parser.add_argument("--log", type=Path, default=Path("out/tritonserver.log"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    client = Path(__file__).resolve().parents[2] / "client" / "wan_client.py"
+    logger.info("starting tritonserver (log: %s)", args.log)
+    with running_server([args.repo], args.log) as server:
+        logger.info("server ready; generating")
+        result = subprocess.run(
+            [
+                sys.executable,
+                str(client),
+                "--url",
+                server.grpc_url,
+                "--prompt",
+                args.prompt,
+                "--seed",
+                "42",
+                "--output",
+                str(args.output),
+            ],
+            check=False,
+        )
+    if result.returncode != 0:
+        return result.returncode
+    print(args.output.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(demo())

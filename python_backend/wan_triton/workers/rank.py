@@ -1,0 +1,45 @@
+"""What one rank of a worker group runs: both experts sharded for its place in the plan, in a Denoiser."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from wan_triton.config.deployment import ComponentConfig, EngineKind
+from wan_triton.config.precision import DTYPES
+from wan_triton.model.checkpoint import EXPERTS, Checkpoint
+from wan_triton.model.denoise import Denoiser
+from wan_triton.parallel.cfg import CfgParallel
+from wan_triton.parallel.process_groups import PlanGroups
+from wan_triton.parallel.sharding import parallelize
+from wan_triton.parallel.tp_shards import load_rank_shard
+from wan_triton.runtime.experts import compile_expert_blocks, torch_engines
+
+logger = logging.getLogger(__name__)
+
+
+def build_rank_denoiser(
+    ckpt: Checkpoint, cfg: ComponentConfig, groups: PlanGroups, device: torch.device, shards: Path | None = None
+) -> Denoiser:
+    """This rank's Denoiser. `shards`: a build-time TP shard folder (wan_build.shards) to load only this rank's
+    weights from; without it the whole expert is loaded and cut here."""
+    if cfg.engine != EngineKind.TORCH:
+        raise ValueError(f"a parallel plan needs the torch engine, not {cfg.engine.value}")
+    dtype = DTYPES[cfg.precision]
+    experts = {}
+    for name in EXPERTS:
+        if shards is not None and groups.plan.tp > 1:
+            module = load_rank_shard(ckpt, name, shards, groups, dtype, device)
+        else:
+            module = ckpt.load_transformer(name, dtype, str(device))
+        parallelize(module, groups, cfg.attention, device, cfg.ulysses_head_groups)
+        if cfg.compile_blocks:
+            # On one H100 with a fake process group the compiled ranks computed 1/N of the 1-GPU step
+            # (benchmarks/RESULTS.md); with NCCL on several GPUs this is still unmeasured.
+            compile_expert_blocks(module, parallel=True)
+        eager, graphed = torch_engines(module, device, dtype, cfg.cuda_graphs, parallel=True)
+        experts[name] = graphed or eager
+    cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
+    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, cfg_parallel=cfg_parallel)
