@@ -1,26 +1,17 @@
-"""Shared test setup: the source folders on sys.path, a tiny checkpoint unlike the default, the diffusers reference,
-the parity tolerance, and one real Triton server per test session."""
+"""Shared test setup: a tiny checkpoint unlike the default, the diffusers reference, the parity tolerance, and one
+real Triton server per test session. The packages (wan_triton, wan_build, wan_bench, wan_client) come from the
+project's install (`make setup`: pip install -e)."""
 
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parent.parent
+import numpy as np
+import pytest
+import torch
 
-# Inserted in reverse so python_backend ends up first on sys.path.
-for _directory in ("client", "build", "python_backend"):
-    _path = str(_REPO / _directory)
-    if _path in sys.path:
-        sys.path.remove(_path)
-    sys.path.insert(0, _path)
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from wan_triton.config.request import GenerationRequest  # noqa: E402
+from wan_triton.config.request import GenerationRequest
 
 # The GPU tests' request (tests/test_gpu*.py): 64x96 pixels, 9 frames, crossing the expert switch in 8 steps;
 # 3 latent frames x 4 x 6 = 72 tokens, which split over 2 Ulysses ranks.

@@ -261,7 +261,7 @@ def test_main_reports_failures(
 ) -> None:
     url, servicer = fake_triton
     output = tmp_path / "out.mp4"
-    monkeypatch.setattr(wan_client, "DEADLINE_GRACE_S", 0.5)
+    monkeypatch.setattr(wan_client.client, "DEADLINE_GRACE_S", 0.5)
 
     code = wan_client.main(["--url", url, "--output", str(output), *argv])
 
@@ -338,7 +338,7 @@ def _progress(stage: bytes = b"denoise", step: int = 1) -> _StreamResult:
 )
 def test_stream_is_cancelled_only_while_its_request_runs(monkeypatch, answers, exit_code, cancelled) -> None:
     fake = _FakeStreamClient(answers)
-    monkeypatch.setattr(wan_client, "_connect", lambda url: fake)
+    monkeypatch.setattr(wan_client.client, "_connect", lambda url: fake)
     with pytest.raises(wan_client.GenerateError) as caught:
         wan_client.generate_stream("fake:8001", "wan_t2v", {"prompt": "a fox"}, False, 1.5)
     assert caught.value.exit_code == exit_code
@@ -349,7 +349,7 @@ def test_finished_stream_is_closed_without_cancelling(monkeypatch) -> None:
     video = b"\x00\x00\x00\x18ftypisom"
     done = _StreamResult(stage=b"done", step=4, num_steps=4, elapsed_s=1.0, video=video, used_seed=42)
     fake = _FakeStreamClient([(_progress(), None), (done, None)])
-    monkeypatch.setattr(wan_client, "_connect", lambda url: fake)
+    monkeypatch.setattr(wan_client.client, "_connect", lambda url: fake)
     result = wan_client.generate_stream("fake:8001", "wan_t2v", {"prompt": "a fox"}, False, None)
     assert result.video == video and result.used_seed == 42
     assert fake.cancel_requests == [False]

@@ -25,7 +25,7 @@ from wan_triton.serving.stream import PREVIEW_MAX_SIDE, shrink_frame
 
 pytestmark = pytest.mark.server
 
-CLIENT = Path(__file__).resolve().parents[1] / "client" / "wan_client.py"
+CLIENT = (sys.executable, "-m", "wan_client")
 MODEL = "wan_onnx"
 STREAM = f"{MODEL}_stream"
 PROGRESS = ("stage", "step", "num_steps", "elapsed_s", "preview_frame")
@@ -163,7 +163,7 @@ def test_a_client_that_disappears_mid_stream_stops_the_loop(server, tmp_path):
     # terminal it prints a line every 10 steps).
     client = subprocess.Popen(
         [
-            *(sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, "--stream"),
+            *(*CLIENT, "--url", server.grpc_url, "--model", MODEL, "--stream"),
             *("--prompt", LONG["prompt"], "--seed", "6", "--height", "384", "--width", "384", "--num-frames", "33"),
             *("--steps", "50", "--output", str(tmp_path / "never.mp4")),
         ],
@@ -220,7 +220,7 @@ def test_unary_timeout_is_validated(server):
 
 
 def test_client_streams_with_previews_and_exits_4_at_its_deadline(server, tmp_path):
-    base = [sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, "--stream"]
+    base = [*CLIENT, "--url", server.grpc_url, "--model", MODEL, "--stream"]
     done = subprocess.run(
         [
             *base,
@@ -259,7 +259,7 @@ def test_client_prints_the_random_seed_that_reproduces_its_video(server, tmp_pat
     def run(name: str, *seed: str) -> tuple[str, np.ndarray]:
         done = subprocess.run(
             [
-                *(sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, "--prompt", "a kite"),
+                *(*CLIENT, "--url", server.grpc_url, "--model", MODEL, "--prompt", "a kite"),
                 *("--height", "64", "--width", "96", "--num-frames", "9", "--steps", "3", *seed),
                 *("--output", str(tmp_path / f"{name}.mp4"), "--frames-npy", str(tmp_path / f"{name}.npy")),
             ],

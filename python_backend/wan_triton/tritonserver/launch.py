@@ -147,14 +147,14 @@ def demo(argv: list[str] | None = None) -> int:
     parser.add_argument("--log", type=Path, default=Path("out/tritonserver.log"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    client = Path(__file__).resolve().parents[2] / "client" / "wan_client.py"
     logger.info("starting tritonserver (log: %s)", args.log)
     with running_server([args.repo], args.log) as server:
         logger.info("server ready; generating")
         result = subprocess.run(
             [
                 sys.executable,
-                str(client),
+                "-m",
+                "wan_client",
                 "--url",
                 server.grpc_url,
                 "--prompt",

@@ -4,7 +4,7 @@ Sends one generation request, shows elapsed time on stderr while the server work
 writes the returned MP4 and prints its path as the last line of stdout. Only options the user gives are sent; the
 server fills the rest with its defaults.
 
-    python client/wan_client.py --prompt "a red fox running through snow" --seed 42 --output fox.mp4
+    python -m wan_client --prompt "a red fox running through snow" --seed 42 --output fox.mp4
 
 With --stream the request goes to the streaming endpoint (`<model>_stream`): the client shows the denoising step as
 a progress bar and, with --preview-every K --preview-dir DIR, saves a small preview frame every K steps (PPM files).
@@ -502,6 +502,8 @@ class Progress:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
+        # `python -m wan_client` would otherwise show itself as `__main__.py`.
+        prog="python -m wan_client" if Path(sys.argv[0]).name == "__main__.py" else None,
         description="Generate a video with the Wan2.2 text-to-video model served by Triton (gRPC).",
         epilog="Options left out are not sent; the server applies its defaults and limits.",
     )
@@ -620,6 +622,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(args.output)
     return EXIT_OK
 
-
-if __name__ == "__main__":
-    sys.exit(main())
