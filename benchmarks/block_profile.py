@@ -1,7 +1,7 @@
 """Where a denoising step's time goes on one GPU: the attention kernel's tile choices, and one A14B block by kernel.
 
-At 720p a guided step is 20.0 s on an H100, 1.20x its FLOP floor; a parallel plan only divides it, so the 8-GPU
-end-to-end target depends on it. Two measurements, in one run:
+A parallel plan only divides a step's time, so what one GPU spends on a block bounds every plan
+(benchmarks/RESULTS.md has the step against its FLOP floor). Two measurements, in one run:
 
 1. `attention`: FlashAttention-4's forward at each SM90 tile configuration the kernel's own search
    (`flash_attn/cute/sm90_config_search.py`) finds feasible for head size 128, against its default (128x128), the
@@ -13,39 +13,41 @@ end-to-end target depends on it. Two measurements, in one run:
    by category (attention, GEMM, compiler-fused elementwise, other), the GEMMs' rate against their FLOP, and the
    top kernels by name.
 
-Random bf16 weights built on the GPU (speed does not depend on weight values). On the GPU host, after
-`source .gpukit/setup.sh`, the FlashAttention-4 add-on and `source benchmarks/gpu_host_env.sh`:
+Random bf16 weights built on the GPU (speed does not depend on weight values). On a GPU host with the
+FlashAttention-4 add-on (`benchmarks/gpu/attention.sh check` runs the attention part):
 
-    python3 benchmarks/block_profile.py --sizes 480p 720p --out $OUT/block_profile.json
+    python benchmarks/block_profile.py --sizes 480p 720p --out $OUT/block_profile.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import statistics
-import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from denoiser_step import run_header, time_cuda  # noqa: E402
-from wan_build.shapes_checkpoint import A14B_TRANSFORMER  # noqa: E402
-from wan_triton.kernels import attention  # noqa: E402
-from wan_triton.model import random_init as random_weights  # noqa: E402
+from wan_bench.experts import (
+    A14B_TRANSFORMER,
+    SIZES,
+    TEXT_LEN,
+    build_expert,
+    latent_shape,
+    layer_linear_flop,
+    tokens_of,
+)
+from wan_bench.profiling import profile_kernels, top_kernels
+from wan_bench.records import run_record, write_json
+from wan_bench.timing import time_cuda
+from wan_triton.kernels import attention
 
 logger = logging.getLogger("benchmarks.block_profile")
 
-SIZES = {"480p": (480, 832), "720p": (720, 1280)}
-LATENT_FRAMES = 21  # 81 frames
-TEXT_LEN = 512
+BLOCK_SIZES = ("480p", "720p")
 HEAD_DIM = 128
 # (tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap, threads): SM90 forward configurations for head size 128 that
 # sm90_config_search.py lists as fitting registers and shared memory; 3 warpgroups of 128 threads compute a 192-row
@@ -60,11 +62,6 @@ TILES = [
     (192, 128, True, False, 512),
     (192, 112, True, False, 512),
 ]
-
-
-def tokens_of(size: str) -> int:
-    height, width = SIZES[size]
-    return LATENT_FRAMES * (height // 16) * (width // 16)
 
 
 REFERENCE_ROWS = 1024  # query rows of each (batch, head) compared against fp32 attention
@@ -94,7 +91,7 @@ def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repea
     (FlashAttention-3, where installed) and cuDNN SDPA; each output's error against fp32 attention is reported."""
     from flash_attn.cute.interface import _flash_attn_fwd
 
-    seq = tokens_of(size)
+    seq = tokens_of(SIZES[size])
     gen = torch.Generator("cuda").manual_seed(0)
     q, k, v = (
         torch.randn(batch, seq, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "qkv"
@@ -150,54 +147,12 @@ def attention_sweep(size: str, batch: int, heads: int, tiles: list[tuple], repea
     return {"size": size, "batch": batch, "heads": heads, "tokens": seq, "flop": flop, "rows": list(rows.values())}
 
 
-def kernel_category(name: str) -> str:
-    low = name.lower()
-    if low.startswith("triton"):  # inductor names its kernels after the ops fused in, attention ones included
-        return "fused elementwise (inductor)"
-    if "flash" in low or "fmha" in low or "attention" in low or "cudnn" in low:
-        return "attention"
-    if any(key in low for key in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_")):
-        return "gemm"
-    return "other"
-
-
-def kernel_times(prof, repeat: int) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """From a `torch.profiler` run of `repeat` calls: per kernel name [ms per call, launches], and ms per call by
-    `kernel_category` (each kernel's own device time; gaps between kernels are not counted)."""
-    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            entry = kernels[event.name]
-            entry[0] += event.device_time_total / 1e3 / repeat  # us -> ms per call
-            entry[1] += 1
-    by_category: dict[str, float] = defaultdict(float)
-    for name, (ms, _) in kernels.items():
-        by_category[kernel_category(name)] += ms
-    return dict(kernels), dict(by_category)
-
-
 def block_gemm_flop(tokens: int, batch: int) -> float:
-    cfg = A14B_TRANSFORMER
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    per_sample = (
-        8 * tokens * d * d  # self-attn Q, K, V, O
-        + 4 * tokens * d * d  # cross-attn Q, O
-        + 4 * TEXT_LEN * d * d  # cross-attn K, V
-        + 4 * tokens * d * cfg["ffn_dim"]  # FFN
-    )
-    return batch * per_sample
+    return batch * layer_linear_flop(tokens)
 
 
 def build_model(backend: str):
-    from diffusers import WanTransformer3DModel
-
-    config = dict(A14B_TRANSFORMER, num_layers=1)
-    module = random_weights.build(
-        lambda: WanTransformer3DModel(**config),
-        torch.bfloat16,
-        "cuda",
-        list(WanTransformer3DModel._keep_in_fp32_modules),
-    )
+    module = build_expert(dict(A14B_TRANSFORMER, num_layers=1))
     chosen = attention.install(module, backend, torch.device("cuda"))
     return module, chosen
 
@@ -205,9 +160,8 @@ def build_model(backend: str):
 def block_inputs(module, size: str, batch: int) -> tuple:
     """The block's arguments as the model's forward makes them (a forward pre-hook, before the block is compiled:
     a hook with side effects inside a fullgraph region would not compile)."""
-    height, width = SIZES[size]
     gen = torch.Generator("cuda").manual_seed(0)
-    latents = torch.randn(batch, 16, LATENT_FRAMES, height // 8, width // 8, device="cuda", generator=gen)
+    latents = torch.randn(batch, *latent_shape(SIZES[size])[1:], device="cuda", generator=gen)
     text = torch.randn(batch, TEXT_LEN, 4096, device="cuda", generator=gen)
     captured: dict = {}
     hook = module.blocks[0].register_forward_pre_hook(lambda _m, args: captured.setdefault("args", args))
@@ -223,19 +177,12 @@ def block_inputs(module, size: str, batch: int) -> tuple:
 
 
 def profile_block(module, args: tuple, size: str, batch: int, repeat: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     block = module.blocks[0]
     with torch.no_grad():
         times = time_cuda(lambda: block(*args), warmup=2, repeat=repeat)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(repeat):
-                block(*args)
-            torch.cuda.synchronize()
-    kernels, by_category = kernel_times(prof, repeat)
-    tokens = tokens_of(size)
+        kernels, by_category = profile_kernels(lambda: block(*args), repeat)
+    tokens = tokens_of(SIZES[size])
     gemm_ms = by_category.get("gemm", 0.0)
-    top = sorted(kernels.items(), key=lambda item: -item[1][0])[:25]
     result = {
         "size": size,
         "batch": batch,
@@ -245,10 +192,7 @@ def profile_block(module, args: tuple, size: str, batch: int, repeat: int) -> di
         "kernel_ms_total": sum(by_category.values()),
         "gemm_flop": block_gemm_flop(tokens, batch),
         "gemm_tflops": block_gemm_flop(tokens, batch) / (gemm_ms / 1e3) / 1e12 if gemm_ms else None,
-        "top_kernels": [
-            {"name": name[:160], "ms": ms, "calls_per_block": calls // repeat, "category": kernel_category(name)}
-            for name, (ms, calls) in top
-        ],
+        "top_kernels": top_kernels(kernels, repeat, 25, "calls_per_block"),
     }
     logger.info(
         "%s b%d block %.2f ms; by category %s",
@@ -288,8 +232,8 @@ def block_variant(name: str) -> Iterator[None]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", nargs="+", default=["480p", "720p"], choices=list(SIZES))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(BLOCK_SIZES), choices=BLOCK_SIZES)
     parser.add_argument("--parts", nargs="+", default=["attention", "block"], choices=["attention", "block"])
     parser.add_argument("--backend", default="auto", help="attention backend of the profiled block")
     parser.add_argument(
@@ -308,11 +252,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    result: dict = {**run_header(), "attention": [], "block": []}
+    result: dict = {**run_record(torch.cuda.get_device_name()), "attention": [], "block": []}
 
     def save() -> None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
 
     if "attention" in args.parts:
         for size in args.sizes:

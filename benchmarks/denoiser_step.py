@@ -17,97 +17,36 @@ A backend may be listed twice (flash4 flash3 flash4): the repeat shows how far t
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
-
-from wan_build.shapes_checkpoint import A14B_TRANSFORMER, SCHEDULER  # noqa: E402
-from wan_triton.kernels import attention  # noqa: E402
-from wan_triton.kernels.attention import AttentionBackend, flash3_available, flash4_available  # noqa: E402
-from wan_triton.model import random_init as random_weights  # noqa: E402
-from wan_triton.model.denoise import denoise_step  # noqa: E402
-from wan_triton.runtime.engines.torch_engine import denoiser_engine  # noqa: E402
+from wan_bench.experts import (
+    A14B_TRANSFORMER,
+    SIZES,
+    build_expert,
+    forward_flop,
+    guided_step,
+    step_inputs,
+    tokens_of,
+)
+from wan_bench.records import run_record, write_json
+from wan_bench.timing import gemm_tflops, time_cuda
+from wan_triton.kernels import attention
+from wan_triton.kernels.attention import AttentionBackend, flash3_available, flash4_available
+from wan_triton.runtime.engines.torch_engine import denoiser_engine
 
 logger = logging.getLogger("benchmarks.denoiser_step")
 
-SIZES = {"480p": (480, 832), "720p": (720, 1280)}
-NUM_FRAMES = 81
-TEXT_LEN = 512
-
-
-def forward_flop(tokens: int, cfg: dict = A14B_TRANSFORMER) -> float:
-    """Matmul FLOP of one forward (batch 1): QKVO, cross-attn Q/O and K/V on the text, FFN, both attentions."""
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    per_layer = (
-        8 * tokens * d * d  # self-attn Q, K, V, O
-        + 4 * tokens * d * d  # cross-attn Q, O
-        + 4 * TEXT_LEN * d * d  # cross-attn K, V on the text tokens
-        + 4 * tokens * d * cfg["ffn_dim"]  # FFN in and out
-        + 4 * tokens * tokens * d  # self-attention QK^T and PV
-        + 4 * tokens * TEXT_LEN * d  # cross-attention
-    )
-    return cfg["num_layers"] * per_layer
-
-
-def run_header() -> dict:
-    """What every GPU result file records about its run: device, commit (COMMIT: the host has no .git), versions,
-    date and command."""
-    return {
-        "device": torch.cuda.get_device_name(),
-        "commit": os.environ.get("COMMIT", "unknown"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
-    }
-
-
-def time_cuda(fn, warmup: int, repeat: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
-
-
-def gemm_tflops(n: int = 8192) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    times = time_cuda(lambda: a @ b, warmup=5, repeat=20)
-    return 2 * n**3 / statistics.median(times) / 1e12
-
-
-def build_expert():
-    """A14B expert with random weights made on the GPU, dtypes as `from_pretrained(torch_dtype=bf16)` leaves them."""
-    from diffusers import WanTransformer3DModel
-
-    return random_weights.build(
-        lambda: WanTransformer3DModel(**A14B_TRANSFORMER),
-        torch.bfloat16,
-        "cuda",
-        list(WanTransformer3DModel._keep_in_fp32_modules),
-    )
+STEP_SIZES = ("480p", "720p")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", nargs="+", default=["480p", "720p"], choices=list(SIZES))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(STEP_SIZES), choices=STEP_SIZES)
     parser.add_argument(
         "--backends",
         nargs="+",
@@ -126,11 +65,10 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = True
 
-    from diffusers import UniPCMultistepScheduler
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
     result: dict = {
-        **run_header(),
+        **run_record(torch.cuda.get_device_name()),
         "flash4_available": flash4_available(),
         "flash3_available": flash3_available(),
         "sizes": {},
@@ -149,12 +87,8 @@ def main() -> None:
     result["resident_experts"] = 2 if second is not None else 1
 
     for size in args.sizes:
-        height, width = SIZES[size]
-        shape = (1, 16, (NUM_FRAMES - 1) // 4 + 1, height // 8, width // 8)
-        tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
-        gen = torch.Generator("cuda").manual_seed(0)
-        latents = torch.randn(shape, device="cuda", generator=gen)
-        text = torch.randn(2, TEXT_LEN, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+        tokens = tokens_of(SIZES[size])
+        latents, text = step_inputs(A14B_TRANSFORMER, SIZES[size], "cuda", torch.bfloat16)
         t = torch.tensor([900], device="cuda")
         step_flop = 2 * forward_flop(tokens)
         entry: dict = {
@@ -197,14 +131,7 @@ def main() -> None:
                 torch._dynamo.reset()
                 model.compile_repeated_blocks(fullgraph=True, dynamic=False)
             engine = denoiser_engine(model, torch.device("cuda"), torch.bfloat16)
-            solver = UniPCMultistepScheduler(**SCHEDULER)
-            solver.set_timesteps(1000, device="cuda")
-            state = {"latents": latents.clone(), "i": 0}
-
-            def our_step():
-                ts = solver.timesteps[state["i"] % 1000]
-                state["latents"] = denoise_step(engine, solver, state["latents"], ts, text, 4.0)
-                state["i"] += 1
+            our_step = guided_step(engine, None, latents.clone(), text)
 
             torch.cuda.reset_peak_memory_stats()
             started = time.perf_counter()
@@ -222,8 +149,7 @@ def main() -> None:
             }
             logger.info("%s ours (%s) step: %.3f s", size, key, entry[key]["step_s"])
         result["sizes"][size] = entry
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
 
     print(f"\n{result['device']}  commit {result['commit']}  bf16 GEMM {result['gemm_tflops']:.0f} TFLOP/s")
     print(f"{'size':6} {'variant':16} {'step s':>8} {'x diffusers':>11} {'x floor':>8} {'peak GB':>8}")

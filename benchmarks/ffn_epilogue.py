@@ -7,27 +7,23 @@ compiled as the served blocks are: `unfused` is diffusers' module (two cuBLAS GE
 relative L2 of each against an fp32 computation from the same bf16 operands, with the tanh GELU and, as a check of
 which GELU the epilogue applies, the exact (erf) one. Kernel names of one epilogue call are listed.
 
-    python3 benchmarks/ffn_epilogue.py --out $OUT/ffn_epilogue.json
+    python benchmarks/ffn_epilogue.py --out $OUT/ffn_epilogue.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from denoiser_step import run_header, time_cuda  # noqa: E402
-from wan_triton.kernels import ffn  # noqa: E402
+from wan_bench.records import run_record, write_json
+from wan_bench.timing import time_cuda
+from wan_triton.kernels import ffn
 
 logger = logging.getLogger("benchmarks.ffn_epilogue")
 
@@ -109,11 +105,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result = {**run_header(), "rows": []}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {**run_record(torch.cuda.get_device_name()), "rows": []}
     for name, (tokens, width) in SHAPES.items():
         result["rows"].append(measure(name, tokens, width, args.repeat))
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
 """Would FP8 linear layers pay on H100? The A14B block's GEMM shapes in bf16 against FP8 e4m3 `torch._scaled_mm`.
 
-A 720p block spends 128 ms of 508 in GEMMs at about 707 TFLOP/s (benchmarks/block_profile.py); H100's FP8 tensor
-cores run 8192^3 at 1393 TFLOP/s (BASELINES.md). This measures, for each linear layer of a block (fused QKV, the
-output and cross-attention projections, FFN in and out) at the token counts the server runs:
+A block's GEMMs run at bf16 rates (benchmarks/block_profile.py; benchmarks/RESULTS.md), and H100's FP8 tensor cores
+are rated at twice those. This measures, for each linear layer of a block (fused QKV, the output and
+cross-attention projections, FFN in and out) at the token counts the server runs:
   - bf16 `F.linear` with bias (the served path);
   - FP8 with a scale per output channel of the weight and per token of the activation (`_scaled_mm` rowwise,
     with and without fast accumulation), plus the cost of quantizing the activation (amax per row, scale, cast);
   - the relative L2 error of each against an fp32 product of the same bf16 operands.
-Random inputs (N(0, 1) activations, N(0, 0.02) weights, as trained Wan layers roughly are). On the GPU host:
+Random inputs (N(0, 1) activations, N(0, 0.02) weights, as trained Wan layers roughly are). On a GPU host:
 
-    python3 benchmarks/fp8_gemm.py --out $OUT/fp8_gemm.json
+    python benchmarks/fp8_gemm.py --out $OUT/fp8_gemm.json
 """
 
 from __future__ import annotations
@@ -17,15 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import denoiser_step  # noqa: E402
+from wan_bench.records import run_record, write_json
+from wan_bench.timing import median_cuda
 
 logger = logging.getLogger("benchmarks.fp8_gemm")
 
@@ -40,11 +38,6 @@ LAYERS = {
 }
 # tokens per GEMM: 720p and 480p with guidance as batch on one GPU, and a 720p rank of cfg2 x ulysses4
 TOKENS = {"720p 1 GPU": 2 * 75600, "480p 1 GPU": 2 * 32760, "720p cfg2xulysses4 rank": 75600 // 4}
-
-
-def time_cuda(fn) -> float:
-    """Median seconds of 10 timed calls after 3 warm-up calls."""
-    return statistics.median(denoiser_step.time_cuda(fn, warmup=3, repeat=10))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,13 +68,13 @@ def measure(tokens: int, in_features: int, out_features: int) -> dict:
         )
 
     result: dict = {"tokens": tokens, "in_features": in_features, "out_features": out_features}
-    bf16_s = time_cuda(lambda: F.linear(x, w, b))
+    bf16_s = median_cuda(lambda: F.linear(x, w, b))
     result["bf16"] = {"ms": bf16_s * 1e3, "tflops": flop / bf16_s / 1e12, "rel_l2": rel_l2(F.linear(x, w, b), exact)}
-    result["quantize_activation_ms"] = time_cuda(lambda: quantize_rows(x)) * 1e3
+    result["quantize_activation_ms"] = median_cuda(lambda: quantize_rows(x)) * 1e3
     for fast in (False, True):
         key = "fp8_rowwise_fast_accum" if fast else "fp8_rowwise"
         try:
-            seconds = time_cuda(lambda f=fast: fp8(f))
+            seconds = median_cuda(lambda f=fast: fp8(f))
             result[key] = {"ms": seconds * 1e3, "tflops": flop / seconds / 1e12, "rel_l2": rel_l2(fp8(fast), exact)}
         except RuntimeError as exc:
             result[key] = {"error": str(exc)[:300]}
@@ -90,11 +83,11 @@ def measure(tokens: int, in_features: int, out_features: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    result: dict = {**denoiser_step.run_header(), "shapes": {}}
+    result: dict = {**run_record(torch.cuda.get_device_name()), "shapes": {}}
     for label, tokens in TOKENS.items():
         rows = {name: measure(tokens, *dims) for name, dims in LAYERS.items()}
         # One block: QKV once, the 5120x5120 shape three times (self-attn out, cross-attn Q and out), FFN in and out.
@@ -107,8 +100,7 @@ def main() -> None:
         totals["quantize_activations_ms"] = sum(uses[name] * rows[name]["quantize_activation_ms"] for name in rows)
         result["shapes"][label] = {"layers": rows, "block_totals_ms": totals}
         logger.info("%s block GEMMs: %s", label, totals)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -75,9 +75,9 @@ def test_model_rows_add_communication_to_the_measured_compute(result):
 def test_the_all_to_all_stand_ins_copies_leave_the_compute_the_model_uses():
     """On a GPU the profile counts the stand-ins' device-to-device copies; the model's step replaces them by NCCL
     time, so a Ulysses plan's compute leaves them out, and a plan without all-to-alls keeps its measured time."""
-    sys.path.insert(0, str(SCRIPT.parent))
-    from parallel_compute import TINY_TRANSFORMER, predictions
+    from wan_bench.experts import TINY_TRANSFORMER
     from wan_bench.perf_model import Bandwidth
+    from wan_bench.plans import predictions
 
     def size(compute_s: float, copies_ms: float) -> dict:
         sizes = {"tiny": {"compute_s": compute_s, "profile": {"memcpy_dtod_ms": copies_ms}}}
@@ -97,8 +97,7 @@ def test_the_all_to_all_stand_ins_copies_leave_the_compute_the_model_uses():
 
 
 def test_device_copies_are_told_by_both_names_the_profiler_gives_them():
-    sys.path.insert(0, str(SCRIPT.parent))
-    from parallel_compute import is_device_copy
+    from wan_bench.profiling import is_device_copy
 
     assert is_device_copy("Memcpy DtoD (Device -> Device)") and is_device_copy("memcpy128")
     assert not is_device_copy("Memcpy HtoD (Pageable -> Device)")
