@@ -11,26 +11,19 @@ embeddings, seed and schedule; reports the relative L2 of the final latents (tar
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "python_backend"), str(ROOT / "build")]
-
-from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint  # noqa: E402
-from wan_triton.components import build_denoiser  # noqa: E402
-from wan_triton.config.deployment import (  # noqa: E402
-    ComponentConfig,
-    EngineKind,
-)
-from wan_triton.config.request import GenerationRequest  # noqa: E402
-from wan_triton.model.checkpoint import Checkpoint  # noqa: E402
+from wan_bench.records import run_record, write_json
+from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+from wan_triton.components import build_denoiser
+from wan_triton.config.deployment import ComponentConfig, EngineKind
+from wan_triton.config.request import GenerationRequest
+from wan_triton.model.checkpoint import Checkpoint
 
 logger = logging.getLogger("benchmarks.gpu_numerics")
 
@@ -51,7 +44,7 @@ REDUCED = TinyConfig(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--height", type=int, default=240)
     parser.add_argument("--width", type=int, default=416)
@@ -77,7 +70,7 @@ def main() -> None:
     embeds = torch.randn(2, 512, REDUCED.text_dim, generator=gen)
     embeds[:, 40:] = 0  # zero past the prompt length, as the text stage leaves them
 
-    results = {"device": torch.cuda.get_device_name(), "config": vars(REDUCED), "request": vars(request)}
+    results = {**run_record(torch.cuda.get_device_name()), "config": vars(REDUCED), "request": vars(request)}
     latents = {}
     variants = {
         "fp32_reference": ComponentConfig(
@@ -100,8 +93,7 @@ def main() -> None:
     results["rel_l2"] = float((got - ref).norm() / ref.norm())
     results["max_abs"] = float((got - ref).abs().max())
     results["finite"] = bool(torch.isfinite(got).all())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2, default=str))
+    write_json(args.out, results)
     print(
         f"final latents, bf16 served vs fp32 reference over {args.steps} steps: rel-L2 {results['rel_l2']:.3e}, "
         f"max-abs {results['max_abs']:.3e}, finite {results['finite']} (target rel-L2 <= 2e-2)"

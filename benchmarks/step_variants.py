@@ -22,30 +22,28 @@ Writes JSON (--out) and prints a table. On the GPU host:
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import logging
-import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
-
-from wan_build.shapes_checkpoint import make_shapes_checkpoint  # noqa: E402
-from wan_triton.components import build_denoiser  # noqa: E402
-from wan_triton.config.deployment import Deployment  # noqa: E402
-from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint  # noqa: E402
-from wan_triton.model.denoise import denoise_step, latent_shape  # noqa: E402
+from wan_bench.experts import SIZES
+from wan_bench.memory import release
+from wan_bench.records import run_record, write_json
+from wan_bench.timing import cuda_seconds
+from wan_build.shapes_checkpoint import make_shapes_checkpoint
+from wan_triton.components import build_denoiser
+from wan_triton.config.deployment import Deployment
+from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
+from wan_triton.model.denoise import denoise_step, latent_shape
 
 logger = logging.getLogger("benchmarks.step_variants")
 
 REPO = Path(__file__).resolve().parents[1]
-SIZES = {"144p": (144, 256, 9), "240p": (240, 416, 17), "480p": (480, 832, 81), "720p": (720, 1280, 81)}
+STEP_SIZES = ("144p", "240p", "480p", "720p")
 VARIANTS = {
     "eager": {"expert_residency": "resident", "cuda_graphs": False},
     "graphs": {"expert_residency": "resident", "cuda_graphs": True},
@@ -87,13 +85,13 @@ def run_variant(ckpt: Checkpoint, name: str, sizes: list[str], repeat: int) -> d
             if swapper is not None:
                 swapper.prefetch(upcoming)
             t = solver.timesteps[state["i"] % 1000]
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            state["latents"] = denoise_step(denoiser.experts[expert], solver, state["latents"], t, embeds, 4.0)
-            end.record()
-            end.synchronize()
+
+            def run() -> None:
+                state["latents"] = denoise_step(denoiser.experts[expert], solver, state["latents"], t, embeds, 4.0)
+
+            seconds = cuda_seconds(run)
             state["i"] += 1
-            return start.elapsed_time(end) / 1e3
+            return seconds
 
         warm = time.perf_counter()
         step("transformer", "transformer_2")
@@ -120,16 +118,9 @@ def run_variant(ckpt: Checkpoint, name: str, sizes: list[str], repeat: int) -> d
     return out
 
 
-def release() -> None:
-    """Free the last variant's device memory before the next one is built."""
-    gc.collect()
-    torch._dynamo.reset()
-    torch.cuda.empty_cache()
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", nargs="+", default=["720p"], choices=list(SIZES))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["720p"], choices=STEP_SIZES)
     parser.add_argument("--variants", nargs="+", default=["resident", "swap"], choices=list(VARIANTS))
     parser.add_argument("--repeat", type=int, default=1, help="passes over the 5-step expert plan")
     parser.add_argument("--out", type=Path, required=True)
@@ -138,11 +129,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
 
     result: dict = {
-        "device": torch.cuda.get_device_name(),
-        "commit": os.environ.get("COMMIT", "unknown"),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
+        **run_record(torch.cuda.get_device_name()),
         "plan": PLAN,
         "variants": {},
     }
@@ -150,9 +137,10 @@ def main() -> None:
         ckpt = Checkpoint.open(make_shapes_checkpoint(Path(tmp) / "a14b"))
         for name in args.variants:
             result["variants"][name] = run_variant(ckpt, name, args.sizes, args.repeat)
-            release()
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2))
+            # Free the last variant's device memory and compiled graphs before the next one is built.
+            torch._dynamo.reset()
+            release(torch.device("cuda"))
+            write_json(args.out, result)
 
     print(f"\n{result['device']}  commit {result['commit']}")
     print(f"{'size':6} {'variant':10} {'step s':>8} {'switch s':>9} {'other s':>8} {'peak GB':>8}")

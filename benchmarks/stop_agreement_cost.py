@@ -1,6 +1,5 @@
 """What the ranks' stop agreement (`wan_triton.workers.step_agreement.StepAgreement.check`, one per denoising step)
-costs:
-a 4-byte gloo all-reduce between local processes, timed per call for groups of 2, 4 and 8.
+costs: a 4-byte gloo all-reduce between local processes, timed per call for groups of 2, 4 and 8.
 
     python benchmarks/stop_agreement_cost.py --world-sizes 2 4 8 --calls 2000
 """
@@ -9,11 +8,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
 
 
 def _time_checks(rank: int, calls: int) -> float:

@@ -1,9 +1,9 @@
 """Wan VAE decode on a GPU: this project's decoder (wan_triton.model.vae.VaeDecoder on the torch engine) in fp32 and
 bf16, time, peak memory and the bf16 output's error against fp32, at 480p and 720p (21 latent frames).
 
-The VAE has random weights built on the device from its real config (speed does not depend on weight values).
-diffusers' own figures on H100 (BASELINES.md): fp32 3.25 s / 9.3 GB at 480p, 7.63 s / 20.7 GB at 720p;
-bf16 2.07 s / 4.7 GB and 4.75 s / 10.4 GB. Usage on a GPU host:
+The VAE has random weights built on the device from its real config (speed does not depend on weight values);
+benchmarks/RESULTS.md sets the figures beside diffusers' own. On a GPU host (`benchmarks/gpu/parallel.sh vae` runs
+it):
 
     python benchmarks/vae_decode.py --out $OUT/vae.json
 """
@@ -11,29 +11,26 @@ bf16 2.07 s / 4.7 GB and 4.75 s / 10.4 GB. Usage on a GPU host:
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "python_backend"), str(ROOT / "build")]
+from wan_bench.experts import SIZES, latent_shape
+from wan_bench.memory import peak_above, reset_peak
+from wan_bench.records import run_record, write_json
+from wan_bench.timing import time_wall
+from wan_build.shapes_checkpoint import make_shapes_checkpoint
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn
 
-from wan_build.shapes_checkpoint import make_shapes_checkpoint  # noqa: E402
-from wan_triton.model.checkpoint import Checkpoint  # noqa: E402
-from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn  # noqa: E402
-
-SIZES = {"480p": (480, 832), "720p": (720, 1280)}
+VAE_SIZES = ("480p", "720p")  # 81 frames: 21 latent frames
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=list(VAE_SIZES), choices=VAE_SIZES)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
         "--tf32",
@@ -53,38 +50,33 @@ def main() -> None:
     vae16 = ckpt.load_vae(torch.bfloat16, "cuda")
     vae16.load_state_dict(vae32.state_dict())  # same weights, bf16
     result = {
-        "device": torch.cuda.get_device_name(),
-        "commit": os.environ.get("COMMIT", "unknown"),
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
+        **run_record(torch.cuda.get_device_name()),
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "sizes": {},
     }
     for size in args.sizes:
-        height, width = SIZES[size]
-        latents = torch.randn(
-            1, 16, 21, height // 8, width // 8, device=device, generator=torch.Generator("cuda").manual_seed(0)
-        )
+        gen = torch.Generator("cuda").manual_seed(0)
+        latents = torch.randn(latent_shape(SIZES[size]), device=device, generator=gen)
         entry, outputs = {}, {}
         for name, vae, dtype in (("fp32", vae32, torch.float32), ("bf16", vae16, torch.bfloat16)):
             decoder = VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype)
-            decoder(latents)  # warm-up
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            times = []
-            for _ in range(args.repeat):
-                start = time.perf_counter()
-                video = decoder(latents)
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - start)
-            outputs[name] = video.float()
+            last: dict = {}
+            memory: dict = {}
+
+            def decode(decoder=decoder, last=last) -> None:
+                last["video"] = decoder(latents)
+
+            def after_warmup(memory=memory, last=last) -> None:
+                last.clear()  # the warm-up's video
+                memory["base"] = reset_peak(device)
+
+            _, times = time_wall(decode, device, args.repeat, after_warmup)
+            outputs[name] = last.pop("video").float()
             entry[name] = {
                 "decode_s": statistics.median(times),
                 "times": times,
-                "peak_activation_gb": (torch.cuda.max_memory_allocated() - base) / 1e9,
+                "peak_activation_gb": peak_above(device, memory["base"]) / 1e9,
             }
-            del video
         ref, got = outputs["fp32"], outputs["bf16"]
         entry["bf16_rel_l2"] = float((got - ref).norm() / ref.norm())
         # In uint8 levels, what a viewer sees: (x / 2 + 0.5) * 255.
@@ -98,8 +90,7 @@ def main() -> None:
         )
         del outputs, ref, got
         torch.cuda.empty_cache()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,10 @@
 The ranks of a split are symmetric (each decodes w/N latent columns, plus one halo column per side and 3x3
 convolution), so rank 0's time is the split's compute. This script decodes as rank 0 of a fake process group of N
 (torch.distributed's `fake_pg`), its all-gathers and the final gather replaced by local copies of this rank's
-data (the fake group leaves outputs unwritten; see `parallel_compute.value_preserving_collectives`). It counts
-them (calls and bytes) and prices the communication with `wan_bench.perf_model` at the NCCL bus
-bandwidth given (default: the all-to-all figure measured on 2x H200 NV18, BASELINES.md, 295 GB/s, and 20 us a
-call). The N = 1 row is the served one-GPU decode (`VaeDecoder` over diffusers' AutoencoderKLWan), in the same run.
+data (the fake group leaves outputs unwritten; `wan_bench.fake_world`). It counts them (calls and bytes) and prices
+the communication with `wan_bench.perf_model` at the NCCL bus bandwidth given (default: the all-to-all bus
+bandwidth measured on 2x H200, NV18, and 20 us a call; benchmarks/RESULTS.md). The N = 1 row is the served
+one-GPU decode (`VaeDecoder` over diffusers' AutoencoderKLWan), in the same run.
 
 The VAE has random weights (A14B's Wan 2.1 VAE config) built on the device; 81 frames (21 latent frames).
 
@@ -17,107 +17,71 @@ The VAE has random weights (A14B's Wan 2.1 VAE config) built on the device; 81 f
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
+import contextlib
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-sys.path[:0] = [str(Path(__file__).resolve().parents[1] / d) for d in ("python_backend", "build")]
+from wan_bench.experts import SIZES, latent_shape
+from wan_bench.fake_world import GatherCounter, fake_world
+from wan_bench.memory import peak_above, release, reset_peak
+from wan_bench.perf_model import Bandwidth, Collective, collective_seconds
+from wan_bench.records import device_name, run_record, write_json
+from wan_bench.timing import time_wall
+from wan_build.shapes_checkpoint import make_shapes_checkpoint
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn
 
-from wan_bench.perf_model import Bandwidth, Collective, collective_seconds  # noqa: E402
-from wan_build.shapes_checkpoint import make_shapes_checkpoint  # noqa: E402
-from wan_triton.model.checkpoint import Checkpoint  # noqa: E402
-from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn  # noqa: E402
-
-# (height, width, num_latent_frames)
-SIZES = {"480p": (480, 832, 21), "720p": (720, 1280, 21), "tiny": (32, 64, 2)}
+# (height, width, frames): 81 frames are 21 latent frames; the tiny size 5 frames, 2 latent frames.
+VAE_SIZES = {"480p": SIZES["480p"], "720p": SIZES["720p"], "tiny": (32, 64, 5)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class _GatherCounter:
-    """Stands in for all_gather and gather: fills the outputs with this rank's data and counts calls and the
-    input bytes of each (both are priced as an all-gather: rank 0 takes in (N - 1) strips either way)."""
-
-    def __init__(self) -> None:
-        self.bytes: list[int] = []
-        self.counting = False
-
-    def _count(self, tensor: torch.Tensor) -> None:
-        if self.counting:
-            self.bytes.append(tensor.numel() * tensor.element_size())
-
-    def all_gather(self, tensor_list, tensor, *args, **kwargs):
-        self._count(tensor)
-        for part in tensor_list:
-            part.copy_(tensor)
-
-    def gather(self, tensor, gather_list=None, *args, **kwargs):
-        self._count(tensor)
-        for part in gather_list or []:
-            part.copy_(tensor)
 
 
 def measure(ckpt: Checkpoint, size: tuple[int, int, int], dtype, splits: int, device, repeat: int) -> dict:
     from wan_triton.parallel.vae_split import split_decode_fn, split_vae_decoder
 
-    height, width, latent_frames = size
     gen = torch.Generator(device.type).manual_seed(0)
-    latents = torch.randn(1, 16, latent_frames, height // 8, width // 8, device=device, generator=gen)
+    latents = torch.randn(latent_shape(size), device=device, generator=gen)
     vae = ckpt.load_vae(dtype, str(device))
-    counter = _GatherCounter()
-    if splits > 1:
-        from torch.testing._internal.distributed.fake_pg import FakeStore
-
-        dist.init_process_group("fake", rank=0, world_size=splits, store=FakeStore())
-        decode_fn = split_decode_fn(split_vae_decoder(vae, dist.group.WORLD), dist.group.WORLD)
-    else:
-        decode_fn = torch_vae_decode_fn(vae)
-    decoder = VaeDecoder(ckpt, decode_fn, device, dtype)
-    saved = dist.all_gather, dist.gather
-    dist.all_gather, dist.gather = counter.all_gather, counter.gather
-    try:
-        decoder(latents)  # warm-up
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        times = []
-        for i in range(repeat):
-            counter.counting = i == 0
-            started = time.perf_counter()
-            video = decoder(latents)
-            _sync(device)
-            times.append(time.perf_counter() - started)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda" else None
-    finally:
-        dist.all_gather, dist.gather = saved
+    counter = GatherCounter()
+    with contextlib.ExitStack() as stack:
         if splits > 1:
-            dist.destroy_process_group()
+            import torch.distributed as dist
+
+            stack.enter_context(fake_world(splits))
+            decode_fn = split_decode_fn(split_vae_decoder(vae, dist.group.WORLD), dist.group.WORLD)
+        else:
+            decode_fn = torch_vae_decode_fn(vae)
+        decoder = VaeDecoder(ckpt, decode_fn, device, dtype)
+        last: dict = {}
+        memory: dict = {}
+
+        def decode(decoder=decoder) -> None:
+            last["video"] = decoder(latents)
+            counter.counting = False  # the first timed call's collectives only
+
+        def after_warmup() -> None:
+            last.clear()  # the warm-up's video
+            memory["base"] = reset_peak(device)
+            counter.counting = True
+
+        with counter.installed():
+            _, times = time_wall(decode, device, repeat, after_warmup)
+        peak = peak_above(device, memory["base"])
+    video = last.pop("video")
     entry = {
         "splits": splits,
         "decode_s": statistics.median(times),
         "times": times,
-        "peak_activation_gb": peak,
+        "peak_activation_gb": None if peak is None else peak / 1e9,
         "all_gather_calls": len(counter.bytes),
         "all_gather_input_bytes": sum(counter.bytes),
         "frames_shape": list(video.shape),
     }
-    del video, decoder, vae
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    del video, decode, decoder, vae
+    release(device)
     return entry
 
 
@@ -134,7 +98,7 @@ def comm_seconds(entry: dict, bw: Bandwidth) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--sizes", nargs="+", default=["720p"], choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["720p"], choices=list(VAE_SIZES))
     parser.add_argument("--splits", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--repeat", type=int, default=2)
@@ -149,11 +113,7 @@ def main() -> None:
     )
     ckpt = Checkpoint.open(make_shapes_checkpoint(Path(tempfile.mkdtemp()) / "a14b"))
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-        "commit": os.environ.get("COMMIT", "unknown"),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(sys.argv),
+        **run_record(device_name(device)),
         "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "bandwidth": {"all_gather": bw.all_gather, "latency_s": bw.latency_s},
         "sizes": {},
@@ -164,7 +124,7 @@ def main() -> None:
         for precision in args.precisions:
             rows = []
             for n in args.splits:
-                entry = measure(ckpt, SIZES[size_name], DTYPES[precision], n, device, args.repeat)
+                entry = measure(ckpt, VAE_SIZES[size_name], DTYPES[precision], n, device, args.repeat)
                 entry["comm_s_predicted"] = comm_seconds(entry, bw)
                 entry["total_s_predicted"] = entry["decode_s"] + entry["comm_s_predicted"]
                 rows.append(entry)
@@ -177,8 +137,7 @@ def main() -> None:
                     flush=True,
                 )
             result["sizes"][size_name][precision] = rows
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(result, indent=2))
+            write_json(args.out, result)
 
 
 if __name__ == "__main__":
