@@ -19,8 +19,6 @@ Exits 0 only when all three checks pass.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import queue
 import random
 import statistics
@@ -34,8 +32,8 @@ import psutil
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "client"))
-from wan_client import build_infer_inputs  # noqa: E402
+from wan_bench.records import run_record, write_json
+from wan_client import build_infer_inputs
 
 OUTPUTS = ("frames", "used_seed")
 # (height, width, num_frames, num_inference_steps): within cpu.yaml's limits, from tiny to the defaults.
@@ -283,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         args.max_growth_pct,
         pid,
     )
-    report["commit"] = os.environ.get("COMMIT", "unknown")
-    report["date"] = time.strftime("%Y-%m-%d")
-    report["command"] = " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    report = {**run_record(argv=argv), **report}
     m = report["memory"]
     print(
         f"{report['completed']}/{args.requests} requests from {args.clients} clients in {report['wall_s']:.1f} s "
@@ -296,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({m['growth_pct']:+.2f}%, limit {args.max_growth_pct}%) -> {'PASS' if report['passed'] else 'FAIL'}"
     )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
     return 0 if report["passed"] else 1
 
 

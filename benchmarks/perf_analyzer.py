@@ -1,10 +1,9 @@
 """Throughput and latency of a running server at several concurrencies, measured by Triton's perf_analyzer.
 
-perf_analyzer 2.51 ships inside the tritonclient 2.51.0 wheel (installed by `make setup`). It needs two shared
-libraries that the wheel does not carry: `libb64.so.0d` (apt `libb64-0d`, which `.ci/run` installs) and
-`libcudart.so.12` (PyPI `nvidia-cuda-runtime-cu12`, in the dev extras), whose folder this script puts on
-LD_LIBRARY_PATH. One perf_analyzer run per concurrency (gRPC, the requests of an `--input-data` JSON file in
-`benchmarks/perf_analyzer/`); its CSV (`-f`) is parsed into a markdown table and a JSON file. Against `make serve`:
+perf_analyzer 2.51 ships inside the tritonclient 2.51.0 wheel (installed by `make setup`); what else it needs is
+in `wan_bench.perf_analyzer`. One perf_analyzer run per concurrency (gRPC, the requests of an `--input-data`
+JSON file in `benchmarks/perf_analyzer/`); its CSV (`-f`) is parsed into a markdown table and a JSON file.
+Against `make serve`:
 
     python benchmarks/perf_analyzer.py --url localhost:8001 --concurrency 1 2 4 8 \
         --input-data benchmarks/perf_analyzer/inputs_default.json --out benchmarks/results/perf_analyzer_cpu.json
@@ -20,11 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
-import importlib.metadata
-import importlib.util
 import json
-import os
 import re
 import subprocess
 import sys
@@ -32,58 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from wan_bench.perf_analyzer import PerfAnalyzerError, environment, missing_libraries, perf_analyzer_binary
+from wan_bench.records import run_record, write_json
+
 INPUTS = Path(__file__).resolve().parent / "perf_analyzer"
-LIBB64 = "libb64.so.0d"
-LIBCUDART = "libcudart.so.12"
 US_PER_MS = 1000.0
 ERROR_LINE = re.compile(r"\berror\b|\bfailed\b|\bunable\b", re.IGNORECASE)
-
-
-class PerfAnalyzerError(RuntimeError):
-    pass
-
-
-def perf_analyzer_binary() -> Path:
-    """The perf_analyzer executable the tritonclient wheel installed (its data scripts, e.g. `.venv/bin`)."""
-    try:
-        files = importlib.metadata.files("tritonclient") or []
-    except importlib.metadata.PackageNotFoundError as error:
-        raise PerfAnalyzerError("tritonclient is not installed; run `make setup`") from error
-    for file in files:
-        if file.name == "perf_analyzer":
-            path = Path(file.locate()).resolve()
-            if path.is_file():
-                return path
-    raise PerfAnalyzerError("the tritonclient wheel installed no perf_analyzer binary")
-
-
-def cuda_runtime_libdir() -> Path | None:
-    """The folder holding libcudart.so.12 from the nvidia-cuda-runtime-cu12 wheel, or None when not installed."""
-    spec = importlib.util.find_spec("nvidia.cuda_runtime")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    libdir = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    return libdir if (libdir / LIBCUDART).is_file() else None
-
-
-def environment() -> dict[str, str]:
-    env = dict(os.environ)
-    libdir = cuda_runtime_libdir()
-    if libdir is not None:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(libdir), env.get("LD_LIBRARY_PATH")) if p)
-    return env
-
-
-def missing_libraries() -> list[str]:
-    """Shared libraries perf_analyzer needs that cannot be loaded here, with where each comes from."""
-    missing = []
-    try:
-        ctypes.CDLL(LIBB64)
-    except OSError:
-        missing.append(f"{LIBB64} (apt-get install libb64-0d)")
-    if cuda_runtime_libdir() is None:
-        missing.append(f"{LIBCUDART} (pip install nvidia-cuda-runtime-cu12, in the dev extras)")
-    return missing
 
 
 def parse_csv(path: Path) -> dict[str, float]:
@@ -207,16 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if args.out:
         result = {
-            "commit": os.environ.get("COMMIT", "unknown"),
-            "date": time.strftime("%Y-%m-%d"),
-            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            **run_record(argv=argv),
             "model": args.model,
             "input_data": json.loads(args.input_data.read_text())["data"],
             "perf_analyzer": str(perf_analyzer_binary()),
             "rows": rows,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)
         args.out.with_suffix(".md").write_text(table + "\n")
     return 0
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import statistics
 import sys
@@ -23,11 +22,9 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-ROOT = Path(__file__).resolve().parents[1]
-for folder in ("client", "python_backend"):
-    sys.path.insert(0, str(ROOT / folder))
-from wan_client import build_infer_inputs  # noqa: E402
-from wan_triton.tritonserver.launch import running_server  # noqa: E402
+from wan_bench.records import run_record, write_json
+from wan_client import build_infer_inputs
+from wan_triton.tritonserver.launch import running_server
 
 PROGRESS = ("stage", "step", "num_steps", "elapsed_s", "preview_frame")
 
@@ -96,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         num_inference_steps=args.steps,
     )
     report: dict = {
-        "device": os.environ.get("DEVICE", "this machine's CPU"),
-        "commit": os.environ.get("COMMIT", "unknown"),
-        "command": " ".join(sys.argv),
+        **run_record(argv=argv),
         "request": request,
         "preview_every": args.preview,
         "pairs": [],
@@ -112,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             same = bool(np.array_equal(frames, stream.pop("frames")))
             report["pairs"].append({"unary_s": unary_s, **stream, "same_frames": same})
             print(json.dumps(report["pairs"][-1]), flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2))
+            write_json(args.out, report)
     pairs = report["pairs"]
     unary_mean = statistics.mean(p["unary_s"] for p in pairs)
     stream_mean = statistics.mean(p["latency_s"] for p in pairs)
@@ -123,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         "stream_overhead_pct": 100 * (stream_mean / unary_mean - 1),
         "all_same_frames": all(p["same_frames"] for p in pairs),
     }
-    args.out.write_text(json.dumps(report, indent=2))
+    write_json(args.out, report)
     print(json.dumps(report["summary"], indent=2))
     return 0 if report["summary"]["all_same_frames"] else 1
 

@@ -22,21 +22,18 @@ from __future__ import annotations
 import argparse
 import logging
 import queue
-import sys
 import tempfile
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
+import tritonclient.grpc as grpcclient
+
+from wan_bench.deployments import render
+from wan_client import build_infer_inputs
+
 _REPO = Path(__file__).resolve().parents[1]
-for _directory in ("build", "client", "python_backend"):
-    if str(_REPO / _directory) not in sys.path:
-        sys.path.insert(0, str(_REPO / _directory))
-
-import tritonclient.grpc as grpcclient  # noqa: E402
-
-from wan_client import build_infer_inputs  # noqa: E402
 
 logger = logging.getLogger("stream_stress")
 
@@ -111,17 +108,6 @@ def load(url: str, model: str, kinds: list[str], num_clients: int, duration_s: f
     return counts
 
 
-def build_repo(root: Path, deployment: Path) -> Path:
-    """`deployment` with the tiny checkpoint (`make build`'s default model), rendered under `root`."""
-    from wan_build.__main__ import main as build_main
-
-    repo = root / "repo"
-    args = ["--model", "tiny", "--deployment", str(deployment)]
-    if build_main([*args, "--repo", str(repo), "--artifacts-root", str(root / "artifacts")]) != 0:
-        raise SystemExit("build failed")
-    return repo
-
-
 def verdict(counts: Counter, live: bool) -> int:
     wrong = {k: v for k, v in counts.items() if not k.endswith(":expected")}
     logger.info("answers: %s; server %s", dict(sorted(counts.items())), "live" if live else "DEAD")
@@ -165,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     from wan_triton.tritonserver.launch import running_server
 
     root = args.root or Path(tempfile.mkdtemp(prefix="stream_stress_"))
-    repo = build_repo(root, args.deployment)
+    # The deployment with the tiny checkpoint (`make build`'s default model).
+    repo = render("tiny", args.deployment, root / "repo", root / "artifacts")
     with running_server([repo], root / "tritonserver.log") as server:
         counts = load(server.grpc_url, args.model, kinds, args.clients, args.duration_s, server.is_ready)
         live = server.process.poll() is None

@@ -6,14 +6,14 @@ The full run (32 clients, 200 requests, four shapes) and its figures are in benc
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import load_test  # noqa: E402
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "load_test.py"
 
 pytestmark = pytest.mark.server
 
@@ -22,18 +22,18 @@ pytestmark = pytest.mark.server
 MAX_GROWTH_PCT = 10.0
 
 
-def test_concurrent_mixed_load_is_correct_and_does_not_grow(server):
-    report = load_test.load_test(
-        server.grpc_url,
-        "wan_onnx",
-        shapes=["64x64x5x4", "48x80x9x6"],
-        seeds_per_shape=2,
-        clients=8,
-        total=24,
-        window=8,
-        max_growth_pct=MAX_GROWTH_PCT,
-        server_pid=server.process.pid,
+def test_concurrent_mixed_load_is_correct_and_does_not_grow(server, tmp_path):
+    args = ["--url", server.grpc_url, "--model", "wan_onnx", "--shapes", "64x64x5x4", "48x80x9x6"]
+    args += ["--seeds-per-shape", "2", "--clients", "8", "--requests", "24", "--window", "8"]
+    args += ["--max-growth-pct", str(MAX_GROWTH_PCT), "--server-pid", str(server.process.pid)]
+    run = subprocess.run(
+        [sys.executable, str(SCRIPT), *args, "--out", str(tmp_path / "load.json")],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
+    assert (tmp_path / "load.json").exists(), run.stdout + run.stderr
+    report = json.loads((tmp_path / "load.json").read_text())
     assert report["completed"] == 24
     assert report["failures"] == 0, report["failure_messages"]
     assert report["identical_to_alone"] == 24
@@ -42,4 +42,4 @@ def test_concurrent_mixed_load_is_correct_and_does_not_grow(server):
     # The stubs of five models per rendering are hundreds of MB each: a real process tree was measured.
     assert memory["first_window_mean_mb"] > 500
     assert memory["growth_pct"] <= MAX_GROWTH_PCT, memory
-    assert report["passed"]
+    assert report["passed"] and run.returncode == 0, run.stdout + run.stderr

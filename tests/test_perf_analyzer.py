@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from wan_bench.perf_analyzer import LIBB64, missing_libraries
 from wan_client import INPUT_DATATYPES
 from wan_triton.config.deployment import Deployment
 from wan_triton.config.request import validate_request
@@ -24,9 +25,6 @@ from wan_triton.config.request import validate_request
 ROOT = Path(__file__).resolve().parent.parent
 HARNESS = ROOT / "benchmarks" / "perf_analyzer.py"
 SMALL = ROOT / "benchmarks" / "perf_analyzer" / "inputs_small.json"
-sys.path.insert(0, str(HARNESS.parent))
-
-import perf_analyzer  # noqa: E402
 
 # A tiny measurement: few requests per window, stability loose (this checks the harness, not the speed).
 TINY = ["--request-count", "3", "--stability-pct", "500", "--max-trials", "4", "--timeout-s", "300"]
@@ -34,9 +32,9 @@ TINY = ["--request-count", "3", "--stability-pct", "500", "--max-trials", "4", "
 
 @pytest.fixture
 def _libraries():
-    missing = perf_analyzer.missing_libraries()
+    missing = missing_libraries()
     if missing and not os.environ.get("CI"):
-        libb64_missing = any(m.startswith(perf_analyzer.LIBB64) for m in missing)
+        libb64_missing = any(m.startswith(LIBB64) for m in missing)
         if libb64_missing and len(missing) == 1:
             pytest.skip(f"perf_analyzer cannot start here: {missing} (CI installs it)")
     assert not missing, f"perf_analyzer cannot start: {missing}"

@@ -621,4 +621,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary, file=sys.stderr)
     print(args.output)
     return EXIT_OK
-
