@@ -22,7 +22,7 @@ server is about to read. The server then reads
 garbage and dies (SIGSEGV in `ProcessMetricRequest` -> `Metric::LoadFromSharedMemory`, or a `std::bad_alloc` or
 `boost::interprocess::lock_exception` abort). The stream model answers each request from its own thread, and those
 threads update its metrics concurrently; `benchmarks/stream_stress.py` crashed the server within seconds without
-the lock (`benchmarks/triton_crash_stack.py` names the functions in such a crash stack).
+the lock (`tools/triton_crash_stack.py` names the functions in such a crash stack).
 """
 
 from __future__ import annotations

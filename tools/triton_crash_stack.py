@@ -4,7 +4,7 @@ prints on a fatal signal carry only run-time addresses, but the library keeps it
 The load address is not printed, so it is found: the one page-aligned base at which every frame but the innermost
 lands just after a `call` instruction (a return address). Needs binutils (`objdump`, `nm`).
 
-    python benchmarks/triton_crash_stack.py tritonserver.log [--library path/to/libtriton_python.so]
+    python tools/triton_crash_stack.py tritonserver.log [--library path/to/libtriton_python.so]
 
 The library defaults to the one in the installed Triton wheel (the one `make serve` runs).
 """
@@ -90,7 +90,6 @@ def name_stack(frames: list[int], library: Path) -> list[str]:
 
 
 def default_library() -> Path:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_backend"))
     from wan_triton.tritonserver.server import _pytriton_root
 
     return _pytriton_root() / "backends" / "python" / "libtriton_python.so"
