@@ -1,10 +1,36 @@
-# Sourced by the one-GPU benchmark drivers (gpu_runtime.sh, gpu_parallel.sh) on the GPU host, from the project root
-# after `source .gpukit/setup.sh`: installs the wheels the kit lacks (.whl/: pydantic, pytest) into /tmp/site and
-# sets OUT, PYTHONPATH and COMMIT.
+# shellcheck shell=bash
+# Sourced by the GPU-host drivers (benchmarks/gpu/*.sh). Precondition, on the GPU host from the project root:
+#     source .gpu-bundle/setup.sh
+# the project's offline bundle: its venv first on PATH with the project installed (pip -e) and what the benchmarks
+# and tests need, the Triton server (TRITONSERVER, TRITON_BACKEND_DIR) and the NCCL settings; the optional
+# attention kernels (FlashAttention-4, FlashAttention-3) are add-ons installed into the same venv.
+# This file checks the bundle was sourced, moves to the project root, sets OUT (results; default out/) and defines
+# the helpers the drivers share. The result records name the commit themselves (`$COMMIT` where the host has no
+# .git) and the device.
+: "${TRITONSERVER:?source .gpu-bundle/setup.sh first (the offline bundle for GPU hosts)}"
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || return
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-# The host's own site-packages first: its scipy and sklearn need its numpy 2 (the kit's numpy 1.26 is for Triton).
-HOST_SITE=$(ls -d /opt/torch/.venv/lib/python3*/site-packages 2>/dev/null | head -1)
-export PYTHONPATH=$HOST_SITE:/tmp/site PYTHONUNBUFFERED=1
-export COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export OUT PYTHONUNBUFFERED=1
+
+# The GPU test files, run by `attention.sh check` and `runtime.sh tests`.
+GPU_TESTS=(tests/test_gpu.py tests/test_gpu_parallel.py)
+
+# The GPU tests, their log in $OUT/test_gpu.log.
+run_gpu_tests() {
+  python -m pytest -q -p no:cacheprovider -rs "${GPU_TESTS[@]}" 2>&1 | tee "$OUT/test_gpu.log"
+}
+
+# The configs-only A14B checkpoint in /tmp/a14b (random bf16 weights built on the device at load), once per host.
+a14b_checkpoint() {
+  [[ -f /tmp/a14b/model_index.json ]] || python -m wan_build.shapes_checkpoint /tmp/a14b
+}
+
+# render_repo DEPLOYMENT REPO: `make build` of the A14B checkpoint with DEPLOYMENT into REPO (replaced), then a check
+# that what Triton's Python backend stub will import imports in this environment.
+render_repo() {
+  a14b_checkpoint
+  rm -rf "$2"
+  python -m wan_build --model /tmp/a14b --deployment "$1" --repo "$2"
+  python -c "import wan_triton.serving.models; from transformers import AutoTokenizer, UMT5EncoderModel"
+}

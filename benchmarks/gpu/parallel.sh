@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
-# Issue 4's measurements that one GPU can make, in one command per call (see benchmarks/RESULTS.md):
-#   bash benchmarks/gpu_parallel.sh compute ARGS...   benchmarks/parallel_compute.py ARGS (per-rank compute of
+# What one GPU can measure of the parallel plans, one command per call:
+#   bash benchmarks/gpu/parallel.sh compute ARGS...   benchmarks/parallel_compute.py ARGS (per-rank compute of
 #                                                      every plan, rank 0 alone in a fake process group)
-#   bash benchmarks/gpu_parallel.sh vae ARGS...       benchmarks/vae_decode.py ARGS
-# Run from the project root after `source .gpukit/setup.sh` (+ the FlashAttention-4 add-on), with the wheels the
-# kit lacks (pydantic, pytest) in .whl/. Results go to $OUT.
+#   bash benchmarks/gpu/parallel.sh vae ARGS...       benchmarks/vae_decode.py ARGS
+# After `source .gpu-bundle/setup.sh` (benchmarks/gpu/common.sh). Results go to $OUT.
 set -euo pipefail
-source "$(dirname "$0")/gpu_host_env.sh"
-mode=$1
+source "$(dirname "$0")/common.sh"
+mode=${1:?usage: parallel.sh compute|vae ARGS...}
 shift
 case $mode in
-  compute) python3 benchmarks/parallel_compute.py "$@" ;;
-  vae) python3 benchmarks/vae_decode.py "$@" ;;
+  compute) python benchmarks/parallel_compute.py "$@" ;;
+  vae) python benchmarks/vae_decode.py "$@" ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# GPU-runtime checks and measurements of issue 3 on one GPU host, in one command per call:
-#   bash benchmarks/gpu_runtime.sh tests              tests/test_gpu.py (graphs bit-identical, swapping, numerics)
-#   bash benchmarks/gpu_runtime.sh graphs SIZES...    step time eager vs CUDA graphs (benchmarks/step_variants.py)
-#   bash benchmarks/gpu_runtime.sh swap SIZES...      step time and peak memory, experts resident vs swapped
-# Run from the project root after `source .gpukit/setup.sh` (+ the FlashAttention-4 add-on), with the wheels the
-# kit lacks (pydantic, pytest) in .whl/. Results go to $OUT.
+# The GPU runtime's checks and measurements on one GPU host, one command per call:
+#   bash benchmarks/gpu/runtime.sh tests                the GPU tests (graphs bit-identical, swapping, numerics)
+#   bash benchmarks/gpu/runtime.sh graphs SIZES...      step time eager vs CUDA graphs (benchmarks/step_variants.py)
+#   bash benchmarks/gpu/runtime.sh swap SIZES...        step time and peak memory, experts resident vs swapped
+#   bash benchmarks/gpu/runtime.sh swapgraphs SIZES...  swapped experts without and with CUDA graphs
+# After `source .gpu-bundle/setup.sh` with the FlashAttention-4 add-on (benchmarks/gpu/common.sh). Results go to
+# $OUT.
 set -euo pipefail
-source "$(dirname "$0")/gpu_host_env.sh"
-mode=$1
+source "$(dirname "$0")/common.sh"
+mode=${1:?usage: runtime.sh tests | graphs|swap|swapgraphs SIZES...}
 shift
 case $mode in
-  tests) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_gpu_parallel.py 2>&1 | tee "$OUT/test_gpu.log" ;;
-  graphs) python3 benchmarks/step_variants.py --sizes "$@" --variants eager graphs --out "$OUT/graphs.json" ;;
-  swap) python3 benchmarks/step_variants.py --sizes "$@" --variants resident swap --out "$OUT/swap.json" ;;
-  swapgraphs) python3 benchmarks/step_variants.py --sizes "$@" --variants swap swap+graphs --out "$OUT/swapgraphs.json" ;;
+  tests) run_gpu_tests ;;
+  graphs) python benchmarks/step_variants.py --sizes "$@" --variants eager graphs --out "$OUT/graphs.json" ;;
+  swap) python benchmarks/step_variants.py --sizes "$@" --variants resident swap --out "$OUT/swap.json" ;;
+  swapgraphs) python benchmarks/step_variants.py --sizes "$@" --variants swap swap+graphs --out "$OUT/swapgraphs.json" ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac
