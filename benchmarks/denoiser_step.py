@@ -1,13 +1,15 @@
 """One denoising step of Wan2.2-T2V-A14B on a GPU: this project's denoiser against diffusers, in one run.
 
 Builds one A14B expert (the real shapes, 14.29 B parameters) with random bf16 weights directly on the device
-(no download is possible, and speed does not depend on weight values), then times, at each size:
+(`wan_bench.experts`: no checkpoint download, and speed does not depend on weight values), then times, at each
+size:
   - diffusers' WanTransformer3DModel as WanPipeline runs it: two forwards (cond, uncond), default attention;
   - this project's step: `wan_triton.model.denoise.denoise_step` on the torch engine as `components.build_denoiser`
     makes it (`attention.install`: chosen kernel + fused projections; optionally regional torch.compile): one
     batch-2 forward (cond + uncond), the guidance combine and the UniPC update;
   - the bf16 GEMM rate of this GPU, and the FLOP floor of a step from it.
-Writes JSON (--out) and prints a table. Usage on the GPU host:
+Writes JSON (--out) and prints a table. On a GPU host (`benchmarks/gpu/attention.sh step SIZE` runs it for the
+FlashAttention kernels):
 
     python benchmarks/denoiser_step.py --sizes 480p 720p --backends cudnn flash4 --out $OUT/step.json
 

@@ -13,7 +13,7 @@ The analytic model (`wan_bench.perf_model`, assumptions in its docstring) is cal
 step time and the bandwidths of this run; its world-size-2 predictions are printed next to the measurements (the
 check of the model) and it predicts every plan of 4 and 8 GPUs.
 
-    python benchmarks/parallel_step.py --sizes 480p 720p --compile --out $OUT/parallel_step.json   # 2x H200
+    python benchmarks/parallel_step.py --sizes 480p 720p --compile --out $OUT/parallel_step.json   # 2 GPUs
     python benchmarks/parallel_step.py --device cpu --backend gloo --tiny --out out/parallel_tiny.json
 """
 

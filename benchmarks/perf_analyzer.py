@@ -71,7 +71,8 @@ def run_concurrency(args: argparse.Namespace, concurrency: int, workdir: Path) -
         str(args.input_data),
         "--concurrency-range",
         f"{concurrency}:{concurrency}",
-        # Count windows: a request takes ~1 s on the tiny CPU model, so fixed time windows would hold few requests.
+        # Count windows: requests take long even on the tiny CPU model (benchmarks/RESULTS.md), so fixed time windows
+        # would hold few of them.
         "--measurement-mode",
         "count_windows",
         "--measurement-request-count",

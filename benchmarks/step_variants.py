@@ -13,7 +13,8 @@ configs-only A14B checkpoint (random bf16 weights built on the GPU; speed does n
 Steps follow a fixed expert plan that crosses the switch both ways, as a request and the next one do:
 high, high (copies the low-noise expert in when swapping), low, low (copies the high-noise expert back), high.
 Each step is timed with CUDA events after one warm-up step per expert (which compiles, and captures graphs).
-Writes JSON (--out) and prints a table. On the GPU host:
+Writes JSON (--out) and prints a table. On a GPU host (`benchmarks/gpu/runtime.sh graphs|swap|swapgraphs` runs
+it):
 
     python benchmarks/step_variants.py --sizes 720p --variants resident swap --out $OUT/swap.json
     python benchmarks/step_variants.py --sizes 240p 480p --variants eager graphs --out $OUT/graphs.json

@@ -1,5 +1,5 @@
 """Hammer a `<model>_stream` endpoint from several clients at once and check the server lives through it: the
-reproduction of the Python-backend crash under concurrent streams (README, "Operating it").
+reproduction of the Python-backend crash under concurrent streams (benchmarks/RESULTS.md).
 
 Each client keeps its own gRPC stream and sends, in turn (`--kinds`), a short valid request (`good`: must end in
 its video), a request with a bad height (`bad`: must be refused with INVALID_ARG naming `height`), a long request

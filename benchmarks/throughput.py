@@ -1,4 +1,4 @@
-"""Throughput of the served pipeline under concurrent clients, with request batching off and on: requests per
+r"""Throughput of the served pipeline under concurrent clients, with request batching off and on: requests per
 second, latency, and the batches the scheduler ran, at several client concurrencies.
 
 The servers, one of three ways:

@@ -4,8 +4,8 @@ that would leave outputs unwritten replaced by local copies of this rank's data.
 The ranks of a plan are symmetric, so rank 0's work is the plan's compute. In the fake group
 (`torch.testing._internal.distributed.fake_pg`) every collective returns at once and moves nothing; an all-to-all
 or all-gather would then leave its output unwritten, and attention on unwritten memory can run faster than on real
-data (on an H100 with FlashAttention-4 it did; presumably its online softmax skips rescales while a row's maximum
-holds). `value_preserving_collectives` fills those outputs with this rank's data instead.
+data (on an H100 with FlashAttention-4 it did, benchmarks/RESULTS.md; presumably its online softmax skips
+rescales while a row's maximum holds). `value_preserving_collectives` fills those outputs with this rank's data instead.
 """
 
 from __future__ import annotations
