@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from wan_bench.load import send
+from wan_bench.load import add_request_arguments, request_of, send
 from wan_bench.metrics import STEPS, device_memory, metrics_text, stats_delta, step_stats
 from wan_bench.records import run_record, write_json
 
@@ -50,24 +50,13 @@ def main() -> None:
     parser.add_argument("--url", default="localhost:8001")
     parser.add_argument("--repo", type=Path, help="start a server on this model repository instead of using --url")
     parser.add_argument("--model", default="wan_t2v")
-    parser.add_argument("--prompt", default="a red fox runs through fresh snow at dawn, cinematic")
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--num-frames", type=int)
-    parser.add_argument("--steps", type=int)
+    add_request_arguments(parser)
     parser.add_argument("--requests", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    request = {
-        "prompt": args.prompt,
-        "height": args.height,
-        "width": args.width,
-        "num_frames": args.num_frames,
-        "num_inference_steps": args.steps,
-        "seed": SEED,
-    }
+    request = request_of(args, seed=SEED)
     memory: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         url = args.url

@@ -32,10 +32,9 @@ from pathlib import Path
 import torch
 
 from wan_bench.experts import (
-    A14B_TRANSFORMER,
     SIZES,
-    TINY_TRANSFORMER,
     build_rank_expert,
+    expert_of,
     guided_step,
     served_engine,
     step_inputs,
@@ -44,11 +43,12 @@ from wan_bench.fake_world import fake_world, value_preserving_collectives
 from wan_bench.memory import allocated, peak_above, release, reset_peak
 from wan_bench.perf_model import Bandwidth, plans_of
 from wan_bench.plans import (
-    add_head_groups_argument,
+    add_plan_arguments,
     grouped_variants,
     model_shape,
     parse_variant,
     predictions,
+    run_sizes,
     variant_name,
 )
 from wan_bench.profiling import is_device_copy, is_layout_copy, profile_kernels, top_kernels
@@ -59,7 +59,6 @@ from wan_triton.kernels import attention
 
 logger = logging.getLogger("benchmarks.parallel_compute")
 
-COMPUTE_SIZES = ("480p", "720p", "tiny")
 MIB_512 = 512 << 20
 # NCCL bf16 on 2x H200 (NV18), 512 MiB per rank: the time of one call. Bus bandwidth = bytes x factor / time
 # (NCCL-tests' convention): all-to-all (n-1)/n, all-reduce 2(n-1)/n, n = 2.
@@ -178,17 +177,10 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="a 4-head tiny expert in fp32 at 64x64x9 (smoke test)")
-    parser.add_argument("--sizes", nargs="+", default=None, choices=COMPUTE_SIZES)
+    add_plan_arguments(parser)
     parser.add_argument("--world-sizes", nargs="+", type=int, default=[2, 4, 8])
     parser.add_argument(
         "--plans", nargs="+", default=None, help="only these plans (e.g. cfg2xulysses4xtp1, cfg2xulysses4xtp1+groups2)"
-    )
-    parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.kernels.attention)")
-    parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
-    parser.add_argument(
-        "--cuda-graphs", action="store_true", help="CUDA graphs around each forward (the deployment's cuda_graphs)"
     )
     parser.add_argument(
         "--no-chunked-qk", action="store_true", help="Ulysses: normalise and rotate Q, K, then copy into chunk order"
@@ -196,7 +188,6 @@ def main() -> None:
     parser.add_argument(
         "--no-ffn-epilogue", action="store_true", help="diffusers' separate FFN GELU (no wan_triton.kernels.ffn)"
     )
-    add_head_groups_argument(parser)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument(
         "--profile",
@@ -217,7 +208,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = TINY_TRANSFORMER if args.tiny else A14B_TRANSFORMER
+    config, dtype = expert_of(args.tiny)
     bw = Bandwidth(
         all_reduce=args.all_reduce_gbps * 1e9,
         all_to_all=args.all_to_all_gbps * 1e9,
@@ -260,8 +251,7 @@ def main() -> None:
         ffn.install = lambda module: 0  # for a side-by-side run against the served FFN
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = torch.float32 if args.tiny else torch.bfloat16
-    sizes = args.sizes or (["tiny"] if args.tiny else ["480p", "720p"])
+    sizes = run_sizes(args)
     if args.plans:
         variants = [parse_variant(name) for name in args.plans]
     else:

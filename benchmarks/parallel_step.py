@@ -29,23 +29,20 @@ import torch
 import torch.distributed as dist
 
 from wan_bench.experts import (
-    A14B_TRANSFORMER,
     SIZES,
-    TINY_TRANSFORMER,
     build_rank_expert,
+    expert_of,
     guided_step,
     served_engine,
     step_inputs,
 )
 from wan_bench.perf_model import plans_of
-from wan_bench.plans import add_head_groups_argument, grouped_variants, model_table, variant_name
+from wan_bench.plans import add_plan_arguments, grouped_variants, model_table, run_sizes, variant_name
 from wan_bench.records import device_name, run_record, write_json
 from wan_bench.timing import time_slowest_rank, time_wall
 from wan_triton.config.plan import ParallelPlan
 
 logger = logging.getLogger("benchmarks.parallel_step")
-
-STEP_SIZES = ("480p", "720p", "tiny")
 
 
 def measure_bandwidth(device: torch.device, dtype: torch.dtype, nbytes: int, repeat: int) -> dict[str, float]:
@@ -93,8 +90,7 @@ def _rank_main(rank: int, args: dict) -> dict | None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    dtype = torch.float32 if args["tiny"] else torch.bfloat16
-    config = TINY_TRANSFORMER if args["tiny"] else A14B_TRANSFORMER
+    config, dtype = expert_of(args["tiny"])
     world = dist.get_world_size()
     out: dict = {"bandwidth": measure_bandwidth(device, dtype, args["bandwidth_bytes"], args["repeat"]), "sizes": {}}
     plans = plans_of(world, config["num_attention_heads"], config["ffn_dim"])
@@ -118,15 +114,9 @@ def _rank_main(rank: int, args: dict) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    add_plan_arguments(parser)
     parser.add_argument("--backend", choices=["nccl", "gloo"], default=None, help="default: nccl on cuda, gloo on cpu")
     parser.add_argument("--world-size", type=int, default=2)
-    parser.add_argument("--tiny", action="store_true", help="a 4-head tiny expert in fp32 at 64x64x9 (smoke test)")
-    parser.add_argument("--sizes", nargs="+", default=None, choices=STEP_SIZES)
-    parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.kernels.attention)")
-    parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
-    parser.add_argument("--cuda-graphs", action="store_true", help="CUDA graphs around each forward, as served")
-    add_head_groups_argument(parser)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--bandwidth-mib", type=int, default=None, help="message size of the bandwidth test")
     parser.add_argument("--out", type=Path, required=True)
@@ -135,7 +125,7 @@ def main() -> None:
     from wan_triton.workers.world import run_world
 
     backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
-    sizes = args.sizes or (["tiny"] if args.tiny else ["480p", "720p"])
+    sizes = run_sizes(args)
     mib = args.bandwidth_mib or (4 if args.tiny else 256)
     rank_args = {
         "device": args.device,
@@ -150,7 +140,7 @@ def main() -> None:
     }
     started = time.perf_counter()
     result = run_world(args.world_size, _rank_main, (rank_args,), backend=backend, timeout_s=3600)[0]
-    config = TINY_TRANSFORMER if args.tiny else A14B_TRANSFORMER
+    config, _ = expert_of(args.tiny)
     result = {
         **run_record(f"{args.world_size}x {device_name(args.device)}"),
         **result,

@@ -44,13 +44,12 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from wan_bench.load import run_clients
+from wan_bench.load import add_request_arguments, request_of, run_clients
 from wan_bench.memory import GpuMemorySampler
 from wan_bench.metrics import STEPS, batch_histogram, device_memory, metrics_text, stats_delta, step_stats
 from wan_bench.records import REPO, run_record, write_json
 
 STARTED = time.monotonic()
-DEFAULT_PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 SEEDS = "10000 * concurrency + 100 * client + n (n-th request of that client)"
 
 LOG_WARNINGS = {
@@ -226,11 +225,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "rendered with (required there)",
     )
     parser.add_argument("--model", help="the deployment's model_name (default: --deployment's, or wan_t2v)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--height", type=int, help="default: the deployment's")
-    parser.add_argument("--width", type=int, help="default: the deployment's")
-    parser.add_argument("--num-frames", type=int, help="default: the deployment's")
-    parser.add_argument("--steps", type=int, help="num_inference_steps (default: the deployment's)")
+    add_request_arguments(parser)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument(
         "--requests-per-client",
@@ -265,14 +260,7 @@ def main(argv: list[str] | None = None) -> int:
 
     compare = not (args.repo or args.url)
     model = args.model or (Deployment.load(args.deployment).model_name if compare else "wan_t2v")
-    request = {
-        "prompt": args.prompt,
-        "height": args.height,
-        "width": args.width,
-        "num_frames": args.num_frames,
-        "num_inference_steps": args.steps,
-    }
-    request = {key: value for key, value in request.items() if value is not None}
+    request = request_of(args)
     load_before = os.getloadavg()  # other load on the machine skews CPU figures
     result: dict = {
         **run_record(argv=argv),

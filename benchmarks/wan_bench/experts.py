@@ -30,6 +30,11 @@ SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
+def expert_of(tiny: bool) -> tuple[dict, torch.dtype]:
+    """(config, dtype) of the expert a benchmark builds: A14B in bf16, or the tiny one in fp32."""
+    return (TINY_TRANSFORMER, torch.float32) if tiny else (A14B_TRANSFORMER, torch.bfloat16)
+
+
 def latent_frames(num_frames: int) -> int:
     """The VAE's temporal compression: 4 frames a latent frame, plus the first."""
     return (num_frames - 1) // 4 + 1

@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import tritonclient.grpc as grpcclient
 
 from wan_client import build_infer_inputs
+
+DEFAULT_PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
+
+
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """--prompt, --height, --width, --num-frames, --steps: the request a benchmark sends; what is left out takes the
+    deployment's default."""
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--height", type=int, help="default: the deployment's")
+    parser.add_argument("--width", type=int, help="default: the deployment's")
+    parser.add_argument("--num-frames", type=int, help="default: the deployment's")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (default: the deployment's)")
+
+
+def request_of(args: argparse.Namespace, **inputs: object) -> dict:
+    """The model inputs of `add_request_arguments`' options that were given, and `inputs`."""
+    request = {
+        "prompt": args.prompt,
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "num_inference_steps": args.steps,
+        **inputs,
+    }
+    return {key: value for key, value in request.items() if value is not None}
 
 
 def send(url: str, model: str, request: dict, seeds: list[int]) -> list[dict]:

@@ -40,7 +40,22 @@ def grouped_variants(plans: list[ParallelPlan], head_groups: list[int], num_head
     ]
 
 
-def add_head_groups_argument(parser: argparse.ArgumentParser) -> None:
+PLAN_SIZES = ("480p", "720p", "tiny")
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """What a plan benchmark runs: the device, the expert (A14B or tiny), the sizes, and the served path's options
+    (attention kernel, regional compile, CUDA graphs, Ulysses head groups)."""
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a 4-head tiny expert in fp32 at 64x64x9 (smoke test)")
+    parser.add_argument(
+        "--sizes", nargs="+", default=None, choices=PLAN_SIZES, help="default: tiny with --tiny, else 480p 720p"
+    )
+    parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.kernels.attention)")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="CUDA graphs around each forward (the deployment's cuda_graphs)"
+    )
     parser.add_argument(
         "--ulysses-head-groups",
         nargs="+",
@@ -49,6 +64,11 @@ def add_head_groups_argument(parser: argparse.ArgumentParser) -> None:
         metavar="G",
         help="also run each Ulysses plan with its exchanges in G head groups (the deployment's ulysses_head_groups)",
     )
+
+
+def run_sizes(args: argparse.Namespace) -> list[str]:
+    """The sizes `add_plan_arguments`' options ask for."""
+    return args.sizes or (["tiny"] if args.tiny else ["480p", "720p"])
 
 
 def model_shape(config: dict, size_name: str, tiny: bool) -> ModelShape:
