@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # FlashAttention-3 against the served FlashAttention-4 on one GPU host, one mode per call:
 #   bash benchmarks/gpu/attention.sh check      the GPU tests, then the attention kernels side by side
 #                                              (benchmarks/block_profile.py --parts attention) at 720p and 480p
 #   bash benchmarks/gpu/attention.sh step SIZE  the served step, flash4 vs flash3 (+ diffusers), denoiser_step.py
 # After `source .gpu-bundle/setup.sh` with both FlashAttention add-ons (benchmarks/gpu/common.sh). Results go to $OUT.
 set -euo pipefail
+# shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 mode=${1:?usage: attention.sh check | step SIZE}
 shift

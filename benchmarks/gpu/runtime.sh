@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # The GPU runtime's checks and measurements on one GPU host, one command per call:
 #   bash benchmarks/gpu/runtime.sh tests                the GPU tests (graphs bit-identical, swapping, numerics)
 #   bash benchmarks/gpu/runtime.sh graphs SIZES...      step time eager vs CUDA graphs (benchmarks/step_variants.py)
@@ -7,6 +8,7 @@
 # After `source .gpu-bundle/setup.sh` with the FlashAttention-4 add-on (benchmarks/gpu/common.sh). Results go to
 # $OUT.
 set -euo pipefail
+# shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 mode=${1:?usage: runtime.sh tests | graphs|swap|swapgraphs SIZES...}
 shift

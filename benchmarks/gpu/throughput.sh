@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
 # Throughput through Triton on one GPU at several client concurrencies, for ONE batching setting per invocation:
 # the configs-only A14B checkpoint (random bf16 weights built on the device), a copy of gpu_a14b.yaml with
 # `serving.max_batch_size` set to $MAX_BATCH and the warm-up at 480p (so that startup is shorter), then
@@ -13,6 +14,7 @@
 # After `source .gpu-bundle/setup.sh` with the FlashAttention-4 add-on (benchmarks/gpu/common.sh). Results go to
 # $OUT.
 set -euo pipefail
+# shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 MAX_BATCH=${MAX_BATCH:-1}
 DEADLINE=${DEADLINE:-$(($(date +%s) + ${BUDGET_S:-540}))}
