@@ -9,7 +9,7 @@ histogram). Both servers run at once and each level is measured off, on, on, off
 Usage (tiny default model on CPU):
 
     python benchmarks/throughput.py --model tiny --deployment model_repository/deployments/cpu.yaml \
-        --batch-size 8 --concurrency 1 2 4 8 --out benchmarks/results/throughput_tiny_cpu.json
+        --batch-size 8 --concurrency 1 2 4 8 --out benchmarks/results/throughput/throughput_tiny_cpu.json
 """
 
 from __future__ import annotations
