@@ -11,7 +11,7 @@
 Against `make serve` (cache off: every request runs the pipeline):
 
     python benchmarks/load_test.py --url localhost:8001 --clients 32 --requests 200 \
-        --out benchmarks/results/load_test_cpu.json
+        --out benchmarks/results/throughput/load_test_cpu.json
 
 Exits 0 only when all three checks pass.
 """

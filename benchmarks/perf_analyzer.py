@@ -6,7 +6,8 @@ JSON file in `benchmarks/perf_analyzer/`); its CSV (`-f`) is parsed into a markd
 Against `make serve`:
 
     python benchmarks/perf_analyzer.py --url localhost:8001 --concurrency 1 2 4 8 \
-        --input-data benchmarks/perf_analyzer/inputs_default.json --out benchmarks/results/perf_analyzer_cpu.json
+        --input-data benchmarks/perf_analyzer/inputs_default.json \
+        --out benchmarks/results/throughput/perf_analyzer_cpu.json
 
 The streaming endpoint is measured with `--model wan_t2v_stream --streaming` (perf_analyzer's own `--streaming`: one
 gRPC stream per concurrent client; a request's latency runs to its final response, past its progress responses).

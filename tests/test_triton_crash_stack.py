@@ -1,6 +1,6 @@
-"""tools/triton_crash_stack.py names the Python backend's functions in a real crash stack: the server log of
-the crash that the metric lock fixed (benchmarks/results/tritonserver_crash_2026-11-24.log) against the installed
-Triton wheel's libtriton_python.so, which printed it."""
+"""tools/triton_crash_stack.py names the Python backend's functions in a real crash stack: the server log of the
+crash that the metric lock fixed (benchmarks/results/diagnostics/tritonserver_crash_2026-11-24.log) against the
+installed Triton wheel's libtriton_python.so, which printed it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "triton_crash_stack.py"
-CRASH_LOG = ROOT / "benchmarks" / "results" / "tritonserver_crash_2026-11-24.log"
+CRASH_LOG = ROOT / "benchmarks" / "results" / "diagnostics" / "tritonserver_crash_2026-11-24.log"
 
 pytestmark = pytest.mark.skipif(not shutil.which("objdump") or not shutil.which("nm"), reason="needs binutils")
 

@@ -44,7 +44,7 @@ class ComponentConfig(_Strict):
     # installed on GPU (flash4, then flash3, then cudnn) and diffusers' own processor on CPU.
     attention: Literal["auto", "reference", "cudnn", "flash4", "flash3"] = "auto"
     # Denoiser only: regional torch.compile of every transformer block (fuses the norm/modulation/rotary
-    # elementwise work around the GEMMs; 1.18x-1.25x per step on H100, see benchmarks/RESULTS.md).
+    # elementwise work around the GEMMs; benchmarks/RESULTS.md, Step time).
     compile_blocks: bool = False
     # Denoiser only (torch engine): `resident` keeps both experts on the device; `swap` keeps both in pinned host
     # memory and one on the device, copying the next expert in block by block during the step before the switch
@@ -62,15 +62,13 @@ class ComponentConfig(_Strict):
     # Denoiser only, plans with ulysses > 1: each rank exchanges and attends its heads in this many groups, starting
     # a group's all-to-all while the previous group is attended, so that only 1/G of the exchange is waited for
     # (wan_triton.parallel.ulysses). Must divide num_attention_heads / (ulysses x tp). The result is the same for
-    # every G. On one H100 at 720p (commit c1267d8, benchmarks/parallel_compute.py against G = 1 in the same run),
-    # 2 groups gave ulysses2 a 1.1% shorter predicted step, and cfg2 x ulysses4 a 1.3% longer one (5-head attention
-    # calls run 3.7% slower); the overlap is not yet measured on several GPUs (benchmarks/RESULTS.md), so the
-    # shipped deployments leave it at 1.
+    # every G. Smaller groups mean smaller attention calls, which run less efficiently: on one GPU grouping shortens
+    # the predicted ulysses2 step and lengthens the cfg2 x ulysses4 one, and the overlap is not yet measured on
+    # several GPUs (benchmarks/RESULTS.md, Parallel), so the shipped deployments leave it at 1.
     ulysses_head_groups: int = Field(default=1, ge=1)
     # VAE decoder only (torch engine): decode split by frame width over this many processes (one GPU each from the
-    # model's device on, on cuda; gloo on cpu), exact up to summation order (wan_triton.parallel.vae_split). On one
-    # H100 (commit fbac6b4, benchmarks/vae_split.py) a 720p fp32 decode computes in 7.63 s whole and 1.20 s as one
-    # of 8 strips, the same run (benchmarks/RESULTS.md).
+    # model's device on, on cuda; gloo on cpu), exact up to summation order (wan_triton.parallel.vae_split); its
+    # speed-up: benchmarks/RESULTS.md, Parallel.
     split_width: int = Field(default=1, ge=1)
     # Worker groups (a parallel plan, split_width > 1): a request fails when no rank has reported progress (a
     # denoising step, or its result) for this long, and the group is restarted before the next request. A rank hung
@@ -130,7 +128,8 @@ class Limits(_Strict):
     max_prompt_chars: int = Field(gt=0)
     max_guidance_scale: float = Field(default=50.0, gt=0)
     max_fps: int = Field(default=120, gt=0)
-    # The largest `timeout_s` a request may ask for (a 720p A14B request takes about 15 minutes on one H100).
+    # The largest `timeout_s` a request may ask for (a 720p A14B request of 40 steps takes minutes on one GPU:
+    # benchmarks/RESULTS.md, End to end).
     max_timeout_s: float = Field(default=3600.0, gt=0)
 
 
@@ -174,7 +173,7 @@ class Serving(_Strict):
     # runs on a GPU. GPU tensors waiting between steps live there: prompt embeddings (16 MiB a request for A14B in
     # fp32) and latents (8 MiB at 480p, 19 MiB at 720p, 81 frames). With Triton's default of 64 MiB a few waiting
     # 480p requests filled it, and the Python backend stub then failed to copy their inputs ("failed to copy data")
-    # while the requests still succeeded, with wrong frames (measured on H100, benchmarks/RESULTS.md). Size it for
+    # while the requests still succeeded, with wrong frames (benchmarks/RESULTS.md, Throughput). Size it for
     # (max_queue_size + max_batch_size + 2) requests at the largest shape.
     cuda_memory_pool_mib: int = Field(default=1024, ge=64, le=65_536)
 

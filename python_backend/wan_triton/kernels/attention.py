@@ -1,13 +1,10 @@
 """Attention kernels for the Wan denoiser on GPU, plugged in through diffusers' attention-processor mechanism.
 
-At 720p, 72% of a step's work is the S^2 attention, so this choice decides the step time. Measured on H100
-(../shared/reference/BASELINES.md): PyTorch's default SDPA pick runs at 375 TFLOP/s, SDPA with the cuDNN backend
-forced at 593, FlashAttention-4 (CuTe DSL) at 699. On H200 (benchmarks/RESULTS.md, commits 9c9622a and 17d6a2e)
-FlashAttention-3's forward (the fa3-fwd build) took 1.6-4.1% longer than the served FlashAttention-4 on the 720p
-shapes of 10 to 80 heads, within 0.5% of it on the 480p ones of 20 to 80, and ran 1.17-1.25x as fast as cuDNN; the
-served step took 1.5-2.5% longer with it at 720p and 1.0% less at 480p. `auto` takes FlashAttention-4, else
-FlashAttention-3, else cuDNN; on CPU it leaves diffusers' own processor in place
-(the reference's numerics).
+At 720p most of a step's work is the S^2 attention, so this choice decides the step time. On Hopper,
+FlashAttention-4 (CuTe DSL) is the fastest of the kernels here, FlashAttention-3's forward (the fa3-fwd build) close
+behind, and SDPA with the cuDNN backend forced the fastest without an extra package; PyTorch's default SDPA pick is
+slower than all three (benchmarks/RESULTS.md, Kernels). `auto` takes FlashAttention-4, else FlashAttention-3, else
+cuDNN; on CPU it leaves diffusers' own processor in place (the reference's numerics).
 """
 
 from __future__ import annotations
@@ -68,10 +65,10 @@ def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 _flash4_op = None
 
 # FlashAttention-4's forward on Hopper at head size 128, long sequences: query tiles of 192 rows (three consumer
-# warpgroups) instead of its default 128 were 2-4% faster on every 720p shape the parallel plans run (batch 1-2 x
+# warpgroups) instead of its default 128 are faster on every 720p shape the parallel plans run (batch 1-2 x
 # 5-40 heads x 75,600 tokens) and on the larger 480p ones; below about 700k query rows (batch x heads x tokens) the
-# default was as fast or faster. The key tile stays 128, so each row accumulates its softmax in the same order and
-# the output is bit-identical (H100, benchmarks/block_profile.py; benchmarks/RESULTS.md).
+# default is as fast or faster (benchmarks/RESULTS.md, Kernels). The key tile stays 128, so each row accumulates its
+# softmax in the same order and the output is bit-identical.
 WIDE_Q_TILE = {"tile_mn": (192, 128), "mma_pv_is_rs": True, "intra_wg_overlap": False, "num_threads": 512}
 WIDE_Q_TILE_MIN_ROWS = 700_000
 WIDE_Q_TILE_MIN_KEYS = 16_384  # measured with 32,760 and 75,600 keys only; cross-attention's 512 keep the default
@@ -110,8 +107,8 @@ def _flash4() -> AttentionFn:
                 out = flash_attn_func(q, k, v, causal=False)
                 return out[0] if isinstance(out, tuple) else out
             # The forward entry point for the default tile too, not flash_attn_func and its autograd wrapper (for a
-            # backward never run here): at 8 ms shapes, eager, the op was 0.41-0.58 ms a call above the bare kernel
-            # call through flash_attn_func and 0.13-0.34 ms through the entry point (H200, benchmarks/RESULTS.md).
+            # backward never run here), whose Python overhead is a visible share of a call at 720p shapes
+            # (benchmarks/RESULTS.md, Kernels).
             tile = WIDE_Q_TILE if use_wide_q_tile(batch, seqlen_q, heads, k.shape[1], head_dim, capability) else {}
             return _flash_attn_fwd(q, k, v, causal=False, **tile)[0]
 
@@ -225,9 +222,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
     Written as x * (c, c) + pair_swapped(x) * (-s, s), the pair tables built on the small [S, head_dim] rotary
     tensors, rather than diffusers' strided writes or a stack of the two rotated halves of q and k: compiled, the
-    q/k RMS norm and rotation then run in one kernel of 3.9 ms instead of 6.0 ms per 720p block, and v is no longer
-    copied before attention (batch 2, H100; benchmarks/block_profile.py, benchmarks/RESULTS.md). No tensor is made
-    from host data, so a CUDA graph can capture it."""
+    q/k RMS norm and rotation then run in one kernel instead of two, and v is no longer copied before attention
+    (benchmarks/RESULTS.md, Kernels). No tensor is made from host data, so a CUDA graph can capture it."""
     c, s = cos[..., 0::2], sin[..., 1::2]
     cos_pairs = torch.stack((c, c), dim=-1).flatten(-2)
     sin_pairs = torch.stack((-s, s), dim=-1).flatten(-2)

@@ -1,8 +1,8 @@
 """The feed-forward layer's input projection and its tanh GELU as one GEMM with a bias + GELU epilogue.
 
 diffusers' Wan FFN is Linear(5120 -> 13824), GELU (tanh approximation), Linear(13824 -> 5120). Compiled, the GELU is
-its own kernel that reads and writes the whole 13824-wide activation once more: 1.1% of a 720p step on an H100
-(`benchmarks/RESULTS.md`). `torch._addmm_activation(..., use_gelu=True)` runs the projection through cuBLASLt with
+its own kernel that reads and writes the whole 13824-wide activation once more (its share of a 720p step:
+benchmarks/RESULTS.md, Kernels). `torch._addmm_activation(..., use_gelu=True)` runs the projection through cuBLASLt with
 its GELU epilogue (the tanh approximation) applied to the fp32 accumulator before the one rounding to the output
 dtype, where diffusers rounds the projection to bf16 before the GELU. Off CUDA the op computes diffusers' two ops.
 

@@ -39,7 +39,7 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
     With `chunked_qk` (the default), Q and K are normalised and rotated straight into the order the all-to-all
     sends (`ulysses.head_chunks`): the compiled norm-and-rotate kernel then writes the all-to-all's input itself.
     Normalising first and laying out after (`chunked_qk=False`) left a second kernel that casts and copies the
-    rotated Q and K into that order: 0.5-0.8% of a 720p cfg2 x ulysses4 step on an H100 (benchmarks/RESULTS.md).
+    rotated Q and K into that order (its cost: benchmarks/RESULTS.md, Parallel).
 
     With `head_groups` G > 1, a rank's heads are exchanged and attended G at a time, each group's all-to-all
     overlapping the previous group's attention (`ulysses.attend_head_groups`)."""

@@ -92,7 +92,7 @@ def attend_head_groups(
     one group ahead (module docstring); attention is per head, so the result is the same. The groups are separate
     tensors, not views of one: compiled, the producer of Q and K (their norm and rotation) then writes each group's
     exchange input itself. From one tensor made contiguous, inductor copied each later group out in a kernel of
-    its own (+17 ms a 720p cfg2 x ulysses4 step on an H100 at commit eccf6ee; benchmarks/RESULTS.md)."""
+    its own (its cost: benchmarks/RESULTS.md, Parallel)."""
     n = len(q)
     if n == 1:
         out = attend(*(exchange_head_chunks(x[0], group) for x in (q, k, v)))

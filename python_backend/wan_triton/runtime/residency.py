@@ -1,13 +1,14 @@
 """Expert swapping: both Wan2.2 experts' weights wait in pinned host memory and one device copy of the
 architecture holds whichever expert runs, its weights overwritten block by block while the previous step runs.
 
-Why: an A14B expert is 28.6 GB in bf16. Both resident need about 70 GB at 720p; one expert needs about 41 GB.
+Why: an A14B expert is 28.6 GB in bf16, so both resident leave an 80 GB GPU too little for 720p activations
+(measured peaks: benchmarks/RESULTS.md, Memory).
 The experts have the same architecture, so instead of holding two device modules, the device module's parameters
 are overwritten in place with the other expert's weights. The copy is split per transformer block and issued on a
 side stream during the last step before the switch: as soon as block `l` has run its last forward with the old
 weights, block `l` of the new expert is copied in (about 0.7 GB, tens of milliseconds over PCIe), while blocks
-`l+1...` still compute. The next step's block `l` waits only for its own copy. A 720p step takes about 20 s and the
-whole expert moves in about 1-2 s, so the switch costs no visible time and device memory holds one expert.
+`l+1...` still compute. The next step's block `l` waits only for its own copy. A 720p step takes far longer than
+the whole expert's copy, so the switch costs no visible time and device memory holds one expert.
 
 Because the parameters keep their storage, compiled blocks (regional torch.compile) and captured CUDA graphs stay
 valid for both experts.
@@ -29,7 +30,7 @@ from wan_triton.model.engine import Engine
 logger = logging.getLogger(__name__)
 
 # `auto` keeps both experts resident when their weights take at most this share of the device's memory; the rest is
-# for activations (720p with guidance as a batch of 2 needs about 13 GB on top of one expert).
+# for activations (720p with guidance as a batch of 2; benchmarks/RESULTS.md, Memory).
 RESIDENT_WEIGHT_SHARE = 0.75
 
 

@@ -62,8 +62,8 @@ class _Model:
         """Report the step's peak device memory, then hand its cached blocks back to the driver.
 
         Every step is its own process with its own caching allocator on the same GPU: blocks one process keeps
-        cached after a request (measured: 27.9 GB held by the VAE step after a 720p decode that peaks at 9.9 GB) are
-        memory the others cannot get, and the scheduler then runs out at load or at its next 720p step.
+        cached after a request (the VAE step after a 720p decode held several times its own peak) are memory the
+        others cannot get, and the scheduler then runs out at load or at its next 720p step.
         """
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             self.metrics.device_memory_peak(torch.cuda.max_memory_allocated(self.ctx.device_id))

@@ -1,7 +1,8 @@
 """Start the real Triton Inference Server on a rendered model repository, in the foreground.
 
 The `tritonserver` binary and its Python backend come from the nvidia-pytriton wheel (or from $TRITONSERVER and
-$TRITON_BACKEND_DIR, as the GPU kit sets them). Three needs of that Python backend are met here:
+$TRITON_BACKEND_DIR, as the GPU-host bundle sets them: docs/gpu-hosts.md). Three needs of that Python backend are
+met here:
 - its stub takes site-packages from the first `python3` on PATH (it ignores PYTHONPATH), so this interpreter's
   environment goes first on PATH;
 - its stub links a system libpython, which may be an older patch release than this interpreter; this

