@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "parallel_compute.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "parallel_compute.py"
 
 
 @pytest.fixture(scope="module")

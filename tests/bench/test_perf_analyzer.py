@@ -21,7 +21,7 @@ from wan_client import INPUT_DATATYPES
 from wan_triton.config.deployment import Deployment
 from wan_triton.config.request import validate_request
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 HARNESS = ROOT / "benchmarks" / "perf_analyzer.py"
 SMALL = ROOT / "benchmarks" / "perf_analyzer" / "inputs_small.json"
 sys.path.insert(0, str(HARNESS.parent))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "triton_crash_stack.py"
 CRASH_LOG = ROOT / "benchmarks" / "results" / "tritonserver_crash_2026-11-24.log"
 
