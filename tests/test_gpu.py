@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPU_REQUEST as REQUEST
 
+from factories import GPU_REQUEST as REQUEST
 from wan_triton.components import build_denoiser
 from wan_triton.config.deployment import ComponentConfig, EngineKind
 from wan_triton.kernels import attention

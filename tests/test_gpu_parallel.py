@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import GPU_REQUEST as REQUEST
-from conftest import logged_stops
 
+from checks import assert_self_attention_one_group_ahead, logged_stops
+from factories import GPU_REQUEST as REQUEST
 from wan_triton.config.deployment import ComponentConfig
 from wan_triton.config.plan import ParallelPlan
 from wan_triton.model.checkpoint import Checkpoint
@@ -125,8 +125,6 @@ def test_nccl_collectives_replay_in_a_cuda_graph(tiny4_checkpoint, compile_block
     assert not torch.equal(result["pairs"][0][0], result["pairs"][1][0])  # the replays saw new inputs
     if compile_blocks:
         # The blocks compiled for CUDA keep each group's exchange started ahead of the previous group's attention.
-        from test_ulysses_head_groups import assert_self_attention_one_group_ahead
-
         assert result["codes"]
         for code in result["codes"]:
             assert_self_attention_one_group_ahead(code, head_groups)

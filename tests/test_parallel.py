@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_frames_close
 
+from checks import assert_frames_close
 from wan_triton.config.deployment import ComponentConfig
 from wan_triton.config.plan import ParallelPlan, PlanError, RankCoords, num_tokens
 from wan_triton.config.request import GenerationRequest

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_frames_close, reference_frames
 
+from checks import assert_frames_close, reference_frames
 from wan_triton.config.deployment import Deployment
 from wan_triton.config.request import validate_request
 from wan_triton.model.checkpoint import Checkpoint

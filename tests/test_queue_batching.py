@@ -1,7 +1,7 @@
 """The queue limit and request batching on the real server (the session server of tests/conftest.py).
 
 `wan_onnx` batches up to 8 same-shape requests; `wan_torch` runs one request at a time with one waiting
-(conftest.SERVING). Concurrency is made deterministic with a long "blocker" request: requests sent while it runs
+(served.SERVING). Concurrency is made deterministic with a long "blocker" request: requests sent while it runs
 wait in the scheduler's queue and are handed over together when it finishes.
 """
 
@@ -14,10 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import SERVING
-from test_server import _metrics, _value
 from tritonclient.utils import InferenceServerException
 
+from served import SERVING, metric_samples, metric_value
 from wan_client import EXIT_BUSY, build_infer_inputs, busy_error, is_queue_full, queue_size
 
 pytestmark = pytest.mark.server
@@ -66,13 +65,13 @@ def _behind_blocker(server, model: str, requests: list[dict], stagger_s: float =
 
 def _batch_sizes(server, model: str) -> dict[float | str, float]:
     """`wan_batch_size` histogram buckets (cumulative, by `le`) and `count`."""
-    samples = _metrics(server)
+    samples = metric_samples(server)
     buckets = {
         float(labels["le"]): v
         for name, labels, v in samples
         if name == "wan_batch_size_bucket" and labels.get("model") == model
     }
-    return {**buckets, "count": _value(samples, "wan_batch_size_count", model=model)}
+    return {**buckets, "count": metric_value(samples, "wan_batch_size_count", model=model)}
 
 
 def _loops_of(before: dict, after: dict, size: int) -> float:

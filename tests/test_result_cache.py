@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import CACHED_BYTES, CACHED_MODEL
 from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
+from served import CACHED_BYTES, CACHED_MODEL
 from wan_build.render import CACHED_PIPELINE, render_repository
 from wan_client import build_infer_inputs
 from wan_triton.config.deployment import Deployment

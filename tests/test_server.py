@@ -10,9 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import DEPLOYMENTS, assert_frames_close, reference_frames
 from tritonclient.utils import InferenceServerException
 
+from checks import assert_frames_close, reference_frames
+from served import DEPLOYMENTS, metric_samples, metric_value
 from wan_client import build_infer_inputs
 from wan_triton.config.deployment import Deployment
 from wan_triton.model.video import decode_mp4
@@ -152,40 +153,19 @@ def test_still_serving_the_same_frames_after_bad_input(client, reference):
     assert_frames_close(infer(client, "wan_torch", REQUEST).as_numpy("frames"), reference)
 
 
-def _metrics(server) -> list[tuple[str, dict[str, str], float]]:
-    import re
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = []
-    for line in text.splitlines():
-        match = re.match(r"^(\w+)(?:\{(.*)\})?\s+(\S+)$", line)
-        if match and not line.startswith("#"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-            samples.append((match.group(1), labels, float(match.group(3))))
-    return samples
-
-
-def _value(samples, name: str, **labels) -> float:
-    values = [v for n, got, v in samples if n == name and labels.items() <= got.items()]
-    assert values, f"no sample {name}{labels}"
-    return sum(values)
-
-
 def test_metrics_report_stages_outcomes_and_rate(server, client):
     infer(client, "wan_onnx", {"prompt": "metrics", "num_inference_steps": 2, "num_frames": 1})
     with pytest.raises(InferenceServerException):
         infer(client, "wan_onnx", {"prompt": "metrics", "num_frames": 2})
-    samples = _metrics(server)
+    samples = metric_samples(server)
     for stage in ("preprocess", "text_encoder", "scheduler", "vae_decoder", "postprocess"):
-        assert _value(samples, "wan_stage_seconds_count", model="wan_onnx", stage=stage) >= 1
-        assert _value(samples, "wan_stage_seconds_sum", model="wan_onnx", stage=stage) > 0
-    assert _value(samples, "wan_requests_total", model="wan_onnx", stage="preprocess", outcome="invalid_arg") >= 1
-    assert _value(samples, "wan_requests_total", model="wan_onnx", stage="postprocess", outcome="success") >= 1
-    assert _value(samples, "wan_denoise_steps_per_second", model="wan_onnx") > 0
+        assert metric_value(samples, "wan_stage_seconds_count", model="wan_onnx", stage=stage) >= 1
+        assert metric_value(samples, "wan_stage_seconds_sum", model="wan_onnx", stage=stage) > 0
+    assert metric_value(samples, "wan_requests_total", model="wan_onnx", stage="preprocess", outcome="invalid_arg") >= 1
+    assert metric_value(samples, "wan_requests_total", model="wan_onnx", stage="postprocess", outcome="success") >= 1
+    assert metric_value(samples, "wan_denoise_steps_per_second", model="wan_onnx") > 0
     # Triton's own queue gauge sits beside ours.
-    assert _value(samples, "nv_inference_pending_request_count", model="wan_onnx_scheduler") == 0
+    assert metric_value(samples, "nv_inference_pending_request_count", model="wan_onnx_scheduler") == 0
 
 
 def test_warm_up_ran_before_the_server_reported_ready(server):

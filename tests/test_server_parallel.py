@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from conftest import PARALLEL_MODEL, assert_frames_close, logged_stops, reference_frames
-from test_stream import Stream
 from tritonclient.utils import InferenceServerException
 
+from checks import assert_frames_close, logged_stops, reference_frames
+from served import PARALLEL_MODEL, Stream
 from wan_client import build_infer_inputs
 
 pytestmark = pytest.mark.server

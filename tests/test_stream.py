@@ -6,7 +6,6 @@ stream stops the scheduler's loop within one step; `timeout_s` stops either endp
 
 from __future__ import annotations
 
-import queue
 import re
 import subprocess
 import sys
@@ -16,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from test_server import _metrics, _value
 from tritonclient.utils import InferenceServerException
 
+from served import PROGRESS, STOP_WAIT_S, Stream, metric_samples, metric_value
 from wan_client import EXIT_DEADLINE, EXIT_OK, build_infer_inputs
 from wan_triton.serving.stopping import JobBoard
 from wan_triton.serving.stream import PREVIEW_MAX_SIDE, shrink_frame
@@ -28,54 +27,20 @@ pytestmark = pytest.mark.server
 CLIENT = Path(__file__).resolve().parents[1] / "client" / "wan_client.py"
 MODEL = "wan_onnx"
 STREAM = f"{MODEL}_stream"
-PROGRESS = ("stage", "step", "num_steps", "elapsed_s", "preview_frame")
 REQUEST = dict(prompt="a paper boat on a stream", seed=77, height=64, width=96, num_frames=9, num_inference_steps=10)
 # Long enough (384x384, 33 frames, 50 steps: about 0.3 s a step here) that a cancel or a deadline lands mid-loop.
 LONG = dict(prompt="a long request", seed=5, height=384, width=384, num_frames=33, num_inference_steps=50)
-STOP_WAIT_S = 120.0
-
-
-class Stream:
-    """One gRPC stream: send requests, read each response (result or error) in order."""
-
-    def __init__(self, url: str, model: str = STREAM) -> None:
-        self.client = grpcclient.InferenceServerClient(url)
-        self.model = model
-        self.responses: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-
-    def send(self, request: dict, outputs=("video", "frames", "used_seed", *PROGRESS)) -> None:
-        wanted = [grpcclient.InferRequestedOutput(o) for o in outputs]
-        self.client.async_stream_infer(self.model, build_infer_inputs(request), outputs=wanted)
-
-    def next(self, timeout_s: float = STOP_WAIT_S):
-        return self.responses.get(timeout=timeout_s)
-
-    def until_final(self) -> tuple[list, object]:
-        """Progress results up to the final one (stage "done"), or raise the stream's error."""
-        progress = []
-        while True:
-            result, error = self.next()
-            if error is not None:
-                raise error
-            progress.append(result)
-            if result.as_numpy("stage")[0] == b"done":
-                return progress[:-1], result
-
-    def close(self, cancel: bool = False) -> None:
-        self.client.stop_stream(cancel_requests=cancel)
-        self.client.close()
 
 
 @pytest.fixture
 def stream(server):
-    s = Stream(server.grpc_url)
+    s = Stream(server.grpc_url, STREAM)
     yield s
     s.close()
 
 
 def _counter(server, name: str, **labels) -> float:
-    return _value(_metrics(server), name, **labels)
+    return metric_value(metric_samples(server), name, **labels)
 
 
 def _wait_for(server, name: str, at_least: float, **labels) -> None:
@@ -131,7 +96,7 @@ def test_cancelled_stream_stops_the_loop_within_one_step(server):
     cancelled_before = _counter(server, "wan_requests_total", model=MODEL, stage="scheduler", outcome="cancelled")
     steps_before = _counter(server, "wan_denoise_steps_total", model=MODEL)
     board_before = set(JobBoard().root.glob("*"))
-    stream = Stream(server.grpc_url)
+    stream = Stream(server.grpc_url, STREAM)
     stream.send(LONG, outputs=PROGRESS)
     step = 0
     while step < 2:
@@ -147,7 +112,7 @@ def test_cancelled_stream_stops_the_loop_within_one_step(server):
     assert step <= steps_run <= step + 5, (step, steps_run)
     _wait_for(server, "wan_requests_total", 1, model=MODEL, stage="stream", outcome="cancelled")
     # The server goes on serving, and no request's board files are left behind.
-    again = Stream(server.grpc_url)
+    again = Stream(server.grpc_url, STREAM)
     again.send(REQUEST)
     _, final = again.until_final()
     again.close()

@@ -5,13 +5,13 @@ that cannot split are refused."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from checks import assert_one_group_ahead, assert_self_attention_one_group_ahead, calls_in
 from wan_triton.config.deployment import ComponentConfig
 from wan_triton.config.plan import ParallelPlan, PlanError
 from wan_triton.model.checkpoint import Checkpoint
@@ -99,45 +99,6 @@ def test_head_groups_attend_the_whole_sequence_and_start_each_exchange_one_group
         assert_one_group_ahead(["attend" if e == "attend" else e.split()[0] for e in rank["events4"]], 4)
         torch.testing.assert_close(rank["compiled"], rank["expected"], rtol=1e-5, atol=1e-5)
         assert_one_group_ahead(calls_in(rank["code"][0]), 4)
-
-
-def assert_one_group_ahead(order: list[str], groups: int) -> None:
-    """order: "start" (an exchange), "wait", "attend". Before group g is attended, the Q, K, V of groups up to g + 1
-    and the outputs of groups before g have been sent, and only the inputs of groups up to g waited for."""
-    attends = [i for i, op in enumerate(order) if op == "attend"]
-    assert len(attends) == groups, order
-    for g, at in enumerate(attends):
-        assert order[:at].count("start") == 3 * min(g + 2, groups) + g, order
-        assert order[:at].count("wait") == 3 * (g + 1), order
-    assert order.count("start") == 4 * groups and order.count("wait") == 4 * groups, order
-
-
-# inductor's generated code: a started all-to-all (its buffer), a wait (for a buffer), the attention op.
-A2A_CALL = re.compile(r"(\w+) = torch\.ops\._c10d_functional\.all_to_all_single\.default\(")
-WAIT_CALL = re.compile(r"torch\.ops\._c10d_functional\.wait_tensor\.default\((\w+)\)")
-ATTEND_CALL = re.compile(r"torch\.ops\.aten\._scaled_dot_product\w*\.default\(")
-
-
-def calls_in(code: str) -> list[str]:
-    """The order of all-to-all starts, their waits (not other collectives') and attention calls in generated code."""
-    order, exchanged = [], set()
-    for line in code.splitlines():
-        if started := A2A_CALL.search(line):
-            exchanged.add(started[1])
-            order.append("start")
-        elif (waited := WAIT_CALL.search(line)) and waited[1] in exchanged:
-            order.append("wait")
-        elif ATTEND_CALL.search(line):
-            order.append("attend")
-    return order
-
-
-def assert_self_attention_one_group_ahead(code: str, groups: int) -> None:
-    """In one compiled block: its self-attention's exchanges in `groups` groups, one ahead (the cross-attention,
-    without exchanges, comes after the last of them)."""
-    calls = calls_in(code)
-    last_exchange = max(i for i, op in enumerate(calls) if op != "attend")
-    assert_one_group_ahead(calls[: last_exchange + 1], groups)
 
 
 def _tiny_expert_runs(rank: int, checkpoint: Path) -> dict:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import logged_stops
 
+from checks import logged_stops
 from wan_triton.config.deployment import ComponentConfig
 from wan_triton.config.plan import PlanError
 from wan_triton.config.request import GenerationRequest, InvalidRequestError
