@@ -14,14 +14,13 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from factories import load_deployment
 from wan_build.render import dynamic_batching, render_repository
 from wan_triton.components import build_denoiser
 from wan_triton.config.deployment import Deployment, Serving
 from wan_triton.config.request import GenerationRequest
 from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.model.denoise import BatchItem, group_by_shape
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def _request(**changes) -> GenerationRequest:
@@ -64,7 +63,7 @@ def test_groups_by_shape_in_arrival_order_and_caps_the_batch():
 
 @pytest.fixture(scope="module")
 def denoiser(other_checkpoint):
-    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml")
+    deployment = load_deployment("cpu_torch")
     ckpt = Checkpoint.open(other_checkpoint)
     return build_denoiser(ckpt, deployment.components.denoiser, Path("/nonexistent"))
 
@@ -198,7 +197,7 @@ def _scheduler(fake_pb, denoiser, max_batch_size: int):
     from wan_triton.serving.stopping import JobBoard
 
     model = Scheduler.__new__(Scheduler)
-    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu.yaml")
+    deployment = load_deployment("cpu")
     deployment = deployment.model_copy(update={"serving": Serving(max_batch_size=max_batch_size)})
     model.ctx = types.SimpleNamespace(name="wan_t2v_scheduler", deployment=deployment, device_id=0)
     model.metrics = StageMetrics(fake_pb, "wan_t2v", "scheduler")  # no MetricFamily: metrics off
@@ -261,7 +260,7 @@ def test_a_failing_batch_is_retried_one_request_at_a_time(fake_pb):
     ],
 )
 def test_bad_serving_settings_are_rejected(serving, field):
-    data = Deployment.load(ROOT / "model_repository/deployments/cpu.yaml").model_dump()
+    data = load_deployment("cpu").model_dump()
     with pytest.raises(ValidationError, match=rf"serving\.{field}\b"):
         Deployment.model_validate({**data, "serving": serving})
 
@@ -272,7 +271,7 @@ def test_serving_settings_render_as_triton_dynamic_batching(tmp_path):
     assert "max_queue_delay_microseconds: 2500" in block
     assert "default_queue_policy { max_queue_size: 3 }" in block
     # Only the scheduler batches; every other step keeps max_batch_size 0 and Triton's default scheduler.
-    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml")
+    deployment = load_deployment("cpu_torch")
     deployment = deployment.model_copy(update={"serving": Serving(max_batch_size=4, max_queue_size=3)})
     repo = render_repository(deployment, tmp_path, tmp_path, tmp_path / "repo")
     scheduler = (repo / "wan_t2v_scheduler/config.pbtxt").read_text()

@@ -1,6 +1,7 @@
 """Streaming, cancellation and deadlines as logic, without a server: the job board, the step guard, the request's
 `timeout_s`, the scheduler's hooks on a real tiny denoiser (with a fake `triton_python_backend_utils`), the clean
-estimate behind previews, and the client's stream errors. tests/test_stream.py checks the same through the server."""
+estimate behind previews and the preview frames' size, and the client's stream errors. tests/server/test_stream.py
+checks the same through the server."""
 
 from __future__ import annotations
 
@@ -8,20 +9,20 @@ import json
 import sys
 import types
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from factories import load_deployment
 from wan_triton.components import build_denoiser
 from wan_triton.config.deployment import Deployment
 from wan_triton.config.request import GenerationRequest, InvalidRequestError, validate_request
 from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.serving.stopping import DEADLINE_MESSAGE, JobBoard, RequestStopped, StepGuard
+from wan_triton.serving.stream import PREVIEW_MAX_SIDE, shrink_frame
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOYMENT = Deployment.load(ROOT / "model_repository/deployments/cpu.yaml")
+DEPLOYMENT = load_deployment("cpu")
 
 
 def test_job_board_files_by_token_only(tmp_path):
@@ -95,6 +96,13 @@ def test_preview_every_validation():
             preview_every(bad, 50)
 
 
+def test_preview_frames_are_small():
+    frame = np.random.default_rng(0).integers(0, 255, (720, 1280, 3), dtype=np.uint8)
+    small = shrink_frame(frame)
+    assert small.shape == (144, PREVIEW_MAX_SIDE, 3) and small.dtype == np.uint8
+    assert abs(float(small.mean()) - float(frame.mean())) < 1.0  # an area average keeps the brightness
+
+
 def test_clean_estimate_is_what_unipc_predicts():
     """x0 = latents - sigma x noise_pred is UniPC's own x0 prediction for flow matching, at every step."""
     import diffusers
@@ -153,7 +161,7 @@ def scheduler(monkeypatch, other_checkpoint, tmp_path):
     from wan_triton.serving.metrics import StageMetrics
     from wan_triton.serving.models import Scheduler
 
-    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml")
+    deployment = load_deployment("cpu_torch")
     model = Scheduler.__new__(Scheduler)
     model.ctx = types.SimpleNamespace(name="wan_t2v_scheduler", deployment=deployment, device_id=0)
     model.metrics = StageMetrics(pb, "wan_t2v", "scheduler")  # no MetricFamily: metrics off

@@ -2,7 +2,7 @@
 
 On CPU the op computes diffusers' two ops, so the outputs must be identical; what these tests pin down is that the
 served module really goes through the op, keeps its parameter names, compiles, and is only installed where it
-reproduces diffusers' layout. tests/test_gpu.py checks the CUDA epilogue's numerics.
+reproduces diffusers' layout. tests/gpu/test_gpu.py checks the CUDA epilogue's numerics.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The queue limit and request batching on the real server (the session server of tests/conftest.py).
+"""The queue limit and request batching on the real server (the session server of tests/conftest.py; its models:
+tests/served.py).
 
 `wan_onnx` batches up to 8 same-shape requests; `wan_torch` runs one request at a time with one waiting
 (served.SERVING). Concurrency is made deterministic with a long "blocker" request: requests sent while it runs
@@ -12,14 +13,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from served import SERVING, metric_samples, metric_value
 from wan_client import EXIT_BUSY, build_infer_inputs, busy_error, is_queue_full, queue_size
-
-pytestmark = pytest.mark.server
 
 # The largest requests the CPU deployments allow (384x384 = max_pixels, 33 frames, 50 steps: about 10 s on 2 idle
 # cores, longer when they are shared), so the requests sent after the head start all arrive while it runs. At

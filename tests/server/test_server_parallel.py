@@ -1,8 +1,9 @@
 """A parallel plan through the real Triton server: the scheduler model runs a worker group of 2 gloo processes
 (tp 2, from build-time shards), the vae_decoder model another 2 (the decode split by width), and the frames match
 diffusers' WanPipeline; a worker of either group killed between requests is replaced before the next one (a worker
-killed mid-request: tests/test_worker_group.py); a request past its deadline stops every rank mid-loop and the same
-workers serve the next request; the stream endpoint shows previews from rank 0's clean estimates."""
+killed mid-request: tests/multiprocess/test_worker_group.py); a request past its deadline stops every rank
+mid-loop and the same workers serve the next request; the stream endpoint shows previews from rank 0's clean
+estimates."""
 
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from tritonclient.utils import InferenceServerException
 from checks import assert_frames_close, logged_stops, reference_frames
 from served import PARALLEL_MODEL, Stream
 from wan_client import build_infer_inputs
-
-pytestmark = pytest.mark.server
 
 REQUEST = dict(
     prompt="a small robot dances in the rain",

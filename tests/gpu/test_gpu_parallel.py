@@ -11,7 +11,7 @@
   mid-loop and then serves the next one as before, and the VAE decode split over 2 GPUs gives one GPU's frames
   (within 1 uint8 level).
 
-    python -m pytest tests/test_gpu_parallel.py
+    python -m pytest tests/gpu/test_gpu_parallel.py
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ from wan_triton.config.deployment import ComponentConfig
 from wan_triton.config.plan import ParallelPlan
 from wan_triton.model.checkpoint import Checkpoint
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
 COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather")
 
 

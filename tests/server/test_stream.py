@@ -10,21 +10,18 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from factories import REPO_ROOT
 from served import PROGRESS, STOP_WAIT_S, Stream, metric_samples, metric_value
 from wan_client import EXIT_DEADLINE, EXIT_OK, build_infer_inputs
 from wan_triton.serving.stopping import JobBoard
-from wan_triton.serving.stream import PREVIEW_MAX_SIDE, shrink_frame
 
-pytestmark = pytest.mark.server
-
-CLIENT = Path(__file__).resolve().parents[1] / "client" / "wan_client.py"
+CLIENT = REPO_ROOT / "client" / "wan_client.py"
 MODEL = "wan_onnx"
 STREAM = f"{MODEL}_stream"
 REQUEST = dict(prompt="a paper boat on a stream", seed=77, height=64, width=96, num_frames=9, num_inference_steps=10)
@@ -83,13 +80,6 @@ def test_stream_reports_every_stage_and_previews_then_the_unary_video(server, st
     assert np.array_equal(frames, unary.as_numpy("frames"))
     assert bytes(final.as_numpy("video")[0]) == bytes(unary.as_numpy("video")[0])
     assert int(final.as_numpy("used_seed")[0]) == REQUEST["seed"]
-
-
-def test_preview_frames_are_small():
-    frame = np.random.default_rng(0).integers(0, 255, (720, 1280, 3), dtype=np.uint8)
-    small = shrink_frame(frame)
-    assert small.shape == (144, PREVIEW_MAX_SIDE, 3) and small.dtype == np.uint8
-    assert abs(float(small.mean()) - float(frame.mean())) < 1.0  # an area average keeps the brightness
 
 
 def test_cancelled_stream_stops_the_loop_within_one_step(server):
@@ -248,7 +238,7 @@ def test_concurrent_streams_keep_the_server_alive(server):
     """Four clients streaming short, invalid and cancelled requests for 20 s: every answer is the expected one and
     the server is live after. Before the stub serialised its metric calls (wan_triton.serving.metrics), this load
     killed the server within 2-15 s in every run."""
-    stress = Path(__file__).resolve().parents[1] / "benchmarks" / "stream_stress.py"
+    stress = REPO_ROOT / "benchmarks" / "stream_stress.py"
     run = subprocess.run(
         [sys.executable, str(stress), "--url", server.grpc_url, "--model", MODEL, "--duration-s", "20"],
         capture_output=True,

@@ -1,8 +1,8 @@
 """The real Triton server, end to end: parity with diffusers' WanPipeline, the MP4, and every kind of bad input.
 
-The session's server (tests/conftest.py) holds two renderings of the same non-default tiny checkpoint: `wan_onnx`
-(every component on ONNX Runtime) and `wan_torch` (the library modules in PyTorch), so both engine families are
-checked against the reference in one server start.
+The session's server (tests/conftest.py, tests/served.py) holds two renderings of the same non-default tiny
+checkpoint: `wan_onnx` (every component on ONNX Runtime) and `wan_torch` (the library modules in PyTorch), so both
+engine families are checked against the reference in one server start.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from served import DEPLOYMENTS, metric_samples, metric_value
 from wan_client import build_infer_inputs
 from wan_triton.config.deployment import Deployment
 from wan_triton.model.video import decode_mp4
-
-pytestmark = pytest.mark.server
 
 # Every setting differs from the deployment defaults.
 REQUEST = dict(

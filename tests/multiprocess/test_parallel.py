@@ -1,5 +1,6 @@
 """Multi-rank denoising on CPU (gloo, several processes): every plan of world size 2 and 4 gives the frames of
-world size 1 on a tiny model, and the plan is validated against the checkpoint."""
+world size 1 on a tiny model, tp shards written at build time hold and load the same weights, and a build refuses a
+plan the checkpoint cannot split. The plan settings as pure logic: tests/unit/test_parallel_settings.py."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from checks import assert_frames_close
+from factories import load_deployment
 from wan_triton.config.deployment import ComponentConfig
-from wan_triton.config.plan import ParallelPlan, PlanError, RankCoords, num_tokens
+from wan_triton.config.plan import ParallelPlan, PlanError
 from wan_triton.config.request import GenerationRequest
 from wan_triton.model.checkpoint import Checkpoint
 
@@ -141,48 +143,6 @@ def test_plan_matches_world_size_1(world_results, single, plan, case):
     assert_frames_close(frames, ref_frames[case])
 
 
-def test_rank_layout_and_groups():
-    plan = ParallelPlan(cfg=2, ulysses=2, tp=2)
-    assert plan.world_size == 8
-    assert plan.coords(0) == RankCoords(0, 0, 0)
-    assert plan.coords(5) == RankCoords(1, 0, 1)
-    assert [plan.rank_of(plan.coords(r)) for r in range(8)] == list(range(8))
-    groups = plan.group_ranks()
-    assert groups["tp"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
-    assert groups["ulysses"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    assert groups["cfg"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
-
-
-def test_plan_is_validated_against_the_checkpoint():
-    config = {"num_attention_heads": 40, "ffn_dim": 13824}  # Wan2.2 A14B
-    ParallelPlan(cfg=2, ulysses=4, tp=1).check_transformer(config)
-    ParallelPlan(ulysses=2, tp=4).check_transformer(config)
-    with pytest.raises(PlanError, match="num_attention_heads 40 is not divisible by ulysses x tp = 16"):
-        ParallelPlan(ulysses=4, tp=4).check_transformer(config)
-    with pytest.raises(PlanError, match="ffn_dim 13824 is not divisible by tp = 5"):
-        ParallelPlan(tp=5).check_transformer({"num_attention_heads": 40, "ffn_dim": 13824})
-    with pytest.raises(PlanError, match="world size cfg x ulysses x tp = 4, got 2"):
-        ParallelPlan(cfg=2, tp=2).check_world_size(2)
-    with pytest.raises(ValueError, match="cfg"):
-        ParallelPlan(cfg=3)
-    assert num_tokens(21, 90, 160, (1, 2, 2)) == 21 * 45 * 80
-
-
-def test_deployment_plan_setting():
-    from wan_triton.config.deployment import ComponentConfig
-
-    assert ComponentConfig(engine="torch").parallel == ParallelPlan()
-    assert ComponentConfig(engine="torch", parallel={"cfg": 2, "tp": 2}).parallel.world_size == 4
-    with pytest.raises(ValueError, match="needs engine torch"):
-        ComponentConfig(engine="onnxruntime", parallel={"tp": 2})
-    with pytest.raises(ValueError, match="extra"):
-        ComponentConfig(engine="torch", parallel={"pp": 2})
-    # CUDA graphs capture the ranks' collectives (tests/test_gpu_parallel.py); swapping experts stays single-GPU.
-    assert ComponentConfig(engine="torch", device="cuda", parallel={"ulysses": 2}, cuda_graphs=True).cuda_graphs
-    with pytest.raises(ValueError, match="does not combine with expert_residency: swap"):
-        ComponentConfig(engine="torch", device="cuda", parallel={"tp": 2}, expert_residency="swap")
-
-
 def test_single_rank_path_untouched(single):
     # World size 1 through the unchanged path must stay the reference it was (no groups, no extra processes).
     latents, _, _ = single
@@ -275,10 +235,8 @@ def test_loader_refuses_a_repository_built_for_another_plan(tiny4_checkpoint, sh
 )
 def test_build_refuses_a_plan_that_does_not_fit(tiny4_checkpoint, tmp_path, capsys, update, reason):
     from wan_build.__main__ import main as build_main
-    from wan_triton.config.deployment import Deployment
 
-    root = Path(__file__).resolve().parent.parent
-    deployment = Deployment.load(root / "model_repository/deployments/cpu_parallel.yaml")
+    deployment = load_deployment("cpu_parallel")
     cfg = deployment.components.denoiser.model_copy(update=update)
     bad = deployment.model_copy(update={"components": deployment.components.model_copy(update={"denoiser": cfg})})
     path = tmp_path / "bad.json"
@@ -334,16 +292,3 @@ def test_ulysses_qk_straight_into_chunk_order_matches_the_layout_after_norm(tiny
         torch.testing.assert_close(rank["chunked"], rank["after"], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(rank["fused"], rank["after"], rtol=1e-5, atol=1e-5)
         assert rank["chunked"].abs().max() > 0
-
-
-def test_rms_norm_eps_is_the_one_torch_adds():
-    """The tensor-parallel and Ulysses norms write RMSNorm out by hand; with eps=None and bf16 weights torch adds the
-    float32 epsilon (its statistics are float32), not bf16's, which would change small activations."""
-    from wan_triton.parallel.tensor_parallel import rms_norm_eps
-
-    norm = torch.nn.RMSNorm(64, eps=None).to(torch.bfloat16)
-    x = (torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 1e-3).to(torch.bfloat16)
-    xf = x.float()
-    by_hand = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + rms_norm_eps(norm)) * norm.weight).type_as(x)
-    assert torch.equal(by_hand, norm(x))
-    assert rms_norm_eps(torch.nn.RMSNorm(64, eps=1e-6)) == 1e-6

@@ -8,17 +8,15 @@ import numpy as np
 import pytest
 
 from checks import assert_frames_close, reference_frames
-from wan_triton.config.deployment import Deployment
+from factories import load_deployment
 from wan_triton.config.request import validate_request
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.pipeline import LocalPipeline
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
 def pipeline(other_checkpoint):
-    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml")
+    deployment = load_deployment("cpu_torch")
     ckpt = Checkpoint.open(other_checkpoint)
     return ckpt, deployment, LocalPipeline.load(ckpt, deployment, artifacts=Path("/nonexistent"))
 

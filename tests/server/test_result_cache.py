@@ -1,99 +1,25 @@
-"""The result cache: off by default; when on, an identical request (same inputs and seed) is answered by Triton's
+"""The result cache through the real server: an identical request (same inputs and seed) is answered by Triton's
 response cache without running the pipeline, every client gets the outputs it asked for, and a request without a
-seed (a fresh random video) is refused rather than answered from the cache.
+seed (a fresh random video) is refused rather than answered from the cache. Its settings and rendering:
+tests/unit/test_result_cache_settings.py.
 
-The server tests use the session server's `wan_cached` rendering (tests/conftest.py): cpu.yaml with
-`result_cache_bytes` set, serving the same checkpoint as the cache-off `wan_onnx`.
+These tests use the session server's `wan_cached` rendering (tests/served.py): cpu.yaml with `result_cache_bytes`
+set, serving the same checkpoint as the cache-off `wan_onnx`.
 """
 
 from __future__ import annotations
 
 import re
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from pydantic import ValidationError
 from tritonclient.utils import InferenceServerException
 
 from served import CACHED_BYTES, CACHED_MODEL
-from wan_build.render import CACHED_PIPELINE, render_repository
+from wan_build.render import CACHED_PIPELINE
 from wan_client import build_infer_inputs
-from wan_triton.config.deployment import Deployment
-from wan_triton.config.request import InvalidRequestError, validate_request
-from wan_triton.tritonserver import server as triton_server
-
-ROOT = Path(__file__).resolve().parent.parent
-CPU_TORCH = ROOT / "model_repository/deployments/cpu_torch.yaml"
-
-
-def _deployment(path: Path = CPU_TORCH, **changes) -> Deployment:
-    return Deployment.model_validate({**Deployment.load(path).model_dump(), **changes})
-
-
-# ---- settings, rendering and the server command (no server) ----
-
-
-def test_off_by_default_in_every_shipped_deployment():
-    for path in (ROOT / "model_repository/deployments").glob("*.yaml"):
-        assert Deployment.load(path).result_cache_bytes == 0, path
-
-
-@pytest.mark.parametrize("size", [-1, 1, 1023, (1 << 20) - 1])
-def test_cache_size_is_validated(size):
-    with pytest.raises(ValidationError, match="result_cache_bytes"):
-        _deployment(result_cache_bytes=size)
-
-
-def test_cache_off_renders_one_ensemble_without_cache(tmp_path):
-    repo = render_repository(_deployment(), tmp_path, tmp_path, tmp_path / "repo")
-    assert not (repo / f"wan_t2v_{CACHED_PIPELINE}").exists()
-    config = (repo / "wan_t2v/config.pbtxt").read_text()
-    assert "response_cache" not in config and 'model_name: "wan_t2v_preprocess"' in config
-    assert triton_server.result_cache_bytes([repo]) == 0
-    assert not any(arg.startswith("--cache") for arg in triton_server.server_command([repo], 1, 2, 3))
-
-
-def test_cache_on_renders_a_cached_inner_ensemble(tmp_path):
-    repo = render_repository(_deployment(result_cache_bytes=8 << 20), tmp_path, tmp_path, tmp_path / "repo")
-    outer = (repo / "wan_t2v/config.pbtxt").read_text()
-    inner = (repo / f"wan_t2v_{CACHED_PIPELINE}/config.pbtxt").read_text()
-    # The client-facing ensemble has no cache and one step: the cached pipeline, asked for every output.
-    assert "response_cache" not in outer
-    assert re.findall(r'model_name: "(\w+)"', outer) == [f"wan_t2v_{CACHED_PIPELINE}"]
-    for name in ("video", "frames", "used_seed"):
-        assert f'output_map {{ key: "{name}" value: "{name}" }}' in outer
-    assert "response_cache { enable: true }" in inner and 'model_name: "wan_t2v_scheduler"' in inner
-    # Both keep the request contract: seed stays an optional input (preprocess enforces it, see below).
-    for config in (outer, inner):
-        assert re.search(r'name: "seed"\s+data_type: TYPE_INT64\s+dims: \[ 1 \]\s+optional: true', config)
-
-
-def test_server_command_enables_the_cache_from_the_repositories(tmp_path):
-    a = render_repository(_deployment(result_cache_bytes=8 << 20), tmp_path, tmp_path, tmp_path / "a")
-    other = _deployment(model_name="other", result_cache_bytes=2 << 20)
-    b = render_repository(other, tmp_path, tmp_path, tmp_path / "b")
-    c = render_repository(_deployment(model_name="plain"), tmp_path, tmp_path, tmp_path / "c")
-    total = triton_server.result_cache_bytes([a, b, c])
-    assert total == 10 << 20
-    cmd = triton_server.server_command([a, b, c], 1, 2, 3, cache_bytes=total)
-    assert f"--cache-config=local,size={10 << 20}" in cmd
-    directory = next(arg.split("=", 1)[1] for arg in cmd if arg.startswith("--cache-directory="))
-    assert (Path(directory) / "local" / "libtritoncache_local.so").is_file()
-
-
-def test_seed_is_required_only_with_the_cache_on():
-    inputs = {"prompt": np.array([b"a fox"], dtype=object)}
-    assert validate_request(inputs, _deployment(), 16, 4).seed >= 0
-    with pytest.raises(InvalidRequestError, match="seed: is required while the server's result cache is on"):
-        validate_request(inputs, _deployment(result_cache_bytes=8 << 20), 16, 4)
-    given = validate_request({**inputs, "seed": np.array([5])}, _deployment(result_cache_bytes=8 << 20), 16, 4)
-    assert given.seed == 5
-
-
-# ---- the real server ----
 
 REQUEST = dict(prompt="a lighthouse in a storm", height=32, width=48, num_frames=5, num_inference_steps=2, seed=77)
 
@@ -127,7 +53,6 @@ def _executions(client, model: str) -> int:
     return int(stats.get("execution_count", 0))
 
 
-@pytest.mark.server
 def test_identical_request_is_answered_from_the_cache(server, client):
     pipeline = f"{CACHED_MODEL}_{CACHED_PIPELINE}"
     scheduler = f"{CACHED_MODEL}_scheduler"
@@ -154,7 +79,6 @@ def test_identical_request_is_answered_from_the_cache(server, client):
     assert not np.array_equal(other.as_numpy("frames"), second.as_numpy("frames"))
 
 
-@pytest.mark.server
 def test_request_without_seed_is_refused_and_never_cached(server, client):
     pipeline = f"{CACHED_MODEL}_{CACHED_PIPELINE}"
     hits0, _ = _cache_counts(server, pipeline)
@@ -170,7 +94,6 @@ def test_request_without_seed_is_refused_and_never_cached(server, client):
     assert len(seeds) == 2
 
 
-@pytest.mark.server
 def test_cache_off_models_are_not_cached(server, client):
     scheduler = "wan_onnx_scheduler"
     runs0 = _executions(client, scheduler)
@@ -181,7 +104,6 @@ def test_cache_off_models_are_not_cached(server, client):
     assert _cache_counts(server, "wan_onnx") == (0.0, 0.0)
 
 
-@pytest.mark.server
 def test_server_started_with_the_rendered_cache_size(server):
     # Triton logs the cache it created: `Creating TritonCache with name: 'local', ... cache_config: '{"size":"N"}'`.
     log = server.log_path.read_text(encoding="utf-8", errors="replace")

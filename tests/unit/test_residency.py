@@ -1,6 +1,6 @@
 """Expert swapping (wan_triton.runtime.residency) on CPU: the same latents as both experts resident, the switch copied
 in during the step before it, and recovery from a forward that fails half-way. The GPU side (side-stream copies,
-peak memory, step time) is measured by benchmarks/expert_swap.py and checked by tests/test_gpu.py."""
+peak memory, step time) is measured by benchmarks/expert_swap.py and checked by tests/gpu/test_gpu.py."""
 
 from __future__ import annotations
 

@@ -1,19 +1,17 @@
 """Ulysses exchanges in head groups (`ulysses.attend_head_groups`, the deployment's `ulysses_head_groups`), on CPU
 with gloo ranks: the attention is the whole sequence's, each group's all-to-all is started one group ahead of its
-wait both eagerly and in the compiled blocks, a tiny expert gives the same output as with one group, and settings
-that cannot split are refused."""
+wait both eagerly and in the compiled blocks, and a tiny expert gives the same output as with one group. Settings
+that cannot split: tests/unit/test_parallel_settings.py."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 from checks import assert_one_group_ahead, assert_self_attention_one_group_ahead, calls_in
-from wan_triton.config.deployment import ComponentConfig
-from wan_triton.config.plan import ParallelPlan, PlanError
+from wan_triton.config.plan import ParallelPlan
 from wan_triton.model.checkpoint import Checkpoint
 
 
@@ -152,13 +150,3 @@ def test_tiny_expert_gives_the_same_output_with_head_groups_and_compiles_them_in
         assert blocks, "no compiled code calls the all-to-all"
         for code in blocks:
             assert_self_attention_one_group_ahead(code, 2)
-
-
-def test_head_groups_that_do_not_split_a_ranks_heads_are_refused():
-    config = {"num_attention_heads": 40, "ffn_dim": 13824}
-    ParallelPlan(cfg=2, ulysses=4).check_transformer(config, ulysses_head_groups=5)  # 10 heads a rank, 5 groups
-    with pytest.raises(PlanError, match="ulysses_head_groups 4 does not divide the 10 heads of a rank"):
-        ParallelPlan(cfg=2, ulysses=4).check_transformer(config, ulysses_head_groups=4)
-    with pytest.raises(ValueError, match="ulysses_head_groups 2 needs a plan with ulysses > 1"):
-        ComponentConfig(engine="torch", parallel={"cfg": 2}, ulysses_head_groups=2)
-    ComponentConfig(engine="torch", parallel={"ulysses": 2}, ulysses_head_groups=2)

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from factories import load_deployment
 from wan_triton.config.deployment import Deployment
 from wan_triton.config.request import InvalidRequestError, validate_request
 
-DEPLOYMENT = Deployment.load(Path(__file__).resolve().parent.parent / "model_repository/deployments/cpu.yaml")
+DEPLOYMENT = load_deployment("cpu")
 
 
 def validate(**inputs):
@@ -77,7 +76,7 @@ def test_more_than_one_value_is_rejected():
 
 
 def test_deployment_rejects_unknown_keys_and_defaults_above_limits():
-    data = Deployment.load(Path(__file__).resolve().parent.parent / "model_repository/deployments/cpu.yaml")
+    data = load_deployment("cpu")
     raw = data.model_dump()
     with pytest.raises(ValueError, match="extra"):
         Deployment.model_validate({**raw, "limitz": {}})

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
+from factories import load_deployment
 from wan_build import render
 from wan_build.render import RenderError, fill, render_repository
 from wan_triton.config.deployment import Deployment
 from wan_triton.serving import model_io
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_unfilled_template_key_is_an_error(tmp_path, monkeypatch):
@@ -34,7 +32,7 @@ def test_every_ensemble_input_is_produced_upstream():
 
 
 def test_render_torch_repository(tmp_path):
-    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml")
+    deployment = load_deployment("cpu_torch")
     repo = render_repository(deployment, tmp_path, tmp_path / "no_graphs_needed", tmp_path / "repo")
     names = sorted(p.name for p in repo.iterdir() if p.is_dir())
     assert names == sorted(["wan_t2v", "wan_t2v_stream"] + [f"wan_t2v_{s.role}" for s in model_io.STEPS])
@@ -63,14 +61,14 @@ def test_render_torch_repository(tmp_path):
 
 
 def test_onnx_repository_needs_exported_graphs(tmp_path):
-    deployment = Deployment.load(ROOT / "model_repository/deployments/cpu.yaml")
+    deployment = load_deployment("cpu")
     with pytest.raises(RenderError, match="no exported graph"):
         render_repository(deployment, tmp_path, tmp_path / "empty", tmp_path / "repo")
 
 
 def test_gpu_steps_take_inputs_where_they_are(tmp_path):
     """GPU steps are rendered to receive GPU tensors (DLPack, no host round trip); CPU steps keep host inputs."""
-    deployment = Deployment.load(ROOT / "model_repository/deployments/gpu_a14b.yaml")
+    deployment = load_deployment("gpu_a14b")
     repo = render_repository(deployment, tmp_path, tmp_path, tmp_path / "repo")
     for step in model_io.STEPS:
         text = (repo / f"wan_t2v_{step.role}/config.pbtxt").read_text()
@@ -82,12 +80,10 @@ def test_gpu_steps_take_inputs_where_they_are(tmp_path):
 def test_gpu_deployments_get_a_cuda_memory_pool_for_tensors_between_steps(tmp_path):
     from wan_triton.tritonserver import server as triton_server
 
-    cpu = render_repository(
-        Deployment.load(ROOT / "model_repository/deployments/cpu_torch.yaml"), tmp_path, tmp_path, tmp_path / "cpu"
-    )
+    cpu = render_repository(load_deployment("cpu_torch"), tmp_path, tmp_path, tmp_path / "cpu")
     assert triton_server.cuda_memory_pool_bytes([cpu]) == 0
     assert not any("cuda-memory-pool" in a for a in triton_server.server_command([cpu], 1, 2, 3, num_gpus=2))
-    gpu_deployment = Deployment.load(ROOT / "model_repository/deployments/gpu_a14b.yaml")
+    gpu_deployment = load_deployment("gpu_a14b")
     assert gpu_deployment.serving.cuda_memory_pool_mib == 1024  # Triton's 64 MiB default lost data at 480p
     gpu = render_repository(gpu_deployment, tmp_path, tmp_path, tmp_path / "gpu")
     pool = triton_server.cuda_memory_pool_bytes([cpu, gpu])

@@ -1,7 +1,7 @@
 """GPU-only checks of the served denoiser configuration; skipped where no CUDA device is present (CPU CI).
 
 The full-size measurements live in benchmarks/ (denoiser_step.py, gpu_numerics.py, gpu_e2e.sh); these keep the
-GPU code paths under test on any GPU host: `python -m pytest tests/test_gpu.py`.
+GPU code paths under test on any GPU host: `python -m pytest tests/gpu`.
 """
 
 from __future__ import annotations
@@ -16,11 +16,6 @@ from wan_triton.components import build_denoiser
 from wan_triton.config.deployment import ComponentConfig, EngineKind
 from wan_triton.kernels import attention
 from wan_triton.model.checkpoint import Checkpoint
-
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
 
 
 def _latents(ckpt: Checkpoint, cfg: ComponentConfig, embeds: torch.Tensor) -> torch.Tensor:

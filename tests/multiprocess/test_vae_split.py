@@ -82,21 +82,3 @@ def test_vae_worker_group_serves_the_split_decode(tiny4_checkpoint, vae_and_late
         assert group.healthy() and len(group.pids) == 2
     finally:
         group.close()
-
-
-def test_split_width_is_a_vae_setting():
-    from pydantic import ValidationError
-
-    from wan_triton.config.deployment import ComponentConfig, Components
-
-    torch_cpu = ComponentConfig(engine="torch")
-    with pytest.raises(ValidationError, match="denoiser: split_width is a vae_decoder setting"):
-        Components(
-            text_encoder=torch_cpu, denoiser=ComponentConfig(engine="torch", split_width=2), vae_decoder=torch_cpu
-        )
-    with pytest.raises(ValidationError, match="vae_decoder: parallel is a denoiser setting"):
-        Components(
-            text_encoder=torch_cpu, denoiser=torch_cpu, vae_decoder=ComponentConfig(engine="torch", parallel={"tp": 2})
-        )
-    with pytest.raises(ValidationError, match="split_width 2 needs engine torch and one instance"):
-        ComponentConfig(engine="onnxruntime", split_width=2)
