@@ -3,10 +3,7 @@ scheduler step's `execute` against a fake `triton_python_backend_utils`, and the
 
 from __future__ import annotations
 
-import json
-import sys
-import types
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +12,14 @@ import torch
 from pydantic import ValidationError
 
 from factories import load_deployment
+from fakes import pb_utils
 from wan_build.render import dynamic_batching, render_repository
 from wan_triton.components import build_denoiser
 from wan_triton.config.deployment import Deployment, Serving
 from wan_triton.config.request import GenerationRequest
 from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.model.denoise import BatchItem, group_by_shape
+from wan_triton.serving.stopping import JobBoard
 
 
 def _request(**changes) -> GenerationRequest:
@@ -137,44 +136,7 @@ def test_run_batch_refuses_mixed_shapes(denoiser):
         denoiser.run_batch(items)
 
 
-# --- the scheduler step's execute, with a fake triton_python_backend_utils ------------------------------------
-
-
-class _FakeTensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self._name, self._array = name, array
-
-    def name(self) -> str:
-        return self._name
-
-    def as_numpy(self) -> np.ndarray:
-        return self._array
-
-    def is_cpu(self) -> bool:  # host tensors, as Triton hands a CPU model its inputs
-        return True
-
-
-class _FakeError:
-    INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
-
-    def __init__(self, message: str, code: str = "INTERNAL") -> None:
-        self.message, self.code = message, code
-
-
-class _FakeResponse:
-    def __init__(self, output_tensors=None, error=None) -> None:
-        self.output_tensors, self.error = output_tensors or [], error
-
-
-@pytest.fixture
-def fake_pb(monkeypatch):
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor = _FakeTensor
-    pb.TritonError = _FakeError
-    pb.InferenceResponse = _FakeResponse
-    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    return pb
+# --- the scheduler step's execute, with the fake triton_python_backend_utils (tests/fakes/pb_utils.py) --------
 
 
 class _RecordingDenoiser:
@@ -191,26 +153,13 @@ class _RecordingDenoiser:
         return [torch.full((1, 4, 1, 2, 2), float(item.request.seed)) for item in items]
 
 
-def _scheduler(fake_pb, denoiser, max_batch_size: int):
-    from wan_triton.serving.metrics import StageMetrics
-    from wan_triton.serving.models import Scheduler
-    from wan_triton.serving.stopping import JobBoard
-
-    model = Scheduler.__new__(Scheduler)
-    deployment = load_deployment("cpu")
-    deployment = deployment.model_copy(update={"serving": Serving(max_batch_size=max_batch_size)})
-    model.ctx = types.SimpleNamespace(name="wan_t2v_scheduler", deployment=deployment, device_id=0)
-    model.metrics = StageMetrics(fake_pb, "wan_t2v", "scheduler")  # no MetricFamily: metrics off
-    model.denoiser = denoiser
-    model.board = JobBoard()
-    return model
+def _scheduler(denoiser, max_batch_size: int):
+    deployment = load_deployment("cpu").model_copy(update={"serving": Serving(max_batch_size=max_batch_size)})
+    return pb_utils.scheduler_model(deployment, denoiser, JobBoard())
 
 
 def _triton_request(request: GenerationRequest, rows: int = 2) -> dict:
-    return {
-        "request": _FakeTensor("request", np.array([[json.dumps(asdict(request)).encode()]], dtype=object)),
-        "prompt_embeds": _FakeTensor("prompt_embeds", np.zeros((1, rows, MAX_SEQUENCE_LENGTH, 4), np.float32)),
-    }
+    return pb_utils.scheduler_request(request, np.zeros((1, rows, MAX_SEQUENCE_LENGTH, 4), np.float32))
 
 
 def _seed_of(response) -> int:
@@ -220,12 +169,12 @@ def _seed_of(response) -> int:
 
 def test_execute_batches_same_shapes_and_answers_every_request(fake_pb):
     denoiser = _RecordingDenoiser()
-    model = _scheduler(fake_pb, denoiser, max_batch_size=2)
+    model = _scheduler(denoiser, max_batch_size=2)
     requests = [
         _triton_request(_request(seed=0)),
         _triton_request(_request(seed=1, height=64)),
         _triton_request(_request(seed=2)),
-        {"request": _FakeTensor("request", np.array([[b"not json"]], dtype=object))},
+        {"request": pb_utils.Tensor("request", np.array([[b"not json"]], dtype=object))},
         _triton_request(_request(seed=4)),
         _triton_request(_request(seed=5, guidance_scale=1.0), rows=1),
     ]
@@ -238,7 +187,7 @@ def test_execute_batches_same_shapes_and_answers_every_request(fake_pb):
 
 def test_a_failing_batch_is_retried_one_request_at_a_time(fake_pb):
     denoiser = _RecordingDenoiser(poison_seed=1)
-    model = _scheduler(fake_pb, denoiser, max_batch_size=4)
+    model = _scheduler(denoiser, max_batch_size=4)
     responses = model.execute([_triton_request(_request(seed=s)) for s in range(3)])
     assert denoiser.batches == [[0, 1, 2], [0], [1], [2]]
     assert responses[1].error is not None and "engine failed" in responses[1].error.message

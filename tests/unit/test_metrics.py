@@ -1,15 +1,16 @@
 """The custom metrics' thread rule (wan_triton.serving.metrics): no two metric calls of one stub process overlap.
 
 Triton 2.51's `Metric` calls are not thread-safe (the module docstring says how the server died of it); the fake
-below fails a call that starts while another is still inside, as the real one would corrupt its shared memory.
+metrics (tests/fakes/pb_utils.py) count a call that starts while another is still inside, where the real one would
+corrupt its shared memory.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import types
 
+from fakes import pb_utils
 from wan_triton.serving import metrics as metrics_module
 from wan_triton.serving.metrics import StageMetrics
 
@@ -34,32 +35,6 @@ class _Calls:
             self.inside -= 1
 
 
-def _fake_pb(calls: _Calls):
-    class Metric:
-        def __init__(self, labels, buckets=None) -> None:
-            self.labels = labels
-
-        def increment(self, value) -> None:
-            calls.enter()
-
-        def set(self, value) -> None:
-            calls.enter()
-
-        def observe(self, value) -> None:
-            calls.enter()
-
-    class MetricFamily:
-        COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
-
-        def __init__(self, name, description, kind) -> None:
-            self.name = name
-
-        def Metric(self, labels, buckets=None):  # noqa: N802 - the Python backend's name
-            return Metric(labels, buckets)
-
-    return types.SimpleNamespace(MetricFamily=MetricFamily)
-
-
 def _hammer(stage_metrics: list[StageMetrics], num_threads: int = 8, calls_each: int = 40) -> None:
     def work(index: int) -> None:
         m = stage_metrics[index % len(stage_metrics)]
@@ -79,7 +54,7 @@ def _hammer(stage_metrics: list[StageMetrics], num_threads: int = 8, calls_each:
 
 def test_metric_calls_from_many_threads_never_overlap():
     calls = _Calls()
-    pb = _fake_pb(calls)
+    pb = pb_utils.with_metrics(calls.enter)
     # Two StageMetrics in one process, used at once: the lock is the process's, not one object's.
     _hammer([StageMetrics(pb, "wan_t2v", "scheduler"), StageMetrics(pb, "wan_t2v", "stream")])
     assert calls.total == 8 * 40 * 6 - 4 * 40 * 3  # the stream stage has no rate, batch or step metrics
@@ -98,5 +73,5 @@ def test_the_fake_sees_overlaps_without_the_lock(monkeypatch):
 
     monkeypatch.setattr(metrics_module, "_METRIC_CALLS", NoLock())
     calls = _Calls()
-    _hammer([StageMetrics(_fake_pb(calls), "wan_t2v", "scheduler")])
+    _hammer([StageMetrics(pb_utils.with_metrics(calls.enter), "wan_t2v", "scheduler")])
     assert calls.overlaps > 0

@@ -5,19 +5,15 @@ checks the same through the server."""
 
 from __future__ import annotations
 
-import json
-import sys
-import types
-from dataclasses import asdict
-
 import numpy as np
 import pytest
 import torch
 
-from factories import load_deployment
+from factories import load_deployment, make_request
+from fakes import pb_utils
 from wan_triton.components import build_denoiser
 from wan_triton.config.deployment import Deployment
-from wan_triton.config.request import GenerationRequest, InvalidRequestError, validate_request
+from wan_triton.config.request import InvalidRequestError, validate_request
 from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.serving.stopping import DEADLINE_MESSAGE, JobBoard, RequestStopped, StepGuard
 from wan_triton.serving.stream import PREVIEW_MAX_SIDE, shrink_frame
@@ -123,71 +119,20 @@ def test_clean_estimate_is_what_unipc_predicts():
         torch.testing.assert_close(x0, scheduler.model_outputs[-1])
 
 
-# --- the scheduler step's hooks, on a real tiny denoiser, with a fake triton_python_backend_utils ---------------
-
-
-class _Tensor:
-    def __init__(self, name: str, array: np.ndarray) -> None:
-        self._name, self._array = name, np.asarray(array)
-
-    def name(self) -> str:
-        return self._name
-
-    def as_numpy(self) -> np.ndarray:
-        return self._array
-
-    def is_cpu(self) -> bool:
-        return True
-
-
-class _Error:
-    INVALID_ARG, INTERNAL, CANCELLED = "INVALID_ARG", "INTERNAL", "CANCELLED"
-
-    def __init__(self, message: str, code: str = "INTERNAL") -> None:
-        self.message, self.code = message, code
-
-
-class _Response:
-    def __init__(self, output_tensors=None, error=None) -> None:
-        self.output_tensors, self.error = output_tensors or [], error
+# --- the scheduler step's hooks, on a real tiny denoiser, with the fake triton_python_backend_utils -------------
 
 
 @pytest.fixture
-def scheduler(monkeypatch, other_checkpoint, tmp_path):
-    pb = types.ModuleType("triton_python_backend_utils")
-    pb.Tensor, pb.TritonError, pb.InferenceResponse = _Tensor, _Error, _Response
-    pb.get_input_tensor_by_name = lambda request, name: request.get(name)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
-    from wan_triton.serving.metrics import StageMetrics
-    from wan_triton.serving.models import Scheduler
-
+def scheduler(fake_pb, other_checkpoint, tmp_path):
     deployment = load_deployment("cpu_torch")
-    model = Scheduler.__new__(Scheduler)
-    model.ctx = types.SimpleNamespace(name="wan_t2v_scheduler", deployment=deployment, device_id=0)
-    model.metrics = StageMetrics(pb, "wan_t2v", "scheduler")  # no MetricFamily: metrics off
-    model.denoiser = build_denoiser(Checkpoint.open(other_checkpoint), deployment.components.denoiser, tmp_path)
-    model.board = JobBoard(tmp_path / "jobs")
-    return model
+    denoiser = build_denoiser(Checkpoint.open(other_checkpoint), deployment.components.denoiser, tmp_path)
+    return pb_utils.scheduler_model(deployment, denoiser, JobBoard(tmp_path / "jobs"))
 
 
 def _scheduler_request(model, token: str | None, preview_every: int = 0, **changes) -> dict:
-    req = GenerationRequest(
-        **{
-            **dict(prompt="p", negative_prompt="n", height=32, width=48, num_frames=5, num_inference_steps=6),
-            **dict(seed=3, guidance_scale=5.0, guidance_scale_2=2.0, fps=16),
-            **changes,
-        }
-    )
     generator = torch.Generator().manual_seed(1)
     embeds = torch.randn(1, 2, MAX_SEQUENCE_LENGTH, model.denoiser.ckpt.text_dim, generator=generator)
-    request = {
-        "request": _Tensor("request", np.array([[json.dumps(asdict(req)).encode()]], dtype=object)),
-        "prompt_embeds": _Tensor("prompt_embeds", embeds.numpy()),
-    }
-    if token is not None:
-        request["job_token"] = _Tensor("job_token", np.array([[token.encode()]], dtype=object))
-        request["preview_every"] = _Tensor("preview_every", np.array([[preview_every]], dtype=np.int64))
-    return request
+    return pb_utils.scheduler_request(make_request(**changes), embeds.numpy(), token, preview_every)
 
 
 def test_scheduler_reports_progress_and_previews_on_the_board(scheduler):
