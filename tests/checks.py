@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def reference_frames(checkpoint: Path, **call) -> np.ndarray:
@@ -26,6 +27,16 @@ def assert_frames_close(ours: np.ndarray, ref: np.ndarray, max_levels: int = 2, 
     assert ours.dtype == np.uint8 and ours.shape == ref.shape, (ours.dtype, ours.shape, ref.shape)
     diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))
     assert diff.max() <= max_levels and diff.mean() <= mean_levels, (int(diff.max()), float(diff.mean()))
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference attention: torch's SDPA, [B, S, h, D] in and out, as the attention backends take it."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The relative L2 distance of `a` from the reference `b`."""
+    return float((a - b).norm() / b.norm())
 
 
 def logged_stops(log: str) -> list[int]:

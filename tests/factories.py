@@ -62,15 +62,32 @@ def make_embeds(text_dim: int, rows: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, 512, text_dim, generator=torch.Generator().manual_seed(seed))
 
 
+def expert_forward(expert, seed: int = 0) -> torch.Tensor:
+    """A tiny expert's noise prediction for random latents [2, 16, 3, 8, 12] (guided batch of 2) and prompt
+    embeddings, at timesteps 900 and 400."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 3, 8, 12, generator=gen)
+    text = torch.randn(2, 512, expert.config.text_dim, generator=gen)
+    with torch.no_grad():
+        return expert(x, torch.tensor([900, 400]), text, return_dict=False)[0]
+
+
 def load_deployment(name: str) -> Deployment:
     """A shipped deployment by file name: "cpu", "cpu_torch", "cpu_parallel", "gpu_a14b"."""
     return Deployment.load(DEPLOYMENTS_DIR / f"{name}.yaml")
 
 
-def validated_request(deployment: Deployment, now_unix_s: float | None = None, **inputs) -> GenerationRequest:
-    """`validate_request` on plain values, each as the one-element tensor Triton hands over (text as BYTES)."""
+def validated_request(
+    deployment: Deployment,
+    now_unix_s: float | None = None,
+    spatial_multiple: int = 16,
+    temporal_stride: int = 4,
+    **inputs,
+) -> GenerationRequest:
+    """`validate_request` on plain values, each as the one-element tensor Triton hands over (text as BYTES). The
+    size multiples default to those of the tiny checkpoints (and Wan2.2 A14B): 16 pixels, 4 frames."""
     arrays = {
         name: np.array([value], dtype=object if isinstance(value, str | bytes) else None)
         for name, value in inputs.items()
     }
-    return validate_request(arrays, deployment, spatial_multiple=16, temporal_stride=4, now_unix_s=now_unix_s)
+    return validate_request(arrays, deployment, spatial_multiple, temporal_stride, now_unix_s=now_unix_s)

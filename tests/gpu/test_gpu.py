@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from factories import GPU_REQUEST as REQUEST
+from factories import make_embeds
 from wan_triton.components import build_denoiser
 from wan_triton.config.deployment import ComponentConfig, EngineKind
 from wan_triton.kernels import attention
@@ -28,7 +29,7 @@ def _latents(ckpt: Checkpoint, cfg: ComponentConfig, embeds: torch.Tensor) -> to
 @pytest.mark.parametrize("compile_blocks", [False, True])
 def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention, compile_blocks):
     ckpt = Checkpoint.open(other_checkpoint)
-    embeds = torch.randn(2, 512, ckpt.text_dim, generator=torch.Generator().manual_seed(0))
+    embeds = make_embeds(ckpt.text_dim)
     reference = _latents(ckpt, ComponentConfig(engine=EngineKind.TORCH, device="cuda", attention="reference"), embeds)
     served = _latents(
         ckpt,
@@ -47,7 +48,7 @@ def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention, co
 
 def _served(ckpt: Checkpoint, **options) -> tuple[torch.Tensor, object]:
     cfg = ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="bfloat16", attention="cudnn", **options)
-    embeds = torch.randn(2, 512, ckpt.text_dim, generator=torch.Generator().manual_seed(0))
+    embeds = make_embeds(ckpt.text_dim)
     denoiser = build_denoiser(ckpt, cfg, Path("/nonexistent"))
     return denoiser(REQUEST, embeds).float().cpu(), denoiser
 

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,15 +24,12 @@ import torch
 
 from checks import assert_self_attention_one_group_ahead, logged_stops
 from factories import GPU_REQUEST as REQUEST
+from factories import make_embeds
 from wan_triton.config.deployment import ComponentConfig
 from wan_triton.config.plan import ParallelPlan
 from wan_triton.model.checkpoint import Checkpoint
 
 COLLECTIVES = ("all_to_all_single", "all_reduce", "all_gather")
-
-
-def _embeds(text_dim: int) -> torch.Tensor:
-    return torch.randn(2, 512, text_dim, generator=torch.Generator().manual_seed(0))
 
 
 def _one_rank_capture(rank: int, checkpoint: Path, compile_blocks: bool, head_groups: int = 1) -> dict:
@@ -156,7 +154,6 @@ def test_stop_agreement_runs_beside_an_nccl_world():
 def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint, caplog):
     import logging
 
-    from wan_triton.config.request import GenerationRequest
     from wan_triton.serving.stopping import RequestStopped
     from wan_triton.workers.supervisor import WorkerGroup
 
@@ -164,7 +161,7 @@ def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint, caplog):
     cfg = ComponentConfig(
         engine="torch", device="cuda", precision="bfloat16", attention="cudnn", parallel={"cfg": 2}, cuda_graphs=True
     )
-    long = GenerationRequest(**{**REQUEST.__dict__, "num_inference_steps": 500})
+    long = replace(REQUEST, num_inference_steps=500)
 
     def stop_after_step_2(index: int, count: int) -> None:
         if index >= 1:
@@ -173,15 +170,15 @@ def test_worker_group_stops_mid_loop_with_cuda_graphs(tiny4_checkpoint, caplog):
     group = WorkerGroup(ckpt, cfg, device_ids=(0, 1))
     group.start()
     try:
-        expected = group(REQUEST, _embeds(ckpt.text_dim))
+        expected = group(REQUEST, make_embeds(ckpt.text_dim))
         pids = group.pids
         with caplog.at_level(logging.INFO, logger="wan_triton.workers.supervisor"), pytest.raises(RequestStopped):
-            group(long, _embeds(ckpt.text_dim), on_step=stop_after_step_2)
+            group(long, make_embeds(ckpt.text_dim), on_step=stop_after_step_2)
         logged = "\n".join(r.getMessage() for r in caplog.records)
         stops = logged_stops(logged)
         assert len(stops) == 1 and stops[0] < 250, logged  # of 500
         assert group.pids == pids and group.healthy()
-        assert torch.equal(group(REQUEST, _embeds(ckpt.text_dim)), expected)  # the graphs replay as before
+        assert torch.equal(group(REQUEST, make_embeds(ckpt.text_dim)), expected)  # the graphs replay as before
     finally:
         group.close()
 
@@ -213,7 +210,7 @@ def test_worker_group_with_cuda_graphs_matches_eager(tiny4_checkpoint, plan, hea
         group.start()
         try:
             # Twice: the first call captures, the second replays.
-            latents[graphs] = [group(REQUEST, _embeds(ckpt.text_dim)) for _ in range(2)]
+            latents[graphs] = [group(REQUEST, make_embeds(ckpt.text_dim)) for _ in range(2)]
         finally:
             group.close()
     assert torch.isfinite(latents[False][0]).all()

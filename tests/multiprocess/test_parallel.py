@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from checks import assert_frames_close
-from factories import load_deployment
+from checks import assert_frames_close, rel_l2
+from factories import load_deployment, make_embeds, make_request
 from wan_triton.config.deployment import ComponentConfig
 from wan_triton.config.plan import ParallelPlan, PlanError
 from wan_triton.config.request import GenerationRequest
@@ -32,27 +32,18 @@ PLANS = [
 
 def _request(guidance: float, seed: int) -> GenerationRequest:
     # 32x64 pixels, 5 frames: 2 latent frames x 2 x 4 tokens = 16 tokens, divisible by every ulysses degree here.
-    return GenerationRequest(
-        prompt="p",
-        negative_prompt="n",
-        height=32,
+    return make_request(
         width=64,
-        num_frames=5,
         num_inference_steps=4,
         seed=seed,
         guidance_scale=guidance,
         guidance_scale_2=max(1.0, guidance - 1.5),
-        fps=16,
     )
 
 
 # Guided with both experts (the boundary falls inside 4 steps at flow shift 5), and unguided (batch of 1: the cfg
 # ranks run the same half).
 CASES = [(_request(4.0, 3), 2), (_request(1.0, 4), 1)]
-
-
-def _embeds(batch: int, text_dim: int) -> torch.Tensor:
-    return torch.randn(batch, 512, text_dim, generator=torch.Generator().manual_seed(batch))
 
 
 def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan], shards: Path) -> dict:
@@ -80,7 +71,7 @@ def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan], s
         denoiser = build_rank_denoiser(ckpt, TORCH_CPU, groups, torch.device("cpu"), folder)
         for i, (request, batch) in enumerate(CASES):
             seen.clear()
-            latents = denoiser(request, _embeds(batch, ckpt.text_dim))
+            latents = denoiser(request, make_embeds(ckpt.text_dim, rows=batch, seed=batch))
             out[(str(plan) + ("+shards" if folder else ""), i)] = latents, sorted(seen)
     handle.remove()
     return out
@@ -112,12 +103,8 @@ def single(tiny4_checkpoint):
     ckpt = Checkpoint.open(tiny4_checkpoint)
     denoiser = build_denoiser(ckpt, TORCH_CPU, Path("/nonexistent"))
     vae = build_vae_decoder(ckpt, TORCH_CPU, Path("/nonexistent"))
-    latents = [denoiser(request, _embeds(batch, ckpt.text_dim)) for request, batch in CASES]
+    latents = [denoiser(request, make_embeds(ckpt.text_dim, rows=batch, seed=batch)) for request, batch in CASES]
     return latents, [to_uint8_frames(vae(x)) for x in latents], vae
-
-
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=str)
@@ -135,7 +122,7 @@ def test_plan_matches_world_size_1(world_results, single, plan, case):
     batch = 1 if plan.cfg == 2 or CASES[case][1] == 1 else 2
     for _, seen in ranks:
         assert seen == [(16 // plan.ulysses, 4 // plan.tp, batch)], seen
-    rel = _rel_l2(latents, ref_latents[case])
+    rel = rel_l2(latents, ref_latents[case])
     frames = to_uint8_frames(vae(latents))
     diff = np.abs(frames.astype(np.int16) - ref_frames[case].astype(np.int16))
     print(f"{plan} case {case}: latent relative L2 {rel:.2e}, frames max {diff.max()} mean {diff.mean():.4f} levels")

@@ -8,16 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from checks import assert_one_group_ahead, assert_self_attention_one_group_ahead, calls_in
+from checks import assert_one_group_ahead, assert_self_attention_one_group_ahead, calls_in, sdpa
 from wan_triton.config.plan import ParallelPlan
 from wan_triton.model.checkpoint import Checkpoint
-
-
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """[B, S, h, D] in and out, as the attention backends take it."""
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def _grouped_attention(rank: int) -> dict:
@@ -36,7 +30,7 @@ def _grouped_attention(rank: int) -> dict:
     for i, x in enumerate((q, k, v)):
         dist.all_gather(whole[2 * i : 2 * i + 2], x)
     qw, kw, vw = (torch.cat(whole[2 * i : 2 * i + 2], dim=1) for i in range(3))
-    expected = _attend(qw, kw, vw)[:, rank * 8 : (rank + 1) * 8]  # the whole sequence's, this rank's tokens
+    expected = sdpa(qw, kw, vw)[:, rank * 8 : (rank + 1) * 8]  # the whole sequence's, this rank's tokens
 
     start, wait = ulysses._start_all_to_all, ulysses._wait
     events: list[str] = []
@@ -54,7 +48,7 @@ def _grouped_attention(rank: int) -> dict:
 
     def logged_attend(*qkv):
         events.append("attend")
-        return _attend(*qkv)
+        return sdpa(*qkv)
 
     ulysses._start_all_to_all, ulysses._wait = logged_start, logged_wait
     out = {"expected": expected}
@@ -67,7 +61,7 @@ def _grouped_attention(rank: int) -> dict:
     ulysses._start_all_to_all, ulysses._wait = start, wait
 
     def grouped(q, k, v):
-        return ulysses.attend_head_groups(*(ulysses.head_chunks(x, 2, 4).unbind(0) for x in (q, k, v)), _attend, group)
+        return ulysses.attend_head_groups(*(ulysses.head_chunks(x, 2, 4).unbind(0) for x in (q, k, v)), sdpa, group)
 
     compiled = torch.compile(grouped, fullgraph=True, options=OVERLAP_COMPILE_OPTIONS)
     out["compiled"], out["code"] = run_and_get_code(compiled, q, k, v)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from checks import rel_l2
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.video import to_uint8_frames
 
@@ -36,10 +37,6 @@ def vae_and_latents(tiny4_checkpoint):
     return vae, latents, whole
 
 
-def _rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_split_decode_matches_one_process(tiny4_checkpoint, vae_and_latents, ranks):
     from wan_triton.workers.world import run_world
@@ -55,7 +52,7 @@ def test_split_decode_matches_one_process(tiny4_checkpoint, vae_and_latents, ran
         video = torch.from_numpy(video)
         assert video.shape == expected.shape
         # Summation order differs (keys gathered in rank order, convolutions over other tensor sizes): fp32 noise.
-        assert _rel_l2(video, expected) < 1e-5
+        assert rel_l2(video, expected) < 1e-5
         assert np.abs(to_uint8_frames(video).astype(int) - to_uint8_frames(expected).astype(int)).max() <= 1
 
 
@@ -65,7 +62,7 @@ def test_strips_decoded_alone_do_not_match(vae_and_latents):
     vae, latents, whole = vae_and_latents
     with torch.inference_mode():
         alone = torch.cat([vae.decode(s, return_dict=False)[0] for s in latents.chunk(2, dim=-1)], dim=-1)
-    assert _rel_l2(alone, whole) > 1e-2
+    assert rel_l2(alone, whole) > 1e-2
 
 
 def test_vae_worker_group_serves_the_split_decode(tiny4_checkpoint, vae_and_latents):

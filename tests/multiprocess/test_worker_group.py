@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from checks import logged_stops
+from factories import make_embeds, make_request
 from wan_triton.config.deployment import ComponentConfig
 from wan_triton.config.plan import PlanError
 from wan_triton.config.request import GenerationRequest, InvalidRequestError
@@ -26,19 +27,8 @@ from wan_triton.workers.supervisor import WorkerGroup, WorkerGroupError
 CFG = ComponentConfig(engine="torch", parallel={"ulysses": 2})
 
 
-def _request(steps: int, height: int = 32, width: int = 64) -> GenerationRequest:
-    return GenerationRequest(
-        prompt="p",
-        negative_prompt="n",
-        height=height,
-        width=width,
-        num_frames=5,
-        num_inference_steps=steps,
-        seed=9,
-        guidance_scale=4.0,
-        guidance_scale_2=3.0,
-        fps=16,
-    )
+def _request(steps: int) -> GenerationRequest:
+    return make_request(width=64, num_inference_steps=steps)  # 16 tokens: 8 a rank
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +38,7 @@ def ckpt(tiny4_checkpoint):
 
 @pytest.fixture(scope="module")
 def embeds(ckpt):
-    return torch.randn(2, 512, ckpt.text_dim, generator=torch.Generator().manual_seed(0))
+    return make_embeds(ckpt.text_dim)
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +178,7 @@ def test_a_hung_worker_fails_the_request_after_the_stall_timeout(ckpt, embeds):
 def test_sequence_must_split_over_the_ulysses_ranks(group, embeds):
     # 48x48 pixels, 5 frames: 2 latent frames x 3 x 3 = 18 tokens is even; 16x48: 2 x 1 x 3 = 6 is even;
     # 16x16, 1 frame: 1 x 1 x 1 = 1 token cannot be split over 2 ranks.
-    request = GenerationRequest(**{**_request(1).__dict__, "height": 16, "width": 16, "num_frames": 1})
+    request = make_request(height=16, width=16, num_frames=1, num_inference_steps=1)
     with pytest.raises(InvalidRequestError, match="1 tokens .* over 2 sequence-parallel ranks"):
         group(request, embeds)
     assert group.healthy()  # rejected before any worker saw it

@@ -16,20 +16,14 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from factories import LONGEST_CPU
 from served import SERVING, metric_samples, metric_value
 from wan_client import EXIT_BUSY, build_infer_inputs, busy_error, is_queue_full, queue_size
 
-# The largest requests the CPU deployments allow (384x384 = max_pixels, 33 frames, 50 steps: about 10 s on 2 idle
-# cores, longer when they are shared), so the requests sent after the head start all arrive while it runs. At
-# 128x128 a blocker took 1.2 s on an idle machine and had finished before the others were sent.
-_BLOCKER = dict(
-    prompt="a long request that keeps the scheduler busy",
-    seed=1,
-    height=384,
-    width=384,
-    num_frames=33,
-    num_inference_steps=50,
-)
+# The largest requests the CPU deployments allow (about 10 s on 2 idle cores, longer when they are shared), so the
+# requests sent after the head start all arrive while it runs. At 128x128 a blocker took 1.2 s on an idle machine
+# and had finished before the others were sent.
+_BLOCKER = dict(prompt="a long request that keeps the scheduler busy", seed=1, **LONGEST_CPU)
 BLOCKERS = {"wan_onnx": _BLOCKER, "wan_torch": _BLOCKER}
 # Time for the blocker to pass preprocess and the text encoder (separate processes) and start denoising.
 BLOCKER_HEAD_START_S = 3.0

@@ -20,6 +20,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from checks import assert_frames_close, logged_stops, reference_frames
+from factories import LONGEST_CPU
 from served import PARALLEL_MODEL, Stream
 from wan_client import build_infer_inputs
 
@@ -35,8 +36,8 @@ REQUEST = dict(
     seed=77,
 )
 
-# The largest size the deployment allows, 50 steps: the loop runs far longer than the test's 3 s deadline here.
-LONG = {**REQUEST, "height": 384, "width": 384, "num_frames": 33, "num_inference_steps": 50}
+# The loop runs far longer than the test's 3 s deadline here.
+LONG = {**REQUEST, **LONGEST_CPU}
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from factories import REPO_ROOT
+from factories import LONGEST_CPU, REPO_ROOT
 from served import PROGRESS, STOP_WAIT_S, Stream, metric_samples, metric_value
 from wan_client import EXIT_DEADLINE, EXIT_OK, build_infer_inputs
 from wan_triton.serving.stopping import JobBoard
@@ -25,8 +25,13 @@ CLIENT = REPO_ROOT / "client" / "wan_client.py"
 MODEL = "wan_onnx"
 STREAM = f"{MODEL}_stream"
 REQUEST = dict(prompt="a paper boat on a stream", seed=77, height=64, width=96, num_frames=9, num_inference_steps=10)
-# Long enough (384x384, 33 frames, 50 steps: about 0.3 s a step here) that a cancel or a deadline lands mid-loop.
-LONG = dict(prompt="a long request", seed=5, height=384, width=384, num_frames=33, num_inference_steps=50)
+# Long enough (about 0.3 s a step here) that a cancel or a deadline lands mid-loop.
+LONG = dict(prompt="a long request", seed=5, **LONGEST_CPU)
+# The same size as the client's options.
+LONG_ARGS = (
+    *("--height", str(LONG["height"]), "--width", str(LONG["width"])),
+    *("--num-frames", str(LONG["num_frames"]), "--steps", str(LONG["num_inference_steps"])),
+)
 
 
 @pytest.fixture
@@ -119,8 +124,7 @@ def test_a_client_that_disappears_mid_stream_stops_the_loop(server, tmp_path):
     client = subprocess.Popen(
         [
             *(sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, "--stream"),
-            *("--prompt", LONG["prompt"], "--seed", "6", "--height", "384", "--width", "384", "--num-frames", "33"),
-            *("--steps", "50", "--output", str(tmp_path / "never.mp4")),
+            *("--prompt", LONG["prompt"], "--seed", "6", *LONG_ARGS, "--output", str(tmp_path / "never.mp4")),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -196,8 +200,7 @@ def test_client_streams_with_previews_and_exits_4_at_its_deadline(server, tmp_pa
     late = subprocess.run(
         [
             *base,
-            *("--prompt", "late", "--height", "384", "--width", "384", "--num-frames", "33", "--steps", "50"),
-            *("--timeout", "1.5", "--output", str(tmp_path / "late.mp4")),
+            *("--prompt", "late", *LONG_ARGS, "--timeout", "1.5", "--output", str(tmp_path / "late.mp4")),
         ],
         capture_output=True,
         text=True,

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from checks import sdpa
+from factories import expert_forward
 from wan_triton.kernels import attention
 from wan_triton.kernels.attention import AttentionBackend, WanT2VAttnProcessor
 from wan_triton.model.checkpoint import Checkpoint
-
-
-def _sdpa(q, k, v):
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 @pytest.fixture()
@@ -20,28 +17,21 @@ def expert(other_checkpoint):
     return Checkpoint.open(other_checkpoint).load_transformer("transformer")
 
 
-def _forward(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 16, 3, 8, 12, generator=gen)
-    text = torch.randn(2, 512, model.config.text_dim, generator=gen)
-    return model(x, torch.tensor([900, 400]), text, return_dict=False)[0]
-
-
 @pytest.mark.parametrize("fused", [False, True])
 def test_processor_matches_diffusers(expert, fused):
-    reference = _forward(expert)
-    expert.set_attn_processor(WanT2VAttnProcessor(_sdpa))
+    reference = expert_forward(expert)
+    expert.set_attn_processor(WanT2VAttnProcessor(sdpa))
     if fused:
         before = sum(p.numel() for p in expert.parameters())
         attention.fuse_projections(expert)
         assert sum(p.numel() for p in expert.parameters()) == before  # unfused copies dropped, nothing doubled
-    torch.testing.assert_close(_forward(expert), reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(expert_forward(expert), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_processor_really_runs_the_given_kernel(expert):
-    reference = _forward(expert)
+    reference = expert_forward(expert)
     expert.set_attn_processor(WanT2VAttnProcessor(lambda q, k, v: torch.zeros_like(q)))
-    assert not torch.allclose(_forward(expert), reference)
+    assert not torch.allclose(expert_forward(expert), reference)
 
 
 def test_auto_keeps_the_reference_processor_on_cpu(expert):

@@ -3,7 +3,6 @@ scheduler step's `execute` against a fake `triton_python_backend_utils`, and the
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from factories import load_deployment
+from factories import load_deployment, make_request
 from fakes import pb_utils
 from wan_build.render import dynamic_batching, render_repository
 from wan_triton.components import build_denoiser
@@ -21,35 +20,18 @@ from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.model.denoise import BatchItem, group_by_shape
 from wan_triton.serving.stopping import JobBoard
 
-
-def _request(**changes) -> GenerationRequest:
-    base = GenerationRequest(
-        prompt="a fox runs",
-        negative_prompt="dark",
-        height=32,
-        width=48,
-        num_frames=5,
-        num_inference_steps=6,
-        seed=3,
-        guidance_scale=5.0,
-        guidance_scale_2=2.0,
-        fps=16,
-    )
-    return replace(base, **changes)
-
-
 # --- grouping -------------------------------------------------------------------------------------------------
 
 
 def test_groups_by_shape_in_arrival_order_and_caps_the_batch():
     requests = [
-        _request(seed=0),
-        _request(height=64, seed=1),
-        _request(seed=2),
-        _request(guidance_scale=1.0, seed=3),  # guidance off: one row per request, its own group
-        _request(seed=4, guidance_scale=7.0),  # other scales share the forward
-        _request(num_inference_steps=5, seed=5),
-        _request(seed=6),
+        make_request(seed=0),
+        make_request(height=64, seed=1),
+        make_request(seed=2),
+        make_request(guidance_scale=1.0, seed=3),  # guidance off: one row per request, its own group
+        make_request(seed=4, guidance_scale=7.0),  # other scales share the forward
+        make_request(num_inference_steps=5, seed=5),
+        make_request(seed=6),
     ]
     assert group_by_shape(requests, max_batch_size=8) == [[0, 2, 4, 6], [1], [3], [5]]
     assert group_by_shape(requests, max_batch_size=3) == [[0, 2, 4], [1], [3], [5], [6]]
@@ -80,7 +62,9 @@ LATENT_ATOL = 1e-5
 def test_batch_equals_each_request_alone(denoiser, guidance):
     # 8 steps cross the expert boundary at flow shift 5, so both experts and both guidance scales are used.
     requests = [
-        _request(seed=s, guidance_scale=guidance + s * (guidance > 1), guidance_scale_2=1.5 + s, num_inference_steps=8)
+        make_request(
+            seed=s, guidance_scale=guidance + s * (guidance > 1), guidance_scale_2=1.5 + s, num_inference_steps=8
+        )
         for s in range(3)
     ]
     rows = 2 if guidance > 1 else 1
@@ -108,7 +92,7 @@ def test_a_request_whose_step_hook_raises_leaves_the_batch(denoiser):
 
         return on_step
 
-    requests = [_request(seed=s) for s in range(3)]
+    requests = [make_request(seed=s) for s in range(3)]
     items = [
         BatchItem(requests[0], _embeds(denoiser.ckpt, 2, 0), hook(0)),
         BatchItem(requests[1], _embeds(denoiser.ckpt, 2, 1), hook(1, stop_at=2)),
@@ -129,8 +113,8 @@ def test_a_request_whose_step_hook_raises_leaves_the_batch(denoiser):
 
 def test_run_batch_refuses_mixed_shapes(denoiser):
     items = [
-        BatchItem(_request(), _embeds(denoiser.ckpt, 2, 0)),
-        BatchItem(_request(height=64), _embeds(denoiser.ckpt, 2, 0)),
+        BatchItem(make_request(), _embeds(denoiser.ckpt, 2, 0)),
+        BatchItem(make_request(height=64), _embeds(denoiser.ckpt, 2, 0)),
     ]
     with pytest.raises(ValueError, match="one shape"):
         denoiser.run_batch(items)
@@ -171,12 +155,12 @@ def test_execute_batches_same_shapes_and_answers_every_request(fake_pb):
     denoiser = _RecordingDenoiser()
     model = _scheduler(denoiser, max_batch_size=2)
     requests = [
-        _triton_request(_request(seed=0)),
-        _triton_request(_request(seed=1, height=64)),
-        _triton_request(_request(seed=2)),
+        _triton_request(make_request(seed=0)),
+        _triton_request(make_request(seed=1, height=64)),
+        _triton_request(make_request(seed=2)),
         {"request": pb_utils.Tensor("request", np.array([[b"not json"]], dtype=object))},
-        _triton_request(_request(seed=4)),
-        _triton_request(_request(seed=5, guidance_scale=1.0), rows=1),
+        _triton_request(make_request(seed=4)),
+        _triton_request(make_request(seed=5, guidance_scale=1.0), rows=1),
     ]
     responses = model.execute(requests)
     assert denoiser.batches == [[0, 2], [1], [4], [5]]
@@ -188,7 +172,7 @@ def test_execute_batches_same_shapes_and_answers_every_request(fake_pb):
 def test_a_failing_batch_is_retried_one_request_at_a_time(fake_pb):
     denoiser = _RecordingDenoiser(poison_seed=1)
     model = _scheduler(denoiser, max_batch_size=4)
-    responses = model.execute([_triton_request(_request(seed=s)) for s in range(3)])
+    responses = model.execute([_triton_request(make_request(seed=s)) for s in range(3)])
     assert denoiser.batches == [[0, 1, 2], [0], [1], [2]]
     assert responses[1].error is not None and "engine failed" in responses[1].error.message
     assert _seed_of(responses[0]) == 0 and _seed_of(responses[2]) == 2

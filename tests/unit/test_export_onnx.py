@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 
+from factories import SHAPE_LIMITS as LIMITS
 from wan_build.export_onnx import (
     CHECK_FILE,
     REL_L2_TOLERANCE,
@@ -29,7 +30,6 @@ from wan_triton.runtime.engines.tensorrt_engine import TensorRTEngine
 
 # fp32 graphs: ONNX Runtime differs from PyTorch only by float reordering.
 MAX_ABS = 1e-4
-LIMITS = ShapeLimits(max_height=64, max_width=96, max_num_frames=17, opt_height=32, opt_width=48, opt_num_frames=9)
 
 
 def _rel_l2(got: torch.Tensor, ref: torch.Tensor) -> float:

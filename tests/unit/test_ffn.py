@@ -12,21 +12,14 @@ import copy
 import torch
 from diffusers.models.attention import FeedForward
 
+from factories import expert_forward
 from wan_triton.kernels import ffn
 from wan_triton.model.checkpoint import Checkpoint
 
 
-def _forward(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 16, 3, 8, 12, generator=gen)
-    text = torch.randn(2, 512, model.config.text_dim, generator=gen)
-    with torch.no_grad():
-        return model(x, torch.tensor([900, 400]), text, return_dict=False)[0]
-
-
 def test_expert_with_fused_ffn_matches_diffusers_and_keeps_its_parameter_names(other_checkpoint, monkeypatch):
     expert = Checkpoint.open(other_checkpoint).load_transformer("transformer")
-    reference = _forward(expert)
+    reference = expert_forward(expert)
     names = [name for name, _ in expert.named_parameters()]
     calls = []
     op = ffn.linear_gelu_tanh
@@ -35,7 +28,7 @@ def test_expert_with_fused_ffn_matches_diffusers_and_keeps_its_parameter_names(o
     assert ffn.install(expert) == len(expert.blocks)
     assert all(type(block.ffn) is ffn.GeluEpilogueFeedForward for block in expert.blocks)
     assert [name for name, _ in expert.named_parameters()] == names  # shards and expert swapping address by name
-    assert torch.equal(_forward(expert), reference)
+    assert torch.equal(expert_forward(expert), reference)
     assert len(calls) == len(expert.blocks)  # every block's FFN went through the op
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from checks import assert_frames_close, reference_frames
-from factories import load_deployment
-from wan_triton.config.request import validate_request
+from factories import load_deployment, validated_request
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.pipeline import LocalPipeline
 
@@ -22,11 +20,9 @@ def pipeline(other_checkpoint):
 
 
 def _request(ckpt, deployment, **values):
-    arrays = {
-        k: np.array([v.encode() if isinstance(v, str) else v], dtype=object if isinstance(v, str) else None)
-        for k, v in values.items()
-    }
-    return validate_request(arrays, deployment, ckpt.spatial_multiple, ckpt.vae_scale_factor_temporal)
+    return validated_request(
+        deployment, spatial_multiple=ckpt.spatial_multiple, temporal_stride=ckpt.vae_scale_factor_temporal, **values
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from factories import load_deployment
+from factories import load_deployment, validated_request
 from wan_triton.config.deployment import Deployment
 from wan_triton.config.request import InvalidRequestError, validate_request
 
@@ -13,9 +13,7 @@ DEPLOYMENT = load_deployment("cpu")
 
 
 def validate(**inputs):
-    arrays = {k: np.array([v], dtype=object if isinstance(v, str | bytes) else None) for k, v in inputs.items()}
-    arrays = {k: (a.astype(object) if a.dtype.kind in "US" else a) for k, a in arrays.items()}
-    return validate_request(arrays, DEPLOYMENT, spatial_multiple=16, temporal_stride=4)
+    return validated_request(DEPLOYMENT, **inputs)
 
 
 def test_defaults_fill_every_optional_input():

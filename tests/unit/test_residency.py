@@ -10,24 +10,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from factories import make_embeds, make_request
 from wan_triton.components import build_denoiser
 from wan_triton.config.deployment import ComponentConfig, EngineKind
-from wan_triton.config.request import GenerationRequest
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.denoise import warm_up
 
-REQUEST = GenerationRequest(
-    prompt="-",
-    negative_prompt="-",
-    height=32,
-    width=48,
-    num_frames=5,
-    num_inference_steps=6,
-    seed=9,
-    guidance_scale=4.0,
-    guidance_scale_2=3.0,
-    fps=16,
-)
+# 6 steps: the request crosses the expert boundary.
+REQUEST = make_request()
 
 
 def _config(residency: str) -> ComponentConfig:
@@ -41,7 +31,7 @@ def ckpt(other_checkpoint) -> Checkpoint:
 
 @pytest.fixture(scope="module")
 def embeds(ckpt) -> torch.Tensor:
-    return torch.randn(2, 512, ckpt.text_dim, generator=torch.Generator().manual_seed(1))
+    return make_embeds(ckpt.text_dim, seed=1)
 
 
 @pytest.fixture(scope="module")

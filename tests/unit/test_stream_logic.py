@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from factories import load_deployment, make_request
+from factories import load_deployment, make_request, validated_request
 from fakes import pb_utils
 from wan_triton.components import build_denoiser
 from wan_triton.config.deployment import Deployment
-from wan_triton.config.request import InvalidRequestError, validate_request
+from wan_triton.config.request import InvalidRequestError
 from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.serving.stopping import DEADLINE_MESSAGE, JobBoard, RequestStopped, StepGuard
 from wan_triton.serving.stream import PREVIEW_MAX_SIDE, shrink_frame
@@ -59,8 +59,7 @@ def test_step_guard_cancel_and_deadline():
 
 
 def _validate(now=None, **inputs):
-    arrays = {k: np.array([v], dtype=object if isinstance(v, str) else None) for k, v in inputs.items()}
-    return validate_request(arrays, DEPLOYMENT, 16, 4, now_unix_s=now)
+    return validated_request(DEPLOYMENT, now_unix_s=now, **inputs)
 
 
 def test_timeout_s_sets_the_deadline_and_is_validated():

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from factories import SHAPE_LIMITS as LIMITS
 from wan_build.tiny_model import make_tiny_checkpoint
 from wan_triton.config.deployment import EngineKind
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.engine import Engine
-from wan_triton.model.specs import ShapeLimits, vae_decoder_phase_specs
+from wan_triton.model.specs import vae_decoder_phase_specs
 from wan_triton.model.vae_chunks import (
     REP,
     CacheSlot,
@@ -20,7 +21,6 @@ from wan_triton.model.vae_chunks import (
 )
 
 ATOL = 1e-5
-LIMITS = ShapeLimits(max_height=64, max_width=96, max_num_frames=17, opt_height=32, opt_width=48, opt_num_frames=9)
 
 
 @pytest.fixture(scope="module")
