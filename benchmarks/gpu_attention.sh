@@ -11,7 +11,7 @@ mode=$1
 shift
 case $mode in
   check)
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py tests/test_gpu_parallel.py 2>&1 | tee "$OUT/test_gpu.log"
+    python3 -m pytest -q -p no:cacheprovider -rs tests/gpu 2>&1 | tee "$OUT/test_gpu.log"
     python3 benchmarks/block_profile.py --parts attention --sizes 720p 480p --shapes 2x40 1x40 2x20 1x10 \
       --tiles 0 6 --rounds 3 --repeat 3 --out "$OUT/attention_kernels.json" ;;
   step)

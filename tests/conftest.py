@@ -3,7 +3,7 @@ default, and one real Triton server per test session.
 
 The tiers are the folders below tests/; every test is marked with its folder's name, so `-m` selects by tier too:
 
-    unit/          pure logic, in-process, fast (`make test-fast`)
+    unit/          pure logic, in-process, fast (`make test-fast`, which leaves out the `slow` ONNX exports)
     multiprocess/  gloo worker groups of several processes on CPU
     server/        against the real Triton server (the `server` fixture below)
     gpu/           CUDA only; skipped without a CUDA device
@@ -44,6 +44,7 @@ TIERS = {
 def pytest_configure(config):
     for name, description in TIERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
+    config.addinivalue_line("markers", "slow: in-process but too slow for `make test-fast` (the ONNX exports)")
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

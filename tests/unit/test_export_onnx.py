@@ -28,6 +28,9 @@ from wan_triton.model.vae_chunks import onnx_vae_decode_fn
 from wan_triton.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from wan_triton.runtime.engines.tensorrt_engine import TensorRTEngine
 
+# The dynamo exporter takes about a minute for the six graphs: not part of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 # fp32 graphs: ONNX Runtime differs from PyTorch only by float reordering.
 MAX_ABS = 1e-4
 
