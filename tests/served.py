@@ -33,6 +33,21 @@ CACHED_MODEL = "wan_cached"
 CACHED_BYTES = 64 << 20
 
 
+# The server tests' request: every setting differs from the deployment defaults, so an input that is dropped on
+# the way to the pipeline shows in the frames.
+REQUEST = dict(
+    prompt="a small robot dances in the rain, close-up",
+    negative_prompt="blurry, static",
+    height=48,
+    width=80,
+    num_frames=13,
+    num_inference_steps=7,
+    guidance_scale=3.5,
+    guidance_scale_2=2.5,
+    seed=1234,
+)
+
+
 def metric_samples(server) -> list[tuple[str, dict[str, str], float]]:
     """Every sample of the server's /metrics page: (name, labels, value)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
@@ -51,6 +66,12 @@ def metric_value(samples, name: str, **labels) -> float:
     values = [v for n, got, v in samples if n == name and labels.items() <= got.items()]
     assert values, f"no sample {name}{labels}"
     return sum(values)
+
+
+def infer(client, model: str, request: dict, outputs=("frames", "video", "used_seed")):
+    """One unary request (a dict of the client's inputs) through a gRPC client, asking for `outputs`."""
+    wanted = [grpcclient.InferRequestedOutput(o) for o in outputs]
+    return client.infer(model, build_infer_inputs(request), outputs=wanted)
 
 
 # The progress outputs of the stream model, and how long a test waits for a response or a stop.

@@ -17,8 +17,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from factories import LONGEST_CPU
-from served import SERVING, metric_samples, metric_value
-from wan_client import EXIT_BUSY, build_infer_inputs, busy_error, is_queue_full, queue_size
+from served import SERVING, infer, metric_samples, metric_value
+from wan_client import EXIT_BUSY, busy_error, is_queue_full, queue_size
 
 # The largest requests the CPU deployments allow (about 10 s on 2 idle cores, longer when they are shared), so the
 # requests sent after the head start all arrive while it runs. At 128x128 a blocker took 1.2 s on an idle machine
@@ -33,10 +33,8 @@ def _infer(server, model: str, request: dict):
     """(finish time, frames or the exception); one client per call, as concurrent clients would."""
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
         try:
-            result = client.infer(
-                model, build_infer_inputs(request), outputs=[grpcclient.InferRequestedOutput("frames")]
-            )
-            return time.perf_counter(), result.as_numpy("frames")
+            frames = infer(client, model, request, ("frames",)).as_numpy("frames")
+            return time.perf_counter(), frames
         except InferenceServerException as exc:
             return time.perf_counter(), exc
 

@@ -14,26 +14,12 @@ import urllib.request
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from served import CACHED_BYTES, CACHED_MODEL
+from served import CACHED_BYTES, CACHED_MODEL, infer
 from wan_build.render import CACHED_PIPELINE
-from wan_client import build_infer_inputs
 
 REQUEST = dict(prompt="a lighthouse in a storm", height=32, width=48, num_frames=5, num_inference_steps=2, seed=77)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with grpcclient.InferenceServerClient(server.grpc_url) as c:
-        yield c
-
-
-def _infer(client, model: str, request: dict, outputs=("video", "frames", "used_seed")):
-    return client.infer(
-        model, build_infer_inputs(request), outputs=[grpcclient.InferRequestedOutput(o) for o in outputs]
-    )
 
 
 def _cache_counts(server, model: str) -> tuple[float, float]:
@@ -59,21 +45,21 @@ def test_identical_request_is_answered_from_the_cache(server, client):
     hits0, misses0 = _cache_counts(server, pipeline)
     runs0 = _executions(client, scheduler)
     # The first asks for the video alone; the cached entry still holds every output.
-    first = _infer(client, CACHED_MODEL, REQUEST, outputs=("video",))
+    first = infer(client, CACHED_MODEL, REQUEST, outputs=("video",))
     assert first.as_numpy("frames") is None
     assert _cache_counts(server, pipeline) == (hits0, misses0 + 1)
     assert _executions(client, scheduler) == runs0 + 1
     # Identical inputs and seed: a hit, the pipeline does not run, and the frames asked for now are there.
-    second = _infer(client, CACHED_MODEL, REQUEST)
+    second = infer(client, CACHED_MODEL, REQUEST)
     assert _cache_counts(server, pipeline) == (hits0 + 1, misses0 + 1)
     assert _executions(client, scheduler) == runs0 + 1
     assert second.as_numpy("video")[0] == first.as_numpy("video")[0]
     assert int(second.as_numpy("used_seed")[0]) == REQUEST["seed"]
     # ...and they are the frames the cache-off rendering of the same checkpoint computes.
-    uncached = _infer(client, "wan_onnx", REQUEST)
+    uncached = infer(client, "wan_onnx", REQUEST)
     np.testing.assert_array_equal(second.as_numpy("frames"), uncached.as_numpy("frames"))
     # A different seed is a different request: a miss, computed, different frames.
-    other = _infer(client, CACHED_MODEL, {**REQUEST, "seed": REQUEST["seed"] + 1})
+    other = infer(client, CACHED_MODEL, {**REQUEST, "seed": REQUEST["seed"] + 1})
     assert _cache_counts(server, pipeline) == (hits0 + 1, misses0 + 2)
     assert _executions(client, scheduler) == runs0 + 2
     assert not np.array_equal(other.as_numpy("frames"), second.as_numpy("frames"))
@@ -85,12 +71,12 @@ def test_request_without_seed_is_refused_and_never_cached(server, client):
     no_seed = {k: v for k, v in REQUEST.items() if k != "seed"}
     for _ in range(2):
         with pytest.raises(InferenceServerException) as info:
-            _infer(client, CACHED_MODEL, no_seed)
+            infer(client, CACHED_MODEL, no_seed)
         assert info.value.status() == "StatusCode.INVALID_ARGUMENT", info.value
         assert "seed: is required while the server's result cache is on" in info.value.message()
     assert _cache_counts(server, pipeline)[0] == hits0
     # The cache-off rendering keeps the contract: no seed draws a fresh one each time.
-    seeds = {int(_infer(client, "wan_onnx", no_seed, outputs=("used_seed",)).as_numpy("used_seed")[0]) for _ in "ab"}
+    seeds = {int(infer(client, "wan_onnx", no_seed, outputs=("used_seed",)).as_numpy("used_seed")[0]) for _ in "ab"}
     assert len(seeds) == 2
 
 
@@ -99,7 +85,7 @@ def test_cache_off_models_are_not_cached(server, client):
     runs0 = _executions(client, scheduler)
     for _ in range(2):
         # The video needs the scheduler (an ensemble skips the steps no requested output depends on).
-        _infer(client, "wan_onnx", REQUEST, outputs=("video",))
+        infer(client, "wan_onnx", REQUEST, outputs=("video",))
     assert _executions(client, scheduler) == runs0 + 2
     assert _cache_counts(server, "wan_onnx") == (0.0, 0.0)
 

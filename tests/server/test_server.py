@@ -13,41 +13,15 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from checks import assert_frames_close, reference_frames
-from served import DEPLOYMENTS, metric_samples, metric_value
-from wan_client import build_infer_inputs
+from served import DEPLOYMENTS, REQUEST, infer, metric_samples, metric_value
 from wan_triton.config.deployment import Deployment
 from wan_triton.model.video import decode_mp4
-
-# Every setting differs from the deployment defaults.
-REQUEST = dict(
-    prompt="a small robot dances in the rain, close-up",
-    negative_prompt="blurry, static",
-    height=48,
-    width=80,
-    num_frames=13,
-    num_inference_steps=7,
-    guidance_scale=3.5,
-    guidance_scale_2=2.5,
-    seed=1234,
-)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with grpcclient.InferenceServerClient(server.grpc_url) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
 def reference(other_checkpoint) -> np.ndarray:
     call = {k: v for k, v in REQUEST.items()}
     return reference_frames(other_checkpoint, **call)
-
-
-def infer(client, model: str, request: dict, outputs=("frames", "video", "used_seed")):
-    return client.infer(
-        model, build_infer_inputs(request), outputs=[grpcclient.InferRequestedOutput(o) for o in outputs]
-    )
 
 
 @pytest.mark.parametrize("model", list(DEPLOYMENTS))

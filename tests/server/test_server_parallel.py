@@ -16,34 +16,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from checks import assert_frames_close, logged_stops, reference_frames
 from factories import LONGEST_CPU
-from served import PARALLEL_MODEL, Stream
+from served import PARALLEL_MODEL, Stream, infer
+from served import REQUEST as SERVER_REQUEST
 from wan_client import build_infer_inputs
 
-REQUEST = dict(
-    prompt="a small robot dances in the rain",
-    negative_prompt="blurry",
-    height=48,
-    width=80,
-    num_frames=9,
-    num_inference_steps=6,
-    guidance_scale=3.5,
-    guidance_scale_2=2.5,
-    seed=77,
-)
+# The server tests' request with 9 frames and 6 steps.
+REQUEST = {**SERVER_REQUEST, "num_frames": 9, "num_inference_steps": 6}
 
 # The loop runs far longer than the test's 3 s deadline here.
 LONG = {**REQUEST, **LONGEST_CPU}
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with grpcclient.InferenceServerClient(server.grpc_url) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +37,7 @@ def reference(tiny4_checkpoint):
 
 
 def _frames(client):
-    result = client.infer(
-        PARALLEL_MODEL, build_infer_inputs(REQUEST), outputs=[grpcclient.InferRequestedOutput("frames")]
-    )
-    return result.as_numpy("frames")
+    return infer(client, PARALLEL_MODEL, REQUEST, ("frames",)).as_numpy("frames")
 
 
 def _scheduler_dir(server) -> Path:
@@ -132,10 +114,7 @@ def test_worker_killed_between_requests_is_replaced(server, client, reference, s
 def test_size_the_sequence_cannot_split_over_is_still_served(client):
     # tp splits heads, not tokens: any size works (ulysses would need the token count divisible by its degree).
     request = {**REQUEST, "height": 16, "width": 16, "num_frames": 1, "num_inference_steps": 1}
-    result = client.infer(
-        PARALLEL_MODEL, build_infer_inputs(request), outputs=[grpcclient.InferRequestedOutput("frames")]
-    )
-    assert result.as_numpy("frames").shape == (1, 16, 16, 3)
+    assert infer(client, PARALLEL_MODEL, request, ("frames",)).as_numpy("frames").shape == (1, 16, 16, 3)
 
 
 def test_deadline_stops_every_rank_mid_loop_and_keeps_the_group(server, client, reference):

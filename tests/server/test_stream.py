@@ -17,7 +17,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from factories import LONGEST_CPU, REPO_ROOT
-from served import PROGRESS, STOP_WAIT_S, Stream, metric_samples, metric_value
+from served import PROGRESS, STOP_WAIT_S, Stream, infer, metric_samples, metric_value
 from wan_client import EXIT_DEADLINE, EXIT_OK, build_infer_inputs
 from wan_triton.serving.stopping import JobBoard
 
@@ -52,7 +52,7 @@ def _wait_for(server, name: str, at_least: float, **labels) -> None:
         time.sleep(0.1)
 
 
-def test_stream_reports_every_stage_and_previews_then_the_unary_video(server, stream):
+def test_stream_reports_every_stage_and_previews_then_the_unary_video(client, stream):
     stream.send({**REQUEST, "preview": 5})
     progress, final = stream.until_final()
     stages = [r.as_numpy("stage")[0].decode() for r in progress]
@@ -77,11 +77,7 @@ def test_stream_reports_every_stage_and_previews_then_the_unary_video(server, st
     assert diff.mean() < 4.0, float(diff.mean())
 
     # The final response is the unary endpoint's answer, bit for bit.
-    unary = grpcclient.InferenceServerClient(server.grpc_url).infer(
-        MODEL,
-        build_infer_inputs(REQUEST),
-        outputs=[grpcclient.InferRequestedOutput(o) for o in ("frames", "video", "used_seed")],
-    )
+    unary = infer(client, MODEL, REQUEST)
     assert np.array_equal(frames, unary.as_numpy("frames"))
     assert bytes(final.as_numpy("video")[0]) == bytes(unary.as_numpy("video")[0])
     assert int(final.as_numpy("used_seed")[0]) == REQUEST["seed"]
@@ -178,18 +174,19 @@ def test_unary_timeout_is_validated(server):
     assert "timeout_s" in caught.value.message()
 
 
+def _run_client(server, *args: str) -> subprocess.CompletedProcess:
+    """The command-line client against the session's server's MODEL, to its end."""
+    command = [sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=STOP_WAIT_S)
+
+
 def test_client_streams_with_previews_and_exits_4_at_its_deadline(server, tmp_path):
-    base = [sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, "--stream"]
-    done = subprocess.run(
-        [
-            *base,
-            *("--prompt", "a paper boat", "--seed", "3", "--height", "64", "--width", "96", "--num-frames", "9"),
-            *("--steps", "6", "--preview-every", "3", "--preview-dir", str(tmp_path / "previews")),
-            *("--output", str(tmp_path / "boat.mp4")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=STOP_WAIT_S,
+    done = _run_client(
+        server,
+        "--stream",
+        *("--prompt", "a paper boat", "--seed", "3", "--height", "64", "--width", "96", "--num-frames", "9"),
+        *("--steps", "6", "--preview-every", "3", "--preview-dir", str(tmp_path / "previews")),
+        *("--output", str(tmp_path / "boat.mp4")),
     )
     assert done.returncode == EXIT_OK, done.stderr
     assert "step 6/6" in done.stderr and done.stdout.strip().endswith("boat.mp4")
@@ -197,14 +194,8 @@ def test_client_streams_with_previews_and_exits_4_at_its_deadline(server, tmp_pa
     previews = sorted((tmp_path / "previews").glob("*.ppm"))
     assert previews and previews[-1].name == "preview_step006.ppm"
     assert previews[-1].read_bytes().startswith(b"P6 96 64 255\n")
-    late = subprocess.run(
-        [
-            *base,
-            *("--prompt", "late", *LONG_ARGS, "--timeout", "1.5", "--output", str(tmp_path / "late.mp4")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=STOP_WAIT_S,
+    late = _run_client(
+        server, "--stream", "--prompt", "late", *LONG_ARGS, "--timeout", "1.5", "--output", str(tmp_path / "late.mp4")
     )
     assert late.returncode == EXIT_DEADLINE, late.stderr
     assert "deadline exceeded" in late.stderr and not (tmp_path / "late.mp4").exists()
@@ -215,15 +206,10 @@ def test_client_prints_the_random_seed_that_reproduces_its_video(server, tmp_pat
     that seed gives the same frames."""
 
     def run(name: str, *seed: str) -> tuple[str, np.ndarray]:
-        done = subprocess.run(
-            [
-                *(sys.executable, str(CLIENT), "--url", server.grpc_url, "--model", MODEL, "--prompt", "a kite"),
-                *("--height", "64", "--width", "96", "--num-frames", "9", "--steps", "3", *seed),
-                *("--output", str(tmp_path / f"{name}.mp4"), "--frames-npy", str(tmp_path / f"{name}.npy")),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=STOP_WAIT_S,
+        done = _run_client(
+            server,
+            *("--prompt", "a kite", "--height", "64", "--width", "96", "--num-frames", "9", "--steps", "3", *seed),
+            *("--output", str(tmp_path / f"{name}.mp4"), "--frames-npy", str(tmp_path / f"{name}.npy")),
         )
         assert done.returncode == EXIT_OK, done.stderr
         return done.stderr, np.load(tmp_path / f"{name}.npy")
