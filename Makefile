@@ -20,7 +20,7 @@ help:
 	@echo "                            run tritonserver in the foreground (Ctrl-C / SIGTERM stops it)"
 	@echo "make run                    build the tiny default, serve it, generate out/sample.mp4, stop"
 	@echo "make test                   the test suite, every tier (what CI runs; CPU; starts a real Triton server)"
-	@echo "make test-fast              the unit tier but its ONNX exports: pure logic, in-process (about a minute)"
+	@echo "make test-fast              the unit tier but its ONNX exports: pure logic, in-process (under a minute)"
 	@echo "make test-unit              the whole unit tier (tests/unit), ONNX exports included"
 	@echo "make test-multiprocess      gloo worker groups of several processes (tests/multiprocess)"
 	@echo "make test-server            every test against the real Triton server (-m server)"
