@@ -10,7 +10,7 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
-.PHONY: help setup build serve run test lint clean
+.PHONY: help setup build serve run test test-fast test-unit test-multiprocess test-server test-gpu test-bench lint clean
 
 help:
 	@echo "make setup                  create $(VENV) with everything (PyPI)"
@@ -19,7 +19,14 @@ help:
 	@echo "make serve REPO=<dir> [HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002]"
 	@echo "                            run tritonserver in the foreground (Ctrl-C / SIGTERM stops it)"
 	@echo "make run                    build the tiny default, serve it, generate out/sample.mp4, stop"
-	@echo "make test                   the test suite (CPU; starts real Triton servers)"
+	@echo "make test                   the test suite, every tier (what CI runs; CPU; starts a real Triton server)"
+	@echo "make test-fast              the unit tier but its ONNX exports: pure logic, in-process (under a minute)"
+	@echo "make test-unit              the whole unit tier (tests/unit), ONNX exports included"
+	@echo "make test-multiprocess      gloo worker groups of several processes (tests/multiprocess)"
+	@echo "make test-server            every test against the real Triton server (-m server)"
+	@echo "make test-gpu               CUDA only (tests/gpu); skipped without a CUDA device"
+	@echo "make test-bench             the benchmark scripts and tools (tests/bench)"
+	@echo "                            PYTEST_ARGS=... is passed to pytest by every test target"
 	@echo "make lint                   ruff"
 
 setup: $(VENV)/.installed
@@ -46,6 +53,16 @@ run: build
 
 test: setup
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
+
+# The tiers are tests/<tier>/ folders and markers of the same names (tests/conftest.py).
+test-fast: setup
+	$(VPY) -m pytest -q tests/unit -m "not slow" $(PYTEST_ARGS)
+
+test-unit test-multiprocess test-gpu test-bench: test-%: setup
+	$(VPY) -m pytest -q tests/$* $(PYTEST_ARGS)
+
+test-server: setup
+	$(VPY) -m pytest -q -m server $(PYTEST_ARGS)
 
 lint: setup
 	$(VPY) -m ruff check .

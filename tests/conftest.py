@@ -1,32 +1,58 @@
-"""Shared test setup: a tiny checkpoint unlike the default, the diffusers reference, the parity tolerance, and one
-real Triton server per test session. The packages (wan_triton, wan_build, wan_bench, wan_client) come from the
-project's install (`make setup`: pip install -e)."""
+"""Shared test setup: the test tiers as markers, two tiny checkpoints unlike the
+default, and one real Triton server per test session.
+
+The tiers are the folders below tests/; every test is marked with its folder's name, so `-m` selects by tier too:
+
+    unit/          pure logic, in-process, fast (`make test-fast`, which leaves out the `slow` ONNX exports)
+    multiprocess/  gloo worker groups of several processes on CPU
+    server/        against the real Triton server (the `server` fixture below)
+    gpu/           CUDA only; skipped without a CUDA device
+    bench/         the benchmark scripts and tools
+
+A test that uses the `server` fixture is also marked `server`, whatever its folder. Helpers that tests import live
+in modules beside this file (factories, checks, served, fakes), not here; pytest puts this folder on the import
+path (`pythonpath` in pyproject.toml), and the project's packages come from its install (`make setup`).
+"""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from wan_triton.config.request import GenerationRequest
+from served import CACHED_BYTES, CACHED_MODEL, DEPLOYMENTS, PARALLEL_DEPLOYMENT, PARALLEL_MODEL, SERVING
 
-# The GPU tests' request (tests/test_gpu*.py): 64x96 pixels, 9 frames, crossing the expert switch in 8 steps;
-# 3 latent frames x 4 x 6 = 72 tokens, which split over 2 Ulysses ranks.
-GPU_REQUEST = GenerationRequest(
-    prompt="-",
-    negative_prompt="-",
-    height=64,
-    width=96,
-    num_frames=9,
-    num_inference_steps=8,
-    seed=3,
-    guidance_scale=4.0,
-    guidance_scale_2=3.0,
-    fps=16,
-)
+_TESTS = Path(__file__).resolve().parent
+
+TIERS = {
+    "unit": "pure logic, in-process and fast (tests/unit)",
+    "multiprocess": "runs gloo worker groups of several processes (tests/multiprocess)",
+    "server": "starts the real Triton server (tests/server, and any test using the `server` fixture)",
+    "gpu": "needs a CUDA device; skipped without one (tests/gpu)",
+    "bench": "checks a benchmark script or tool (tests/bench)",
+}
+
+
+def pytest_configure(config):
+    for name, description in TIERS.items():
+        config.addinivalue_line("markers", f"{name}: {description}")
+    config.addinivalue_line("markers", "slow: in-process but too slow for `make test-fast` (the ONNX exports)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    no_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+    for item in items:
+        path = Path(item.path)
+        tier = path.relative_to(_TESTS).parts[0] if path.is_relative_to(_TESTS) else None
+        if tier in TIERS:
+            item.add_marker(tier)
+        if "server" in item.fixturenames and tier != "server":
+            item.add_marker("server")
+        if tier == "gpu":
+            item.add_marker(no_cuda)
+
 
 # A tiny model whose config differs from the embedded default in every size the loader must read: layer count,
 # widths, head count, vocabulary, text width and flow shift. Tests that serve it prove nothing is hard-coded.
@@ -45,22 +71,12 @@ OTHER_TINY = dict(
     seed=11,
 )
 
-
-# Enough heads (4) and FFN width (64) for every parallel plan up to ulysses x tp = 4 (tests of wan_triton.parallel).
-TINY4 = dict(
-    num_layers=2,
-    num_attention_heads=4,
-    attention_head_dim=8,
-    ffn_dim=64,
-    text_dim=24,
-    text_layers=1,
-    text_heads=2,
-    text_ff=32,
-    vocab_pieces=300,
-    vae_base_dim=6,
-    flow_shift=5.0,
-    seed=21,
-)
+# Enough heads (4) and FFN width (64) for every parallel plan up to ulysses x tp = 4 (tests of wan_triton.parallel);
+# otherwise OTHER_TINY's sizes, with smaller text and denoiser depths.
+TINY4 = {
+    **OTHER_TINY,
+    **dict(num_layers=2, num_attention_heads=4, ffn_dim=64, text_layers=1, text_heads=2, text_ff=32, seed=21),
+}
 
 
 @pytest.fixture(scope="session")
@@ -77,55 +93,9 @@ def other_checkpoint(tmp_path_factory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_other", TinyConfig(**OTHER_TINY))
 
 
-def reference_frames(checkpoint: Path, **call) -> np.ndarray:
-    """diffusers' WanPipeline on the same weights, output_type="np", as uint8 frames [F, H, W, 3]."""
-    from diffusers import WanPipeline
-
-    seed = call.pop("seed")
-    pipe = WanPipeline.from_pretrained(checkpoint, dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    out = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call).frames[0]
-    return (out * 255).round().astype(np.uint8)
-
-
-def assert_frames_close(ours: np.ndarray, ref: np.ndarray, max_levels: int = 2, mean_levels: float = 0.5) -> None:
-    """The parity tolerance: at most `max_levels` uint8 levels apart anywhere, `mean_levels` on average."""
-    assert ours.dtype == np.uint8 and ours.shape == ref.shape, (ours.dtype, ours.shape, ref.shape)
-    diff = np.abs(ours.astype(np.int16) - ref.astype(np.int16))
-    assert diff.max() <= max_levels and diff.mean() <= mean_levels, (int(diff.max()), float(diff.mean()))
-
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The session's server serves both renderings of the non-default tiny checkpoint under these model names.
-DEPLOYMENTS = {
-    "wan_onnx": REPO_ROOT / "model_repository/deployments/cpu.yaml",
-    "wan_torch": REPO_ROOT / "model_repository/deployments/cpu_torch.yaml",
-}
-# Queue and batching settings of each rendering (tests/test_queue_batching.py): `wan_onnx` batches up to 8
-# same-shape requests; `wan_torch` runs one at a time with one waiting, so a third concurrent request is refused.
-SERVING = {
-    "wan_onnx": {"max_batch_size": 8, "max_queue_size": 16},
-    "wan_torch": {"max_batch_size": 1, "max_queue_size": 1},
-}
-
-# Also served: a parallel plan (a worker group of 2 gloo processes, tp 2) of the 4-head checkpoint `tiny4`.
-PARALLEL_MODEL = "wan_parallel"
-PARALLEL_DEPLOYMENT = REPO_ROOT / "model_repository/deployments/cpu_parallel.yaml"
-
-
-def logged_stops(log: str) -> list[int]:
-    """The steps after which a worker group's ranks stopped a request, from the supervisor's log lines
-    (wan_triton.workers.supervisor: "... the ranks stopped the request after step N")."""
-    return [int(step) for step in re.findall(r"the ranks stopped the request after step (\d+)", log)]
-
-
-# A third rendering with the result cache on (tests/test_result_cache.py): cpu.yaml plus result_cache_bytes.
-CACHED_MODEL = "wan_cached"
-CACHED_BYTES = 64 << 20
-
-
 @pytest.fixture(scope="session")
 def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
+    """One tritonserver for the whole test session, serving the models of tests/served.py."""
     from wan_build.__main__ import main as build_main
     from wan_triton.config.deployment import Deployment, Serving
     from wan_triton.tritonserver.launch import running_server

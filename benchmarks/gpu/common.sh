@@ -14,7 +14,7 @@ mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1
 
 # The GPU test files, run by `attention.sh check` and `runtime.sh tests`.
-GPU_TESTS=(tests/test_gpu.py tests/test_gpu_parallel.py)
+GPU_TESTS=(tests/gpu tests/unit/test_attention.py)
 
 # The GPU tests, their log in $OUT/test_gpu.log.
 run_gpu_tests() {

@@ -47,7 +47,7 @@ def compile_expert_blocks(module: torch.nn.Module, parallel: bool) -> None:
     Where the Ulysses exchanges run in head groups, started ahead of their waits, inductor's reordering for peak
     memory is off: on `ulysses.attend_head_groups` compiled alone it moved each wait up to its start and the next
     group's starts after the attention (the generated code, on CPU), which serialises the exchanges again; without
-    it the calls keep the order they are written in (tests/test_ulysses_head_groups.py)."""
+    it the calls keep the order they are written in (tests/multiprocess/test_ulysses_head_groups.py)."""
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_SHAPES_LIMIT)
     overlapped = any(getattr(p, "head_groups", 1) > 1 for p in module.attn_processors.values())
     options = OVERLAP_COMPILE_OPTIONS if parallel and overlapped else None

@@ -1,0 +1,93 @@
+"""What tests build their inputs from: requests for the tiny checkpoints, prompt embeddings, the shipped
+deployments and the shape limits of the export tests.
+
+`make_request(**overrides)` is the default request of the in-process tests: 32x48 pixels and 5 frames (2 latent
+frames of 4 x 6 latents, 12 tokens after the 1x2x2 patch), 6 steps, which cross the expert boundary of the tiny
+test checkpoints (flow shift 5), with guidance on. A test overrides what its point depends on and keeps the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wan_triton.config.deployment import Deployment
+from wan_triton.config.request import GenerationRequest, validate_request
+from wan_triton.model.specs import ShapeLimits
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEPLOYMENTS_DIR = REPO_ROOT / "model_repository" / "deployments"
+
+_DEFAULT_REQUEST = GenerationRequest(
+    prompt="p",
+    negative_prompt="n",
+    height=32,
+    width=48,
+    num_frames=5,
+    num_inference_steps=6,
+    seed=3,
+    guidance_scale=5.0,
+    guidance_scale_2=2.0,
+    fps=16,
+)
+
+
+def make_request(**overrides) -> GenerationRequest:
+    """The default tiny request (module docstring) with `overrides` applied."""
+    return replace(_DEFAULT_REQUEST, **overrides)
+
+
+# The GPU tests' request: 64x96 pixels, 9 frames, crossing the expert switch in 8 steps; 3 latent frames x 4 x 6 =
+# 72 tokens, which split over 2 Ulysses ranks.
+GPU_REQUEST = make_request(
+    height=64, width=96, num_frames=9, num_inference_steps=8, guidance_scale=4.0, guidance_scale_2=3.0
+)
+
+# The largest request the CPU deployments allow (384x384 = max_pixels, 33 frames, 50 steps): its denoising loop runs
+# for many seconds, so a cancel, a deadline or other requests sent meanwhile land while it runs.
+LONGEST_CPU = dict(height=384, width=384, num_frames=33, num_inference_steps=50)
+
+# Export and phase-spec limits of the tiny checkpoints: the optimum is a shape between the export examples and the
+# maximum.
+SHAPE_LIMITS = ShapeLimits(
+    max_height=64, max_width=96, max_num_frames=17, opt_height=32, opt_width=48, opt_num_frames=9
+)
+
+
+def make_embeds(text_dim: int, rows: int = 2, seed: int = 0) -> torch.Tensor:
+    """Random prompt embeddings [rows, 512, text_dim]: two rows for a guided request (prompt and negative)."""
+    return torch.randn(rows, 512, text_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def expert_forward(expert, seed: int = 0) -> torch.Tensor:
+    """A tiny expert's noise prediction for random latents [2, 16, 3, 8, 12] (guided batch of 2) and prompt
+    embeddings, at timesteps 900 and 400."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 16, 3, 8, 12, generator=gen)
+    text = torch.randn(2, 512, expert.config.text_dim, generator=gen)
+    with torch.no_grad():
+        return expert(x, torch.tensor([900, 400]), text, return_dict=False)[0]
+
+
+def load_deployment(name: str) -> Deployment:
+    """A shipped deployment by file name: "cpu", "cpu_torch", "cpu_parallel", "gpu_a14b"."""
+    return Deployment.load(DEPLOYMENTS_DIR / f"{name}.yaml")
+
+
+def validated_request(
+    deployment: Deployment,
+    now_unix_s: float | None = None,
+    spatial_multiple: int = 16,
+    temporal_stride: int = 4,
+    **inputs,
+) -> GenerationRequest:
+    """`validate_request` on plain values, each as the one-element tensor Triton hands over (text as BYTES). The
+    size multiples default to those of the tiny checkpoints (and Wan2.2 A14B): 16 pixels, 4 frames."""
+    arrays = {
+        name: np.array([value], dtype=object if isinstance(value, str | bytes) else None)
+        for name, value in inputs.items()
+    }
+    return validate_request(arrays, deployment, spatial_multiple, temporal_stride, now_unix_s=now_unix_s)

@@ -1,0 +1,111 @@
+"""The test session's Triton server (the `server` fixture of tests/conftest.py): the models it serves, and the
+clients' view of it: its metrics page and a gRPC stream."""
+
+from __future__ import annotations
+
+import queue
+import re
+import urllib.request
+
+import tritonclient.grpc as grpcclient
+
+from factories import DEPLOYMENTS_DIR
+from wan_client import build_infer_inputs
+
+# Two renderings of the non-default tiny checkpoint, both engine families, under these model names.
+DEPLOYMENTS = {
+    "wan_onnx": DEPLOYMENTS_DIR / "cpu.yaml",
+    "wan_torch": DEPLOYMENTS_DIR / "cpu_torch.yaml",
+}
+# Queue and batching settings of each rendering (tests/server/test_queue_batching.py): `wan_onnx` batches up to 8
+# same-shape requests; `wan_torch` runs one at a time with one waiting, so a third concurrent request is refused.
+SERVING = {
+    "wan_onnx": {"max_batch_size": 8, "max_queue_size": 16},
+    "wan_torch": {"max_batch_size": 1, "max_queue_size": 1},
+}
+
+# Also served: a parallel plan (a worker group of 2 gloo processes, tp 2) of the 4-head checkpoint `tiny4`.
+PARALLEL_MODEL = "wan_parallel"
+PARALLEL_DEPLOYMENT = DEPLOYMENTS_DIR / "cpu_parallel.yaml"
+
+# A third rendering with the result cache on (tests/server/test_result_cache.py): cpu.yaml plus result_cache_bytes.
+CACHED_MODEL = "wan_cached"
+CACHED_BYTES = 64 << 20
+
+
+# The server tests' request: every setting differs from the deployment defaults, so an input that is dropped on
+# the way to the pipeline shows in the frames.
+REQUEST = dict(
+    prompt="a small robot dances in the rain, close-up",
+    negative_prompt="blurry, static",
+    height=48,
+    width=80,
+    num_frames=13,
+    num_inference_steps=7,
+    guidance_scale=3.5,
+    guidance_scale_2=2.5,
+    seed=1234,
+)
+
+
+def metric_samples(server) -> list[tuple[str, dict[str, str], float]]:
+    """Every sample of the server's /metrics page: (name, labels, value)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = []
+    for line in text.splitlines():
+        match = re.match(r"^(\w+)(?:\{(.*)\})?\s+(\S+)$", line)
+        if match and not line.startswith("#"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
+            samples.append((match.group(1), labels, float(match.group(3))))
+    return samples
+
+
+def metric_value(samples, name: str, **labels) -> float:
+    """The sum of the samples of `name` whose labels include `labels`; there must be one."""
+    values = [v for n, got, v in samples if n == name and labels.items() <= got.items()]
+    assert values, f"no sample {name}{labels}"
+    return sum(values)
+
+
+def infer(client, model: str, request: dict, outputs=("frames", "video", "used_seed")):
+    """One unary request (a dict of the client's inputs) through a gRPC client, asking for `outputs`."""
+    wanted = [grpcclient.InferRequestedOutput(o) for o in outputs]
+    return client.infer(model, build_infer_inputs(request), outputs=wanted)
+
+
+# The progress outputs of the stream model, and how long a test waits for a response or a stop.
+PROGRESS = ("stage", "step", "num_steps", "elapsed_s", "preview_frame")
+STOP_WAIT_S = 120.0
+
+
+class Stream:
+    """One gRPC stream: send requests, read each response (result or error) in order."""
+
+    def __init__(self, url: str, model: str) -> None:
+        self.client = grpcclient.InferenceServerClient(url)
+        self.model = model
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def send(self, request: dict, outputs=("video", "frames", "used_seed", *PROGRESS)) -> None:
+        wanted = [grpcclient.InferRequestedOutput(o) for o in outputs]
+        self.client.async_stream_infer(self.model, build_infer_inputs(request), outputs=wanted)
+
+    def next(self, timeout_s: float = STOP_WAIT_S):
+        return self.responses.get(timeout=timeout_s)
+
+    def until_final(self) -> tuple[list, object]:
+        """Progress results up to the final one (stage "done"), or raise the stream's error."""
+        progress = []
+        while True:
+            result, error = self.next()
+            if error is not None:
+                raise error
+            progress.append(result)
+            if result.as_numpy("stage")[0] == b"done":
+                return progress[:-1], result
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
