@@ -27,7 +27,7 @@ execution, each step's compute and queue seconds per request (Triton's statistic
 against every request in it), each stage's peak device memory (`wan_device_memory_bytes`), the whole GPU's peak
 memory (nvidia-smi, where there is one), the MP4 sizes, and the CUDA-pool warnings in the server log. `rows` sums
 the passes of each level and setting. The JSON is rewritten after every pass; a level that would end after
-`--budget-s` seconds from the start (estimated from the rate measured so far) is skipped and marked so.
+`--time-limit-s` seconds from the start (estimated from the rate measured so far) is skipped and marked so.
 """
 
 from __future__ import annotations
@@ -198,9 +198,9 @@ def print_pass(level: dict) -> None:
         print(f"errors: {level['errors'][:2]}", flush=True)
 
 
-def wait_ready(server: ExternalServer, budget_s: float) -> bool:
+def wait_ready(server: ExternalServer, time_limit_s: float) -> bool:
     while not server.is_ready():
-        if time.monotonic() - STARTED > budget_s:
+        if time.monotonic() - STARTED > time_limit_s:
             return False
         time.sleep(1)
     return True
@@ -236,7 +236,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, help="concurrent warm-up requests per server (default: 1 + max batch)")
     parser.add_argument("--s-per-request", type=float, default=20.0, help="time estimate before any is measured")
-    parser.add_argument("--budget-s", type=float, default=1e9, help="skip levels that would end after this many s")
+    parser.add_argument("--time-limit-s", type=float, default=1e9, help="skip levels that would end after this many s")
     parser.add_argument("--tag", default="", help="free text stored in the JSON (which run, which server)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
@@ -303,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
             server = ExternalServer(args.url, args.http_port, args.metrics_port)
             was_ready = server.is_ready()
             entry = result["servers"][label_of(args.max_batch_size)] = {}
-            if not wait_ready(server, args.budget_s):
-                entry["start_to_ready_s"] = "not ready within the budget"
-                print("server not ready within the budget", flush=True)
+            if not wait_ready(server, args.time_limit_s):
+                entry["start_to_ready_s"] = "not ready within the time limit"
+                print("server not ready within the time limit", flush=True)
                 write()
                 return 1
             if not was_ready and args.server_started_epoch:
@@ -332,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         for concurrency, per_client in zip(args.concurrency, args.requests_per_client, strict=True):
             total = len(order) * concurrency * per_client
             elapsed = time.monotonic() - STARTED
-            if elapsed + total / rate * 1.1 > args.budget_s:
-                skipped = f"would not fit {args.budget_s} s"
+            if elapsed + total / rate * 1.1 > args.time_limit_s:
+                skipped = f"would not fit {args.time_limit_s} s"
                 result["levels"] += [
                     {"concurrency": concurrency, "batching": s.label, "skipped": skipped} for s in order
                 ]

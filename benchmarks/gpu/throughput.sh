@@ -9,7 +9,7 @@
 # DETACH=1: the server runs in its own session (ports 8000-8002) and outlives the invocation, so that later
 # invocations on the same host measure more levels on it without loading the model again (minutes for A14B).
 # Starting a server for another MAX_BATCH first stops the one this script started before (one A14B pipeline fills
-# the GPU). Levels that would end after DEADLINE (epoch seconds; default: BUDGET_S, 540, after this script starts)
+# the GPU). Levels that would end after DEADLINE (epoch seconds; default: TIME_LIMIT_S, 540, after this script starts)
 # are skipped and marked so in the JSON; PART names the result file's part (throughput_b<MAX_BATCH>_<PART>.json).
 # After `source .gpu-bundle/setup.sh` with the FlashAttention-4 add-on (benchmarks/gpu/common.sh). Results go to
 # $OUT.
@@ -17,7 +17,7 @@ set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 MAX_BATCH=${MAX_BATCH:-1}
-DEADLINE=${DEADLINE:-$(($(date +%s) + ${BUDGET_S:-540}))}
+DEADLINE=${DEADLINE:-$(($(date +%s) + ${TIME_LIMIT_S:-540}))}
 PART=${PART:-}
 REPO=/tmp/repo_b$MAX_BATCH
 PIDFILE=/tmp/tritonserver_b$MAX_BATCH.pid
@@ -56,9 +56,9 @@ if [[ ${DETACH:-0} == 1 ]]; then
   fi
   trap 'cp "$SERVER_LOG" "$OUT/" || true' EXIT
   python benchmarks/throughput.py --url localhost:8001 --http-port 8000 --metrics-port 8002 --log "$SERVER_LOG" \
-    --server-started-epoch "$(cat "/tmp/tritonserver_b$MAX_BATCH.started")" --budget-s $((DEADLINE - $(date +%s))) \
+    --server-started-epoch "$(cat "/tmp/tritonserver_b$MAX_BATCH.started")" --time-limit-s $((DEADLINE - $(date +%s))) \
     "${ARGS[@]}" "$@"
 else
   python benchmarks/throughput.py --repo "$REPO" --log "$OUT/tritonserver_b$MAX_BATCH.log" \
-    --budget-s $((DEADLINE - $(date +%s))) "${ARGS[@]}" "$@"
+    --time-limit-s $((DEADLINE - $(date +%s))) "${ARGS[@]}" "$@"
 fi
