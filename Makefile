@@ -9,8 +9,13 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+# The offline bundle for a GPU host without registry access (docs/gpu-hosts.md): its folder, the host's Python, and
+# the optional attention-kernel add-ons (flash4, flash3).
+GPU_BUNDLE ?= .gpu-bundle
+GPU_PYTHON ?= 3.12
+KERNELS ?=
 
-.PHONY: help setup build serve run test lint clean
+.PHONY: help setup build serve run test lint clean gpu-bundle
 
 help:
 	@echo "make setup                  create $(VENV) with everything (PyPI)"
@@ -21,8 +26,11 @@ help:
 	@echo "make run                    build the tiny default, serve it, generate out/sample.mp4, stop"
 	@echo "make test                   the test suite (CPU; starts real Triton servers)"
 	@echo "make lint                   ruff"
+	@echo "make gpu-bundle [KERNELS=\"flash4 flash3\"] [GPU_PYTHON=3.12]"
+	@echo "                            pack $(GPU_BUNDLE)/ for a GPU host without registry access (docs/gpu-hosts.md)"
 
-setup: $(VENV)/.installed
+# With VPY set to an environment that is already complete (a GPU host's: docs/gpu-hosts.md), nothing is installed.
+setup: $(if $(filter $(VENV)/bin/python,$(VPY)),$(VENV)/.installed)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +58,12 @@ test: setup
 lint: setup
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
+
+gpu-bundle:
+	GPU_PYTHON=$(GPU_PYTHON) PYTHON=$(PYTHON) bash tools/gpu_bundle/pack.sh $(GPU_BUNDLE)
+	for kernel in $(KERNELS); do \
+		GPU_PYTHON=$(GPU_PYTHON) PYTHON=$(PYTHON) bash tools/gpu_bundle/pack_kernel.sh $$kernel $(GPU_BUNDLE) || exit 1; \
+	done
 
 clean:
 	rm -rf out artifacts
