@@ -43,8 +43,10 @@ recipe=$( (echo "python=$GPU_PYTHON ${SITE_PINS[*]} ${AV_PINS[*]} $TRITON_PIN"; 
 scripts=$(cat "$HERE"/{setup,install}.sh | sha256sum | cut -c1-16)
 if [[ ${FORCE:-0} != 1 && -f $OUT/MANIFEST && -f $OUT-av/av.manifest ]] && grep -qx "recipe=$recipe" "$OUT/MANIFEST"; then
   cp "$HERE/setup.sh" "$HERE/install.sh" "$OUT/"
-  sed -i '/^scripts=/d' "$OUT/MANIFEST"
-  echo "scripts=$scripts" >> "$OUT/MANIFEST"
+  if ! grep -qx "scripts=$scripts" "$OUT/MANIFEST"; then
+    sed -i '/^scripts=/d' "$OUT/MANIFEST"
+    echo "scripts=$scripts" >> "$OUT/MANIFEST"
+  fi
   echo "gpu-bundle: the archives in $OUT are up to date (FORCE=1 packs them again); scripts copied"
   exit 0
 fi
