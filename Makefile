@@ -9,8 +9,14 @@ HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
+# The offline bundle for a GPU host without registry access (docs/gpu-hosts.md): its folder, the host's Python, and
+# the optional attention-kernel add-ons (flash4, flash3).
+GPU_BUNDLE ?= .gpu-bundle
+GPU_PYTHON ?= 3.12
+KERNELS ?=
 
-.PHONY: help setup build serve run test test-fast test-unit test-multiprocess test-server test-gpu test-bench lint clean
+.PHONY: help setup build serve run test test-fast test-unit test-multiprocess test-server test-gpu test-bench lint clean \
+	gpu-bundle
 
 help:
 	@echo "make setup                  create $(VENV) with everything (PyPI)"
@@ -27,9 +33,12 @@ help:
 	@echo "make test-gpu               CUDA only (tests/gpu); skipped without a CUDA device"
 	@echo "make test-bench             the benchmark scripts and tools (tests/bench)"
 	@echo "                            PYTEST_ARGS=... is passed to pytest by every test target"
-	@echo "make lint                   ruff"
+	@echo "make lint                   ruff, and the library's import layers (lint-imports)"
+	@echo "make gpu-bundle [KERNELS=\"flash4 flash3\"] [GPU_PYTHON=3.12]"
+	@echo "                            pack $(GPU_BUNDLE)/ for a GPU host without registry access (docs/gpu-hosts.md)"
 
-setup: $(VENV)/.installed
+# With VPY set to an environment that is already complete (a GPU host's: docs/gpu-hosts.md), nothing is installed.
+setup: $(if $(filter $(VENV)/bin/python,$(VPY)),$(VENV)/.installed)
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +77,12 @@ lint: setup
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
 	$(VENV)/bin/lint-imports
+
+gpu-bundle:
+	GPU_PYTHON=$(GPU_PYTHON) PYTHON=$(PYTHON) bash tools/gpu_bundle/pack.sh $(GPU_BUNDLE)
+	for kernel in $(KERNELS); do \
+		GPU_PYTHON=$(GPU_PYTHON) PYTHON=$(PYTHON) bash tools/gpu_bundle/pack_kernel.sh $$kernel $(GPU_BUNDLE) || exit 1; \
+	done
 
 clean:
 	rm -rf out artifacts
