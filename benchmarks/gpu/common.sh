@@ -12,6 +12,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.." || return
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1
+# The host's own site-packages first for everything these drivers run in Python: its scipy (which diffusers imports)
+# is built for its numpy 2, while the bundle's numpy 1.26 is for Triton's Python backend stub, which ignores
+# PYTHONPATH and so still takes the bundle's venv first (docs/gpu-hosts.md).
+export PYTHONPATH=${HOST_SITE:?source .gpu-bundle/setup.sh first}${PYTHONPATH:+:$PYTHONPATH}
 
 # The GPU test files, run by `attention.sh check` and `runtime.sh tests`.
 GPU_TESTS=(tests/gpu tests/unit/test_attention.py)
