@@ -248,7 +248,7 @@ if numpy is not None and not numpy.__version__.startswith("1."):
     problems.append(f"  numpy {numpy.__version__} comes first, not the bundle's 1.26 (Triton's stub needs numpy<2)")
 # nvidia.cuda_runtime: libcudart.so.12 for perf_analyzer, found by benchmarks/perf_analyzer.py through this package.
 bundled = ("pydantic", "av", "tritonclient.grpc", "diffusers", "ftfy", "pytest", "nvidia.cuda_runtime")
-for module in (*bundled, "wan_triton.deployment"):
+for module in (*bundled, "wan_triton.config.deployment"):
     check(module, "bundle")
 for module in ("torch", "transformers", "accelerate", "safetensors", "sentencepiece", "yaml", "PIL", "grpc"):
     check(module, "host")
