@@ -4,12 +4,11 @@ clients' view of it: its metrics page and a gRPC stream."""
 from __future__ import annotations
 
 import queue
-import re
-import urllib.request
 
 import tritonclient.grpc as grpcclient
 
 from factories import DEPLOYMENTS_DIR
+from wan_bench.metrics import all_samples, metrics_text
 from wan_client import build_infer_inputs
 
 # Two renderings of the non-default tiny checkpoint, both engine families, under these model names.
@@ -50,15 +49,7 @@ REQUEST = dict(
 
 def metric_samples(server) -> list[tuple[str, dict[str, str], float]]:
     """Every sample of the server's /metrics page: (name, labels, value)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = []
-    for line in text.splitlines():
-        match = re.match(r"^(\w+)(?:\{(.*)\})?\s+(\S+)$", line)
-        if match and not line.startswith("#"):
-            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(2) or ""))
-            samples.append((match.group(1), labels, float(match.group(3))))
-    return samples
+    return all_samples(metrics_text(server.metrics_port))
 
 
 def metric_value(samples, name: str, **labels) -> float:

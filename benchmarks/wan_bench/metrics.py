@@ -20,14 +20,15 @@ def metrics_text(port: int, host: str = "127.0.0.1") -> str:
         return response.read().decode()
 
 
+def all_samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """(name, labels, value) of every sample on a metrics page."""
+    return [(m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))) for m in _SAMPLE.finditer(text)]
+
+
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     """(labels, value) of every sample of the metric `name` (a histogram's parts are `<name>_sum`, `_count`,
     `_bucket`)."""
-    found = []
-    for match in _SAMPLE.finditer(text):
-        if match.group(1) == name:
-            found.append((dict(_LABEL.findall(match.group(2) or "")), float(match.group(3))))
-    return found
+    return [(labels, value) for found, labels, value in all_samples(text) if found == name]
 
 
 def batch_histogram(text: str, model: str) -> tuple[float, float]:

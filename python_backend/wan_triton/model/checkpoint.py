@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from wan_triton.model import random_init
-from wan_triton.model.random_init import MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +68,7 @@ class Checkpoint:
     @property
     def random_weights(self) -> bool:
         """Configs only: modules are built with random weights (benchmarks of the real shapes)."""
-
-        return (self.root / MARKER).is_file()
+        return (self.root / random_init.MARKER).is_file()
 
     @cached_property
     def model_index(self) -> dict[str, Any]:

@@ -1,6 +1,2 @@
-"""Engines run one component's graph. The implementation is chosen per component in the deployment config."""
-
-from wan_triton.config.deployment import EngineKind
-from wan_triton.model.engine import Engine
-
-__all__ = ["Engine", "EngineKind"]
+"""The engines that run one component's graph (PyTorch, ONNX Runtime, CUDA-graph replay, the reserved TensorRT slot);
+the deployment config chooses one per component. Their interface is `wan_triton.model.engine.Engine`."""
