@@ -70,7 +70,11 @@ def build_denoiser(
     swapper = None
     match cfg.engine:
         case EngineKind.TORCH:
-            residency = choose_residency(cfg.expert_residency, ckpt.expert_weight_bytes(dtype), device)
+            expert_bytes = ckpt.expert_weight_bytes(dtype)
+            if cfg.precision == "fp8":
+                # The blocks' linear layers, nearly all of an expert's weights, take one byte a parameter.
+                expert_bytes //= 2
+            residency = choose_residency(cfg.expert_residency, expert_bytes, device)
             logger.info("denoiser experts: %s", residency)
             if residency == "swap" and all(map(ckpt.has_expert, EXPERTS)):
                 experts, swapper = swapped_experts(ckpt, cfg, device, dtype)

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from wan_triton.config.deployment import ComponentConfig
-from wan_triton.kernels import attention
+from wan_triton.kernels import attention, fp8
 from wan_triton.model.checkpoint import EXPERTS, Checkpoint
 from wan_triton.runtime.engines.cuda_graph import CudaGraphEngine
 from wan_triton.runtime.engines.torch_engine import denoiser_engine
@@ -23,9 +23,15 @@ COMPILED_SHAPES_LIMIT = 64
 
 def torch_expert(ckpt: Checkpoint, name: str, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype):
     """An expert as served: loaded straight to `device` in `dtype`, attention kernel installed (and projections
-    fused), blocks compiled when the deployment asks."""
+    fused), its block linear layers and self-attention in FP8 at `precision: fp8` (quantized here, on the device),
+    blocks compiled when the deployment asks."""
+    if cfg.precision == "fp8" and (why := fp8.supported(device)) is not None:
+        raise ValueError(why)  # before the load: the expert would not run anyway
     module = ckpt.load_transformer(name, dtype, str(device))
-    chosen = attention.install(module, cfg.attention, device)
+    if cfg.precision == "fp8":
+        chosen = fp8.install(module, cfg.attention, device)
+    else:
+        chosen = attention.install(module, cfg.attention, device)
     if cfg.compile_blocks:
         compile_expert_blocks(module, parallel=False)
     return module, chosen
@@ -81,6 +87,8 @@ def swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.device
         other = ckpt.load_transformer(name, dtype, "cpu")
         if chosen != attention.AttentionBackend.REFERENCE:
             attention.fuse_projections(other)  # the device module's parameter layout, fused on the host
+        if cfg.precision == "fp8":
+            fp8.quantize_module(other, work_device=device)  # layer by layer through the device, kept on the host
         host_states[name] = host_copy(other)
         del other
     if device.type == "cuda":
