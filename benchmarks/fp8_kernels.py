@@ -235,6 +235,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch._dynamo.config.recompile_limit = 64  # one compiled variant per layer shape, size and precision
     result: dict = {**run_record(torch.cuda.get_device_name()), "error_rows": ERROR_ROWS}
     if "attention" in args.parts:
         result["attention"] = {size: measure_attention(size, args.kinds, args.repeat) for size in args.sizes}

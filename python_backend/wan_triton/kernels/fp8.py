@@ -251,9 +251,10 @@ def install(module: nn.Module, backend: attention.AttentionBackend | str, device
     block linear layers in FP8. Returns the bf16 attention kernel chosen. Raises ValueError where FP8 cannot run."""
     if (why := supported(device)) is not None:
         raise ValueError(why)
-    chosen = attention.install(module, backend, device)
-    if chosen == attention.AttentionBackend.REFERENCE:
+    if attention.AttentionBackend(backend) == attention.AttentionBackend.REFERENCE:
         raise ValueError("precision fp8 needs one of the served attention kernels, not attention: reference")
+    chosen = attention.install(module, backend, device)
+    _fa3_fp8()  # the custom op is defined here, eagerly: torch.compile cannot trace its definition
     module.set_attn_processor(Fp8AttnProcessor(attention.attention_fn(chosen)))
     quantize_module(module)
     return chosen
