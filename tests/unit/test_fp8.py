@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from diffusers.models.attention import FeedForward
 from pydantic import ValidationError
 
 from factories import load_deployment
@@ -124,7 +125,8 @@ def test_quantized_expert_tracks_the_bf16_expert_and_halves_the_block_weights():
     assert fp8.quantize_module(served) == 0  # already quantized
     for block in served.blocks:
         assert type(block.attn1.to_qkv) is fp8.Fp8Linear and type(block.ffn.net[2]) is fp8.Fp8Linear
-        assert type(block.attn2.to_kv) is torch.nn.Linear  # the text-side K/V projection stays bf16
+        assert type(block.attn2.to_kv) is fp8.Fp8Linear
+        assert type(block.ffn) is FeedForward  # the bf16 GELU-epilogue op is not used on FP8 weights
     quantized = [m for m in served.blocks.modules() if type(m) is fp8.Fp8Linear]
     assert all(m.weight.element_size() == 1 for m in quantized)
     saved = sum(m.weight.numel() - 4 * m.weight_scale.numel() for m in quantized)  # one byte a weight, fp32 scales

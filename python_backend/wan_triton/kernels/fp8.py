@@ -1,10 +1,9 @@
 """FP8 (e4m3) linear layers and self-attention for the Wan denoiser on Hopper: the opt-in `precision: fp8`.
 
 Hopper's FP8 tensor cores run at about twice the bf16 rate, and a 720p step is mostly self-attention, so both the
-block's large linear layers and its self-attention run in e4m3 here; everything else (embeddings, norms, modulation,
-the final projection, cross-attention's K/V projection of the 512 text tokens and the cross-attention itself) stays
-bf16: together a few percent of a step's FLOP, and the parts whose rounding reaches every token (figures:
-benchmarks/RESULTS.md, Precision).
+block's linear layers and its self-attention run in e4m3 here; everything else (patch and condition embeddings, norms,
+modulation, the final projection, and cross-attention over the 512 text tokens) stays bf16: under 1% of a step's FLOP
+(figures: benchmarks/RESULTS.md, Precision).
 
 Linear layers (`Fp8Linear`): the weight is stored in e4m3 with one fp32 scale per output channel, computed once from
 the bf16 weight (`quantize_weight`); the activation is scaled per token at run time (`quantize_rows`) and the product
@@ -37,9 +36,18 @@ E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 MIN_AMAX = 1e-12
 
 # The linear layers of a transformer block that run in FP8, by their names inside the block (after
-# `attention.fuse_projections`). Cross-attention's fused K/V projection (`attn2.to_kv`) multiplies the 512 text
-# tokens only (under 1% of a block's linear FLOP at 480p) and stays bf16.
-FP8_BLOCK_LINEARS = ("attn1.to_qkv", "attn1.to_out.0", "attn2.to_q", "attn2.to_out.0", "ffn.net.0.proj", "ffn.net.2")
+# `attention.fuse_projections`): all of them. Cross-attention's K/V projection (`attn2.to_kv`) multiplies only the 512
+# text tokens, so FP8 gains it no time, but it holds 15% of an expert's weights (5120 x 10240 a block): left in bf16 an
+# A14B expert measured 16.8 GB against bf16's 28.8 GB instead of about half (benchmarks/RESULTS.md, Precision).
+FP8_BLOCK_LINEARS = (
+    "attn1.to_qkv",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_kv",
+    "attn2.to_out.0",
+    "ffn.net.0.proj",
+    "ffn.net.2",
+)
 SCALE_METHOD = "e4m3fn weight per output channel (amax/448), activation per token, attention per (batch, head)"
 
 
