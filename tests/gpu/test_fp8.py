@@ -130,3 +130,61 @@ def test_fp8_refuses_the_reference_attention():
     model = _head128_model(torch.bfloat16)
     with pytest.raises(ValueError, match="reference"):
         fp8.install(model, "reference", torch.device("cuda"))
+
+
+@pytest.fixture(scope="module")
+def head64_checkpoint(tmp_path_factory):
+    """A tiny checkpoint whose sizes FP8 takes: head size 64 (FlashAttention-3), widths in multiples of 16."""
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    config = TinyConfig(num_attention_heads=2, attention_head_dim=64, ffn_dim=256, text_dim=64, seed=5)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_head64", config)
+
+
+def _denoise(ckpt, **options) -> tuple[torch.Tensor, object]:
+    from pathlib import Path
+
+    from factories import GPU_REQUEST, make_embeds
+    from wan_triton.components import build_denoiser
+    from wan_triton.config.deployment import ComponentConfig, EngineKind
+
+    cfg = ComponentConfig(engine=EngineKind.TORCH, device="cuda", **options)
+    denoiser = build_denoiser(ckpt, cfg, Path("/nonexistent"))
+    return denoiser(GPU_REQUEST, make_embeds(ckpt.text_dim)).float().cpu(), denoiser
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_fp8_denoiser_swaps_experts_and_replays_graphs_as_resident_eager(head64_checkpoint, cuda_graphs):
+    """The served loop at precision fp8 (both experts, the switch, compiled blocks): swapping the FP8 experts, with
+    or without CUDA graphs, gives exactly the resident eager result (the same bytes reach the same kernels)."""
+    from wan_triton.model.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(head64_checkpoint)
+    common = dict(precision="fp8", attention="flash3", compile_blocks=True)
+    resident, _ = _denoise(ckpt, expert_residency="resident", **common)
+    swapped, denoiser = _denoise(ckpt, expert_residency="swap", cuda_graphs=cuda_graphs, **common)
+    assert torch.equal(swapped, resident)
+    assert denoiser.swapper.swaps_overlapped == 2 and denoiser.swapper.swaps_blocking == 0
+    host = denoiser.swapper.host_bytes
+    _, bf16 = _denoise(ckpt, precision="bfloat16", attention="flash3", expert_residency="swap")
+    # The block linear weights take 1 byte instead of 2; the embeddings and fp32 norms of this tiny model stay.
+    assert host < 0.8 * bf16.swapper.host_bytes, (host, bf16.swapper.host_bytes)
+
+
+def test_fp8_denoiser_tracks_the_fp32_run_and_bf16_closer(head64_checkpoint):
+    from wan_triton.model.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(head64_checkpoint)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        exact, _ = _denoise(ckpt, precision="float32", attention="reference")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    served_fp8, _ = _denoise(ckpt, precision="fp8", attention="flash3")
+    served_bf16, _ = _denoise(ckpt, precision="bfloat16", attention="flash3")
+    fp8_err, bf16_err = _rel_l2(served_fp8, exact), _rel_l2(served_bf16, exact)
+    # Final latents of the 8-step request: FP8's per-layer error (a few 1e-2) carried through both experts; the
+    # bf16 run's bound in test_gpu.py is 2e-2.
+    assert torch.isfinite(served_fp8).all() and fp8_err <= 1e-1, (fp8_err, bf16_err)
+    assert bf16_err < fp8_err
