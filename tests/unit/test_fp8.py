@@ -175,3 +175,71 @@ def test_shipped_fp8_deployment_differs_from_gpu_a14b_in_the_denoiser_precision_
     for key in ("precision", "expert_residency"):
         changed["components"]["denoiser"][key] = getattr(base.components.denoiser, key)
     assert changed == base.model_dump()
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    """A tiny checkpoint with real (seeded) safetensors weights whose linear sizes FP8 takes."""
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    config = TinyConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32, seed=5)
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny_fp8", config)
+
+
+def _served_layout(ckpt):
+    expert = ckpt.load_transformer("transformer", torch.bfloat16)
+    attention.install(expert, "cudnn", torch.device("cpu"))
+    return expert
+
+
+def test_build_time_fp8_weights_are_the_load_time_quantization_with_a_manifest(fp8_checkpoint, tmp_path):
+    import json
+
+    from wan_triton.model.checkpoint import Checkpoint
+    from wan_triton.runtime import fp8_weights
+
+    ckpt = Checkpoint.open(fp8_checkpoint)
+    assert fp8_weights.find_fp8_weights(tmp_path, ckpt) is None  # nothing built: quantize at load
+    folder = fp8_weights.write_fp8_weights(ckpt, tmp_path / fp8_weights.FOLDER)
+    manifest = json.loads((folder / fp8_weights.MANIFEST).read_text())
+    assert manifest["precision"] == "fp8" and manifest["weight_dtype"] == "float8_e4m3fn"
+    assert manifest["scale_method"] == fp8.SCALE_METHOD and manifest["layers"] == list(fp8.FP8_BLOCK_LINEARS)
+    assert set(manifest["experts"]) == {"transformer", "transformer_2"}
+    assert fp8_weights.find_fp8_weights(tmp_path, ckpt) == folder
+
+    at_load, from_build = _served_layout(ckpt), _served_layout(ckpt)
+    fp8.quantize_module(at_load)
+    stored = fp8_weights.stored_weights(folder, "transformer", torch.device("cpu"))
+    assert fp8.quantize_module(from_build, stored=stored) == len(fp8.FP8_BLOCK_LINEARS) * len(from_build.blocks)
+    loaded, built = dict(at_load.named_parameters()), dict(from_build.named_parameters())
+    assert loaded.keys() == built.keys()
+    for name, value in loaded.items():
+        assert value.dtype == built[name].dtype and torch.equal(value.float(), built[name].float()), name
+
+
+def test_build_time_fp8_weights_of_other_weights_are_refused(fp8_checkpoint, tmp_path):
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+    from wan_triton.model.checkpoint import Checkpoint
+    from wan_triton.runtime import fp8_weights
+
+    folder = fp8_weights.write_fp8_weights(Checkpoint.open(fp8_checkpoint), tmp_path / fp8_weights.FOLDER)
+    other = make_tiny_checkpoint(
+        tmp_path / "other",
+        TinyConfig(num_attention_heads=2, attention_head_dim=16, ffn_dim=96, text_dim=32, seed=5),
+    )
+    # The load checks tp_shards' cheap fingerprint (config, file sizes and headers); the build records a full SHA-256.
+    with pytest.raises(ValueError, match="quantized from other weights"):
+        fp8_weights.read_manifest(folder, Checkpoint.open(other))
+
+
+def test_make_build_writes_and_renders_the_fp8_weights_for_an_fp8_deployment(fp8_checkpoint, tmp_path):
+    from wan_build.__main__ import main as build_main
+    from wan_triton.runtime import fp8_weights
+
+    repo = tmp_path / "repo"
+    deployment = "model_repository/deployments/gpu_a14b_fp8.yaml"
+    args = ["--model", str(fp8_checkpoint), "--deployment", deployment, "--repo", str(repo)]
+    assert build_main([*args, "--artifacts-root", str(tmp_path / "artifacts")]) == 0
+    rendered = list(repo.glob(f"*/1/{fp8_weights.FOLDER}/{fp8_weights.MANIFEST}"))
+    assert len(rendered) == 1 and rendered[0].parts[-4].endswith("_scheduler")
+    assert (rendered[0].parent / "transformer_2.safetensors").is_file()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -144,9 +145,17 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per output channel"
 
 
-def quantize_module(module: nn.Module, work_device: torch.device | None = None) -> int:
+# (block index, layer name in FP8_BLOCK_LINEARS) -> (e4m3 weight [N, K], fp32 scale [N]) computed at build time.
+StoredWeights = Callable[[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def quantize_module(
+    module: nn.Module, work_device: torch.device | None = None, stored: StoredWeights | None = None
+) -> int:
     """In place: every linear layer in `FP8_BLOCK_LINEARS` of every transformer block of a WanTransformer3DModel
-    (attention installed, projections fused) becomes an `Fp8Linear`. Returns how many were replaced.
+    (attention installed, projections fused) becomes an `Fp8Linear`, its weight quantized here or, with `stored`,
+    taken from the build-time FP8 weights (the same values: `quantize_weight` of the same bf16 weight). Returns how
+    many were replaced.
 
     The FFN's fused projection + GELU op (`kernels.ffn`) takes a bf16 weight, so a block's FFN returns to diffusers'
     FeedForward: its GELU, compiled, then fuses with the next layer's activation quantization instead."""
@@ -155,7 +164,7 @@ def quantize_module(module: nn.Module, work_device: torch.device | None = None) 
     from wan_triton.kernels.ffn import GeluEpilogueFeedForward
 
     replaced = 0
-    for block in module.blocks:
+    for index, block in enumerate(module.blocks):
         for sub in block.modules():
             if type(sub) is GeluEpilogueFeedForward:
                 sub.__class__ = FeedForward
@@ -173,7 +182,15 @@ def quantize_module(module: nn.Module, work_device: torch.device | None = None) 
                     f"precision fp8: block layer {name} is {linear.in_features} -> {linear.out_features}; "
                     "FP8 GEMMs need multiples of 16"
                 )
-            fp8 = Fp8Linear.from_linear(linear, work_device)
+            if stored is None:
+                fp8 = Fp8Linear.from_linear(linear, work_device)
+            else:
+                weight8, scale = stored(index, name)
+                if weight8.shape != linear.weight.shape or weight8.dtype != E4M3 or scale.shape != weight8.shape[:1]:
+                    raise ValueError(f"stored FP8 weight of block {index} {name} does not fit the layer")
+                home = linear.weight.device
+                bias = None if linear.bias is None else linear.bias.detach()
+                fp8 = Fp8Linear(weight8.to(home), scale.to(home, torch.float32), bias)
             if child.isdigit():
                 parent[int(child)] = fp8
             else:
@@ -254,9 +271,15 @@ class Fp8AttnProcessor(attention.WanT2VAttnProcessor):
         return fp8_attention(q, k, v, smooth_k=self.smooth_k)
 
 
-def install(module: nn.Module, backend: attention.AttentionBackend | str, device: torch.device):
+def install(
+    module: nn.Module,
+    backend: attention.AttentionBackend | str,
+    device: torch.device,
+    stored: StoredWeights | None = None,
+):
     """`attention.install` (the bf16 kernel for cross-attention, fused projections), then self-attention and the
-    block linear layers in FP8. Returns the bf16 attention kernel chosen. Raises ValueError where FP8 cannot run."""
+    block linear layers in FP8 (weights from `stored` when given, else quantized here). Returns the bf16 attention
+    kernel chosen. Raises ValueError where FP8 cannot run."""
     if (why := supported(device)) is not None:
         raise ValueError(why)
     if attention.AttentionBackend(backend) == attention.AttentionBackend.REFERENCE:
@@ -264,5 +287,5 @@ def install(module: nn.Module, backend: attention.AttentionBackend | str, device
     chosen = attention.install(module, backend, device)
     _fa3_fp8()  # the custom op is defined here, eagerly: torch.compile cannot trace its definition
     module.set_attn_processor(Fp8AttnProcessor(attention.attention_fn(chosen)))
-    quantize_module(module)
+    quantize_module(module, stored=stored)
     return chosen
