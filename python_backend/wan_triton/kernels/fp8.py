@@ -2,8 +2,9 @@
 
 Hopper's FP8 tensor cores run at about twice the bf16 rate, and a 720p step is mostly self-attention, so both the
 block's linear layers and its self-attention run in e4m3 here; everything else (patch and condition embeddings, norms,
-modulation, the final projection, and cross-attention over the 512 text tokens) stays bf16: under 1% of a step's FLOP
-(figures: benchmarks/RESULTS.md, Precision).
+modulation, the final projection, and cross-attention's softmax(QK^T)V over the 512 text tokens) stays bf16: about 1%
+of a 480p step's FLOP and 0.5% of a 720p one's, so FP8 would gain them nothing measurable (figures:
+benchmarks/RESULTS.md, Precision).
 
 Linear layers (`Fp8Linear`): the weight is stored in e4m3 with one fp32 scale per output channel, computed once from
 the bf16 weight (`quantize_weight`); the activation is scaled per token at run time (`quantize_rows`) and the product
@@ -37,7 +38,8 @@ E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
 MIN_AMAX = 1e-12
 
 # The linear layers of a transformer block that run in FP8, by their names inside the block (after
-# `attention.fuse_projections`): all of them. Cross-attention's K/V projection (`attn2.to_kv`) multiplies only the 512
+# `attention.fuse_projections`): all of them. Weights are quantized at load, or read from the build-time FP8 weights
+# (wan_triton.runtime.fp8_weights). Cross-attention's K/V projection (`attn2.to_kv`) multiplies only the 512
 # text tokens, so FP8 gains it no time, but it holds 15% of an expert's weights (5120 x 10240 a block): left in bf16 an
 # A14B expert measured 16.8 GB against bf16's 28.8 GB instead of about half (benchmarks/RESULTS.md, Precision).
 FP8_BLOCK_LINEARS = (
