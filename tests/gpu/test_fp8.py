@@ -155,12 +155,13 @@ def _denoise(ckpt, **options) -> tuple[torch.Tensor, object]:
 
 @pytest.mark.parametrize("cuda_graphs", [False, True])
 def test_fp8_denoiser_swaps_experts_and_replays_graphs_as_resident_eager(head64_checkpoint, cuda_graphs):
-    """The served loop at precision fp8 (both experts, the switch, compiled blocks): swapping the FP8 experts, with
-    or without CUDA graphs, gives exactly the resident eager result (the same bytes reach the same kernels)."""
+    """The served loop at precision fp8 (both experts, the switch): swapping the FP8 experts, with or without CUDA
+    graphs, gives exactly the resident eager result (the same bytes reach the same kernels). Eager blocks keep the
+    test short; compiled blocks under a graph are checked on the head-128 expert above."""
     from wan_triton.model.checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(head64_checkpoint)
-    common = dict(precision="fp8", attention="flash3", compile_blocks=True)
+    common = dict(precision="fp8", attention="flash3")
     resident, _ = _denoise(ckpt, expert_residency="resident", **common)
     swapped, denoiser = _denoise(ckpt, expert_residency="swap", cuda_graphs=cuda_graphs, **common)
     assert torch.equal(swapped, resident)
