@@ -243,3 +243,52 @@ def test_make_build_writes_and_renders_the_fp8_weights_for_an_fp8_deployment(fp8
     rendered = list(repo.glob(f"*/1/{fp8_weights.FOLDER}/{fp8_weights.MANIFEST}"))
     assert len(rendered) == 1 and rendered[0].parts[-4].endswith("_scheduler")
     assert (rendered[0].parent / "transformer_2.safetensors").is_file()
+
+
+@pytest.fixture
+def fp8_on_cpu(monkeypatch):
+    """The served FP8 path on CPU: the Hopper check passes, the FlashAttention-3 op is not built (off CUDA
+    `fp8_attention` runs its fp32 reference math), and cross-attention takes PyTorch's SDPA. What this leaves is the
+    wiring: loading, build-time weights, expert swapping and the denoising loop at precision fp8."""
+    monkeypatch.setattr(fp8, "supported", lambda device: None)
+    monkeypatch.setattr(fp8, "_fa3_fp8", lambda: None)
+    monkeypatch.setattr(attention, "attention_fn", lambda backend: attention._sdpa)
+
+
+def _fp8_latents(ckpt, residency: str, fp8_folder=None) -> tuple[torch.Tensor, object]:
+    from factories import make_embeds, make_request
+    from wan_triton.model.checkpoint import EXPERTS
+    from wan_triton.model.denoise import Denoiser
+    from wan_triton.runtime.experts import swapped_experts, torch_engines, torch_expert
+
+    # Validated as deployed (cuda); built here on the CPU.
+    cfg = ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="fp8", attention="cudnn")
+    device, swapper = torch.device("cpu"), None
+    if residency == "swap":
+        experts, swapper = swapped_experts(ckpt, cfg, device, torch.bfloat16, fp8_folder)
+    else:
+        experts = {}
+        for name in EXPERTS:
+            module, _ = torch_expert(ckpt, name, cfg, device, torch.bfloat16, fp8_folder)
+            experts[name], _ = torch_engines(module, device, torch.bfloat16, cuda_graphs=False)
+    denoiser = Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=torch.bfloat16, swapper=swapper)
+    return denoiser(make_request(), make_embeds(ckpt.text_dim)).float(), denoiser
+
+
+def test_fp8_experts_swap_and_load_build_time_weights_as_resident_ones(fp8_checkpoint, fp8_on_cpu, tmp_path):
+    from wan_triton.model.checkpoint import Checkpoint
+    from wan_triton.runtime import fp8_weights
+
+    ckpt = Checkpoint.open(fp8_checkpoint)
+    resident, _ = _fp8_latents(ckpt, "resident")
+    swapped, denoiser = _fp8_latents(ckpt, "swap")
+    assert torch.isfinite(resident).all()
+    assert torch.equal(swapped, resident)
+    assert denoiser.swapper.swaps_overlapped + denoiser.swapper.swaps_blocking >= 1  # the request crossed the switch
+    qkv = [p for n, p in denoiser.swapper.module.named_parameters() if n.endswith("attn1.to_qkv.weight")]
+    assert qkv and all(p.dtype == fp8.E4M3 for p in qkv)
+
+    folder = fp8_weights.write_fp8_weights(ckpt, tmp_path / fp8_weights.FOLDER)
+    for residency in ("resident", "swap"):
+        stored, _ = _fp8_latents(ckpt, residency, folder)
+        assert torch.equal(stored, resident), residency
