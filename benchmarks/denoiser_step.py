@@ -14,6 +14,8 @@ FlashAttention kernels):
     python benchmarks/denoiser_step.py --sizes 480p 720p --backends cudnn flash4 --out $OUT/step.json
 
 A backend may be listed twice (flash4 flash3 flash4): the repeat shows how far the GPU drifted over the run.
+`fp8` (or `fp8+compile`) is `precision: fp8` (wan_triton.kernels.fp8 over the `auto` kernel): it quantizes the expert
+in place, so it comes last in the list, and with one size per run.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from wan_bench.experts import (
 )
 from wan_bench.records import run_record, write_json
 from wan_bench.timing import gemm_tflops, time_cuda
-from wan_triton.kernels import attention
+from wan_triton.kernels import attention, fp8
 from wan_triton.kernels.attention import AttentionBackend, flash3_available, flash4_available
 from wan_triton.runtime.engines.torch_engine import denoiser_engine
 
@@ -64,6 +66,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if any(n.startswith("fp8") for n in args.backends[:-1]) or (
+        any(n.startswith("fp8") for n in args.backends) and len(args.sizes) > 1
+    ):
+        parser.error("fp8 quantizes the expert in place: list it last, with one size")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -121,12 +127,19 @@ def main() -> None:
             logger.info("%s diffusers step: %.3f s", size, entry["diffusers"]["step_s"])
 
         for name in args.backends:
-            backend = AttentionBackend(name.removesuffix("+compile"))
-            if not result.get(f"{backend.value}_available", True):
-                logger.info("%s not installed; skipped", backend.value)
-                continue
-            # As components.build_denoiser: kernel + fused projections (irreversible, so after the diffusers run).
-            attention.install(model, backend, torch.device("cuda"))
+            if name.removesuffix("+compile") == "fp8":
+                # As components.build_denoiser at precision fp8 (irreversible: the last variant of the run).
+                fp8.install(model, "auto", torch.device("cuda"))
+                torch.cuda.empty_cache()
+                entry["fp8_weights_gb"] = torch.cuda.memory_allocated() / 1e9
+                logger.info("fp8 expert: %.1f GB on the device (bf16: %.1f GB)", entry["fp8_weights_gb"], weights_gb)
+            else:
+                backend = AttentionBackend(name.removesuffix("+compile"))
+                if not result.get(f"{backend.value}_available", True):
+                    logger.info("%s not installed; skipped", backend.value)
+                    continue
+                # As components.build_denoiser: kernel + fused projections (irreversible, so after diffusers).
+                attention.install(model, backend, torch.device("cuda"))
             for block in model.blocks:
                 block._compiled_call_impl = None  # undo an earlier variant's compile
             if name.endswith("+compile"):

@@ -81,6 +81,24 @@ def build_tp_shards(deployment: Deployment, ckpt: Checkpoint, artifacts: Path) -
         write_tp_shards(ckpt, plan, cfg.precision, folder)
 
 
+def build_fp8_weights(deployment: Deployment, ckpt: Checkpoint, artifacts: Path) -> None:
+    """At `precision: fp8`, quantize the experts' block linear layers once into safetensors (skipped when already
+    done from the same weights); a configs-only checkpoint's random weights are quantized at load instead."""
+    from wan_triton.runtime.fp8_weights import FOLDER, read_manifest, write_fp8_weights
+
+    if deployment.components.denoiser.precision != "fp8":
+        return
+    if ckpt.random_weights:
+        logger.warning("random-weight checkpoint: no build-time FP8 weights; the experts are quantized at load")
+        return
+    folder = artifacts / FOLDER
+    try:
+        read_manifest(folder, ckpt)
+        logger.info("FP8 weights in %s are up to date", folder)
+    except (FileNotFoundError, ValueError):
+        write_fp8_weights(ckpt, folder)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_build", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory in the Diffusers layout, or 'tiny'")
@@ -109,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             if failed:
                 raise ValueError(f"exported graphs differ from PyTorch beyond tolerance: {failed}")
         build_tp_shards(deployment, ckpt, artifacts)
+        build_fp8_weights(deployment, ckpt, artifacts)
         repo = render_repository(deployment, ckpt.root, artifacts, args.repo)
     except (CheckpointError, RenderError, ValueError, FileNotFoundError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)

@@ -164,6 +164,15 @@ def _link_tp_shards(deployment: Deployment, component: ComponentConfig, artifact
     shutil.copytree(src, version_dir / name, copy_function=_link_or_copy)
 
 
+def _link_fp8_weights(artifacts: Path, version_dir: Path) -> None:
+    """The build-time FP8 weights next to the scheduler model (wan_triton.runtime.fp8_weights), where built."""
+    from wan_triton.runtime.fp8_weights import FOLDER, MANIFEST
+
+    src = artifacts / FOLDER
+    if (src / MANIFEST).is_file():
+        shutil.copytree(src, version_dir / FOLDER, copy_function=_link_or_copy)
+
+
 def _render_stream(deployment: Deployment, staging: Path) -> None:
     """The decoupled streaming endpoint `<model_name>_stream`, beside the ensemble (see serving/stream.py)."""
     name = deployment.model_name
@@ -237,6 +246,8 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
                     _link_or_copy(src, version_dir / src.name)
         if component is not None and component.parallel.tp > 1:
             _link_tp_shards(deployment, component, artifacts, version_dir)
+        if component is not None and component.precision == "fp8":
+            _link_fp8_weights(artifacts, version_dir)
 
     _render_stream(deployment, staging)
 

@@ -19,6 +19,7 @@ from wan_triton.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from wan_triton.runtime.engines.tensorrt_engine import TensorRTEngine
 from wan_triton.runtime.engines.torch_engine import text_encoder_engine
 from wan_triton.runtime.experts import swapped_experts, torch_engines, torch_expert
+from wan_triton.runtime.fp8_weights import find_fp8_weights
 from wan_triton.runtime.residency import choose_residency
 from wan_triton.workers.supervisor import VaeWorkerGroup, WorkerGroup
 
@@ -70,13 +71,18 @@ def build_denoiser(
     swapper = None
     match cfg.engine:
         case EngineKind.TORCH:
-            residency = choose_residency(cfg.expert_residency, ckpt.expert_weight_bytes(dtype), device)
+            expert_bytes = ckpt.expert_weight_bytes(dtype)
+            if cfg.precision == "fp8":
+                # The blocks' linear layers, nearly all of an expert's weights, take one byte a parameter.
+                expert_bytes //= 2
+            residency = choose_residency(cfg.expert_residency, expert_bytes, device)
             logger.info("denoiser experts: %s", residency)
+            fp8_folder = find_fp8_weights(artifacts, ckpt) if cfg.precision == "fp8" else None
             if residency == "swap" and all(map(ckpt.has_expert, EXPERTS)):
-                experts, swapper = swapped_experts(ckpt, cfg, device, dtype)
+                experts, swapper = swapped_experts(ckpt, cfg, device, dtype, fp8_folder)
             else:
                 for name in filter(ckpt.has_expert, EXPERTS):
-                    module, _ = torch_expert(ckpt, name, cfg, device, dtype)
+                    module, _ = torch_expert(ckpt, name, cfg, device, dtype, fp8_folder)
                     eager, graphed = torch_engines(module, device, dtype, cfg.cuda_graphs)
                     experts[name] = graphed or eager
         case EngineKind.ONNXRUNTIME:

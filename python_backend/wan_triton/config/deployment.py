@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from wan_triton.config.plan import ParallelPlan
 
 Device = Literal["cpu", "cuda"]
-Precision = Literal["float32", "bfloat16", "float16"]
+Precision = Literal["float32", "bfloat16", "float16", "fp8"]
 MIN_RESULT_CACHE_BYTES = 1 << 20
 # Each rendered model's resolved deployment, read by its model.py at load time and by the server launcher.
 DEPLOYMENT_FILE = "deployment.json"
@@ -38,6 +38,9 @@ class _Strict(BaseModel):
 class ComponentConfig(_Strict):
     engine: EngineKind
     device: Device = "cpu"
+    # `fp8`: denoiser only, torch engine on a Hopper GPU (SM90, checked at load), one GPU: the blocks' linear layers
+    # and self-attention in e4m3 with scales per channel / token / head, everything else bf16
+    # (wan_triton.kernels.fp8; speed and error: benchmarks/RESULTS.md, Precision).
     precision: Precision = "float32"
     instance_count: int = Field(default=1, ge=1)
     # Denoiser only: attention kernel of the torch engine (see wan_triton.kernels.attention). "auto" picks the fastest
@@ -94,6 +97,11 @@ class ComponentConfig(_Strict):
             raise ValueError(f"split_width {self.split_width} needs engine torch and one instance")
         if self.ulysses_head_groups > 1 and self.parallel.ulysses == 1:
             raise ValueError(f"ulysses_head_groups {self.ulysses_head_groups} needs a plan with ulysses > 1")
+        if self.precision == "fp8" and (self.engine != EngineKind.TORCH or self.device != "cuda"):
+            raise ValueError("precision fp8 needs engine: torch and device: cuda (a Hopper GPU)")
+        if self.precision == "fp8" and not self.parallel.is_single:
+            # The parallel plans' sharded layers and sequence-parallel attention run bf16 kernels only.
+            raise ValueError(f"precision fp8 runs on one GPU; parallel plan {self.parallel} is not supported with it")
         if not self.parallel.is_single and self.expert_residency == "swap":
             # The ranks keep their experts resident: a TP shard is what makes both experts fit.
             raise ValueError(f"parallel plan {self.parallel} does not combine with expert_residency: swap")
@@ -111,6 +119,9 @@ class Components(_Strict):
         for name in ("text_encoder", "vae_decoder"):
             if not getattr(self, name).parallel.is_single:
                 raise ValueError(f"{name}: parallel is a denoiser setting (the VAE decode splits with split_width)")
+        for name in ("text_encoder", "vae_decoder"):
+            if getattr(self, name).precision == "fp8":
+                raise ValueError(f"{name}: precision fp8 is a denoiser setting")
         for name in ("text_encoder", "denoiser"):
             if getattr(self, name).split_width != 1:
                 raise ValueError(f"{name}: split_width is a vae_decoder setting")

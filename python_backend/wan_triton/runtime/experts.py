@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import gc
 import logging
+from pathlib import Path
 
 import torch
 
 from wan_triton.config.deployment import ComponentConfig
-from wan_triton.kernels import attention
+from wan_triton.kernels import attention, fp8
 from wan_triton.model.checkpoint import EXPERTS, Checkpoint
+from wan_triton.runtime import fp8_weights
 from wan_triton.runtime.engines.cuda_graph import CudaGraphEngine
 from wan_triton.runtime.engines.torch_engine import denoiser_engine
 from wan_triton.runtime.residency import ExpertSwapper, SwappedExpert
@@ -21,11 +23,26 @@ logger = logging.getLogger(__name__)
 COMPILED_SHAPES_LIMIT = 64
 
 
-def torch_expert(ckpt: Checkpoint, name: str, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype):
+def torch_expert(
+    ckpt: Checkpoint,
+    name: str,
+    cfg: ComponentConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    fp8_folder: Path | None = None,
+):
     """An expert as served: loaded straight to `device` in `dtype`, attention kernel installed (and projections
-    fused), blocks compiled when the deployment asks."""
+    fused), its block linear layers and self-attention in FP8 at `precision: fp8` (the weights from the build-time
+    `fp8_folder` (runtime.fp8_weights), else quantized here on the device), blocks compiled when the deployment
+    asks."""
+    if cfg.precision == "fp8" and (why := fp8.supported(device)) is not None:
+        raise ValueError(why)  # before the load: the expert would not run anyway
     module = ckpt.load_transformer(name, dtype, str(device))
-    chosen = attention.install(module, cfg.attention, device)
+    if cfg.precision == "fp8":
+        stored = None if fp8_folder is None else fp8_weights.stored_weights(fp8_folder, name, device)
+        chosen = fp8.install(module, cfg.attention, device, stored=stored)
+    else:
+        chosen = attention.install(module, cfg.attention, device)
     if cfg.compile_blocks:
         compile_expert_blocks(module, parallel=False)
     return module, chosen
@@ -64,7 +81,9 @@ def torch_engines(module, device: torch.device, dtype: torch.dtype, cuda_graphs:
     return eager, CudaGraphEngine(eager, eager_fallback=not parallel)
 
 
-def swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype):
+def swapped_experts(
+    ckpt: Checkpoint, cfg: ComponentConfig, device: torch.device, dtype: torch.dtype, fp8_folder: Path | None = None
+):
     """Both experts in pinned host memory, one device module (runtime.residency)."""
 
     def host_copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -73,7 +92,7 @@ def swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.device
         pin = device.type == "cuda"
         return {n: torch.empty(p.shape, dtype=p.dtype, pin_memory=pin).copy_(p) for n, p in module.named_parameters()}
 
-    first, chosen = torch_expert(ckpt, EXPERTS[0], cfg, device, dtype)
+    first, chosen = torch_expert(ckpt, EXPERTS[0], cfg, device, dtype, fp8_folder)
     host_states = {EXPERTS[0]: host_copy(first)}
     for name in EXPERTS[1:]:
         # Straight to host memory (from disk, or random for a configs-only benchmark checkpoint): the device never
@@ -81,6 +100,10 @@ def swapped_experts(ckpt: Checkpoint, cfg: ComponentConfig, device: torch.device
         other = ckpt.load_transformer(name, dtype, "cpu")
         if chosen != attention.AttentionBackend.REFERENCE:
             attention.fuse_projections(other)  # the device module's parameter layout, fused on the host
+        if cfg.precision == "fp8" and fp8_folder is not None:
+            fp8.quantize_module(other, stored=fp8_weights.stored_weights(fp8_folder, name, torch.device("cpu")))
+        elif cfg.precision == "fp8":
+            fp8.quantize_module(other, work_device=device)  # layer by layer through the device, kept on the host
         host_states[name] = host_copy(other)
         del other
     if device.type == "cuda":

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# shellcheck source-path=SCRIPTDIR
+# `precision: fp8` (wan_triton.kernels.fp8) against bf16 on one Hopper GPU host, one mode per call:
+#   bash benchmarks/gpu/fp8.sh tests              the FP8 GPU tests (tests/gpu/test_fp8.py)
+#   bash benchmarks/gpu/fp8.sh kernels [PARTS]    FP8 attention (scale variants) and linear layers against the bf16
+#                                                 kernels at 480p and 720p, and one block (benchmarks/fp8_kernels.py)
+#   bash benchmarks/gpu/fp8.sh step SIZE [REPEAT] the step: diffusers, served bf16 (flash4, or flash3 without it) and
+#                                                 fp8 in one run (benchmarks/denoiser_step.py), expert memory of both
+#   bash benchmarks/gpu/fp8.sh quality [SIZE] [STEPS] [--fp32]
+#                                                 a whole run from one seed in bf16 and fp8: final latents, frames PSNR
+#                                                 (benchmarks/fp8_quality.py; random weights)
+#   bash benchmarks/gpu/fp8.sh e2e ARGS...        end to end through Triton with gpu_a14b_fp8.yaml (benchmarks/gpu/e2e.sh)
+#   bash benchmarks/gpu/fp8.sh final              what fits one call of about 8 minutes on an H200: the tests, the
+#                                                 attention kernels, the 480p and 720p steps, a 4-step 480p quality
+#                                                 run; each part under its own time limit, so a slow part leaves the
+#                                                 others' files
+# After `source .gpu-bundle/setup.sh` with the FlashAttention-3 add-on (fa3-fwd: FP8 attention needs it) and, for the
+# served bf16 baseline, FlashAttention-4 (benchmarks/gpu/common.sh). Results go to $OUT.
+set -euo pipefail
+# shellcheck source=common.sh
+source "$(dirname "$0")/common.sh"
+mode=${1:?usage: fp8.sh tests | kernels | step SIZE [REPEAT] | quality [SIZE] [STEPS] [--fp32] | e2e ARGS... | final}
+shift
+
+# Runs "$@" under `timeout $LIMIT` when LIMIT is set (the final mode's parts), else as it is.
+limited() {
+  if [[ -n ${LIMIT:-} ]]; then timeout "$LIMIT" "$@"; else "$@"; fi
+}
+
+served_bf16() {
+  if python -c "import flash_attn.cute" 2>/dev/null; then echo flash4+compile; else echo flash3+compile; fi
+}
+
+fp8_tests() {
+  limited python -m pytest -q -p no:cacheprovider -rs tests/gpu/test_fp8.py 2>&1 | tee "$OUT/test_fp8.log"
+}
+
+fp8_kernels() {
+  local parts=("$@")
+  ((${#parts[@]})) || parts=(attention linear block)
+  limited python benchmarks/fp8_kernels.py --parts "${parts[@]}" --sizes 480p 720p --repeat 3 \
+    --out "$OUT/fp8_kernels.json"
+}
+
+fp8_step() {
+  limited python benchmarks/denoiser_step.py --sizes "$1" --backends "$(served_bf16)" fp8+compile --repeat "${2:-2}" \
+    --out "$OUT/fp8_step_$1.json"
+}
+
+fp8_quality() {
+  a14b_checkpoint
+  limited python benchmarks/fp8_quality.py --checkpoint /tmp/a14b --size "${1:-480p}" --steps "${2:-40}" "${@:3}" \
+    --out "$OUT/fp8_quality_${1:-480p}.json"
+}
+
+case $mode in
+  tests) fp8_tests ;;
+  kernels) fp8_kernels "$@" ;;
+  step) fp8_step "${1:?usage: fp8.sh step SIZE [REPEAT]}" "${2:-2}" ;;
+  quality) fp8_quality "$@" ;;
+  e2e) DEPLOYMENT=model_repository/deployments/gpu_a14b_fp8.yaml bash "$(dirname "$0")/e2e.sh" "$@" ;;
+  final)
+    # Expected seconds per part on a warm H200 (from the parts run alone where they were): tests 60, attention
+    # kernels 50, 480p step 90, 720p step (one timed step per variant) 150, a 4-step 480p quality run (each expert
+    # compiles in its first step) with the decodes 130: about 480 in all; the limits leave each part some margin.
+    # The 40-step quality run is `fp8.sh quality 480p 40` on its own (about 6 minutes).
+    status=0
+    LIMIT=90 fp8_tests || status=$?
+    LIMIT=60 fp8_kernels attention 2>&1 | tee "$OUT/fp8_kernels.log" || status=$?
+    LIMIT=110 fp8_step 480p 2 2>&1 | tee "$OUT/fp8_step_480p.log" || status=$?
+    LIMIT=160 fp8_step 720p 1 2>&1 | tee "$OUT/fp8_step_720p.log" || status=$?
+    LIMIT=150 fp8_quality 480p 4 2>&1 | tee "$OUT/fp8_quality.log" || status=$?
+    exit $status ;;
+  *) echo "unknown mode $mode" >&2; exit 2 ;;
+esac

@@ -1,0 +1,293 @@
+"""FP8 (e4m3) linear layers and self-attention for the Wan denoiser on Hopper: the opt-in `precision: fp8`.
+
+Hopper's FP8 tensor cores run at about twice the bf16 rate, and a 720p step is mostly self-attention, so both the
+block's linear layers and its self-attention run in e4m3 here; everything else (patch and condition embeddings, norms,
+modulation, the final projection, and cross-attention's softmax(QK^T)V over the 512 text tokens) stays bf16: about 1%
+of a 480p step's FLOP and 0.5% of a 720p one's, so FP8 would gain them nothing measurable (figures:
+benchmarks/RESULTS.md, Precision).
+
+Linear layers (`Fp8Linear`): the weight is stored in e4m3 with one fp32 scale per output channel, computed once from
+the bf16 weight (`quantize_weight`); the activation is scaled per token at run time (`quantize_rows`) and the product
+runs as `torch._scaled_mm` with row-wise scales, accumulating in fp32 and writing bf16. Under regional torch.compile
+the per-token amax, scale and cast fuse into the kernel that produces the activation (the norm and modulation, or the
+FFN's GELU), so they cost no extra pass over memory. Off CUDA the same quantized operands are dequantized and
+multiplied in fp32: the reference math the CPU tests check.
+
+Self-attention (`fp8_attention`): FlashAttention-3's e4m3 forward (the `fa3-fwd` build) with one scale per (batch,
+head) for each of Q, K and V, the finest its descale tensors take. K is smoothed first: its mean over the tokens
+(per batch, head and channel) is subtracted, which shifts every score of a query row by the same amount and leaves
+the softmax unchanged, while the e4m3 range then covers K's spread instead of its offset (as SageAttention does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from wan_triton.kernels import attention
+
+logger = logging.getLogger(__name__)
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+# Scales never reach zero (an all-zero row or head keeps a finite reciprocal).
+MIN_AMAX = 1e-12
+
+# The linear layers of a transformer block that run in FP8, by their names inside the block (after
+# `attention.fuse_projections`): all of them. Weights are quantized at load, or read from the build-time FP8 weights
+# (wan_triton.runtime.fp8_weights). Cross-attention's K/V projection (`attn2.to_kv`) multiplies only the 512
+# text tokens, so FP8 gains it no time, but it holds 15% of an expert's weights (5120 x 10240 a block): left in bf16 an
+# A14B expert measured 16.8 GB against bf16's 28.8 GB instead of about half (benchmarks/RESULTS.md, Precision).
+FP8_BLOCK_LINEARS = (
+    "attn1.to_qkv",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_kv",
+    "attn2.to_out.0",
+    "ffn.net.0.proj",
+    "ffn.net.2",
+)
+SCALE_METHOD = "e4m3fn weight per output channel (amax/448), activation per token, attention per (batch, head)"
+
+
+def supported(device: torch.device) -> str | None:
+    """None where FP8 runs on `device`, else why not (the config error a load reports)."""
+    if device.type != "cuda":
+        return f"precision fp8 needs a CUDA device (Hopper, SM90), not {device.type}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability[0] != 9:
+        name = torch.cuda.get_device_name(device)
+        return f"precision fp8 needs a Hopper GPU (SM90); {name} is SM{capability[0]}{capability[1]}"
+    try:
+        importlib.import_module("fa3_fwd._C")
+    except ImportError as exc:
+        return (
+            "precision fp8 runs self-attention in FlashAttention-3's e4m3 forward, which is not installed "
+            f"({exc}): pip install fa3-fwd==0.0.3"
+        )
+    return None
+
+
+# --- quantization ---
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [N, K] -> (e4m3 [N, K], fp32 scale [N]) with weight ~= e4m3 * scale[:, None]."""
+    w = weight.float()
+    scale = w.abs().amax(dim=1).clamp(min=MIN_AMAX) / E4M3_MAX
+    return (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scale [M, 1]) with x ~= e4m3 * scale: one scale per token."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / E4M3_MAX
+    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, S, H, D] -> (e4m3 [B, S, H, D], fp32 scale [B, H]) with x ~= e4m3 * scale: one scale per (batch, head),
+    the layout of FlashAttention-3's descale tensors."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=(1, 3)).clamp(min=MIN_AMAX)  # [B, H]
+    scale = amax / E4M3_MAX
+    return (xf / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
+
+
+def smooth_keys(k: torch.Tensor) -> torch.Tensor:
+    """K minus its mean over the tokens, per (batch, head, channel): each query's scores all move by q . mean,
+    which the softmax cancels."""
+    wide = k.to(torch.promote_types(k.dtype, torch.float32))
+    return (wide - wide.mean(dim=1, keepdim=True)).to(k.dtype)
+
+
+# --- linear ---
+
+
+def scaled_matmul(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, out_dtype):
+    """(x8 * x_scale) @ (w8 * w_scale[:, None]).T for x8 [M, K], w8 [N, K]: FP8 tensor cores on CUDA, the same
+    dequantized operands in fp32 elsewhere."""
+    if x8.device.type == "cuda":
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=out_dtype)
+    return ((x8.float() * x_scale) @ (w8.float() * w_scale[:, None]).t()).to(out_dtype)
+
+
+class Fp8Linear(nn.Module):
+    """nn.Linear with an e4m3 weight scaled per output channel; the parameter names stay `weight` and `bias` (plus
+    `weight_scale`), so expert swapping, which copies parameters by name, carries the FP8 weights as they are."""
+
+    def __init__(self, weight8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = weight8.shape[1], weight8.shape[0]
+        self.weight = nn.Parameter(weight8, requires_grad=False)
+        self.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, work_device: torch.device | None = None) -> Fp8Linear:
+        """Quantized from `linear`'s weight, computed on `work_device` (default: where the weight is) and kept
+        where the weight was."""
+        home = linear.weight.device
+        weight8, scale = quantize_weight(linear.weight.detach().to(work_device or home))
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(weight8.to(home), scale.to(home), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        out = scaled_matmul(x8, x_scale, self.weight, self.weight_scale, x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per output channel"
+
+
+# (block index, layer name in FP8_BLOCK_LINEARS) -> (e4m3 weight [N, K], fp32 scale [N]) computed at build time.
+StoredWeights = Callable[[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def quantize_module(
+    module: nn.Module, work_device: torch.device | None = None, stored: StoredWeights | None = None
+) -> int:
+    """In place: every linear layer in `FP8_BLOCK_LINEARS` of every transformer block of a WanTransformer3DModel
+    (attention installed, projections fused) becomes an `Fp8Linear`, its weight quantized here or, with `stored`,
+    taken from the build-time FP8 weights (the same values: `quantize_weight` of the same bf16 weight). Returns how
+    many were replaced.
+
+    The FFN's fused projection + GELU op (`kernels.ffn`) takes a bf16 weight, so a block's FFN returns to diffusers'
+    FeedForward: its GELU, compiled, then fuses with the next layer's activation quantization instead."""
+    from diffusers.models.attention import FeedForward
+
+    from wan_triton.kernels.ffn import GeluEpilogueFeedForward
+
+    replaced = 0
+    for index, block in enumerate(module.blocks):
+        for sub in block.modules():
+            if type(sub) is GeluEpilogueFeedForward:
+                sub.__class__ = FeedForward
+        for name in FP8_BLOCK_LINEARS:
+            parent_name, _, child = name.rpartition(".")
+            parent = block.get_submodule(parent_name)
+            linear = getattr(parent, child) if not child.isdigit() else parent[int(child)]
+            if isinstance(linear, Fp8Linear):
+                continue
+            if type(linear) is not nn.Linear:
+                raise TypeError(f"block layer {name} is {type(linear).__name__}, not nn.Linear: cannot quantize it")
+            if linear.in_features % 16 or linear.out_features % 16:
+                # FP8 tensor-core GEMMs need both sizes in multiples of 16.
+                raise ValueError(
+                    f"precision fp8: block layer {name} is {linear.in_features} -> {linear.out_features}; "
+                    "FP8 GEMMs need multiples of 16"
+                )
+            if stored is None:
+                fp8 = Fp8Linear.from_linear(linear, work_device)
+            else:
+                weight8, scale = stored(index, name)
+                if weight8.shape != linear.weight.shape or weight8.dtype != E4M3 or scale.shape != weight8.shape[:1]:
+                    raise ValueError(f"stored FP8 weight of block {index} {name} does not fit the layer")
+                home = linear.weight.device
+                bias = None if linear.bias is None else linear.bias.detach()
+                fp8 = Fp8Linear(weight8.to(home), scale.to(home, torch.float32), bias)
+            if child.isdigit():
+                parent[int(child)] = fp8
+            else:
+                setattr(parent, child, fp8)
+            replaced += 1
+    logger.info("FP8 linear layers: %d", replaced)
+    return replaced
+
+
+# --- attention ---
+
+_fa3_fp8_op = None
+
+
+def _fa3_fp8():
+    """FlashAttention-3's e4m3 forward as a torch custom op (one opaque kernel to torch.compile and CUDA graphs)."""
+    global _fa3_fp8_op
+    if _fa3_fp8_op is None:
+        import fa3_fwd._C  # noqa: F401 - registers torch.ops.fa3_fwd
+
+        @torch.library.custom_op("wan_triton::flash3_fp8_attention", mutates_args=())
+        def flash3_fp8_attention(
+            q8: torch.Tensor,
+            k8: torch.Tensor,
+            v8: torch.Tensor,
+            q_descale: torch.Tensor,
+            k_descale: torch.Tensor,
+            v_descale: torch.Tensor,
+        ) -> torch.Tensor:
+            # One split, as the bf16 flash3 backend: each row's softmax in one order over the keys.
+            return torch.ops.fa3_fwd.fwd(
+                q8,
+                k8,
+                v8,
+                q_descale=q_descale,
+                k_descale=k_descale,
+                v_descale=v_descale,
+                is_causal=False,
+                num_splits=1,
+            )[0]
+
+        @flash3_fp8_attention.register_fake
+        def _(q8, k8, v8, q_descale, k_descale, v_descale):
+            return torch.empty(q8.shape, dtype=torch.bfloat16, device=q8.device)
+
+        _fa3_fp8_op = flash3_fp8_attention
+    return _fa3_fp8_op
+
+
+def reference_attention(q, k, v, q_scale, k_scale, v_scale) -> torch.Tensor:
+    """The FP8 attention's math in fp32 from the quantized operands ([B, S, H, D] e4m3, [B, H] scales): what the
+    kernel computes up to its own rounding of the probabilities to e4m3 and its accumulation order."""
+    deq = [t.float() * s[:, None, :, None] for t, s in ((q, q_scale), (k, k_scale), (v, v_scale))]
+    out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in deq))
+    return out.transpose(1, 2)
+
+
+def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, smooth_k: bool = True) -> torch.Tensor:
+    """q, k, v [B, S, H, D] bf16 -> attention [B, S, H, D] bf16, with e4m3 operands scaled per (batch, head)."""
+    if smooth_k:
+        k = smooth_keys(k)
+    (q8, qs), (k8, ks), (v8, vs) = quantize_heads(q), quantize_heads(k), quantize_heads(v)
+    if q.device.type != "cuda":
+        return reference_attention(q8, k8, v8, qs, ks, vs).to(q.dtype)
+    return _fa3_fp8()(q8, k8, v8, qs, ks, vs)
+
+
+class Fp8AttnProcessor(attention.WanT2VAttnProcessor):
+    """The served processor with self-attention in FP8; cross-attention (512 text keys) keeps the bf16 kernel."""
+
+    def __init__(self, attend: attention.AttentionFn, smooth_k: bool = True) -> None:
+        super().__init__(attend)
+        self.smooth_k = smooth_k
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool) -> torch.Tensor:
+        if not self_attention:
+            return self.attend(q, k, v)
+        return fp8_attention(q, k, v, smooth_k=self.smooth_k)
+
+
+def install(
+    module: nn.Module,
+    backend: attention.AttentionBackend | str,
+    device: torch.device,
+    stored: StoredWeights | None = None,
+):
+    """`attention.install` (the bf16 kernel for cross-attention, fused projections), then self-attention and the
+    block linear layers in FP8 (weights from `stored` when given, else quantized here). Returns the bf16 attention
+    kernel chosen. Raises ValueError where FP8 cannot run."""
+    if (why := supported(device)) is not None:
+        raise ValueError(why)
+    if attention.AttentionBackend(backend) == attention.AttentionBackend.REFERENCE:
+        raise ValueError("precision fp8 needs one of the served attention kernels, not attention: reference")
+    chosen = attention.install(module, backend, device)
+    _fa3_fp8()  # the custom op is defined here, eagerly: torch.compile cannot trace its definition
+    module.set_attn_processor(Fp8AttnProcessor(attention.attention_fn(chosen)))
+    quantize_module(module, stored=stored)
+    return chosen
