@@ -109,6 +109,8 @@ class _Supervisor:
             device_ids=self.device_ids,
             shards=None if self.shards is None else str(self.shards),
             role=self.role,
+            loras=self.ckpt.loras,
+            solver=self.ckpt.solver,
         )
         started = time.perf_counter()
         self._stop_flag = ctx.Event()

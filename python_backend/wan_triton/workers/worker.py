@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from wan_triton.config.deployment import ComponentConfig
+from wan_triton.config.deployment import ComponentConfig, LoraConfig, SolverConfig
 from wan_triton.config.precision import DTYPES
 from wan_triton.config.request import GenerationRequest
 from wan_triton.model.checkpoint import Checkpoint
@@ -49,6 +49,8 @@ class WorkerSpec:
     device_ids: tuple[int, ...]  # CUDA device of each rank; unused on cpu
     shards: str | None = None  # build-time TP shard folder (wan_build.shards), None: cut the whole expert here
     role: Role = "denoiser"
+    loras: tuple[LoraConfig, ...] = ()  # fused into the experts as they load (Checkpoint.loras)
+    solver: SolverConfig | None = None  # the deployment's solver override (Checkpoint.solver)
 
     @property
     def world_size(self) -> int:
@@ -83,7 +85,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
         backend = backend_for(device.type)
         threads = cpu_threads_per_rank(spec.world_size) if backend == "gloo" else None
         init_distributed(rank, spec.world_size, spec.port, backend, threads)
-        ckpt = Checkpoint.open(spec.checkpoint)
+        ckpt = Checkpoint.open(spec.checkpoint, spec.loras, spec.solver)
         agreement = None
         if spec.role == "vae":
             denoiser, vae = None, _build_vae(spec, ckpt, device)
