@@ -113,3 +113,31 @@ def lightx2v_lora(
     tensors["diffusion_model.head.head.diff_b"] = torch.randn(out, generator=g) * size * 0.2
     save_file(tensors, str(path))
     return path
+
+
+def reference_frames(checkpoint: Path, loras=(), solver: dict | None = None, **call) -> np.ndarray:
+    """diffusers' WanPipeline with the LoRAs loaded its own way: `load_lora_weights(file, adapter_name=...)` (into
+    `transformer_2` with `load_into_transformer_2=True`; `both` loads the file once per expert), `set_adapters`
+    with the scales, and the solver swapped for `solver` ({"name": class, **config overrides}); uint8 frames.
+
+    loras: (path, scale, expert) triples."""
+    import diffusers
+    from diffusers import WanPipeline
+
+    seed = call.pop("seed")
+    pipe = WanPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    names, scales = [], []
+    for index, (path, scale, expert) in enumerate(loras):
+        for target in ("transformer", "transformer_2") if expert == "both" else (expert,):
+            name = f"lora{index}_{target}"
+            pipe.load_lora_weights(str(path), adapter_name=name, load_into_transformer_2=target == "transformer_2")
+            names.append(name)
+            scales.append(scale)
+    if names:
+        pipe.set_adapters(names, adapter_weights=scales)
+    if solver is not None:
+        overrides = {k: v for k, v in solver.items() if k != "name"}
+        pipe.scheduler = getattr(diffusers, solver["name"]).from_config(pipe.scheduler.config, **overrides)
+    out = pipe(generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **call).frames[0]
+    return (out * 255).round().astype(np.uint8)

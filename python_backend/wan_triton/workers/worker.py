@@ -5,7 +5,7 @@ Roles: "denoiser" (its shard of both experts, for the plan's rank) and "vae" (th
 the group: wan_triton.parallel.vae_split).
 
 Messages in: ("denoise", request fields, prompt embeddings as numpy, whether to send estimates) or ("decode", latents
-as numpy), ("warm_up", height, width, num_frames), ("stop",). Messages out: ("ready",), ("step", index, count) and,
+as numpy), ("warm_up", height, width, num_frames, guided), ("stop",). Messages out: ("ready",), ("step", index, count) and,
 when asked, ("estimate", index, the clean estimate's first latent frame as numpy) from rank 0,
 ("done", latents or uint8 frames as numpy on rank 0 else None), ("stopped", steps done) when the ranks agreed to
 stop a request mid-loop (wan_triton.workers.step_agreement), ("error", traceback text).
@@ -132,12 +132,12 @@ def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
                     # float video: a quarter of the bytes through the pipe (224 MB at 720p).
                     conn.send(("done", vae.frames(torch.from_numpy(message[1]))))
                 case "warm_up" if vae is not None:
-                    _, height, width, num_frames = message
+                    _, height, width, num_frames, *_ = message
                     vae(torch.zeros(latent_shape(ckpt, height, width, num_frames)))
                     conn.send(("done", None))
                 case "warm_up":
-                    _, height, width, num_frames = message
-                    warm_up(denoiser, height, width, num_frames)
+                    _, height, width, num_frames, guided = message
+                    warm_up(denoiser, height, width, num_frames, guided)
                     conn.send(("done", None))
                 case other:
                     raise ValueError(f"unknown message {other!r}")

@@ -1,0 +1,174 @@
+"""LoRA adapters fused at build time and the solver override, against diffusers' WanPipeline with the same LoRAs
+loaded its own way (`load_lora_weights` + `set_adapters`) and the same solver swap: the frames of the built
+repository's deployment, run in-process (LocalPipeline) on the torch and ONNX Runtime engines, within the parity
+tolerance; every LoRA case also differs visibly from the frames without it, so parity cannot hold vacuously."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from checks import assert_frames_close
+from factories import DEPLOYMENTS_DIR, validated_request
+from lora_files import lightx2v_lora, peft_lora, reference_frames, wan_lora
+from wan_build.__main__ import main as build_main
+from wan_triton.config.deployment import DEPLOYMENT_FILE, Deployment
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.pipeline import LocalPipeline
+
+# Guidance on, both experts used (the boundary falls inside 8 steps at the checkpoint's flow shift 5).
+CALL = dict(
+    prompt="a fox runs",
+    negative_prompt="dark",
+    height=32,
+    width=48,
+    num_frames=5,
+    num_inference_steps=8,
+    guidance_scale=5.0,
+    guidance_scale_2=2.0,
+    seed=3,
+)
+# The fast mode's settings: Euler at shift 5, 4 steps, no guidance on either expert.
+DISTILL_CALL = {**CALL, "num_inference_steps": 4, "guidance_scale": 1.0, "guidance_scale_2": 1.0}
+EULER = {"name": "FlowMatchEulerDiscreteScheduler", "shift": 5.0}
+# Visible: the LoRA moves the frames by more than this many uint8 levels somewhere.
+MIN_LORA_EFFECT = 10
+
+
+@pytest.fixture(scope="module")
+def lora_files(other_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("loras")
+    return {
+        "peft": peft_lora(root / "peft", other_checkpoint, "transformer"),
+        "peft_2": peft_lora(root / "peft_2", other_checkpoint, "transformer_2", seed=5),
+        "wan": wan_lora(root / "wan.safetensors", other_checkpoint, "transformer_2"),
+        "lightx2v": lightx2v_lora(root / "lightx2v.safetensors", other_checkpoint),
+    }
+
+
+def build(checkpoint: Path, base: str, root: Path, loras=(), solver: dict | None = None) -> Path:
+    """`make build` of a shipped deployment with these LoRAs ((file, scale, expert)) and solver; returns REPO."""
+    data = Deployment.load(DEPLOYMENTS_DIR / f"{base}.yaml").model_dump(mode="json")
+    data["components"]["denoiser"]["loras"] = [
+        {"path": str(path), "scale": scale, "expert": expert} for path, scale, expert in loras
+    ]
+    if solver is not None:
+        data["scheduler"] = solver
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "deployment.json").write_text(json.dumps(data))
+    repo = root / "repo"
+    args = ["--model", str(checkpoint), "--deployment", str(root / "deployment.json"), "--repo", str(repo)]
+    assert build_main([*args, "--artifacts-root", str(root.parent / "artifacts")]) == 0
+    return repo
+
+
+def served_frames(repo: Path, call: dict) -> np.ndarray:
+    """What the repository's scheduler would serve: its recorded deployment (LoRAs with their SHA-256, solver) run
+    in-process on the graphs rendered into the repository."""
+    deployment = Deployment.model_validate_json((repo / "wan_t2v_scheduler" / DEPLOYMENT_FILE).read_text())
+    ckpt = Checkpoint.open(deployment.checkpoint, deployment.components.denoiser.loras, deployment.scheduler)
+    graphs = repo.parent / "graphs"
+    graphs.mkdir(exist_ok=True)
+    for graph in repo.glob("*/1/*.onnx*"):
+        if not (graphs / graph.name).exists():
+            os.symlink(graph, graphs / graph.name)
+    pipe = LocalPipeline.load(ckpt, deployment, graphs)
+    request = validated_request(deployment, spatial_multiple=ckpt.spatial_multiple, **call)
+    return pipe.generate(request)
+
+
+def _case(lora_files, name: str):
+    f = lora_files
+    return {
+        "peft-high": ([(f["peft"], 0.8, "transformer")], None, CALL),
+        "wan-low": ([(f["wan"], 1.2, "transformer_2")], None, CALL),
+        "lightx2v-both": ([(f["lightx2v"], 1.0, "both")], None, CALL),
+        "stacked": ([(f["peft"], 0.7, "transformer"), (f["wan"], -0.9, "both")], None, CALL),
+        "distill-euler": ([(f["peft"], 1.0, "transformer"), (f["peft_2"], 1.0, "transformer_2")], EULER, DISTILL_CALL),
+    }[name]
+
+
+def _check(checkpoint: Path, repo: Path, loras, solver, call) -> None:
+    ours = served_frames(repo, call)
+    ref = reference_frames(checkpoint, loras, solver, **dict(call))
+    assert_frames_close(ours, ref)
+    without = reference_frames(checkpoint, (), solver, **dict(call))
+    assert np.abs(ref.astype(np.int16) - without).max() > MIN_LORA_EFFECT, "the LoRA does not change the frames"
+
+
+@pytest.mark.parametrize("case", ["peft-high", "wan-low", "lightx2v-both", "stacked", "distill-euler"])
+def test_torch_engine_matches_diffusers(other_checkpoint, lora_files, tmp_path, case):
+    loras, solver, call = _case(lora_files, case)
+    _check(
+        other_checkpoint, build(other_checkpoint, "cpu_torch", tmp_path / "build", loras, solver), loras, solver, call
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["peft-high", "wan-low", "lightx2v-both", "stacked", "distill-euler"])
+def test_onnxruntime_engine_matches_diffusers(other_checkpoint, lora_files, tmp_path_factory, case):
+    loras, solver, call = _case(lora_files, case)
+    root = tmp_path_factory.getbasetemp() / "lora_onnx" / case
+    _check(other_checkpoint, build(other_checkpoint, "cpu", root, loras, solver), loras, solver, call)
+
+
+def test_repository_records_each_lora(other_checkpoint, lora_files, tmp_path):
+    from wan_triton.model.lora import file_sha256
+
+    loras = [(lora_files["peft"], 0.5, "transformer"), (lora_files["wan"], 1.5, "both")]
+    repo = build(other_checkpoint, "cpu_torch", tmp_path / "b", loras, EULER)
+    recorded = json.loads((repo / "wan_t2v_scheduler" / DEPLOYMENT_FILE).read_text())
+    assert [
+        (Path(r["path"]).name, r["sha256"], r["scale"], r["expert"])
+        for r in recorded["components"]["denoiser"]["loras"]
+    ] == [(Path(p).name, file_sha256(p), s, e) for p, s, e in loras]
+    assert recorded["scheduler"] == EULER
+
+
+def test_solver_override(other_checkpoint):
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from wan_triton.config.deployment import SolverConfig
+    from wan_triton.model.checkpoint import CheckpointError
+
+    plain = Checkpoint.open(other_checkpoint).make_solver()
+    assert isinstance(plain, UniPCMultistepScheduler) and plain.config.flow_shift == 5.0
+    euler = Checkpoint.open(other_checkpoint, solver=SolverConfig(**EULER)).make_solver()
+    assert isinstance(euler, FlowMatchEulerDiscreteScheduler) and euler.config.shift == 5.0
+    unipc = SolverConfig(name="UniPCMultistepScheduler", flow_shift=3.0)
+    assert Checkpoint.open(other_checkpoint, solver=unipc).make_solver().config.flow_shift == 3.0
+    # diffusers would silently keep Euler's shift at 1.0 given flow_shift: refused, naming the key.
+    bad = [
+        (SolverConfig(name="FlowMatchEulerDiscreteScheduler", flow_shift=5.0), "flow_shift"),
+        (SolverConfig(name="NoSuchScheduler"), "NoSuchScheduler"),
+        (SolverConfig(name="WanPipeline"), "WanPipeline"),
+        (SolverConfig(name="DDIMScheduler"), "not a flow-matching"),
+    ]
+    for solver, message in bad:
+        with pytest.raises(CheckpointError, match=message):
+            Checkpoint.open(other_checkpoint, solver=solver).make_solver()
+
+
+def test_guidance_one_runs_one_branch(other_checkpoint, lora_files, tmp_path):
+    """At guidance 1.0 on both experts every expert call gets one row (no unconditional branch), warm-up too."""
+    from factories import load_deployment
+    from wan_triton.components import warm_up_denoiser
+    from wan_triton.pipeline import encode_prompts
+
+    deployment = load_deployment("cpu_torch")
+    ckpt = Checkpoint.open(other_checkpoint)
+    pipe = LocalPipeline.load(ckpt, deployment, Path("/nonexistent"))
+    batches: list[int] = []
+    for engine in pipe.denoiser.experts.values():
+        original = engine.run
+        engine.run = lambda inputs, _run=original: batches.append(len(inputs["hidden_states"])) or _run(inputs)
+    request = validated_request(deployment, spatial_multiple=ckpt.spatial_multiple, **DISTILL_CALL)
+    pipe.denoiser(request, encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a fox runs"]))
+    assert batches == [1] * DISTILL_CALL["num_inference_steps"]
+    batches.clear()
+    warm_up_denoiser(pipe.denoiser, 16, 16, 1, guided=False)
+    assert batches == [1, 1]
