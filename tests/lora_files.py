@@ -45,7 +45,7 @@ def peft_lora(
     rank: int = 4,
     alpha: float = 8.0,
     seed: int = 0,
-    size: float = 0.5,
+    size: float = 0.3,
 ) -> Path:
     """diffusers/PEFT keys written by diffusers' own `save_lora_weights`, with {r, lora_alpha} metadata."""
     from diffusers import WanPipeline

@@ -172,3 +172,93 @@ def test_guidance_one_runs_one_branch(other_checkpoint, lora_files, tmp_path):
     batches.clear()
     warm_up_denoiser(pipe.denoiser, 16, 16, 1, guided=False)
     assert batches == [1, 1]
+
+
+# --- bad adapters fail the build, and leave REPO as it was --------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _bad_files(checkpoint: Path, root: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, what the error must say)."""
+    import pickle
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    root.mkdir(parents=True, exist_ok=True)
+    good = peft_lora(root / "good", checkpoint, "transformer")
+    state = load_file(str(good))
+    pickled = root / "pickled.safetensors"
+    pickled.write_bytes(pickle.dumps({"x": 1}))
+    # Another model's adapter (Flux block names): no key matches a layer of the expert.
+    foreign = root / "foreign.safetensors"
+    save_file(
+        {
+            "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 24),
+            "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(24, 4),
+        },
+        str(foreign),
+    )
+    # Half of it matches the expert and half does not: must not half-apply.
+    half = root / "half.safetensors"
+    save_file(
+        {
+            **state,
+            "transformer.blocks.0.attn1.to_q_img.lora_A.weight": torch.randn(4, 24),
+            "transformer.blocks.0.attn1.to_q_img.lora_B.weight": torch.randn(24, 4),
+        },
+        str(half),
+    )
+    ranks = root / "ranks.safetensors"
+    key = "transformer.blocks.0.attn1.to_q.lora_B.weight"
+    save_file({**state, key: state[key][:, :3].contiguous()}, str(ranks))
+    width = root / "width.safetensors"
+    key_a = "transformer.blocks.1.ffn.net.0.proj.lora_A.weight"
+    save_file({**state, key_a: torch.randn(4, 7)}, str(width))
+    return {
+        "missing": (root / "nope.safetensors", "not found"),
+        "pickle": (pickled, "not a safetensors file"),
+        "foreign": (foreign, "single_transformer_blocks.0.attn.to_q"),
+        "half": (half, "to_q_img"),
+        "rank": (ranks, "blocks.0.attn1.to_q"),
+        "shape": (width, "blocks.1.ffn.net.0.proj"),
+    }
+
+
+@pytest.mark.parametrize("bad", ["missing", "pickle", "foreign", "half", "rank", "shape", "scale-nan", "scale-9"])
+def test_bad_adapter_fails_the_build_and_leaves_repo(other_checkpoint, lora_files, tmp_path, capsys, bad):
+    files = _bad_files(other_checkpoint, tmp_path / "files")
+    if bad.startswith("scale"):
+        loras, message = [(lora_files["peft"], float(bad.removeprefix("scale-")), "transformer")], "scale"
+    else:
+        path, message = files[bad]
+        loras = [(lora_files["wan"], 1.0, "transformer_2"), (path, 1.0, "transformer")]
+    data = Deployment.load(DEPLOYMENTS_DIR / "cpu_torch.yaml").model_dump(mode="json")
+    data["components"]["denoiser"]["loras"] = [{"path": str(p), "scale": s, "expert": e} for p, s, e in loras]
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text(json.dumps(data))
+    repo = tmp_path / "repo"
+    args = ["--model", str(other_checkpoint), "--repo", str(repo), "--artifacts-root", str(tmp_path / "artifacts")]
+    # Absent stays absent.
+    capsys.readouterr()
+    assert build_main([*args, "--deployment", str(bad_file)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and (bad.startswith("scale") or Path(loras[-1][0]).name in err), err
+    assert not repo.exists()
+    # An existing good repository stays byte for byte.
+    assert build_main([*args, "--deployment", str(DEPLOYMENTS_DIR / "cpu_torch.yaml")]) == 0
+    before = _tree(repo)
+    assert build_main([*args, "--deployment", str(bad_file)]) == 1
+    assert _tree(repo) == before
+
+
+def test_bad_solver_fails_the_build(other_checkpoint, tmp_path, capsys):
+    data = Deployment.load(DEPLOYMENTS_DIR / "cpu_torch.yaml").model_dump(mode="json")
+    data["scheduler"] = {"name": "FlowMatchEulerDiscreteScheduler", "flow_shift": 5.0}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    args = ["--model", str(other_checkpoint), "--deployment", str(tmp_path / "d.json"), "--repo", str(tmp_path / "r")]
+    assert build_main([*args, "--artifacts-root", str(tmp_path / "a")]) == 1
+    assert "flow_shift" in capsys.readouterr().err and not (tmp_path / "r").exists()
