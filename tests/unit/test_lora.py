@@ -88,7 +88,7 @@ def _case(lora_files, name: str):
         "wan-low": ([(f["wan"], 1.2, "transformer_2")], None, CALL),
         "lightx2v-both": ([(f["lightx2v"], 1.0, "both")], None, CALL),
         "stacked": ([(f["peft"], 0.7, "transformer"), (f["wan"], -0.9, "both")], None, CALL),
-        "distill-euler": ([(f["peft"], 1.0, "transformer"), (f["peft_2"], 1.0, "transformer_2")], EULER, DISTILL_CALL),
+        "distill-euler": ([(f["peft"], 0.6, "transformer"), (f["peft_2"], 0.6, "transformer_2")], EULER, DISTILL_CALL),
     }[name]
 
 

@@ -227,6 +227,16 @@ class Serving(_Strict):
     cuda_memory_pool_mib: int = Field(default=1024, ge=64, le=65_536)
 
 
+class Video(_Strict):
+    """The MP4 the postprocess step encodes (wan_triton.model.video): x264's preset and CRF. Faster presets and
+    higher CRFs encode faster into larger or lossier files; `frames` are unaffected."""
+
+    x264_preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
+    ] = "fast"
+    x264_crf: int = Field(default=17, ge=0, le=51)
+
+
 class Deployment(_Strict):
     model_name: str = "wan_t2v"
     checkpoint: str | None = Field(default=None, description="checkpoint directory; set by `make build MODEL=`")
@@ -244,6 +254,7 @@ class Deployment(_Strict):
     serving: Serving = Field(default_factory=Serving)
     # The solver: None keeps the checkpoint's (model_index.json); else a diffusers scheduler class and overrides.
     scheduler: SolverConfig | None = None
+    video: Video = Field(default_factory=Video)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Deployment:

@@ -287,9 +287,9 @@ class Postprocess(_Model):
     def handle(self, request):
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
         frames = read_inputs(request, [io.DECODED_FRAMES.name])[io.DECODED_FRAMES.name]
-        return _response(
-            output(io.VIDEO.name, np.array([encode_mp4(frames, req.fps)], dtype=object)), output(io.FRAMES.name, frames)
-        )
+        video = self.ctx.deployment.video
+        mp4 = encode_mp4(frames, req.fps, video.x264_preset, video.x264_crf)
+        return _response(output(io.VIDEO.name, np.array([mp4], dtype=object)), output(io.FRAMES.name, frames))
 
 
 class Stream(_Model):
