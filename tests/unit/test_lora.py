@@ -262,3 +262,41 @@ def test_bad_solver_fails_the_build(other_checkpoint, tmp_path, capsys):
     args = ["--model", str(other_checkpoint), "--deployment", str(tmp_path / "d.json"), "--repo", str(tmp_path / "r")]
     assert build_main([*args, "--artifacts-root", str(tmp_path / "a")]) == 1
     assert "flow_shift" in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+def test_export_cache_and_shard_fingerprint_key_on_loras_and_solver(other_checkpoint, lora_files, tmp_path):
+    """A rebuild with other adapters (content, scale, expert) or another solver never reuses the exported graphs,
+    and TP shards cut with other adapters are refused."""
+    import shutil
+
+    from factories import SHAPE_LIMITS
+    from wan_build.export_onnx import source_hash
+    from wan_triton.config.deployment import LoraConfig, SolverConfig
+    from wan_triton.model.specs import denoiser_spec
+    from wan_triton.parallel.tp_shards import fingerprint
+
+    def keys(loras=(), solver=None) -> tuple[str, str, str]:
+        ckpt = Checkpoint.open(other_checkpoint, tuple(loras), solver)
+        return (
+            source_hash(ckpt, "transformer", [denoiser_spec(ckpt, SHAPE_LIMITS, "transformer")]),
+            source_hash(ckpt, "transformer_2", [denoiser_spec(ckpt, SHAPE_LIMITS, "transformer_2")]),
+            fingerprint(ckpt, "transformer"),
+        )
+
+    other_content = tmp_path / "copy.safetensors"
+    shutil.copy(lora_files["wan"], other_content)
+    wan_lora(other_content, other_checkpoint, "transformer", seed=9)
+    base = LoraConfig(path=str(lora_files["wan"]), scale=1.0, expert="transformer")
+    variants = [
+        (),
+        (base,),
+        (base.model_copy(update={"scale": 0.5}),),
+        (base.model_copy(update={"path": str(other_content)}),),
+        (base, LoraConfig(path=str(lora_files["peft"]), expert="transformer")),
+    ]
+    high = [keys(v)[0] for v in variants]
+    assert len(set(high)) == len(high)
+    assert len({keys(v)[2] for v in variants}) == len(variants)
+    # A LoRA on the high-noise expert leaves the low-noise expert's graph as it was; `both` changes it.
+    assert keys((base,))[1] == keys()[1] != keys((base.model_copy(update={"expert": "both"}),))[1]
+    assert keys(solver=SolverConfig(**EULER))[0] != keys()[0]
