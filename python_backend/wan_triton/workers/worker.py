@@ -5,8 +5,8 @@ Roles: "denoiser" (its shard of both experts, for the plan's rank) and "vae" (th
 the group: wan_triton.parallel.vae_split).
 
 Messages in: ("denoise", request fields, prompt embeddings as numpy, whether to send estimates) or ("decode", latents
-as numpy), ("warm_up", height, width, num_frames, guided), ("stop",). Messages out: ("ready",), ("step", index, count) and,
-when asked, ("estimate", index, the clean estimate's first latent frame as numpy) from rank 0,
+as numpy), ("warm_up", height, width, num_frames, guided), ("stop",). Messages out: ("ready",), ("step", index,
+count) and, when asked, ("estimate", index, the clean estimate's first latent frame as numpy) from rank 0,
 ("done", latents or uint8 frames as numpy on rank 0 else None), ("stopped", steps done) when the ranks agreed to
 stop a request mid-loop (wan_triton.workers.step_agreement), ("error", traceback text).
 """
