@@ -300,3 +300,41 @@ def test_export_cache_and_shard_fingerprint_key_on_loras_and_solver(other_checkp
     # A LoRA on the high-noise expert leaves the low-noise expert's graph as it was; `both` changes it.
     assert keys((base,))[1] == keys()[1] != keys((base.model_copy(update={"expert": "both"}),))[1]
     assert keys(solver=SolverConfig(**EULER))[0] != keys()[0]
+
+
+def test_random_weight_checkpoint_takes_a_random_lora(other_checkpoint, tmp_path):
+    """A configs-only benchmark checkpoint (random weights built at load) takes a LoRA too, made by
+    `wan_build.random_lora` in the published distill layout: the weight change of a layer is scale x alpha / rank x
+    up @ down, and layers the file does not touch are unchanged."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from wan_build.random_lora import make_random_lora
+    from wan_triton.config.deployment import LoraConfig
+    from wan_triton.model import lora
+    from wan_triton.model.random_init import MARKER
+
+    root = tmp_path / "configs_only"
+    shutil.copytree(other_checkpoint, root)
+    for weights in root.rglob("*.safetensors"):
+        weights.unlink()
+    (root / MARKER).write_text("benchmark\n")
+    config = json.loads((root / "transformer_2" / "config.json").read_text())
+    path = make_random_lora(config, tmp_path / "distill.safetensors", rank=8, std=0.1)
+    item = LoraConfig(path=str(path), scale=0.5, expert="transformer_2")
+    lora.validate((item,), {"transformer_2": config})
+
+    def load(loras):
+        torch.manual_seed(0)  # the same random weights both times
+        return Checkpoint.open(root, loras).load_transformer("transformer_2", torch.float32)
+
+    plain, fused = load(()), load((item,))
+    tensors = load_file(str(path))
+    down = tensors["diffusion_model.blocks.1.cross_attn.o.lora_down.weight"].float()
+    up = tensors["diffusion_model.blocks.1.cross_attn.o.lora_up.weight"].float()
+    delta = fused.blocks[1].attn2.to_out[0].weight - plain.blocks[1].attn2.to_out[0].weight
+    torch.testing.assert_close(delta, 0.5 * (8 / 8) * up @ down, rtol=1e-3, atol=1e-5)
+    assert torch.equal(fused.proj_out.weight, plain.proj_out.weight)
+    assert not any("lora" in name for name, _ in fused.named_parameters())
