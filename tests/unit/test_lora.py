@@ -338,3 +338,27 @@ def test_random_weight_checkpoint_takes_a_random_lora(other_checkpoint, tmp_path
     torch.testing.assert_close(delta, 0.5 * (8 / 8) * up @ down, rtol=1e-3, atol=1e-5)
     assert torch.equal(fused.proj_out.weight, plain.proj_out.weight)
     assert not any("lora" in name for name, _ in fused.named_parameters())
+
+
+def test_keys_diffusers_drops_are_dropped_and_listed(other_checkpoint, lora_files, caplog):
+    """LightX2V's zero norm `diff` keys are dropped by diffusers' converter: dropped here too, and named in the
+    build log; keys outside `transformer.` (which diffusers' loader skips) likewise."""
+    import logging
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from wan_triton.config.deployment import LoraConfig
+    from wan_triton.model import lora
+
+    adapter = lora.read_adapter(lora_files["lightx2v"])
+    assert not any("norm3" in key for key in adapter.state_dict)
+    config = json.loads((other_checkpoint / "transformer" / "config.json").read_text())
+    with caplog.at_level(logging.INFO, logger="wan_triton.model.lora"):
+        lora.validate((LoraConfig(path=str(lora_files["lightx2v"]), expert="transformer"),), {"transformer": config})
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == config["num_layers"] and all("norm3.diff" in m for m in dropped), dropped
+
+    path = lora_files["peft"].with_name("with_text_encoder.safetensors")
+    save_file({**load_file(str(lora_files["peft"])), "text_encoder.x.lora_A.weight": torch.zeros(2, 2)}, str(path))
+    assert any(key.startswith("text_encoder.x") for key in lora.read_adapter(path).dropped)

@@ -89,20 +89,23 @@ class _Records(logging.Handler):
 
 @contextlib.contextmanager
 def _diffusers_log() -> Iterator[list[str]]:
-    """What diffusers' converter says while it runs (it logs the keys it drops on purpose)."""
+    """What diffusers' converter says while it runs (it logs the keys it drops on purpose), collected here instead
+    of printed, to be listed once in this module's log."""
     handler = _Records()
     names = ("diffusers.loaders.lora_conversion_utils", "diffusers.loaders.lora_pipeline")
     loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
+    saved = [(lg.level, lg.propagate) for lg in loggers]
     for lg in loggers:
         lg.addHandler(handler)
         lg.setLevel(logging.DEBUG)
+        lg.propagate = False
     try:
         yield handler.messages
     finally:
-        for lg, level in zip(loggers, levels, strict=True):
+        for lg, (level, propagate) in zip(loggers, saved, strict=True):
             lg.removeHandler(handler)
             lg.setLevel(level)
+            lg.propagate = propagate
 
 
 def read_adapter(path: str | Path) -> Adapter:
@@ -187,7 +190,7 @@ def validate(loras: Sequence[LoraConfig], configs: dict[str, dict]) -> None:
             layers = check_adapter(adapter, shapes, expert)
             logger.info("LoRA %s on %s: %d layers, scale %g", adapter.path.name, expert, layers, lora.scale)
             for key in adapter.dropped:
-                logger.info("LoRA %s: dropped as diffusers drops it: %s", adapter.path.name, key)
+                logger.info("LoRA %s on %s: dropped as diffusers drops it: %s", adapter.path.name, expert, key)
 
 
 def fuse(module: nn.Module, loras: Sequence[LoraConfig], expert: str) -> nn.Module:
