@@ -169,6 +169,15 @@ def test_guidance_one_runs_one_branch(other_checkpoint, lora_files, tmp_path):
     request = validated_request(deployment, spatial_multiple=ckpt.spatial_multiple, **DISTILL_CALL)
     pipe.denoiser(request, encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a fox runs"]))
     assert batches == [1] * DISTILL_CALL["num_inference_steps"]
+    # Two such requests batched together: one row each.
+    from wan_triton.model.denoise import BatchItem
+
+    batches.clear()
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, ["a fox runs"])
+    other = validated_request(deployment, spatial_multiple=ckpt.spatial_multiple, **{**DISTILL_CALL, "seed": 9})
+    results = pipe.denoiser.run_batch([BatchItem(request, embeds), BatchItem(other, embeds)])
+    assert all(not isinstance(r, BaseException) for r in results)
+    assert batches == [2] * DISTILL_CALL["num_inference_steps"]
     batches.clear()
     warm_up_denoiser(pipe.denoiser, 16, 16, 1, guided=False)
     assert batches == [1, 1]
