@@ -371,3 +371,36 @@ def test_keys_diffusers_drops_are_dropped_and_listed(other_checkpoint, lora_file
     path = lora_files["peft"].with_name("with_text_encoder.safetensors")
     save_file({**load_file(str(lora_files["peft"])), "text_encoder.x.lora_A.weight": torch.zeros(2, 2)}, str(path))
     assert any(key.startswith("text_encoder.x") for key in lora.read_adapter(path).dropped)
+
+
+def test_tp_shards_are_cut_from_the_fused_weights(tiny4_checkpoint, tmp_path):
+    """With LoRAs, each expert's tp shards put back together are the fused expert's weights; the manifest records
+    each LoRA (file, SHA-256, scale, expert), and shards cut with other LoRAs are refused."""
+    import torch
+    from safetensors.torch import load_file
+
+    from wan_triton.config.deployment import LoraConfig
+    from wan_triton.config.plan import ParallelPlan, PlanError
+    from wan_triton.model.lora import file_sha256
+    from wan_triton.parallel.tp_shards import read_manifest, split_dim, write_tp_shards
+
+    path = wan_lora(tmp_path / "wan4.safetensors", tiny4_checkpoint, "transformer_2")
+    item = LoraConfig(path=str(path), scale=0.7, expert="transformer_2", sha256=file_sha256(path))
+    ckpt = Checkpoint.open(tiny4_checkpoint, (item,))
+    plan = ParallelPlan(tp=2)
+    folder = write_tp_shards(ckpt, plan, "float32", tmp_path / "tp2")
+    manifest = read_manifest(folder, ckpt, plan, "float32")
+    assert manifest["experts"]["transformer"]["loras"] == []
+    assert manifest["experts"]["transformer_2"]["loras"] == [
+        {"file": "wan4.safetensors", "sha256": item.sha256, "scale": 0.7, "expert": "transformer_2"}
+    ]
+    fused = ckpt.load_transformer("transformer_2").state_dict()
+    shards = [load_file(str(folder / "transformer_2" / f"tp{j}-of-2.safetensors")) for j in range(2)]
+    for name, tensor in fused.items():
+        dim = split_dim(name)
+        whole = shards[0][name] if dim is None else torch.cat([s[name] for s in shards], dim)
+        assert torch.equal(whole, tensor), name
+    with pytest.raises(PlanError, match="other weights"):
+        read_manifest(
+            folder, Checkpoint.open(tiny4_checkpoint, (item.model_copy(update={"scale": 0.5}),)), plan, "float32"
+        )
