@@ -180,6 +180,9 @@ def meta_expert(config: dict) -> nn.Module:
 def validate(loras: Sequence[LoraConfig], configs: dict[str, dict]) -> None:
     """Check each LoRA against each expert it applies to (`configs`: expert name -> transformer config), and log
     what diffusers' conversion drops. Raises LoraError naming the file and the problem."""
+    for lora in loras:
+        if not any(lora.applies_to(expert) for expert in configs):
+            raise LoraError(f"{lora.path}: expert {lora.expert!r} is not in the checkpoint (it has {sorted(configs)})")
     for expert, config in configs.items():
         selected = [lora for lora in loras if lora.applies_to(expert)]
         if not selected:
