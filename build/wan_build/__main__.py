@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from wan_triton.config.deployment import Deployment, EngineKind
-from wan_triton.model.checkpoint import Checkpoint, CheckpointError
+from wan_triton.model import lora
+from wan_triton.model.checkpoint import EXPERTS, Checkpoint, CheckpointError
 from wan_triton.model.specs import ShapeLimits
 
 from .render import RenderError, render_repository
@@ -99,6 +100,20 @@ def build_fp8_weights(deployment: Deployment, ckpt: Checkpoint, artifacts: Path)
         write_fp8_weights(ckpt, folder)
 
 
+def resolve_loras(deployment: Deployment, ckpt: Checkpoint) -> Deployment:
+    """The deployment with each LoRA's absolute path and SHA-256 recorded, after checking every file against the
+    experts it applies to (raises LoraError naming the file and the problem)."""
+    cfg = deployment.components.denoiser
+    if not cfg.loras:
+        return deployment
+    loras = tuple(item.model_copy(update={"path": str(Path(item.path).resolve())}) for item in cfg.loras)
+    lora.validate(loras, {expert: ckpt.config(expert) for expert in EXPERTS if ckpt.has_expert(expert)})
+    loras = tuple(item.model_copy(update={"sha256": lora.file_sha256(Path(item.path))}) for item in loras)
+    denoiser = cfg.model_copy(update={"loras": loras})
+    components = deployment.components.model_copy(update={"denoiser": denoiser})
+    return deployment.model_copy(update={"components": components})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_build", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="checkpoint directory in the Diffusers layout, or 'tiny'")
@@ -111,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deployment = Deployment.load(args.deployment)
         ckpt = Checkpoint.open(resolve_model(args.model, args.artifacts_root))
+        deployment = resolve_loras(deployment, ckpt)
+        ckpt = Checkpoint.open(ckpt.root, deployment.components.denoiser.loras, deployment.scheduler)
+        solver = ckpt.make_solver()  # a bad `scheduler` override fails here, before anything is written
+        logger.info("solver: %s", type(solver).__name__)
         artifacts = default_artifacts(ckpt, args.artifacts_root)
         graphs = [
             graph

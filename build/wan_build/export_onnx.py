@@ -40,6 +40,7 @@ try:
 except ImportError:  # run from a source checkout: the serving library sits next to build/
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python_backend"))
 
+from wan_triton.model import lora
 from wan_triton.model.checkpoint import EXPERTS, MAX_SEQUENCE_LENGTH, Checkpoint
 from wan_triton.model.specs import (
     ComponentSpec,
@@ -438,7 +439,8 @@ _EXPORTERS: dict[str, Callable[[Checkpoint, ShapeLimits, Path], list[CheckRow]]]
 
 
 def source_hash(ckpt: Checkpoint, component: str, specs: Sequence[ComponentSpec]) -> str:
-    """What the component's graphs are made from: its checkpoint folder, its specs and the exporter versions."""
+    """What the component's graphs are made from: its checkpoint folder, its specs, the exporter versions and, for
+    an expert, the LoRAs fused into it (content hash, scale, expert) and the solver."""
     import onnxscript
 
     h = hashlib.sha256()
@@ -449,6 +451,15 @@ def source_hash(ckpt: Checkpoint, component: str, specs: Sequence[ComponentSpec]
         "onnxscript": onnxscript.__version__,
         "specs": [repr(s) for s in specs],
     }
+    if component in EXPERTS:
+        # The fused adapters are in the graph's weights; the solver is keyed too, so that a rebuild with another
+        # one never reuses graphs checked under the old settings.
+        meta["loras"] = [
+            {"sha256": item.sha256 or lora.file_sha256(Path(item.path)), "scale": item.scale, "expert": item.expert}
+            for item in ckpt.loras
+            if item.applies_to(component)
+        ]
+        meta["solver"] = None if ckpt.solver is None else ckpt.solver.model_dump()
     h.update(json.dumps(meta, sort_keys=True).encode())
     for f in sorted((ckpt.root / component).iterdir()):
         if not f.is_file():

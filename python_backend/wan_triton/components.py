@@ -112,12 +112,15 @@ def _worker_group(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, devic
     return group
 
 
-def warm_up_denoiser(denoiser: Denoiser | WorkerGroup, height: int, width: int, num_frames: int) -> None:
-    """One guided step of each expert at this shape, in this process or on every rank of a worker group."""
+def warm_up_denoiser(
+    denoiser: Denoiser | WorkerGroup, height: int, width: int, num_frames: int, guided: bool = True
+) -> None:
+    """One step of each expert at this shape (guided: a batch of 2), in this process or on every rank of a worker
+    group."""
     if isinstance(denoiser, Denoiser):
-        warm_up(denoiser, height, width, num_frames)
+        warm_up(denoiser, height, width, num_frames, guided)
     else:
-        denoiser.warm_up(height, width, num_frames)
+        denoiser.warm_up(height, width, num_frames, guided)
 
 
 def build_vae_decoder(

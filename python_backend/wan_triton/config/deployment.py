@@ -8,6 +8,7 @@ deployment file fails the build instead of being silently ignored.
 from __future__ import annotations
 
 import json
+import math
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,48 @@ class EngineKind(StrEnum):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# A LoRA's scale must be finite and within this bound: larger ones are typos, and blow the weights up.
+MAX_LORA_SCALE = 8.0
+LoraExpert = Literal["transformer", "transformer_2", "both"]
+
+
+class LoraConfig(_Strict):
+    """One LoRA adapter fused into the experts' weights at build time (wan_triton.model.lora)."""
+
+    # A .safetensors file; a relative path is taken from the directory `make build` runs in. The build records the
+    # absolute path and the file's SHA-256; a loader refuses the file if it has changed since.
+    path: str
+    scale: float = 1.0
+    # Which expert the file applies to; `both` applies it to each, as loading it once per expert does in diffusers.
+    expert: LoraExpert
+    sha256: str | None = Field(default=None, description="set by `make build`")
+
+    @model_validator(mode="after")
+    def _scale_in_range(self) -> LoraConfig:
+        if not math.isfinite(self.scale) or abs(self.scale) > MAX_LORA_SCALE:
+            raise ValueError(
+                f"scale: must be a finite number in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}]; got {self.scale}"
+                f" for {self.path}"
+            )
+        return self
+
+    def applies_to(self, expert: str) -> bool:
+        return self.expert in (expert, "both")
+
+
+class SolverConfig(BaseModel):
+    """Deployment key `scheduler`: the diffusers flow-matching scheduler class that replaces the checkpoint's
+    solver, and overrides of its config (e.g. `shift`, `flow_shift`). Checked against the class at build."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    name: str
+
+    @property
+    def overrides(self) -> dict[str, object]:
+        return dict(self.model_extra or {})
 
 
 class ComponentConfig(_Strict):
@@ -79,6 +122,9 @@ class ComponentConfig(_Strict):
     # instance, forever. A shape that was not warmed up compiles (and captures graphs) within its first step, which
     # takes minutes at 720p: keep this well above that.
     worker_stall_timeout_s: float = Field(default=900.0, gt=0)
+    # Denoiser only: LoRA adapters, applied in this order and fused into the experts' weights (exported graphs, TP
+    # shards and the torch engine's experts alike), so they cost nothing at run time.
+    loras: tuple[LoraConfig, ...] = ()
 
     @model_validator(mode="after")
     def _engine_options(self) -> ComponentConfig:
@@ -125,6 +171,9 @@ class Components(_Strict):
         for name in ("text_encoder", "denoiser"):
             if getattr(self, name).split_width != 1:
                 raise ValueError(f"{name}: split_width is a vae_decoder setting")
+        for name in ("text_encoder", "vae_decoder"):
+            if getattr(self, name).loras:
+                raise ValueError(f"{name}: loras is a denoiser setting")
         return self
 
 
@@ -189,6 +238,16 @@ class Serving(_Strict):
     cuda_memory_pool_mib: int = Field(default=1024, ge=64, le=65_536)
 
 
+class Video(_Strict):
+    """The MP4 the postprocess step encodes (wan_triton.model.video): x264's preset and CRF. Faster presets and
+    higher CRFs encode faster into larger or lossier files; `frames` are unaffected."""
+
+    x264_preset: Literal[
+        "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
+    ] = "fast"
+    x264_crf: int = Field(default=17, ge=0, le=51)
+
+
 class Deployment(_Strict):
     model_name: str = "wan_t2v"
     checkpoint: str | None = Field(default=None, description="checkpoint directory; set by `make build MODEL=`")
@@ -204,6 +263,9 @@ class Deployment(_Strict):
     # to this many bytes of CPU memory. 0 is off. When on, `seed` is required (see README "Result cache").
     result_cache_bytes: int = Field(default=0, ge=0)
     serving: Serving = Field(default_factory=Serving)
+    # The solver: None keeps the checkpoint's (model_index.json); else a diffusers scheduler class and overrides.
+    scheduler: SolverConfig | None = None
+    video: Video = Field(default_factory=Video)
 
     @model_validator(mode="after")
     def _defaults_within_limits(self) -> Deployment:

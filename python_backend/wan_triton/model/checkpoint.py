@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from wan_triton.model import random_init
+from wan_triton.config.deployment import LoraConfig, SolverConfig
+from wan_triton.model import lora, random_init
 
 logger = logging.getLogger(__name__)
 
@@ -42,13 +43,18 @@ def _read_json(path: Path) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Checkpoint:
     """A checkpoint directory with `model_index.json`, `text_encoder/`, `tokenizer/`, `transformer/`,
-    `transformer_2/`, `vae/` and `scheduler/`."""
+    `transformer_2/`, `vae/` and `scheduler/`; with the deployment's LoRAs (fused into the experts as they load)
+    and solver override, if any."""
 
     root: Path
+    loras: tuple[LoraConfig, ...] = ()
+    solver: SolverConfig | None = None
 
     @classmethod
-    def open(cls, root: str | Path) -> Checkpoint:
-        ckpt = cls(Path(root).resolve())
+    def open(
+        cls, root: str | Path, loras: tuple[LoraConfig, ...] = (), solver: SolverConfig | None = None
+    ) -> Checkpoint:
+        ckpt = cls(Path(root).resolve(), tuple(loras), solver)
         ckpt.validate()
         return ckpt
 
@@ -148,6 +154,11 @@ class Checkpoint:
         return sum(p.numel() for p in module.parameters()) * dtype.itemsize
 
     def load_transformer(self, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        """The expert, with the LoRAs that apply to it fused into its weights (on `device`: a random-weight
+        benchmark expert takes its LoRAs there too)."""
+        return lora.fuse(self._load_transformer(name, dtype, device), self.loras, name)
+
+    def _load_transformer(self, name: str, dtype: torch.dtype, device: str):
         from diffusers import WanTransformer3DModel
 
         if name not in EXPERTS:
@@ -176,11 +187,35 @@ class Checkpoint:
 
     def make_solver(self):
         """A fresh solver for one request (solvers keep per-run state): the diffusers scheduler class the checkpoint
-        names. The project says "solver" for it; "scheduler" is the Triton step that runs the denoising loop."""
-        import diffusers
+        names, or the deployment's override of it. The project says "solver" for it; "scheduler" is the Triton step
+        that runs the denoising loop."""
+        if self.solver is None:
+            # The class named in model_index.json (UniPCMultistepScheduler in the official Wan2.2 checkpoints).
+            library, class_name = self.model_index["scheduler"]
+            if library != "diffusers":
+                raise CheckpointError(f"unsupported scheduler {library}.{class_name}")
+            return solver_class(class_name).from_config(self.config("scheduler"))
+        cls = solver_class(self.solver.name)
+        overrides = self.solver.overrides
+        # from_config silently ignores a key the class does not take (Euler given flow_shift keeps shift 1.0).
+        accepted = set(cls._get_init_keys(cls)) - {"self", "kwargs"}
+        unknown = sorted(set(overrides) - accepted)
+        if unknown:
+            raise CheckpointError(
+                f"scheduler: {self.solver.name} takes no {unknown}; its settings are {sorted(accepted)}"
+            )
+        return cls.from_config(self.config("scheduler"), **overrides)
 
-        # The class named in model_index.json (UniPCMultistepScheduler in the official Wan2.2 checkpoints).
-        library, class_name = self.model_index["scheduler"]
-        if library != "diffusers" or not class_name.endswith("Scheduler") or not hasattr(diffusers, class_name):
-            raise CheckpointError(f"unsupported scheduler {library}.{class_name}")
-        return getattr(diffusers, class_name).from_config(self.config("scheduler"))
+
+def solver_class(name: str):
+    """The diffusers scheduler class `name`, which must be a flow-matching solver (Wan's experts predict flow)."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None) if name.endswith("Scheduler") else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise CheckpointError(f"scheduler: {name!r} is not a diffusers scheduler class")
+    keys = set(cls._get_init_keys(cls))
+    if not keys & {"use_flow_sigmas", "shift", "flow_shift", "use_dynamic_shifting"}:
+        raise CheckpointError(f"scheduler: {name} is not a flow-matching scheduler")
+    return cls

@@ -221,14 +221,19 @@ def batch_key(request: GenerationRequest) -> tuple[int, int, int, int, bool]:
     )
 
 
-def warm_up(denoiser: Denoiser, height: int, width: int, num_frames: int) -> None:
-    """One guided step of each expert at this shape, so compilation and allocation happen before serving."""
+def warm_up(denoiser: Denoiser, height: int, width: int, num_frames: int, guided: bool = True) -> None:
+    """One step of each expert at this shape, so compilation and allocation happen before serving: guided (a
+    batch of 2) or not (a batch of 1, what requests with guidance_scale <= 1 run)."""
     latents = initial_noise(latent_shape(denoiser.ckpt, height, width, num_frames), 0).to(denoiser.device)
-    embeds = torch.zeros(2, MAX_SEQUENCE_LENGTH, denoiser.ckpt.text_dim, device=denoiser.device, dtype=denoiser.dtype)
+    rows = 2 if guided else 1
+    embeds = torch.zeros(
+        rows, MAX_SEQUENCE_LENGTH, denoiser.ckpt.text_dim, device=denoiser.device, dtype=denoiser.dtype
+    )
     for expert in denoiser.experts.values():
         solver = denoiser.ckpt.make_solver()
         solver.set_timesteps(1, device=denoiser.device)
-        denoise_step(expert, solver, latents, solver.timesteps[0], embeds, 1.0, denoiser.cfg_parallel)
+        scale = 1.0 if guided else None
+        denoise_step(expert, solver, latents, solver.timesteps[0], embeds, scale, denoiser.cfg_parallel)
     if denoiser.swapper is not None:
         denoiser.swapper.activate("transformer")  # requests start with the high-noise expert
 

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 # High quality: at CRF 17 x264 output is visually lossless, so a decoded MP4 stays within a few levels of the frames.
 X264_CRF = 17
 X264_PRESET = "fast"
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 # A fixed thread count, not x264's CPU-count-based "auto": x264 is deterministic for a given thread count, so the same
 # frames give the same bytes on any host. Four threads keep a 720p, 81-frame encode to a few seconds.
 X264_THREADS = 4
@@ -60,8 +61,9 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray(x.cpu().numpy())
 
 
-def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """Encode uint8 RGB frames [F, H, W, 3] as an H.264 (yuv420p) MP4 with the index up front (faststart)."""
+def encode_mp4(frames: np.ndarray, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF) -> bytes:
+    """Encode uint8 RGB frames [F, H, W, 3] as an H.264 (yuv420p) MP4 with the index up front (faststart), with
+    x264's `preset` (speed against size) and `crf` (quality: lower is closer to the frames)."""
     _check_frames(frames)
     if isinstance(fps, bool) or not isinstance(fps, int | np.integer) or fps <= 0:
         raise ValueError(f"fps must be a positive integer, got {fps!r}")
@@ -86,7 +88,7 @@ def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
         stream.height = height
         stream.pix_fmt = "yuv420p"
         stream.time_base = time_base
-        stream.options = _x264_options()
+        stream.options = _x264_options(preset, crf)
         codec = stream.codec_context
         codec.colorspace = _AVCOL_SPC_BT709
         codec.color_primaries = _AVCOL_PRI_BT709
@@ -120,8 +122,12 @@ def decode_mp4(data: bytes) -> np.ndarray:
 
 
 @functools.cache
-def _x264_options() -> dict[str, str]:
-    options = {"crf": str(X264_CRF), "preset": X264_PRESET, "threads": str(X264_THREADS)}
+def _x264_options(preset: str, crf: int) -> dict[str, str]:
+    if preset not in X264_PRESETS:
+        raise ValueError(f"x264 preset must be one of {X264_PRESETS}, got {preset!r}")
+    if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise ValueError(f"x264 crf must be an integer in [0, 51], got {crf!r}")
+    options = {"crf": str(crf), "preset": preset, "threads": str(X264_THREADS)}
     if _cpu_has_avx512():
         options["x264-params"] = _X264_ASM_CAP
     return options

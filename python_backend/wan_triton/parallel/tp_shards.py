@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import struct
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,10 @@ def _weight_files(ckpt: Checkpoint, expert: str) -> list[Path]:
 
 def fingerprint(ckpt: Checkpoint, expert: str) -> str:
     """Cheap identity of an expert's weights: config, and each file's name, size and safetensors header (tensor
-    names, dtypes, shapes, offsets). Checked at every load; the full SHA-256 is recorded at build."""
+    names, dtypes, shapes, offsets), and the LoRAs fused into it. Checked at every load; the full SHA-256 is
+    recorded at build."""
     h = hashlib.sha256((ckpt.root / expert / "config.json").read_bytes())
+    h.update(json.dumps(lora_records(ckpt, expert), sort_keys=True).encode())
     for path in _weight_files(ckpt, expert):
         with path.open("rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
@@ -87,9 +90,32 @@ def content_sha256(ckpt: Checkpoint, expert: str) -> str:
     return h.hexdigest()
 
 
+def lora_records(ckpt: Checkpoint, expert: str) -> list[dict[str, Any]]:
+    """The LoRAs fused into the expert's shards, in order: file name, SHA-256, scale and expert."""
+    return [
+        {"file": Path(lora.path).name, "sha256": lora.sha256, "scale": lora.scale, "expert": lora.expert}
+        for lora in ckpt.loras
+        if lora.applies_to(expert)
+    ]
+
+
+def _expert_tensors(ckpt: Checkpoint, expert: str) -> Iterator[tuple[str, Callable[[], torch.Tensor], Any]]:
+    """(name, whole tensor, sliceable tensor) of each of the expert's weights. Without LoRAs the files are read
+    lazily, tensor by tensor; with LoRAs the expert is loaded in float32 with them fused, and its state cut."""
+    from safetensors import safe_open
+
+    if any(lora.applies_to(expert) for lora in ckpt.loras):
+        for name, tensor in ckpt.load_transformer(expert, torch.float32, "cpu").state_dict().items():
+            yield name, lambda t=tensor: t, tensor
+        return
+    for path in _weight_files(ckpt, expert):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                yield name, lambda f=f, name=name: f.get_tensor(name), f.get_slice(name)
+
+
 def write_tp_shards(ckpt: Checkpoint, plan: ParallelPlan, precision: str, out: Path) -> Path:
     """Write every expert's tp shards (read lazily, tensor by tensor) and the manifest; returns the folder."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     if plan.tp == 1:
@@ -108,25 +134,22 @@ def write_tp_shards(ckpt: Checkpoint, plan: ParallelPlan, precision: str, out: P
         plan.check_transformer(ckpt.config(expert))
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(plan.tp)]
         dtypes: dict[str, int] = {}
-        for path in _weight_files(ckpt, expert):
-            with safe_open(str(path), framework="pt") as f:
-                for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    target = torch.float32 if _keep_fp32(name) else dtype
-                    dim = split_dim(name)
-                    if dim is None:
-                        whole = f.get_tensor(name).to(target).contiguous()
-                        for shard in shards:
-                            shard[name] = whole
-                    else:
-                        lazy = f.get_slice(name)
-                        size = lazy.get_shape()[dim]
-                        if size % plan.tp:
-                            raise PlanError(f"{expert}.{name}: dim {dim} of size {size} not divisible by tp {plan.tp}")
-                        step = size // plan.tp
-                        for j, shard in enumerate(shards):
-                            index = (slice(None),) * dim + (slice(j * step, (j + 1) * step),)
-                            shard[name] = lazy[index].to(target).contiguous()
-                    dtypes[str(target).removeprefix("torch.")] = dtypes.get(str(target).removeprefix("torch."), 0) + 1
+        for name, whole_tensor, tensor in _expert_tensors(ckpt, expert):
+            target = torch.float32 if _keep_fp32(name) else dtype
+            dim = split_dim(name)
+            if dim is None:
+                whole = whole_tensor().to(target).contiguous()
+                for shard in shards:
+                    shard[name] = whole
+            else:
+                size = tensor.get_shape()[dim] if hasattr(tensor, "get_shape") else tensor.shape[dim]
+                if size % plan.tp:
+                    raise PlanError(f"{expert}.{name}: dim {dim} of size {size} not divisible by tp {plan.tp}")
+                step = size // plan.tp
+                for j, shard in enumerate(shards):
+                    index = (slice(None),) * dim + (slice(j * step, (j + 1) * step),)
+                    shard[name] = tensor[index].to(target).contiguous()
+            dtypes[str(target).removeprefix("torch.")] = dtypes.get(str(target).removeprefix("torch."), 0) + 1
         (out / expert).mkdir(exist_ok=True)
         files = []
         for j, shard in enumerate(shards):
@@ -138,6 +161,7 @@ def write_tp_shards(ckpt: Checkpoint, plan: ParallelPlan, precision: str, out: P
             "tensor_dtypes": dtypes,
             "source_sha256": content_sha256(ckpt, expert),
             "source_fingerprint": fingerprint(ckpt, expert),
+            "loras": lora_records(ckpt, expert),
         }
         logger.info("%s: wrote %d tp shards to %s", expert, plan.tp, out / expert)
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from wan_triton.components import build_denoiser, build_text_encoder, build_vae_decoder, warm_up_denoiser
-from wan_triton.config.request import GenerationRequest, validate_request
+from wan_triton.config.request import GUIDANCE_THRESHOLD, GenerationRequest, validate_request
 from wan_triton.model.denoise import BatchItem, group_by_shape, latent_shape
 from wan_triton.model.text import PromptTokenizer, encode_tokens
 from wan_triton.model.video import encode_mp4
@@ -138,9 +138,11 @@ class Scheduler(_Model):
         self.board = JobBoard()
         cfg = self.ctx.deployment.components.denoiser
         self.denoiser = build_denoiser(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
+        # Warm up what the default request runs: guided (a batch of 2) or, at guidance_scale <= 1, a batch of 1.
+        guided = self.ctx.deployment.defaults.guidance_scale > GUIDANCE_THRESHOLD
         for shape in self.ctx.deployment.warmup:
             started = time.perf_counter()
-            warm_up_denoiser(self.denoiser, shape.height, shape.width, shape.num_frames)
+            warm_up_denoiser(self.denoiser, shape.height, shape.width, shape.num_frames, guided)
             logger.info("%s warm-up %s: %.2f s", self.ctx.name, shape, time.perf_counter() - started)
 
     def execute(self, requests):
@@ -285,9 +287,9 @@ class Postprocess(_Model):
     def handle(self, request):
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
         frames = read_inputs(request, [io.DECODED_FRAMES.name])[io.DECODED_FRAMES.name]
-        return _response(
-            output(io.VIDEO.name, np.array([encode_mp4(frames, req.fps)], dtype=object)), output(io.FRAMES.name, frames)
-        )
+        video = self.ctx.deployment.video
+        mp4 = encode_mp4(frames, req.fps, video.x264_preset, video.x264_crf)
+        return _response(output(io.VIDEO.name, np.array([mp4], dtype=object)), output(io.FRAMES.name, frames))
 
 
 class Stream(_Model):

@@ -52,7 +52,9 @@ class ModelContext:
         return cls(
             name=args["model_name"],
             deployment=deployment,
-            checkpoint=Checkpoint.open(deployment.checkpoint),
+            checkpoint=Checkpoint.open(
+                deployment.checkpoint, deployment.components.denoiser.loras, deployment.scheduler
+            ),
             artifacts=model_dir / str(args["model_version"]),
             device_id=int(args.get("model_instance_device_id", 0) or 0),
         )

@@ -109,6 +109,8 @@ class _Supervisor:
             device_ids=self.device_ids,
             shards=None if self.shards is None else str(self.shards),
             role=self.role,
+            loras=self.ckpt.loras,
+            solver=self.ckpt.solver,
         )
         started = time.perf_counter()
         self._stop_flag = ctx.Event()
@@ -149,9 +151,9 @@ class _Supervisor:
         self.close()
         return WorkerGroupError(message, worker_gone)
 
-    def warm_up(self, height: int, width: int, num_frames: int) -> None:
+    def warm_up(self, height: int, width: int, num_frames: int, guided: bool = True) -> None:
         """Every rank runs its part once at this shape (compiles, captures, allocates) before serving."""
-        self._send(("warm_up", height, width, num_frames))
+        self._send(("warm_up", height, width, num_frames, guided))
 
     def _send(self, message: tuple, on_step=None, on_estimate=None):
         """Run `message` on every rank and return rank 0's result; `on_step(index, count)` and

@@ -5,8 +5,8 @@ Roles: "denoiser" (its shard of both experts, for the plan's rank) and "vae" (th
 the group: wan_triton.parallel.vae_split).
 
 Messages in: ("denoise", request fields, prompt embeddings as numpy, whether to send estimates) or ("decode", latents
-as numpy), ("warm_up", height, width, num_frames), ("stop",). Messages out: ("ready",), ("step", index, count) and,
-when asked, ("estimate", index, the clean estimate's first latent frame as numpy) from rank 0,
+as numpy), ("warm_up", height, width, num_frames, guided), ("stop",). Messages out: ("ready",), ("step", index,
+count) and, when asked, ("estimate", index, the clean estimate's first latent frame as numpy) from rank 0,
 ("done", latents or uint8 frames as numpy on rank 0 else None), ("stopped", steps done) when the ranks agreed to
 stop a request mid-loop (wan_triton.workers.step_agreement), ("error", traceback text).
 """
@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-from wan_triton.config.deployment import ComponentConfig
+from wan_triton.config.deployment import ComponentConfig, LoraConfig, SolverConfig
 from wan_triton.config.precision import DTYPES
 from wan_triton.config.request import GenerationRequest
 from wan_triton.model.checkpoint import Checkpoint
@@ -49,6 +49,8 @@ class WorkerSpec:
     device_ids: tuple[int, ...]  # CUDA device of each rank; unused on cpu
     shards: str | None = None  # build-time TP shard folder (wan_build.shards), None: cut the whole expert here
     role: Role = "denoiser"
+    loras: tuple[LoraConfig, ...] = ()  # fused into the experts as they load (Checkpoint.loras)
+    solver: SolverConfig | None = None  # the deployment's solver override (Checkpoint.solver)
 
     @property
     def world_size(self) -> int:
@@ -83,7 +85,7 @@ def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
         backend = backend_for(device.type)
         threads = cpu_threads_per_rank(spec.world_size) if backend == "gloo" else None
         init_distributed(rank, spec.world_size, spec.port, backend, threads)
-        ckpt = Checkpoint.open(spec.checkpoint)
+        ckpt = Checkpoint.open(spec.checkpoint, spec.loras, spec.solver)
         agreement = None
         if spec.role == "vae":
             denoiser, vae = None, _build_vae(spec, ckpt, device)
@@ -130,12 +132,12 @@ def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
                     # float video: a quarter of the bytes through the pipe (224 MB at 720p).
                     conn.send(("done", vae.frames(torch.from_numpy(message[1]))))
                 case "warm_up" if vae is not None:
-                    _, height, width, num_frames = message
+                    _, height, width, num_frames, *_ = message
                     vae(torch.zeros(latent_shape(ckpt, height, width, num_frames)))
                     conn.send(("done", None))
                 case "warm_up":
-                    _, height, width, num_frames = message
-                    warm_up(denoiser, height, width, num_frames)
+                    _, height, width, num_frames, guided = message
+                    warm_up(denoiser, height, width, num_frames, guided)
                     conn.send(("done", None))
                 case other:
                     raise ValueError(f"unknown message {other!r}")

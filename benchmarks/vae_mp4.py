@@ -1,0 +1,88 @@
+"""The VAE decode and MP4 encode of one video on a GPU, before and after the fast options: the fp32 decode against
+the bf16 one (deployment `components.vae_decoder.precision: bfloat16`), each to uint8 frames, and the H.264 encode
+of those frames at x264 presets (deployment `video.x264_preset`; `fast` is the default), with the bf16 frames'
+distance from the fp32 ones in uint8 levels.
+
+The VAE has random weights built on the device from the A14B config (speed does not depend on weight values). On a
+GPU host (`benchmarks/gpu/distill4.sh` runs it):
+
+    python benchmarks/vae_mp4.py --out $OUT/vae_mp4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wan_bench.experts import SIZES, latent_shape
+from wan_bench.records import run_record, write_json
+from wan_bench.timing import time_wall
+from wan_build.shapes_checkpoint import make_shapes_checkpoint
+from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn
+from wan_triton.model.video import X264_PRESET, encode_mp4
+
+PRESETS = (X264_PRESET, "veryfast", "superfast", "ultrafast")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="720p", choices=["480p", "720p"])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--crf", type=int, default=17)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+
+    ckpt = Checkpoint.open(make_shapes_checkpoint(Path(tempfile.mkdtemp()) / "a14b"))
+    device = torch.device("cuda")
+    vae32 = ckpt.load_vae(torch.float32, "cuda")
+    vae16 = ckpt.load_vae(torch.bfloat16, "cuda")
+    vae16.load_state_dict(vae32.state_dict())  # same weights, bf16
+    latents = torch.randn(
+        latent_shape(SIZES[args.size]), device=device, generator=torch.Generator("cuda").manual_seed(0)
+    )
+    result = {
+        **run_record(torch.cuda.get_device_name()),
+        "size": args.size,
+        "crf": args.crf,
+        "decode": {},
+        "encode": {},
+    }
+    frames: dict[str, np.ndarray] = {}
+    for name, vae, dtype in (("fp32", vae32, torch.float32), ("bf16", vae16, torch.bfloat16)):
+        decoder = VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype)
+        last: dict = {}
+
+        def decode(decoder=decoder, last=last) -> None:
+            last["frames"] = decoder.frames(latents)  # to uint8 frames on the host, as the server's step does
+
+        _, times = time_wall(decode, device, args.repeat)
+        frames[name] = last["frames"]
+        result["decode"][name] = {"decode_to_frames_s": statistics.median(times), "times": times}
+        torch.cuda.empty_cache()
+    diff = np.abs(frames["bf16"].astype(np.int16) - frames["fp32"])
+    result["bf16_vs_fp32_levels"] = {"max": int(diff.max()), "mean": float(diff.mean())}
+    for preset in PRESETS:
+        times = []
+        for _ in range(args.repeat):
+            started = time.perf_counter()
+            data = encode_mp4(frames["fp32"], 16, preset=preset, crf=args.crf)
+            times.append(time.perf_counter() - started)
+        result["encode"][preset] = {"encode_s": statistics.median(times), "times": times, "bytes": len(data)}
+    base = result["decode"]["fp32"]["decode_to_frames_s"] + result["encode"][X264_PRESET]["encode_s"]
+    print(f"before: fp32 decode + {X264_PRESET} encode {base:.2f} s")
+    for preset in PRESETS:
+        total = result["decode"]["bf16"]["decode_to_frames_s"] + result["encode"][preset]["encode_s"]
+        print(f"bf16 decode + {preset} encode {total:.2f} s ({result['encode'][preset]['bytes'] / 1e6:.1f} MB)")
+    print(f"bf16 vs fp32 frames: {result['bf16_vs_fp32_levels']}")
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
