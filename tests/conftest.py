@@ -79,6 +79,33 @@ TINY4 = {
 }
 
 
+# The image-to-video kinds at sizes unlike the tiny-i2v / tiny-ti2v defaults (OTHER_TINY's, plus for TI2V another
+# latent width and VAE widths).
+OTHER_I2V = {**OTHER_TINY, "kind": "i2v", "vae_z_dim": 12, "boundary_ratio": 0.9, "seed": 12}
+OTHER_TI2V = {
+    **OTHER_TINY,
+    "kind": "ti2v",
+    "ti2v_z_dim": 24,
+    "ti2v_vae_base_dim": 6,
+    "ti2v_decoder_base_dim": 10,
+    "seed": 13,
+}
+
+
+@pytest.fixture(scope="session")
+def i2v_checkpoint(tmp_path_factory) -> Path:
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt_i2v") / "tiny_i2v_other", TinyConfig(**OTHER_I2V))
+
+
+@pytest.fixture(scope="session")
+def ti2v_checkpoint(tmp_path_factory) -> Path:
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt_ti2v") / "tiny_ti2v_other", TinyConfig(**OTHER_TI2V))
+
+
 @pytest.fixture(scope="session")
 def tiny4_checkpoint(tmp_path_factory) -> Path:
     from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
