@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from factories import OTHER_I2V, OTHER_TI2V
 from served import CACHED_BYTES, CACHED_MODEL, DEPLOYMENTS, PARALLEL_DEPLOYMENT, PARALLEL_MODEL, SERVING
 
 _TESTS = Path(__file__).resolve().parent
@@ -76,19 +77,6 @@ OTHER_TINY = dict(
 TINY4 = {
     **OTHER_TINY,
     **dict(num_layers=2, num_attention_heads=4, ffn_dim=64, text_layers=1, text_heads=2, text_ff=32, seed=21),
-}
-
-
-# The image-to-video kinds at sizes unlike the tiny-i2v / tiny-ti2v defaults (OTHER_TINY's, plus for TI2V another
-# latent width and VAE widths).
-OTHER_I2V = {**OTHER_TINY, "kind": "i2v", "vae_z_dim": 12, "boundary_ratio": 0.9, "seed": 12}
-OTHER_TI2V = {
-    **OTHER_TINY,
-    "kind": "ti2v",
-    "ti2v_z_dim": 24,
-    "ti2v_vae_base_dim": 6,
-    "ti2v_decoder_base_dim": 10,
-    "seed": 13,
 }
 
 

@@ -125,6 +125,7 @@ class Denoiser:
         on_step: StepCallback | None = None,
         on_estimate: EstimateCallback | None = None,
         estimate_every: int = 1,
+        condition_image: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Run every step and return the final latents.
 
@@ -134,10 +135,12 @@ class Denoiser:
             on_step: progress / cancellation hook.
             on_estimate: receives each step's clean-latent estimate (flow matching: x0 = latents - sigma x noise_pred).
             estimate_every: k: only after steps k, 2k, ... (what a preview every k steps shows).
+            condition_image: uint8 [height, width, 3] (`BatchItem.condition_image`), or None.
         Returns:
             latents, float32 [1, C, latent_frames, height / 8, width / 8], on `self.device`.
         """
-        (result,) = self.run_batch([BatchItem(request, prompt_embeds, on_step, on_estimate, estimate_every)])
+        item = BatchItem(request, prompt_embeds, on_step, on_estimate, estimate_every, condition_image)
+        (result,) = self.run_batch([item])
         if isinstance(result, BaseException):
             raise result
         return result
