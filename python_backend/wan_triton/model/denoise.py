@@ -337,7 +337,8 @@ def batch_key(request: GenerationRequest) -> tuple[int, int, int, int, bool]:
 
 def warm_up(denoiser: Denoiser, height: int, width: int, num_frames: int) -> None:
     """One guided step of each expert at this shape, so compilation and allocation happen before serving. A model
-    that takes images warms up with a synthetic (mid-grey) one, through the VAE encoder too."""
+    that takes images warms up with a synthetic (mid-grey) one, through the VAE encoder too (TI2V only when the
+    denoiser has one)."""
     shape = latent_shape(denoiser.ckpt, height, width, num_frames)
     latents = initial_noise(shape, 0).to(denoiser.device)
     embeds = torch.zeros(2, MAX_SEQUENCE_LENGTH, denoiser.ckpt.text_dim, device=denoiser.device, dtype=denoiser.dtype)
@@ -353,7 +354,9 @@ def warm_up(denoiser: Denoiser, height: int, width: int, num_frames: int) -> Non
         guidance_scale_2=1.0,
         fps=16,
     )
-    image = None if denoiser.ckpt.image_input == "none" else np.full((height, width, 3), 128, dtype=np.uint8)
+    kind = denoiser.ckpt.image_input
+    with_image = kind == "required" or (kind == "optional" and denoiser.vae_encoder is not None)
+    image = np.full((height, width, 3), 128, dtype=np.uint8) if with_image else None
     condition = denoiser.conditioning(BatchItem(request, embeds, condition_image=image), shape)
     for expert in denoiser.experts.values():
         solver = denoiser.ckpt.make_solver()
