@@ -38,18 +38,15 @@ EXPORTED_COMPONENTS = {
 def exported_graphs(deployment: Deployment, ckpt: Checkpoint) -> list[str]:
     """The graphs to export: components not on the torch engine, and of those only what the checkpoint has (one
     expert for TI2V-5B; the VAE encoder only where requests carry images)."""
+    from .export_onnx import checkpoint_components
 
-    def present(graph: str) -> bool:
-        if graph in EXPERTS:
-            return ckpt.has_expert(graph)
-        return graph != "vae_encoder" or ckpt.image_input != "none"
-
+    present = set(checkpoint_components(ckpt))
     return [
         graph
         for component, names in EXPORTED_COMPONENTS.items()
         if getattr(deployment.components, component).engine != EngineKind.TORCH
         for graph in names
-        if present(graph)
+        if graph in present
     ]
 
 

@@ -560,11 +560,24 @@ def _install(tmp: Path, out_dir: Path, component: str) -> None:
 # Entry points
 
 
+def checkpoint_components(ckpt: Checkpoint) -> list[str]:
+    """The exportable components of this checkpoint."""
+
+    def present(component: str) -> bool:
+        if component in EXPERTS:
+            return ckpt.has_expert(component)
+        return component != "vae_encoder" or ckpt.image_input != "none"
+
+    return [c for c in COMPONENTS if present(c)]
+
+
 def export_all(
     ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path, components: list[str] | None = None
 ) -> list[CheckRow]:
-    """Export (or reuse) each component's graphs under `out_dir` and return the ONNX-vs-PyTorch check rows."""
-    components = list(components or COMPONENTS)
+    """Export (or reuse) each component's graphs under `out_dir` and return the ONNX-vs-PyTorch check rows. By
+    default every component the checkpoint has (the second expert of the A14B kinds, the VAE encoder where
+    requests carry images)."""
+    components = list(components or checkpoint_components(ckpt))
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown components {unknown}; expected some of {COMPONENTS}")
