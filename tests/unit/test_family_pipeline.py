@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from checks import assert_frames_close, reference_frames, reference_i2v_frames
@@ -145,3 +146,32 @@ def test_ti2v_matches_diffusers_onnxruntime(ti2v_checkpoint, tmp_path_factory):
     assert_frames_close(frames, reference_i2v_frames(ti2v_checkpoint, image, **dict(TI2V_CALL)))
     frames = pipe.generate(_request(ckpt, deployment, TI2V_CALL))
     assert_frames_close(frames, reference_frames(ti2v_checkpoint, **dict(TI2V_CALL)))
+
+
+def test_ti2v_requests_with_and_without_image_batch_together(ti2v_torch):
+    """One expert forward for both requests (each row with its own per-frame timesteps) gives each request's
+    latents as when it runs alone."""
+    from wan_triton.model.denoise import BatchItem
+    from wan_triton.pipeline import encode_prompts, prompts_for
+
+    ckpt, deployment, pipe = ti2v_torch
+    request = _request(ckpt, deployment, {**TI2V_CALL, "num_inference_steps": 3})
+    embeds = encode_prompts(pipe.tokenizer, pipe.text_encoder, prompts_for(request))
+    _, pixels = condition_image(request.height, request.width, seed=2)
+    items = [BatchItem(request, embeds, condition_image=pixels), BatchItem(request, embeds)]
+    calls = []
+    engine = pipe.denoiser.experts["transformer"]
+    original = engine.run
+    engine.run = lambda inputs: calls.append(inputs["timestep"].clone()) or original(inputs)
+    try:
+        together = pipe.denoiser.run_batch(items)
+        alone = [pipe.denoiser.run_batch([item])[0] for item in items]
+    finally:
+        del engine.run
+    # The batched forwards: 4 rows (2 requests x cond/uncond), one timestep per latent frame, 0 only on the image's
+    # first frame.
+    assert calls[0].shape == (4, 3) and (calls[0][:2, 0] == 0).all() and (calls[0][2:, 0] > 0).all()
+    for got, ref in zip(together, alone, strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    # With the image the first latent frame is the encoded image itself; without, it is denoised like the rest.
+    assert not torch.equal(together[0][:, :, 0], together[1][:, :, 0])
