@@ -3,8 +3,8 @@
 The kind comes from the checkpoint itself (model_index.json's `_class_name`, `boundary_ratio`, `expand_timesteps`,
 the component configs), never from a flag. Nothing here assumes the tiny test config: layer counts, widths,
 channels, vocabulary, text length, VAE strides and scheduler settings all come from the checkpoint's own config
-files. Weights are read from safetensors only (pickle-based `.bin`
-files are refused, since loading them can run arbitrary code).
+files. Weights are read from safetensors only (pickle-based `.bin` files are refused, since loading them can run
+arbitrary code).
 """
 
 from __future__ import annotations
