@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
 # The Wan2.2 family beyond T2V-A14B on one GPU, from configs-only checkpoints (random bf16 weights built on the
-# device; python -m wan_build.shapes_checkpoint --kind i2v|ti2v), about 8 minutes on one H200:
+# device; python -m wan_build.shapes_checkpoint --kind i2v|ti2v), sized for about 8 minutes on one H200 (one timed
+# I2V step after its warm-up, two TI2V steps, one timed end-to-end request of $STEPS steps):
 #   1. the I2V-A14B 720p step (1280x720, 81 frames), ours vs diffusers' WanImageToVideoPipeline transformer step;
 #   2. the TI2V-5B step at 704x1280, 121 frames, ours vs diffusers' WanPipeline (expand_timesteps) transformer step;
 #   3. TI2V-5B end to end through Triton (text-to-video) with gpu_ti2v_5b.yaml: the per-stage breakdown and each
@@ -22,7 +23,7 @@ shapes_checkpoint ti2v /tmp/ti2v_5b
 
 status=0
 python benchmarks/family_step.py --checkpoint /tmp/i2v_a14b --height 720 --width 1280 --num-frames 81 --compile \
-  --out "$OUT/family_step_i2v_a14b_720p.json" 2>&1 | tee "$OUT/family_step_i2v_a14b_720p.log" || status=$?
+  --repeat 1 --out "$OUT/family_step_i2v_a14b_720p.json" 2>&1 | tee "$OUT/family_step_i2v_a14b_720p.log" || status=$?
 python benchmarks/family_step.py --checkpoint /tmp/ti2v_5b --height 704 --width 1280 --num-frames 121 --compile \
   --out "$OUT/family_step_ti2v_5b.json" 2>&1 | tee "$OUT/family_step_ti2v_5b.log" || status=$?
 
