@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             failed = [row.component for row in rows if not row.ok]
             if failed:
                 raise ValueError(f"exported graphs differ from PyTorch beyond tolerance: {failed}")
+        if deployment.components.vae_decoder.split_width > 1 and ckpt.config("vae").get("patch_size") is not None:
+            raise ValueError("vae_decoder split_width > 1 supports the Wan2.1 VAE, not this Wan2.2 VAE")
         build_tp_shards(deployment, ckpt, artifacts)
         repo = render_repository(deployment, ckpt.root, artifacts, args.repo)
     except (CheckpointError, RenderError, ValueError, FileNotFoundError) as exc:
