@@ -94,3 +94,15 @@ def test_chunked_encode_equals_vae_encode(tmp_path, cfg, frames):
     got = encode_video(run, video, len(modules))
     assert got.shape == (1, ckpt.latent_channels, ckpt.num_latent_frames(frames), 2, 3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("model", "image_input"), [("tiny", "none"), ("tiny-i2v", "required"), ("tiny-ti2v", "optional")]
+)
+def test_make_build_names_the_tiny_kinds(tmp_path, model, image_input):
+    from wan_build.__main__ import resolve_model
+
+    path = resolve_model(model, tmp_path)
+    assert path == tmp_path / model / "checkpoint"
+    assert Checkpoint.open(path).image_input == image_input
+    assert resolve_model(model, tmp_path) == path  # made once
