@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from factories import OTHER_I2V, OTHER_TI2V
 from served import CACHED_BYTES, CACHED_MODEL, DEPLOYMENTS, PARALLEL_DEPLOYMENT, PARALLEL_MODEL, SERVING
 
 _TESTS = Path(__file__).resolve().parent
@@ -77,6 +78,20 @@ TINY4 = {
     **OTHER_TINY,
     **dict(num_layers=2, num_attention_heads=4, ffn_dim=64, text_layers=1, text_heads=2, text_ff=32, seed=21),
 }
+
+
+@pytest.fixture(scope="session")
+def i2v_checkpoint(tmp_path_factory) -> Path:
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt_i2v") / "tiny_i2v_other", TinyConfig(**OTHER_I2V))
+
+
+@pytest.fixture(scope="session")
+def ti2v_checkpoint(tmp_path_factory) -> Path:
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt_ti2v") / "tiny_ti2v_other", TinyConfig(**OTHER_TI2V))
 
 
 @pytest.fixture(scope="session")
