@@ -83,6 +83,16 @@ class Checkpoint:
         return self.model_index.get("boundary_ratio")
 
     @property
+    def image_input(self) -> str:
+        """What the model does with a request's `image`: "required" (image-to-video, `WanImageToVideoPipeline`),
+        "optional" (TI2V: `expand_timesteps`, text-to-video without one) or "none" (text-to-video)."""
+        if self.model_index.get("_class_name") == "WanImageToVideoPipeline":
+            return "required"
+        if self.model_index.get("expand_timesteps"):
+            return "optional"
+        return "none"
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.config("scheduler").get("num_train_timesteps", 1000))
 

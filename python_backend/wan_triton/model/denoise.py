@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from wan_triton.config.request import GenerationRequest
@@ -187,6 +188,8 @@ class BatchItem:
     on_step: StepCallback | None = None
     on_estimate: EstimateCallback | None = None  # the clean estimate of each step, before its solver update
     estimate_every: int = 1  # on_estimate only after steps k, 2k, ...: the others are not computed (nor sent)
+    # The conditioning image (image-to-video), uint8 [height, width, 3] at the video's size; None without one.
+    condition_image: np.ndarray | None = None
 
 
 @dataclass
@@ -210,14 +213,16 @@ def group_by_shape(requests: list[GenerationRequest], max_batch_size: int) -> li
     return order
 
 
-def batch_key(request: GenerationRequest) -> tuple[int, int, int, int, bool]:
-    """Requests with equal keys can share expert forwards: same latent shape, same timesteps, same rows."""
+def batch_key(request: GenerationRequest) -> tuple[int, int, int, int, bool, bool]:
+    """Requests with equal keys can share expert forwards: same latent shape, same timesteps, same rows, and all
+    with a conditioning image or all without (image-to-video and text-to-video inputs differ)."""
     return (
         request.height,
         request.width,
         request.num_frames,
         request.num_inference_steps,
         request.do_classifier_free_guidance,
+        request.has_image,
     )
 
 
