@@ -10,10 +10,8 @@ Below the fake: a scheduler step (`serving.models.Scheduler`) on it, and the req
 
 from __future__ import annotations
 
-import json
 import sys
 import types
-from dataclasses import asdict
 
 import numpy as np
 
