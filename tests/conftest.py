@@ -1,5 +1,5 @@
-"""Shared test setup: the test tiers as markers, two tiny checkpoints unlike the
-default, and one real Triton server per test session.
+"""Shared test setup: the test tiers as markers, tiny checkpoints unlike the default, and one real Triton server
+per test session.
 
 The tiers are the folders below tests/; every test is marked with its folder's name, so `-m` selects by tier too:
 
@@ -16,12 +16,25 @@ path (`pythonpath` in pyproject.toml), and the project's packages come from its 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from served import CACHED_BYTES, CACHED_MODEL, DEPLOYMENTS, PARALLEL_DEPLOYMENT, PARALLEL_MODEL, SERVING
+from served import (
+    CACHED_BYTES,
+    CACHED_MODEL,
+    DEPLOYMENTS,
+    IMAGE_CACHE_BYTES,
+    IMAGE_LIMITS,
+    IMAGE_MODEL,
+    IMAGE_SERVING,
+    PARALLEL_DEPLOYMENT,
+    PARALLEL_MODEL,
+    SERVING,
+)
 
 _TESTS = Path(__file__).resolve().parent
 
@@ -94,7 +107,20 @@ def other_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
+def image_checkpoint(other_checkpoint, tmp_path_factory) -> Path:
+    """`other_checkpoint` with `expand_timesteps` in its model_index.json, the mark of a checkpoint whose `image`
+    input is optional (`Checkpoint.image_input`): the request side of image-to-video (validation, decoding, limits,
+    the condition image's way to the scheduler, batching, the result cache) served over a T2V denoiser. What the
+    denoiser makes of the image is the model's own tests' concern, not this checkpoint's."""
+    root = tmp_path_factory.mktemp("ckpt_image") / "tiny_image_optional"
+    shutil.copytree(other_checkpoint, root)
+    index = json.loads((root / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}, indent=2))
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(other_checkpoint, tiny4_checkpoint, image_checkpoint, tmp_path_factory):
     """One tritonserver for the whole test session, serving the models of tests/served.py."""
     from wan_build.__main__ import main as build_main
     from wan_triton.config.deployment import Deployment, Serving
@@ -107,6 +133,19 @@ def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
     ]
     renderings.append((CACHED_MODEL, DEPLOYMENTS["wan_onnx"], other_checkpoint, {"result_cache_bytes": CACHED_BYTES}))
     renderings.append((PARALLEL_MODEL, PARALLEL_DEPLOYMENT, tiny4_checkpoint, {}))
+    image_deployment = Deployment.load(DEPLOYMENTS["wan_torch"])
+    renderings.append(
+        (
+            IMAGE_MODEL,
+            DEPLOYMENTS["wan_torch"],
+            image_checkpoint,
+            {
+                "serving": Serving(**IMAGE_SERVING),
+                "result_cache_bytes": IMAGE_CACHE_BYTES,
+                "limits": image_deployment.limits.model_copy(update=IMAGE_LIMITS),
+            },
+        )
+    )
     for name, path, checkpoint, changes in renderings:
         deployment = Deployment.load(path).model_copy(update={"model_name": name, **changes})
         dep_file = root / f"{name}.json"
