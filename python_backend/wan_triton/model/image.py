@@ -54,7 +54,9 @@ def decode_image(data: bytes, max_image_bytes: int, max_image_pixels: int) -> Im
     except InvalidRequestError:
         raise
     except Image.DecompressionBombError as exc:
-        raise InvalidRequestError(FIELD, f"must have at most {max_image_pixels} pixels ({exc})") from None
+        raise InvalidRequestError(
+            FIELD, f"must have at most {max_image_pixels} pixels; got a larger one ({exc})"
+        ) from None
     except UnidentifiedImageError:
         raise InvalidRequestError(FIELD, f"must be {ALLOWED}; these {len(data)} bytes are not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
