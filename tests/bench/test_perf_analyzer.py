@@ -122,7 +122,11 @@ def test_image_sent_with_every_request(server, tmp_path):
     buffer = io.BytesIO()
     Image.fromarray(np.full((20, 30, 3), 90, dtype=np.uint8)).save(buffer, format="PNG")
     photo.write_bytes(buffer.getvalue())
-    run = _harness(server, tmp_path, SMALL, ["1"], model=IMAGE_MODEL, extra=["--image", str(photo)])
+    # The stream model: perf_analyzer 2.51 does not find the versions of the nested ensembles that the unary endpoint
+    # of a model with the result cache on is made of ("failed to find the requested model version").
+    run = _harness(
+        server, tmp_path, SMALL, ["1"], model=f"{IMAGE_MODEL}_stream", extra=["--streaming", "--image", str(photo)]
+    )
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads((tmp_path / "pa.json").read_text())
     assert result["image"] == {"file": "photo.png", "bytes": photo.stat().st_size}

@@ -9,6 +9,7 @@ and the result cache.
 from __future__ import annotations
 
 import io
+import re
 import struct
 import subprocess
 import sys
@@ -158,8 +159,12 @@ def test_stream_with_an_image_reports_progress_and_previews(server):
         progress, final = stream.until_final()
     finally:
         stream.close()
-    previews = [r.as_numpy("preview_frame") for r in progress if r.as_numpy("preview_frame") is not None]
-    assert len(previews) == 2 and previews[0].shape == (32, 48, 3)
+    # A preview every 2 steps (the newest due one is relayed; the last step's always arrives).
+    previews = [(int(r.as_numpy("step")[0]), r.as_numpy("preview_frame")) for r in progress]
+    previews = [(step, frame) for step, frame in previews if frame is not None]
+    assert previews and previews[-1][0] == 4 and {s for s, _ in previews} <= {2, 4}, [s for s, _ in previews]
+    assert all(frame.shape == (32, 48, 3) for _, frame in previews)
+    assert [int(r.as_numpy("step")[0]) for r in progress][-1] == 4
     assert final.as_numpy("frames").shape == (5, 32, 48, 3) and int(final.as_numpy("used_seed")[0]) == 45
 
 
@@ -203,8 +208,9 @@ def _infer_alone(server, request: dict):
 
 
 def test_two_same_shape_image_requests_batch_together_and_apart_from_one_without(server):
-    """While a long request holds the scheduler, two image requests (different images) and one without, all of one
-    shape, queue up; they are handed over together and run as a batch of 2 and a batch of 1."""
+    """Two image requests (different images) and one without, all of one shape, sent together: the scheduler's
+    batcher (which waits up to 300 ms for more, served.IMAGE_SERVING) hands them over, and they run as a batch of 2
+    and a batch of 1."""
     before = _batch_sizes(server)
     shape = dict(prompt="batched", height=32, width=48, num_frames=5, num_inference_steps=2)
     requests = [
@@ -212,12 +218,8 @@ def test_two_same_shape_image_requests_batch_together_and_apart_from_one_without
         {**shape, "seed": 51, "image": _png(shift=2)},
         {**shape, "seed": 52},
     ]
-    with ThreadPoolExecutor(4) as pool:
-        blocker = pool.submit(_infer_alone, server, {**LONG, "seed": 47, "image": IMAGE})
-        time.sleep(3.0)  # the blocker passes preprocess and the text encoder and starts denoising
-        results = [pool.submit(_infer_alone, server, r) for r in requests]
-        frames = [f.result() for f in results]
-        blocker.result()
+    with ThreadPoolExecutor(len(requests)) as pool:
+        frames = list(pool.map(lambda r: _infer_alone(server, r), requests))
     assert all(f.shape == (5, 32, 48, 3) for f in frames)
     after = _batch_sizes(server)
 
@@ -227,8 +229,14 @@ def test_two_same_shape_image_requests_batch_together_and_apart_from_one_without
 
         return (at_most(after, size) - at_most(after, size - 1)) - (at_most(before, size) - at_most(before, size - 1))
 
-    # Two loops of one (the blocker and the request without an image) and one of two (the image requests).
-    assert loops_of(2) == 1 and loops_of(1) == 2, (before, after)
+    assert (loops_of(1), loops_of(2)) == (1, 1), (before, after)
+    # Whether the request without an image came in the same execute call is Triton's choice (its condition image
+    # has another shape); the scheduler never runs it with the other two.
+    handed = re.findall(
+        rf"{IMAGE_MODEL}_scheduler: (\d+) requests handed over together, run as (\d+) batches",
+        server.log_path.read_text(encoding="utf-8", errors="replace"),
+    )
+    assert ("2", "1") in handed or ("3", "2") in handed, handed
 
 
 # --- the result cache ----------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ class GenerationRequest:
     # The conditioning image's file bytes (image-to-video), as the client sent them; only the preprocessing process
     # holds them (`request_json` leaves them out: the steps after it get the decoded image as a tensor). `has_image`
     # says whether there is one, and travels with the rest.
-    image: bytes | None = None
+    image: bytes | None = dataclasses.field(default=None, repr=False)  # megabytes: kept out of log lines
     has_image: bool = False
 
     @property
