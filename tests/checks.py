@@ -22,6 +22,19 @@ def reference_frames(checkpoint: Path, **call) -> np.ndarray:
     return (out * 255).round().astype(np.uint8)
 
 
+def reference_i2v_frames(checkpoint: Path, image, **call) -> np.ndarray:
+    """diffusers' WanImageToVideoPipeline (I2V-A14B, and TI2V-5B with an image) from the same checkpoint, given
+    the PIL `image`, output_type="np", as uint8 frames [F, H, W, 3]."""
+    from diffusers import WanImageToVideoPipeline
+
+    seed = call.pop("seed")
+    pipe = WanImageToVideoPipeline.from_pretrained(checkpoint, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    out = pipe(image=image, generator=generator, output_type="np", **call).frames[0]
+    return (out * 255).round().astype(np.uint8)
+
+
 def assert_frames_close(ours: np.ndarray, ref: np.ndarray, max_levels: int = 2, mean_levels: float = 0.5) -> None:
     """The parity tolerance: at most `max_levels` uint8 levels apart anywhere, `mean_levels` on average."""
     assert ours.dtype == np.uint8 and ours.shape == ref.shape, (ours.dtype, ours.shape, ref.shape)

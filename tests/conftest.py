@@ -16,13 +16,12 @@ path (`pythonpath` in pyproject.toml), and the project's packages come from its 
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from factories import OTHER_I2V, OTHER_TI2V
 from served import (
     CACHED_BYTES,
     CACHED_MODEL,
@@ -93,6 +92,20 @@ TINY4 = {
 
 
 @pytest.fixture(scope="session")
+def i2v_checkpoint(tmp_path_factory) -> Path:
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt_i2v") / "tiny_i2v_other", TinyConfig(**OTHER_I2V))
+
+
+@pytest.fixture(scope="session")
+def ti2v_checkpoint(tmp_path_factory) -> Path:
+    from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt_ti2v") / "tiny_ti2v_other", TinyConfig(**OTHER_TI2V))
+
+
+@pytest.fixture(scope="session")
 def tiny4_checkpoint(tmp_path_factory) -> Path:
     from wan_build.tiny_model import TinyConfig, make_tiny_checkpoint
 
@@ -107,20 +120,7 @@ def other_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def image_checkpoint(other_checkpoint, tmp_path_factory) -> Path:
-    """`other_checkpoint` with `expand_timesteps` in its model_index.json, the mark of a checkpoint whose `image`
-    input is optional (`Checkpoint.image_input`): the request side of image-to-video (validation, decoding, limits,
-    the condition image's way to the scheduler, batching, the result cache) served over a T2V denoiser. What the
-    denoiser makes of the image is the model's own tests' concern, not this checkpoint's."""
-    root = tmp_path_factory.mktemp("ckpt_image") / "tiny_image_optional"
-    shutil.copytree(other_checkpoint, root)
-    index = json.loads((root / "model_index.json").read_text())
-    (root / "model_index.json").write_text(json.dumps({**index, "expand_timesteps": True}, indent=2))
-    return root
-
-
-@pytest.fixture(scope="session")
-def server(other_checkpoint, tiny4_checkpoint, image_checkpoint, tmp_path_factory):
+def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, tmp_path_factory):
     """One tritonserver for the whole test session, serving the models of tests/served.py."""
     from wan_build.__main__ import main as build_main
     from wan_triton.config.deployment import Deployment, Serving
@@ -138,7 +138,7 @@ def server(other_checkpoint, tiny4_checkpoint, image_checkpoint, tmp_path_factor
         (
             IMAGE_MODEL,
             DEPLOYMENTS["wan_torch"],
-            image_checkpoint,
+            ti2v_checkpoint,
             {
                 "serving": Serving(**IMAGE_SERVING),
                 "result_cache_bytes": IMAGE_CACHE_BYTES,

@@ -35,6 +35,33 @@ _DEFAULT_REQUEST = GenerationRequest(
 )
 
 
+# Tiny image-to-video checkpoints (wan_build.tiny_model.TinyConfig) whose sizes differ from the tiny-i2v / tiny-ti2v
+# defaults in every dimension the loader must read: layers, heads, widths, text, vocabulary, flow shift, latent
+# channels, boundary, and for TI2V the Wan2.2 VAE's widths.
+_OTHER_SIZES = dict(
+    num_layers=3,
+    num_attention_heads=3,
+    attention_head_dim=8,
+    ffn_dim=40,
+    text_dim=24,
+    text_layers=3,
+    text_heads=3,
+    text_ff=48,
+    vocab_pieces=300,
+    vae_base_dim=6,
+    flow_shift=5.0,
+)
+OTHER_I2V = {**_OTHER_SIZES, "kind": "i2v", "vae_z_dim": 12, "boundary_ratio": 0.9, "seed": 12}
+OTHER_TI2V = {
+    **_OTHER_SIZES,
+    "kind": "ti2v",
+    "ti2v_z_dim": 24,
+    "ti2v_vae_base_dim": 6,
+    "ti2v_decoder_base_dim": 10,
+    "seed": 13,
+}
+
+
 def make_request(**overrides) -> GenerationRequest:
     """The default tiny request (module docstring) with `overrides` applied."""
     return replace(_DEFAULT_REQUEST, **overrides)

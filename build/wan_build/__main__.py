@@ -2,7 +2,9 @@
 
     python -m wan_build --model CKPT_DIR|tiny --deployment DEPLOYMENT.yaml --repo REPO_DIR [--artifacts DIR]
 
-`--model tiny` makes the embedded default: a tiny random-weight checkpoint with the real architecture.
+`--model tiny` makes the embedded default: a tiny random-weight T2V checkpoint with the real architecture;
+`tiny-i2v` and `tiny-ti2v` the same for the I2V-A14B and TI2V-5B architectures. The kind of a checkpoint is read
+from the checkpoint itself.
 Graphs are exported only for components whose deployment engine is onnxruntime (or tensorrt, whose plans are
 built from the same ONNX graphs), and skipped when already exported from the same checkpoint.
 """
@@ -16,20 +18,36 @@ import sys
 from pathlib import Path
 
 from wan_triton.config.deployment import Deployment, EngineKind
-from wan_triton.model.checkpoint import Checkpoint, CheckpointError
+from wan_triton.model.checkpoint import EXPERTS, Checkpoint, CheckpointError
 from wan_triton.model.specs import ShapeLimits
 
 from .render import RenderError, render_repository
-from .tiny_model import make_tiny_checkpoint
+from .tiny_model import Kind, TinyConfig, make_tiny_checkpoint
 
 logger = logging.getLogger("wan_build")
 
-# Deployment component -> the graphs export_onnx writes for it.
+# Deployment component -> the graphs export_onnx writes for it (those the checkpoint has: see `exported_graphs`).
 EXPORTED_COMPONENTS = {
     "text_encoder": ["text_encoder"],
     "denoiser": ["transformer", "transformer_2"],
     "vae_decoder": ["vae"],
+    "vae_encoder": ["vae_encoder"],
 }
+
+
+def exported_graphs(deployment: Deployment, ckpt: Checkpoint) -> list[str]:
+    """The graphs to export: components not on the torch engine, and of those only what the checkpoint has (one
+    expert for TI2V-5B; the VAE encoder only where requests carry images)."""
+    from .export_onnx import checkpoint_components
+
+    present = set(checkpoint_components(ckpt))
+    return [
+        graph
+        for component, names in EXPORTED_COMPONENTS.items()
+        if getattr(deployment.components, component).engine != EngineKind.TORCH
+        for graph in names
+        if graph in present
+    ]
 
 
 def shape_limits(deployment: Deployment) -> ShapeLimits:
@@ -44,12 +62,17 @@ def shape_limits(deployment: Deployment) -> ShapeLimits:
     )
 
 
+# `--model` names for the tiny random-weight checkpoints of each kind.
+TINY_MODELS: dict[str, Kind] = {"tiny": "t2v", "tiny-i2v": "i2v", "tiny-ti2v": "ti2v"}
+
+
 def resolve_model(model: str, artifacts_root: Path) -> Path:
-    if model != "tiny":
+    if model not in TINY_MODELS:
         return Path(model)
-    path = artifacts_root / "tiny" / "checkpoint"
+    kind = TINY_MODELS[model]
+    path = artifacts_root / ("tiny" if kind == "t2v" else model) / "checkpoint"
     if not (path / "model_index.json").is_file():
-        make_tiny_checkpoint(path)
+        make_tiny_checkpoint(path, TinyConfig(kind=kind))
     return path
 
 
@@ -66,7 +89,7 @@ def build_tp_shards(deployment: Deployment, ckpt: Checkpoint, artifacts: Path) -
 
     cfg = deployment.components.denoiser
     plan = cfg.parallel
-    for expert in ("transformer", "transformer_2"):
+    for expert in filter(ckpt.has_expert, EXPERTS):
         plan.check_transformer(ckpt.config(expert), cfg.ulysses_head_groups)
     if plan.tp == 1:
         return
@@ -83,7 +106,9 @@ def build_tp_shards(deployment: Deployment, ckpt: Checkpoint, artifacts: Path) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m wan_build", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory in the Diffusers layout, or 'tiny'")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint directory in the Diffusers layout, or tiny, tiny-i2v, tiny-ti2v"
+    )
     parser.add_argument("--deployment", type=Path, required=True)
     parser.add_argument("--repo", type=Path, required=True, help="model repository to write")
     parser.add_argument("--artifacts-root", type=Path, default=Path("artifacts"))
@@ -94,12 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         deployment = Deployment.load(args.deployment)
         ckpt = Checkpoint.open(resolve_model(args.model, args.artifacts_root))
         artifacts = default_artifacts(ckpt, args.artifacts_root)
-        graphs = [
-            graph
-            for component, names in EXPORTED_COMPONENTS.items()
-            if getattr(deployment.components, component).engine != EngineKind.TORCH
-            for graph in names
-        ]
+        graphs = exported_graphs(deployment, ckpt)
+        logger.info("checkpoint %s: Wan2.2 %s (image input: %s)", ckpt.root, ckpt.kind, ckpt.image_input)
         if graphs:
             from .export_onnx import export_all, format_table
 
@@ -108,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             failed = [row.component for row in rows if not row.ok]
             if failed:
                 raise ValueError(f"exported graphs differ from PyTorch beyond tolerance: {failed}")
+        if deployment.components.vae_decoder.split_width > 1 and ckpt.config("vae").get("patch_size") is not None:
+            raise ValueError("vae_decoder split_width > 1 supports the Wan2.1 VAE, not this Wan2.2 VAE")
         build_tp_shards(deployment, ckpt, artifacts)
         repo = render_repository(deployment, ckpt.root, artifacts, args.repo)
     except (CheckpointError, RenderError, ValueError, FileNotFoundError) as exc:

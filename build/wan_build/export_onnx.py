@@ -1,4 +1,4 @@
-"""Export the text encoder, both denoiser experts and the VAE decoder phases to ONNX, then check them.
+"""Export the text encoder, the denoiser experts and the VAE decoder (and encoder) phases to ONNX, then check them.
 
 Every graph's tensor names, dtypes and dynamic dims come from `wan_triton.model.specs`. The dynamo exporter is used
 throughout (Wan's rotary embedding keeps dynamic shapes only through it) and it silently pins dims it cannot
@@ -41,6 +41,7 @@ except ImportError:  # run from a source checkout: the serving library sits next
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "python_backend"))
 
 from wan_triton.model.checkpoint import EXPERTS, MAX_SEQUENCE_LENGTH, Checkpoint
+from wan_triton.model.denoise import call_transformer
 from wan_triton.model.specs import (
     ComponentSpec,
     DimRange,
@@ -48,13 +49,24 @@ from wan_triton.model.specs import (
     denoiser_spec,
     text_encoder_spec,
     vae_decoder_phase_specs,
+    vae_encoder_phase_specs,
 )
-from wan_triton.model.vae_chunks import EngineVaeDecoder, build_phase_modules, decode_latents, phase_graph_path
+from wan_triton.model.vae_chunks import (
+    ENCODER_CHUNK_FRAMES,
+    EngineVaeDecoder,
+    EngineVaeEncoder,
+    build_encoder_phase_modules,
+    build_phase_modules,
+    decode_latents,
+    encode_video,
+    encoder_graph_path,
+    phase_graph_path,
+)
 from wan_triton.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("text_encoder", *EXPERTS, "vae")
+COMPONENTS = ("text_encoder", *EXPERTS, "vae", "vae_encoder")
 # Bump when a change here changes the exported graphs, so earlier artifacts stop matching.
 EXPORT_FORMAT = 1
 # Protobuf caps a file at 2 GiB; weights past this size go to `<graph>.onnx.data` instead.
@@ -161,6 +173,8 @@ def _random_inputs(spec: ComponentSpec, values: dict[str, int], seed: int) -> tu
         shape = _shape(t.shape, values)
         if t.dtype == "int64":  # the denoiser's timestep
             out.append(torch.randint(0, 1000, shape, generator=g))
+        elif t.name == "timestep":  # per latent frame (expand_timesteps): float timesteps in the same range
+            out.append(torch.randint(0, 1000, shape, generator=g).float())
         else:
             out.append(torch.randn(shape, generator=g, dtype=t.torch_dtype))
     return tuple(out)
@@ -187,12 +201,7 @@ class _Denoiser(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
-        return self.model(
-            hidden_states=hidden_states,
-            timestep=timestep,
-            encoder_hidden_states=encoder_hidden_states,
-            return_dict=False,
-        )[0]
+        return call_transformer(self.model, hidden_states, timestep, encoder_hidden_states)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,9 +420,52 @@ def _export_vae(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) -> list[Ch
     return rows
 
 
+def _export_vae_encoder(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) -> list[CheckRow]:
+    specs = vae_encoder_phase_specs(ckpt, limits)
+    vae = ckpt.load_vae(torch.float32, "cpu")
+    modules = build_encoder_phase_modules(vae)
+    if len(modules) != len(specs):
+        raise ExportError(f"VAE encoder: {len(modules)} phase modules for {len(specs)} phase specs")
+    seconds = []
+    for k, (spec, module) in enumerate(zip(specs, modules, strict=True)):
+        values, dims = _export_dims(spec, _patch(ckpt))
+        graph = _Graph(spec, module, _random_inputs(spec, values, seed=k), encoder_graph_path(Path(), k).name)
+        seconds.append(_export_graph(graph, dims, out_dir, varargs=True))
+
+    # Per graph, on the inputs the PyTorch phases see while encoding a video of one chunk per phase.
+    scale = int(ckpt.config("vae").get("scale_factor_spatial", 8))
+    h, w = specs[0].dims["latent_height"].min * scale, specs[0].dims["latent_width"].min * scale
+    g = torch.Generator().manual_seed(1)
+    video = torch.rand(1, 3, 1 + ENCODER_CHUNK_FRAMES * (len(specs) - 1), h, w, generator=g) * 2 - 1
+    phase_inputs: list[list[torch.Tensor]] = []
+
+    def record(k: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        phase_inputs.append(tensors)
+        with torch.no_grad():
+            return list(modules[k](*tensors))
+
+    encode_video(record, video, len(modules))
+    rows = []
+    for k, (spec, module) in enumerate(zip(specs, modules, strict=True)):
+        inputs = tuple(phase_inputs[k])
+        got = _run_graph(encoder_graph_path(out_dir, k), spec, inputs)
+        row = _compare(spec.name, _shape_text(spec, inputs), got, _run_reference(module, inputs))
+        rows.append(dataclasses.replace(row, export_s=seconds[k]))
+
+    # End to end: the chunked encode through ONNX Runtime against diffusers' own `vae.encode` (posterior mean).
+    with torch.no_grad():
+        ref = vae.encode(video).latent_dist.mode()
+    engines = [OnnxRuntimeEngine(encoder_graph_path(out_dir, k)) for k in range(len(specs))]
+    got = EngineVaeEncoder(engines, [(s.input_names, s.output_names) for s in specs]).encode(video)
+    rows.append(_compare("vae_encoder", f"video={'x'.join(map(str, video.shape))}", [got], [ref]))
+    return rows
+
+
 def _component_files(component: str, num_vae_phases: int) -> list[str]:
     if component == "vae":
         return [phase_graph_path(Path(), k).name for k in range(num_vae_phases)]
+    if component == "vae_encoder":
+        return [encoder_graph_path(Path(), k).name for k in range(num_vae_phases)]
     return [f"{component}.onnx"]
 
 
@@ -422,6 +474,8 @@ def _component_specs(ckpt: Checkpoint, limits: ShapeLimits, component: str) -> l
         return [text_encoder_spec(ckpt)]
     if component in EXPERTS:
         return [denoiser_spec(ckpt, limits, component)]
+    if component == "vae_encoder":
+        return vae_encoder_phase_specs(ckpt, limits)
     return vae_decoder_phase_specs(ckpt, limits)
 
 
@@ -430,6 +484,7 @@ _EXPORTERS: dict[str, Callable[[Checkpoint, ShapeLimits, Path], list[CheckRow]]]
     "transformer": lambda c, lim, out: _export_expert(c, lim, out, "transformer"),
     "transformer_2": lambda c, lim, out: _export_expert(c, lim, out, "transformer_2"),
     "vae": _export_vae,
+    "vae_encoder": _export_vae_encoder,
 }
 
 
@@ -450,7 +505,8 @@ def source_hash(ckpt: Checkpoint, component: str, specs: Sequence[ComponentSpec]
         "specs": [repr(s) for s in specs],
     }
     h.update(json.dumps(meta, sort_keys=True).encode())
-    for f in sorted((ckpt.root / component).iterdir()):
+    folder = "vae" if component == "vae_encoder" else component  # both VAE halves come from vae/
+    for f in sorted((ckpt.root / folder).iterdir()):
         if not f.is_file():
             continue
         stat = f.stat()
@@ -492,7 +548,8 @@ def _reusable_rows(out_dir: Path, recorded: dict, digest: str, files: list[str])
 def _install(tmp: Path, out_dir: Path, component: str) -> None:
     """Move freshly exported files into place, removing the component's stale graphs (e.g. a phase count or an
     external-data file that no longer applies)."""
-    pattern = "vae_decoder_phase*.onnx*" if component == "vae" else f"{component}.onnx*"
+    patterns = {"vae": "vae_decoder_phase*.onnx*", "vae_encoder": "vae_encoder_phase*.onnx*"}
+    pattern = patterns.get(component, f"{component}.onnx*")
     for stale in out_dir.glob(pattern):
         stale.unlink()
     for path in tmp.iterdir():
@@ -503,11 +560,24 @@ def _install(tmp: Path, out_dir: Path, component: str) -> None:
 # Entry points
 
 
+def checkpoint_components(ckpt: Checkpoint) -> list[str]:
+    """The exportable components of this checkpoint."""
+
+    def present(component: str) -> bool:
+        if component in EXPERTS:
+            return ckpt.has_expert(component)
+        return component != "vae_encoder" or ckpt.image_input != "none"
+
+    return [c for c in COMPONENTS if present(c)]
+
+
 def export_all(
     ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path, components: list[str] | None = None
 ) -> list[CheckRow]:
-    """Export (or reuse) each component's graphs under `out_dir` and return the ONNX-vs-PyTorch check rows."""
-    components = list(components or COMPONENTS)
+    """Export (or reuse) each component's graphs under `out_dir` and return the ONNX-vs-PyTorch check rows. By
+    default every component the checkpoint has (the second expert of the A14B kinds, the VAE encoder where
+    requests carry images)."""
+    components = list(components or checkpoint_components(ckpt))
     unknown = sorted(set(components) - set(COMPONENTS))
     if unknown:
         raise ValueError(f"unknown components {unknown}; expected some of {COMPONENTS}")

@@ -22,6 +22,7 @@ from wan_triton.config.deployment import (
     EngineKind,
     Serving,
 )
+from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.serving import model_io
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,21 @@ STEP_GRAPHS = {
     "scheduler": ["transformer.onnx*", "transformer_2.onnx*"],
     "vae_decoder": ["vae_decoder_phase*.onnx*"],
 }
+# The VAE encoder of condition images runs in the scheduler step.
+VAE_ENCODER_GRAPHS = "vae_encoder_phase*.onnx*"
+
+
+def step_graphs(deployment: Deployment, role: str, ckpt: Checkpoint) -> list[str]:
+    """The exported graphs (globs) the step needs: its component's on an ONNX engine, only the experts the
+    checkpoint has, and in the scheduler the VAE encoder's where requests carry images."""
+    component = _component(deployment, role)
+    patterns = []
+    if component is not None and component.engine == EngineKind.ONNXRUNTIME:
+        patterns += [p for p in STEP_GRAPHS[role] if p != "transformer_2.onnx*" or ckpt.has_expert("transformer_2")]
+    encoder = deployment.components.vae_encoder
+    if role == "scheduler" and encoder.engine == EngineKind.ONNXRUNTIME and ckpt.image_input != "none":
+        patterns.append(VAE_ENCODER_GRAPHS)
+    return patterns
 
 
 GPU_INPUTS_PARAMETER = """parameters: {
@@ -194,6 +210,7 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
     staging.mkdir(parents=True)
     (staging / MARKER).write_text("rendered by wan_build.render\n", encoding="utf-8")
 
+    ckpt = Checkpoint(checkpoint.resolve())
     name = deployment.model_name
     for model_name, config in ensemble_configs(deployment).items():
         (staging / model_name / VERSION).mkdir(parents=True)
@@ -228,13 +245,12 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
             fill("model.py", {"role": step.role, "class_name": CLASS_NAMES[step.role]}), encoding="utf-8"
         )
         (model_dir / DEPLOYMENT_FILE).write_text(deployment.to_json(), encoding="utf-8")
-        if component is not None and component.engine == EngineKind.ONNXRUNTIME:
-            for pattern in STEP_GRAPHS[step.role]:
-                matches = sorted(artifacts.glob(pattern))
-                if not matches:
-                    raise RenderError(f"{artifacts}: no exported graph matching {pattern!r} for {step.role}")
-                for src in matches:
-                    _link_or_copy(src, version_dir / src.name)
+        for pattern in step_graphs(deployment, step.role, ckpt):
+            matches = sorted(artifacts.glob(pattern))
+            if not matches:
+                raise RenderError(f"{artifacts}: no exported graph matching {pattern!r} for {step.role}")
+            for src in matches:
+                _link_or_copy(src, version_dir / src.name)
         if component is not None and component.parallel.tp > 1:
             _link_tp_shards(deployment, component, artifacts, version_dir)
 

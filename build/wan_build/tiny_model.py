@@ -1,9 +1,17 @@
-"""Make a tiny random-weight Wan2.2 T2V checkpoint in the Diffusers layout.
+"""Make a tiny random-weight Wan2.2 checkpoint in the Diffusers layout, of any of the three kinds.
 
-Real A14B weights cannot be downloaded here, so tests and `make run` use a checkpoint with the real
-architecture (diffusers `WanTransformer3DModel` x2 with `boundary_ratio`, `AutoencoderKLWan`, transformers
-`UMT5EncoderModel`, a sentencepiece tokenizer trained offline) and tiny widths. Every size is a parameter so
-tests can build a checkpoint that differs from the default in every dimension the loader must read.
+Real weights cannot be downloaded here, so tests and `make run` use checkpoints with the real architectures and
+tiny widths (transformers `UMT5EncoderModel`, a sentencepiece tokenizer trained offline, diffusers
+`AutoencoderKLWan` and `WanTransformer3DModel`):
+
+- `t2v` (the default; Wan2.2-T2V-A14B): `WanPipeline`, two experts switched at `boundary_ratio`, the Wan2.1 VAE.
+- `i2v` (Wan2.2-I2V-A14B): `WanImageToVideoPipeline`, two experts taking noise + 4 mask + z_dim condition
+  channels, no CLIP image encoder.
+- `ti2v` (Wan2.2-TI2V-5B): `WanPipeline` with `expand_timesteps`, one transformer, the residual Wan2.2 VAE (16x
+  spatial compression with patch size 2).
+
+Every size is a parameter so tests can build a checkpoint that differs from the default in every dimension the
+loader must read.
 """
 
 from __future__ import annotations
@@ -14,10 +22,17 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import sentencepiece as spm
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanImageToVideoPipeline,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from transformers import T5Tokenizer, UMT5Config, UMT5EncoderModel
 
 logger = logging.getLogger(__name__)
@@ -31,10 +46,16 @@ _WORDS = (
 ).split()
 
 
+Kind = Literal["t2v", "i2v", "ti2v"]
+KINDS: tuple[Kind, ...] = ("t2v", "i2v", "ti2v")
+
+
 @dataclass
 class TinyConfig:
-    """Sizes of the tiny checkpoint. Defaults are the embedded default model."""
+    """Sizes of the tiny checkpoint. Defaults are the embedded default model (`t2v`); `vae_z_dim` and
+    `boundary_ratio` apply to the A14B kinds, `ti2v` takes the `ti2v_*` sizes (its VAE is the Wan2.2 one)."""
 
+    kind: Kind = "t2v"
     num_layers: int = 2
     num_attention_heads: int = 2
     attention_head_dim: int = 12
@@ -49,6 +70,9 @@ class TinyConfig:
     boundary_ratio: float = 0.875
     flow_shift: float = 12.0
     num_train_timesteps: int = 1000
+    ti2v_z_dim: int = 48
+    ti2v_vae_base_dim: int = 8
+    ti2v_decoder_base_dim: int = 12
     seed: int = 0
     corpus_seed: int = 1234
     extra: dict = field(default_factory=dict)
@@ -86,8 +110,10 @@ def train_tokenizer(vocab_pieces: int, seed: int) -> T5Tokenizer:
     return T5Tokenizer(vocab=vocab, extra_ids=8)
 
 
-def make_pipeline(cfg: TinyConfig) -> WanPipeline:
+def make_pipeline(cfg: TinyConfig) -> WanPipeline | WanImageToVideoPipeline:
     """Build the tiny pipeline in memory, random weights drawn from `cfg.seed`."""
+    if cfg.kind not in KINDS:
+        raise ValueError(f"unknown kind {cfg.kind!r}; expected one of {KINDS}")
     tokenizer = train_tokenizer(cfg.vocab_pieces, cfg.corpus_seed)
     torch.manual_seed(cfg.seed)
     text_encoder = UMT5EncoderModel(
@@ -105,13 +131,17 @@ def make_pipeline(cfg: TinyConfig) -> WanPipeline:
         )
     ).eval()
 
+    z_dim = cfg.ti2v_z_dim if cfg.kind == "ti2v" else cfg.vae_z_dim
+    # I2V: the noisy latents, the 4-channel first-frame mask (one per frame of a latent frame) and the condition.
+    in_channels = 2 * z_dim + 4 if cfg.kind == "i2v" else z_dim
+
     def expert() -> WanTransformer3DModel:
         return WanTransformer3DModel(
             patch_size=(1, 2, 2),
             num_attention_heads=cfg.num_attention_heads,
             attention_head_dim=cfg.attention_head_dim,
-            in_channels=cfg.vae_z_dim,
-            out_channels=cfg.vae_z_dim,
+            in_channels=in_channels,
+            out_channels=z_dim,
             text_dim=cfg.text_dim,
             freq_dim=256,
             ffn_dim=cfg.ffn_dim,
@@ -122,31 +152,56 @@ def make_pipeline(cfg: TinyConfig) -> WanPipeline:
         ).eval()
 
     transformer = expert()
-    transformer_2 = expert()
-    vae = AutoencoderKLWan(
-        base_dim=cfg.vae_base_dim,
-        z_dim=cfg.vae_z_dim,
-        dim_mult=[1, 1, 1, 1],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
-        latents_mean=[round(random.Random(cfg.seed + i).uniform(-1, 1), 4) for i in range(cfg.vae_z_dim)],
-        latents_std=[round(random.Random(cfg.seed + 100 + i).uniform(0.8, 3), 4) for i in range(cfg.vae_z_dim)],
-    ).eval()
+    transformer_2 = None if cfg.kind == "ti2v" else expert()
+    latents_mean = [round(random.Random(cfg.seed + i).uniform(-1, 1), 4) for i in range(z_dim)]
+    latents_std = [round(random.Random(cfg.seed + 100 + i).uniform(0.8, 3), 4) for i in range(z_dim)]
+    if cfg.kind == "ti2v":
+        # The Wan2.2 VAE's structure (diffusers' Wan2.2-TI2V-5B config) at tiny widths.
+        vae = AutoencoderKLWan(
+            base_dim=cfg.ti2v_vae_base_dim,
+            decoder_base_dim=cfg.ti2v_decoder_base_dim,
+            z_dim=z_dim,
+            dim_mult=[1, 2, 2, 2],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            is_residual=True,
+            in_channels=12,
+            out_channels=12,
+            patch_size=2,
+            scale_factor_spatial=16,
+            scale_factor_temporal=4,
+            latents_mean=latents_mean,
+            latents_std=latents_std,
+        ).eval()
+    else:
+        vae = AutoencoderKLWan(
+            base_dim=cfg.vae_base_dim,
+            z_dim=z_dim,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=latents_mean,
+            latents_std=latents_std,
+        ).eval()
     scheduler = UniPCMultistepScheduler(
         prediction_type="flow_prediction",
         use_flow_sigmas=True,
         num_train_timesteps=cfg.num_train_timesteps,
         flow_shift=cfg.flow_shift,
     )
-    return WanPipeline(
-        tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
-        scheduler=scheduler,
-        transformer=transformer,
-        transformer_2=transformer_2,
-        boundary_ratio=cfg.boundary_ratio,
-    )
+    parts = dict(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer)
+    if cfg.kind == "i2v":
+        # No CLIP image encoder: Wan2.2 I2V conditions on the VAE latents alone.
+        return WanImageToVideoPipeline(
+            **parts,
+            transformer_2=transformer_2,
+            image_encoder=None,
+            image_processor=None,
+            boundary_ratio=cfg.boundary_ratio,
+        )
+    if cfg.kind == "ti2v":
+        return WanPipeline(**parts, transformer_2=None, boundary_ratio=None, expand_timesteps=True)
+    return WanPipeline(**parts, transformer_2=transformer_2, boundary_ratio=cfg.boundary_ratio)
 
 
 def make_tiny_checkpoint(out_dir: Path, cfg: TinyConfig | None = None) -> Path:
@@ -155,20 +210,21 @@ def make_tiny_checkpoint(out_dir: Path, cfg: TinyConfig | None = None) -> Path:
     pipe = make_pipeline(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(out_dir, safe_serialization=True)
-    logger.info("wrote tiny Wan2.2 checkpoint to %s", out_dir)
+    logger.info("wrote tiny Wan2.2 %s checkpoint to %s", cfg.kind, out_dir)
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--kind", choices=KINDS, default="t2v")
     parser.add_argument("--num-layers", type=int, default=TinyConfig.num_layers)
     parser.add_argument("--flow-shift", type=float, default=TinyConfig.flow_shift)
     parser.add_argument("--seed", type=int, default=TinyConfig.seed)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     make_tiny_checkpoint(
-        args.out_dir, TinyConfig(num_layers=args.num_layers, flow_shift=args.flow_shift, seed=args.seed)
+        args.out_dir, TinyConfig(kind=args.kind, num_layers=args.num_layers, flow_shift=args.flow_shift, seed=args.seed)
     )
 
 

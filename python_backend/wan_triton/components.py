@@ -1,4 +1,4 @@
-"""Build each component (text encoder, denoiser experts, VAE decoder) with the engine its config names."""
+"""Build each component (text encoder, denoiser experts, VAE encoder and decoder) with the engine its config names."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from wan_triton.config.precision import DTYPES
 from wan_triton.model.checkpoint import EXPERTS, Checkpoint
 from wan_triton.model.denoise import Denoiser, warm_up
 from wan_triton.model.engine import Engine
-from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn
-from wan_triton.model.vae_chunks import onnx_vae_decode_fn
+from wan_triton.model.vae import VaeDecoder, VaeEncoder, torch_vae_decode_fn, torch_vae_encode_fn
+from wan_triton.model.vae_chunks import onnx_vae_decode_fn, onnx_vae_encode_fn
 from wan_triton.parallel.tp_shards import find_shards
 from wan_triton.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from wan_triton.runtime.engines.tensorrt_engine import TensorRTEngine
@@ -58,13 +58,36 @@ def build_text_encoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, 
     raise ValueError(f"unknown engine {cfg.engine}")
 
 
+def build_vae_encoder(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0) -> VaeEncoder | None:
+    """Condition image -> normalized condition latents, for checkpoints that take an image (None for T2V-A14B)."""
+    if ckpt.image_input == "none":
+        return None
+    match cfg.engine:
+        case EngineKind.TORCH:
+            device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
+            return VaeEncoder(ckpt, torch_vae_encode_fn(ckpt.load_vae(dtype, str(device))), device, dtype)
+        case EngineKind.ONNXRUNTIME:
+            encode = onnx_vae_encode_fn(artifacts, lambda p: _onnx_engine(p, cfg))
+            return VaeEncoder(ckpt, encode, torch.device("cpu"), torch.float32)
+        case EngineKind.TENSORRT:
+            _reserved_tensorrt("vae_encoder")
+    raise ValueError(f"unknown engine {cfg.engine}")
+
+
 def build_denoiser(
-    ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int = 0
+    ckpt: Checkpoint,
+    cfg: ComponentConfig,
+    artifacts: Path,
+    device_id: int = 0,
+    vae_encoder: ComponentConfig | None = None,
 ) -> Denoiser | WorkerGroup:
-    """The denoising loop with both experts. With a parallel plan above 1x1x1, a started worker group of that many
-    processes (one GPU each from `device_id` on, on cuda), which is called like a Denoiser."""
+    """The denoising loop with the checkpoint's experts, and the VAE encoder its condition images need (built from
+    `vae_encoder`, the deployment's `components.vae_encoder`; on a worker group each rank encodes with the torch
+    engine). With a parallel plan above 1x1x1, a started worker group of that many processes (one GPU each from
+    `device_id` on, on cuda), which is called like a Denoiser."""
     if not cfg.parallel.is_single:
         return _worker_group(ckpt, cfg, artifacts, device_id)
+    encoder = build_vae_encoder(ckpt, vae_encoder, artifacts, device_id) if vae_encoder is not None else None
     device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
     experts: dict[str, Engine] = {}
     swapper = None
@@ -80,13 +103,13 @@ def build_denoiser(
                     eager, graphed = torch_engines(module, device, dtype, cfg.cuda_graphs)
                     experts[name] = graphed or eager
         case EngineKind.ONNXRUNTIME:
-            for name in EXPERTS:
+            for name in filter(ckpt.has_expert, EXPERTS):
                 experts[name] = _onnx_engine(artifacts / f"{name}.onnx", cfg)
             device, dtype = torch.device("cpu"), torch.float32  # ORT takes host tensors
         case EngineKind.TENSORRT:
-            for name in EXPERTS:
+            for name in filter(ckpt.has_expert, EXPERTS):
                 experts[name] = _reserved_tensorrt(name)
-    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, swapper=swapper)
+    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, swapper=swapper, vae_encoder=encoder)
 
 
 def _group_device_ids(cfg: ComponentConfig, device_id: int, world: int, what: str) -> tuple[int, ...]:

@@ -1,4 +1,4 @@
-"""The whole text-to-video path in one process: tokenize, encode, denoise, decode.
+"""The whole generation path in one process: tokenize, encode (text, and a condition image), denoise, decode.
 
 The Triton models run these same stages one model each; this in-process form serves offline reproduction,
 benchmarks and fast tests of the numerics.
@@ -17,7 +17,7 @@ from wan_triton.components import build_denoiser, build_text_encoder, build_vae_
 from wan_triton.config.deployment import Deployment
 from wan_triton.config.request import GenerationRequest
 from wan_triton.model.checkpoint import Checkpoint
-from wan_triton.model.denoise import Denoiser, StepCallback
+from wan_triton.model.denoise import BatchItem, Denoiser, StepCallback
 from wan_triton.model.engine import Engine
 from wan_triton.model.text import PromptTokenizer, encode_tokens
 from wan_triton.model.vae import VaeDecoder
@@ -49,12 +49,21 @@ class LocalPipeline:
         return cls(
             tokenizer=PromptTokenizer(ckpt.load_tokenizer()),
             text_encoder=build_text_encoder(ckpt, c.text_encoder, artifacts),
-            denoiser=build_denoiser(ckpt, c.denoiser, artifacts),
+            denoiser=build_denoiser(ckpt, c.denoiser, artifacts, vae_encoder=c.vae_encoder),
             vae_decoder=build_vae_decoder(ckpt, c.vae_decoder, artifacts),
         )
 
-    def generate(self, request: GenerationRequest, on_step: StepCallback | None = None) -> np.ndarray:
-        """Returns frames, uint8 [num_frames, height, width, 3]."""
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        condition_image: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Returns frames, uint8 [num_frames, height, width, 3]. `condition_image`: uint8 [height, width, 3] at the
+        request's size (image-to-video), or None."""
         embeds = encode_prompts(self.tokenizer, self.text_encoder, prompts_for(request))
-        latents = self.denoiser(request, embeds, on_step)
+        item = BatchItem(request, embeds, on_step, condition_image=condition_image)
+        (latents,) = self.denoiser.run_batch([item])
+        if isinstance(latents, BaseException):
+            raise latents
         return self.vae_decoder.frames(latents)

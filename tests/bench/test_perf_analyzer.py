@@ -124,8 +124,12 @@ def test_image_sent_with_every_request(server, tmp_path):
     photo.write_bytes(buffer.getvalue())
     # The stream model: perf_analyzer 2.51 does not find the versions of the nested ensembles that the unary endpoint
     # of a model with the result cache on is made of ("failed to find the requested model version").
+    small = json.loads(SMALL.read_text())
+    small["data"][0]["width"] = {"content": [64], "shape": [1]}  # the image model's sizes are multiples of 32
+    inputs = tmp_path / "inputs_image.json"
+    inputs.write_text(json.dumps(small))
     run = _harness(
-        server, tmp_path, SMALL, ["1"], model=f"{IMAGE_MODEL}_stream", extra=["--streaming", "--image", str(photo)]
+        server, tmp_path, inputs, ["1"], model=f"{IMAGE_MODEL}_stream", extra=["--streaming", "--image", str(photo)]
     )
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads((tmp_path / "pa.json").read_text())

@@ -1,9 +1,9 @@
 """The `image` input on the real server (the session server of tests/conftest.py; its models: tests/served.py).
 
-A text-to-video model (`wan_onnx`) refuses an image; `wan_image` (a checkpoint whose image is optional, see the
-`image_checkpoint` fixture) takes one: every bad image is INVALID_ARG naming `image` and the server goes on serving;
-a good image goes through the ensemble, the stream model, the client's `--image`, batching, deadlines, cancellation
-and the result cache.
+A text-to-video model (`wan_onnx`) refuses an image; `wan_image` (the tiny TI2V checkpoint: the image is
+optional, one expert, sizes in multiples of 32) takes one: every bad image is INVALID_ARG naming `image` and the
+server goes on serving; a good image goes through the ensemble, the stream model, the client's `--image`, batching,
+deadlines, cancellation and the result cache.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from wan_client import EXIT_INVALID_ARGUMENT, EXIT_OK
 T2V_MODEL = "wan_onnx"
 CLIENT = (sys.executable, "-m", "wan_client")
 # Every request to wan_image carries a seed: its result cache is on.
-REQUEST = dict(prompt="a kite over a beach", seed=41, height=32, width=48, num_frames=5, num_inference_steps=3)
+REQUEST = dict(prompt="a kite over a beach", seed=41, height=32, width=64, num_frames=5, num_inference_steps=3)
 LONG = dict(prompt="a long image request", seed=42, **LONGEST_CPU)
 
 
@@ -96,7 +96,7 @@ def test_text_to_video_model_refuses_an_image_and_keeps_serving(client):
     message = _invalid(client, T2V_MODEL, {**REQUEST, "image": IMAGE})
     assert "image: this model is text-to-video and takes no image" in message
     frames = infer(client, T2V_MODEL, REQUEST, outputs=("frames",)).as_numpy("frames")
-    assert frames.shape == (5, 32, 48, 3)
+    assert frames.shape == (5, 32, 64, 3)
 
 
 def test_text_to_video_stream_refuses_an_image(server):
@@ -117,7 +117,7 @@ def test_bad_image_is_invalid_arg_naming_image_then_a_good_one_succeeds(client, 
     assert "image: " in message and expected in message, message
     assert time.monotonic() - started < 30  # refused in preprocess, before any model work
     result = infer(client, IMAGE_MODEL, {**REQUEST, "image": IMAGE}, outputs=("frames", "used_seed"))
-    assert result.as_numpy("frames").shape == (5, 32, 48, 3)
+    assert result.as_numpy("frames").shape == (5, 32, 64, 3)
 
 
 def test_bad_image_to_the_stream_is_a_tagged_invalid_arg(server):
@@ -133,8 +133,14 @@ def test_bad_image_to_the_stream_is_a_tagged_invalid_arg(server):
 
 
 def test_size_not_a_multiple_is_refused_never_rounded(client):
-    message = _invalid(client, IMAGE_MODEL, {**REQUEST, "width": 40, "image": IMAGE})
-    assert "width: must be a positive multiple of 16 pixels" in message and "got 40" in message
+    # This checkpoint's multiple is 32 (a 16x VAE and patches of 2): 48 is refused, not rounded.
+    message = _invalid(client, IMAGE_MODEL, {**REQUEST, "width": 48, "image": IMAGE})
+    assert "width: must be a positive multiple of 32 pixels" in message and "got 48" in message
+
+
+def test_single_expert_model_refuses_guidance_scale_2(client):
+    message = _invalid(client, IMAGE_MODEL, {**REQUEST, "guidance_scale_2": 3.0, "image": IMAGE})
+    assert "guidance_scale_2: this model has one expert" in message
 
 
 # --- a good image through every path ----------------------------------------------------------------------------
@@ -142,12 +148,12 @@ def test_size_not_a_multiple_is_refused_never_rounded(client):
 
 def test_image_is_optional_on_this_model(client):
     without = infer(client, IMAGE_MODEL, {**REQUEST, "seed": 43}, outputs=("frames", "used_seed"))
-    assert without.as_numpy("frames").shape == (5, 32, 48, 3) and int(without.as_numpy("used_seed")[0]) == 43
+    assert without.as_numpy("frames").shape == (5, 32, 64, 3) and int(without.as_numpy("used_seed")[0]) == 43
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "WEBP"])
 def test_other_allowed_formats_and_sizes_are_taken(client, fmt):
-    # Another format, and a source size far from the video's (it is stretched to 32x48).
+    # Another format, and a source size far from the video's (it is stretched to 32x64).
     result = infer(client, IMAGE_MODEL, {**REQUEST, "seed": 44, "image": _png(300, 90, fmt=fmt)}, outputs=("video",))
     assert len(bytes(result.as_numpy("video")[0])) > 0
 
@@ -163,9 +169,9 @@ def test_stream_with_an_image_reports_progress_and_previews(server):
     previews = [(int(r.as_numpy("step")[0]), r.as_numpy("preview_frame")) for r in progress]
     previews = [(step, frame) for step, frame in previews if frame is not None]
     assert previews and previews[-1][0] == 4 and {s for s, _ in previews} <= {2, 4}, [s for s, _ in previews]
-    assert all(frame.shape == (32, 48, 3) for _, frame in previews)
+    assert all(frame.shape == (32, 64, 3) for _, frame in previews)
     assert [int(r.as_numpy("step")[0]) for r in progress][-1] == 4
-    assert final.as_numpy("frames").shape == (5, 32, 48, 3) and int(final.as_numpy("used_seed")[0]) == 45
+    assert final.as_numpy("frames").shape == (5, 32, 64, 3) and int(final.as_numpy("used_seed")[0]) == 45
 
 
 def test_unary_deadline_with_an_image(server):
@@ -212,7 +218,7 @@ def test_two_same_shape_image_requests_batch_together_and_apart_from_one_without
     batcher (which waits up to 300 ms for more, served.IMAGE_SERVING) hands them over, and they run as a batch of 2
     and a batch of 1."""
     before = _batch_sizes(server)
-    shape = dict(prompt="batched", height=32, width=48, num_frames=5, num_inference_steps=2)
+    shape = dict(prompt="batched", height=32, width=64, num_frames=5, num_inference_steps=2)
     requests = [
         {**shape, "seed": 50, "image": _png(shift=1)},
         {**shape, "seed": 51, "image": _png(shift=2)},
@@ -220,7 +226,7 @@ def test_two_same_shape_image_requests_batch_together_and_apart_from_one_without
     ]
     with ThreadPoolExecutor(len(requests)) as pool:
         frames = list(pool.map(lambda r: _infer_alone(server, r), requests))
-    assert all(f.shape == (5, 32, 48, 3) for f in frames)
+    assert all(f.shape == (5, 32, 64, 3) for f in frames)
     after = _batch_sizes(server)
 
     def loops_of(size: int) -> float:
@@ -274,7 +280,7 @@ def _run_client(server, model: str, *args: str) -> subprocess.CompletedProcess:
 def test_client_sends_image_file(server, tmp_path):
     photo = tmp_path / "photo.png"
     photo.write_bytes(IMAGE)
-    args = ("--prompt", "a kite", "--seed", "61", "--height", "32", "--width", "48", "--num-frames", "5")
+    args = ("--prompt", "a kite", "--seed", "61", "--height", "32", "--width", "64", "--num-frames", "5")
     done = _run_client(
         server, IMAGE_MODEL, *args, "--steps", "2", "--image", str(photo), "--output", str(tmp_path / "kite.mp4")
     )

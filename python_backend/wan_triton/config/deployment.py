@@ -104,14 +104,26 @@ class Components(_Strict):
     text_encoder: ComponentConfig
     denoiser: ComponentConfig
     vae_decoder: ComponentConfig
+    # Condition images to latents (image-to-video checkpoints; runs in the scheduler step). Left out, it takes the
+    # VAE decoder's engine, device and precision.
+    vae_encoder: ComponentConfig = None  # type: ignore[assignment]  # filled by _default_vae_encoder
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_vae_encoder(cls, data):
+        if isinstance(data, dict) and data.get("vae_encoder") is None and data.get("vae_decoder") is not None:
+            decoder = data["vae_decoder"]
+            decoder = decoder.model_dump() if isinstance(decoder, BaseModel) else dict(decoder)
+            data = {**data, "vae_encoder": {k: decoder[k] for k in ("engine", "device", "precision") if k in decoder}}
+        return data
 
     @model_validator(mode="after")
     def _parallel_settings_in_place(self) -> Components:
         # Each parallel setting belongs to one component: a plan splits the denoiser, split_width the VAE decode.
-        for name in ("text_encoder", "vae_decoder"):
+        for name in ("text_encoder", "vae_decoder", "vae_encoder"):
             if not getattr(self, name).parallel.is_single:
                 raise ValueError(f"{name}: parallel is a denoiser setting (the VAE decode splits with split_width)")
-        for name in ("text_encoder", "denoiser"):
+        for name in ("text_encoder", "denoiser", "vae_encoder"):
             if getattr(self, name).split_width != 1:
                 raise ValueError(f"{name}: split_width is a vae_decoder setting")
         return self

@@ -1,8 +1,10 @@
-"""Read a Wan2.2 text-to-video checkpoint in the Diffusers layout.
+"""Read a Wan2.2 checkpoint in the Diffusers layout: T2V-A14B, I2V-A14B or TI2V-5B.
 
-Nothing here assumes the tiny test config: layer counts, widths, vocabulary, text length and scheduler settings
-all come from the checkpoint's own config files. Weights are read from safetensors only (pickle-based `.bin`
-files are refused, since loading them can run arbitrary code).
+The kind comes from the checkpoint itself (model_index.json's `_class_name`, `boundary_ratio`, `expand_timesteps`,
+the component configs), never from a flag. Nothing here assumes the tiny test config: layer counts, widths,
+channels, vocabulary, text length, VAE strides and scheduler settings all come from the checkpoint's own config
+files. Weights are read from safetensors only (pickle-based `.bin` files are refused, since loading them can run
+arbitrary code).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -20,14 +22,19 @@ from wan_triton.model import random_init
 
 logger = logging.getLogger(__name__)
 
-COMPONENTS = ("text_encoder", "tokenizer", "transformer", "transformer_2", "vae", "scheduler")
+COMPONENTS = ("text_encoder", "tokenizer", "transformer", "vae", "scheduler")
 EXPERTS = ("transformer", "transformer_2")
+# model_index.json `_class_name`s served: text-to-video (T2V-A14B, and TI2V-5B with expand_timesteps) and
+# image-to-video (I2V-A14B).
+PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
+# What a checkpoint does with a request's image (`Checkpoint.image_input`).
+ImageInput = Literal["none", "required", "optional"]
 # WanPipeline.__call__ default; the official Wan2.2 config uses the same text length.
 MAX_SEQUENCE_LENGTH = 512
 
 
 class CheckpointError(ValueError):
-    """The directory is not a usable Wan2.2 T2V checkpoint."""
+    """The directory is not a usable Wan2.2 checkpoint."""
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -41,8 +48,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A checkpoint directory with `model_index.json`, `text_encoder/`, `tokenizer/`, `transformer/`,
-    `transformer_2/`, `vae/` and `scheduler/`."""
+    """A checkpoint directory with `model_index.json`, `text_encoder/`, `tokenizer/`, `transformer/`, `vae/`,
+    `scheduler/` and, for the two-expert A14B kinds (those with a `boundary_ratio`), `transformer_2/`."""
 
     root: Path
 
@@ -54,13 +61,34 @@ class Checkpoint:
 
     def validate(self) -> None:
         index = self.model_index
-        missing = [c for c in COMPONENTS if c not in index or not (self.root / c).is_dir()]
+        class_name = index.get("_class_name")
+        if class_name not in PIPELINE_CLASSES:
+            raise CheckpointError(
+                f"{self.root}: pipeline {class_name!r} is not served; expected one of {PIPELINE_CLASSES}"
+            )
+        if index.get("image_encoder") and index["image_encoder"][0] is not None:
+            raise CheckpointError(
+                f"{self.root}: has a CLIP `image_encoder` (a Wan2.1-style I2V checkpoint); only Wan2.2 checkpoints "
+                "(T2V-A14B, I2V-A14B, TI2V-5B), which condition on VAE latents alone, are served"
+            )
+        expected = [*COMPONENTS, *(["transformer_2"] if self.boundary_ratio is not None else [])]
+        missing = [c for c in expected if c not in index or not (self.root / c).is_dir()]
         if missing:
             raise CheckpointError(f"{self.root}: components missing from the Diffusers layout: {missing}")
+        if self.expand_timesteps and class_name == "WanImageToVideoPipeline":
+            raise CheckpointError(f"{self.root}: a TI2V checkpoint names WanPipeline (its image path is built in)")
+        vae_channels = self.latent_channels
+        for expert in filter(self.has_expert, EXPERTS):
+            in_channels = int(self.config(expert)["in_channels"])
+            if in_channels != vae_channels + self.condition_channels:
+                raise CheckpointError(
+                    f"{self.root}: {expert} takes {in_channels} input channels; a {class_name} with a z_dim "
+                    f"{vae_channels} VAE needs {vae_channels + self.condition_channels}"
+                )
         if self.random_weights:
             logger.warning("%s is a RANDOM-WEIGHT benchmark checkpoint: its output is noise", self.root)
             return
-        for component in ("text_encoder", "transformer", "transformer_2", "vae"):
+        for component in ("text_encoder", *filter(self.has_expert, EXPERTS), "vae"):
             folder = self.root / component
             if not any(folder.glob("*.safetensors")):
                 raise CheckpointError(f"{folder}: no .safetensors weights (other weight formats are refused)")
@@ -83,14 +111,33 @@ class Checkpoint:
         return self.model_index.get("boundary_ratio")
 
     @property
-    def image_input(self) -> str:
-        """What the model does with a request's `image`: "required" (image-to-video, `WanImageToVideoPipeline`),
-        "optional" (TI2V: `expand_timesteps`, text-to-video without one) or "none" (text-to-video)."""
-        if self.model_index.get("_class_name") == "WanImageToVideoPipeline":
+    def image_to_video(self) -> bool:
+        """I2V-A14B: the VAE-encoded image (and a 4-channel frame mask) enters as extra transformer channels."""
+        return self.model_index.get("_class_name") == "WanImageToVideoPipeline"
+
+    @property
+    def expand_timesteps(self) -> bool:
+        """TI2V-5B: per-token timesteps; an image replaces the first latent frame, whose timestep is then 0."""
+        return bool(self.model_index.get("expand_timesteps", False))
+
+    @property
+    def image_input(self) -> ImageInput:
+        """What a request's image is to this checkpoint: "none" (T2V-A14B), "required" (I2V-A14B) or "optional"
+        (TI2V-5B: text-to-video without, image-to-video with)."""
+        if self.image_to_video:
             return "required"
-        if self.model_index.get("expand_timesteps"):
-            return "optional"
-        return "none"
+        return "optional" if self.expand_timesteps else "none"
+
+    @property
+    def condition_channels(self) -> int:
+        """Transformer input channels beyond the latents: I2V's frame mask (one per frame the VAE folds into a
+        latent frame) and the VAE-encoded condition video."""
+        return self.vae_scale_factor_temporal + self.latent_channels if self.image_to_video else 0
+
+    @property
+    def kind(self) -> str:
+        """T2V-A14B, I2V-A14B or TI2V-5B, for logs (what the code does follows the properties above)."""
+        return {"none": "T2V", "required": "I2V", "optional": "TI2V"}[self.image_input]
 
     @property
     def num_train_timesteps(self) -> int:
@@ -110,7 +157,8 @@ class Checkpoint:
 
     @property
     def latent_channels(self) -> int:
-        return int(self.config("transformer")["in_channels"])
+        """Channels of the latents the solver updates: the VAE's z_dim (the transformer may take more, I2V)."""
+        return int(self.config("vae")["z_dim"])
 
     @property
     def text_dim(self) -> int:

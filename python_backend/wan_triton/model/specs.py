@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH, Checkpoint
-from wan_triton.model.vae_chunks import layouts_from_config
+from wan_triton.model.vae_chunks import encoder_layouts_from_config, layouts_from_config
 
 # Triton datatype names for the numpy dtypes this project uses.
 TRITON_DTYPES: dict[str, str] = {
@@ -128,18 +128,28 @@ def text_encoder_spec(ckpt: Checkpoint) -> ComponentSpec:
 
 
 def denoiser_spec(ckpt: Checkpoint, limits: ShapeLimits, expert: str = "transformer") -> ComponentSpec:
-    """One expert. Guidance runs as a batch of 2 (cond, uncond) so both branches share one forward."""
+    """One expert. Guidance runs as a batch of 2 (cond, uncond) so both branches share one forward.
+
+    `hidden_states` has the transformer's input channels (I2V: latents, frame mask and condition), `noise_pred` the
+    latents'. The timestep is int64 [batch], or for `expand_timesteps` checkpoints float32 [batch, latent_frames],
+    one per latent frame (see `denoise.call_transformer`)."""
     sp = ckpt.vae_scale_factor_spatial
-    c = ckpt.latent_channels
-    latent = ("batch", c, "latent_frames", "latent_height", "latent_width")
+    in_channels = int(ckpt.config(expert)["in_channels"])
+    out_channels = ckpt.latent_channels
+    grid = ("latent_frames", "latent_height", "latent_width")
+    timestep = (
+        TensorSpec("timestep", "float32", ("batch", "latent_frames"))
+        if ckpt.expand_timesteps
+        else TensorSpec("timestep", "int64", ("batch",))
+    )
     return ComponentSpec(
         name=expert,
         inputs=(
-            TensorSpec("hidden_states", "float32", latent),
-            TensorSpec("timestep", "int64", ("batch",)),
+            TensorSpec("hidden_states", "float32", ("batch", in_channels, *grid)),
+            timestep,
             TensorSpec("encoder_hidden_states", "float32", ("batch", MAX_SEQUENCE_LENGTH, ckpt.text_dim)),
         ),
-        outputs=(TensorSpec("noise_pred", "float32", latent),),
+        outputs=(TensorSpec("noise_pred", "float32", ("batch", out_channels, *grid)),),
         dims={
             "batch": DimRange(1, 2, 2),
             "latent_frames": DimRange(
@@ -193,6 +203,44 @@ def vae_decoder_phase_specs(ckpt: Checkpoint, limits: ShapeLimits) -> list[Compo
                     TensorSpec(
                         "video", "float32", shape(layout.video_channels, layout.video_frames, *layout.video_scale)
                     ),
+                    *(
+                        TensorSpec(f"cache_out_{i:02d}", "float32", shape(s.channels, s.frames, s.scale_h, s.scale_w))
+                        for i, s in cache_out
+                    ),
+                ),
+                dims=dims,
+            )
+        )
+    return specs
+
+
+def vae_encoder_phase_specs(ckpt: Checkpoint, limits: ShapeLimits) -> list[ComponentSpec]:
+    """One spec per VAE encoder phase graph (`vae_chunks.VaeEncoderPhase`): `video` (1 frame in phase 0, 4 after)
+    plus the cache it takes, `latent` (one latent frame, the posterior mean) plus the cache it leaves. Pixel sizes
+    are the latent dims scaled by the VAE's stride (`latent_height_x8`, or `_x16` for the Wan2.2 VAE)."""
+    latent = denoiser_spec(ckpt, limits).dims
+    specs = []
+    for layout in encoder_layouts_from_config(ckpt.config("vae")):
+        dims = {"latent_height": latent["latent_height"], "latent_width": latent["latent_width"]}
+
+        def shape(channels: int, frames: int, scale_h: int, scale_w: int, dims: dict = dims) -> tuple[int | str, ...]:
+            return 1, channels, frames, _scaled(dims, "latent_height", scale_h), _scaled(dims, "latent_width", scale_w)
+
+        cache_in = [(i, layout.inputs[i]) for i in layout.input_slots]
+        cache_out = [(i, layout.outputs[i]) for i in layout.output_slots]
+        scale = layout.pixel_scale
+        specs.append(
+            ComponentSpec(
+                name=f"vae_encoder_phase{layout.index}",
+                inputs=(
+                    TensorSpec("video", "float32", shape(layout.video_channels, layout.frames, scale, scale)),
+                    *(
+                        TensorSpec(f"cache_in_{i:02d}", "float32", shape(s.channels, s.frames, s.scale_h, s.scale_w))
+                        for i, s in cache_in
+                    ),
+                ),
+                outputs=(
+                    TensorSpec("latent", "float32", shape(layout.latent_channels, 1, 1, 1)),
                     *(
                         TensorSpec(f"cache_out_{i:02d}", "float32", shape(s.channels, s.frames, s.scale_h, s.scale_w))
                         for i, s in cache_out

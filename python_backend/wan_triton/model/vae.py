@@ -1,4 +1,5 @@
-"""Latents to pixels: undo the latent normalization, then run the Wan VAE decoder."""
+"""The Wan VAE around the engines: latents to pixels (undo the normalization, decode) and a condition image to
+normalized latents (encode)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,49 @@ def torch_vae_decode_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
         return vae.decode(latents, return_dict=False)[0]
 
     return decode
+
+
+class VaeEncoder:
+    """A request's condition image to normalized condition latents, as `WanImageToVideoPipeline.prepare_latents`
+    computes them. `encode_fn` maps a video [1, 3, F, H, W] in [-1, 1] to the posterior mean [1, z, T, h, w]."""
+
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        encode_fn: Callable[[torch.Tensor], torch.Tensor],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        cfg = ckpt.config("vae")
+        z_dim = int(cfg["z_dim"])
+        self.mean = torch.tensor(cfg["latents_mean"]).view(1, z_dim, 1, 1, 1)
+        self.inv_std = 1.0 / torch.tensor(cfg["latents_std"]).view(1, z_dim, 1, 1, 1)
+        # I2V encodes the image followed by num_frames - 1 black frames; TI2V the image alone (expand_timesteps).
+        self.whole_video = not ckpt.expand_timesteps
+        self.encode_fn = encode_fn
+        self.device = device
+        self.dtype = dtype
+
+    def __call__(self, image: np.ndarray, num_frames: int) -> torch.Tensor:
+        """image: uint8 [height, width, 3] at the request's size -> float32 [1, z, T, h, w] on the CPU (T: the
+        video's latent frames for I2V, 1 for TI2V)."""
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"condition image must be uint8 [height, width, 3], got {image.dtype} {image.shape}")
+        # diffusers' VaeImageProcessor: uint8 / 255 in float32, then 2x - 1.
+        pixels = torch.from_numpy(image.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+        pixels = 2.0 * pixels - 1.0
+        video = pixels.unsqueeze(2)
+        if self.whole_video:
+            h, w = image.shape[:2]
+            video = torch.cat([video, video.new_zeros(1, 3, num_frames - 1, h, w)], dim=2)
+        with torch.inference_mode():
+            latent = self.encode_fn(video.to(self.device, self.dtype))
+        latent = latent.to("cpu", torch.float32)
+        return (latent - self.mean) * self.inv_std
+
+
+def torch_vae_encode_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        return vae.encode(video).latent_dist.mode()
+
+    return encode

@@ -256,3 +256,162 @@ def onnx_vae_decode_fn(
     if len(paths) < 2:
         raise FileNotFoundError(f"{artifacts}: VAE decoder phase graphs missing (found {len(paths)}); run `make build`")
     return EngineVaeDecoder([make_engine(p) for p in paths]).decode
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The encoder: the same phase split for `AutoencoderKLWan._encode`, which runs the encoder on the first frame, then
+# on chunks of ENCODER_CHUNK_FRAMES frames, threading its own feat_cache through the calls.
+
+ENCODER_CHUNK_FRAMES = 4  # diffusers' `_encode` chunk after the first frame
+
+
+@dataclass(frozen=True)
+class EncoderPhaseLayout:
+    """What one encoder phase graph consumes and produces: `frames` pixel frames (1 in phase 0, else 4) and the
+    cache in, one latent frame (the posterior mean, z_dim channels) and the cache out."""
+
+    index: int
+    frames: int
+    inputs: tuple[SlotState, ...]
+    outputs: tuple[SlotState, ...]
+    video_channels: int  # pixel channels (3)
+    pixel_scale: int  # pixels per latent pixel (the VAE's spatial stride, patch included)
+    latent_channels: int
+
+    @property
+    def input_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self.inputs) if isinstance(s, CacheSlot)]
+
+    @property
+    def output_slots(self) -> list[int]:
+        return [i for i, s in enumerate(self.outputs) if isinstance(s, CacheSlot)]
+
+
+def _patchify(x: torch.Tensor, patch_size: int | None) -> torch.Tensor:
+    from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+    return x if patch_size is None else patchify(x, patch_size=patch_size)
+
+
+def trace_encoder_layouts(vae: nn.Module) -> list[EncoderPhaseLayout]:
+    """Run the encoder chunk by chunk on meta tensors until a phase's cache structure out equals its structure in
+    (that phase then repeats for every later chunk), as `trace_layouts` does for the decoder."""
+    if next(vae.parameters()).device.type != "meta":
+        vae = _meta_vae(vae.config)
+    config = vae.config
+    scale = int(config.scale_factor_spatial)
+    latent_hw = (3, 5)
+    meta = torch.device("meta")
+    cache: list[Any] = [None] * vae._cached_conv_counts["encoder"]
+    layouts: list[EncoderPhaseLayout] = []
+    with torch.no_grad():
+        for k in range(MAX_PHASES):
+            frames = 1 if k == 0 else ENCODER_CHUNK_FRAMES
+            before = tuple(_describe(e, latent_hw) for e in cache)
+            x = _patchify(
+                torch.empty(1, 3, frames, latent_hw[0] * scale, latent_hw[1] * scale, device=meta), config.patch_size
+            )
+            out = vae.quant_conv(vae.encoder(x, feat_cache=cache, feat_idx=[0]))
+            if tuple(out.shape[2:]) != (1, *latent_hw):
+                raise RuntimeError(f"VAE encoder chunk {k}: latent {tuple(out.shape)}, expected 1 frame of {latent_hw}")
+            after = tuple(_describe(e, latent_hw) for e in cache)
+            layouts.append(EncoderPhaseLayout(k, frames, before, after, 3, scale, int(config.z_dim)))
+            if k > 0 and after == before:
+                return layouts
+    raise RuntimeError(f"the VAE encoder cache did not reach a steady structure within {MAX_PHASES} chunks")
+
+
+def encoder_layouts_from_config(vae_config: dict[str, Any]) -> list[EncoderPhaseLayout]:
+    return trace_encoder_layouts(_meta_vae(vae_config))
+
+
+class VaeEncoderPhase(nn.Module):
+    """One encoder phase: `forward(video_chunk, *cache) -> (latent_mean, *new_cache)`.
+
+    `video_chunk` is [1, 3, frames, H, W] in [-1, 1] as `vae.encode` takes it (patchified here for the Wan2.2 VAE);
+    `latent_mean` is that chunk's latent frame, the posterior's mean (what diffusers' `retrieve_latents(...,
+    sample_mode="argmax")` returns), [1, z_dim, 1, h, w]."""
+
+    def __init__(self, vae: nn.Module, layout: EncoderPhaseLayout) -> None:
+        super().__init__()
+        self.encoder = vae.encoder
+        self.quant_conv = vae.quant_conv
+        self.layout = layout
+        self.patch_size = vae.config.patch_size
+        self.eval()
+
+    def forward(self, video_chunk: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        layout = self.layout
+        slots = layout.input_slots
+        if len(cache) != len(slots):
+            raise ValueError(f"VAE encoder phase {layout.index} takes {len(slots)} cache tensors, got {len(cache)}")
+        feat_cache: list[Any] = [s if not isinstance(s, CacheSlot) else None for s in layout.inputs]
+        for slot, tensor in zip(slots, cache, strict=True):
+            feat_cache[slot] = tensor
+        out = self.quant_conv(
+            self.encoder(_patchify(video_chunk, self.patch_size), feat_cache=feat_cache, feat_idx=[0])
+        )
+        for slot, (expected, entry) in enumerate(zip(layout.outputs, feat_cache, strict=True)):
+            if isinstance(expected, CacheSlot):
+                ok = isinstance(entry, torch.Tensor) and entry.shape[1:3] == (expected.channels, expected.frames)
+            else:
+                ok = not isinstance(entry, torch.Tensor) and entry == expected
+            if not ok:
+                raise RuntimeError(f"VAE encoder phase {layout.index}: cache slot {slot} is {entry!r}")
+        return (out[:, : layout.latent_channels], *(feat_cache[i] for i in layout.output_slots))
+
+
+def build_encoder_phase_modules(vae: nn.Module) -> list[VaeEncoderPhase]:
+    return [VaeEncoderPhase(vae, layout) for layout in trace_encoder_layouts(vae)]
+
+
+def encode_video(run_phase: RunPhase, video: torch.Tensor, num_phases: int) -> torch.Tensor:
+    """Encode a [1, 3, F, H, W] video in [-1, 1] (F = 1 + 4k) into the posterior mean [1, z_dim, 1 + k, h, w], chunk
+    by chunk as `AutoencoderKLWan._encode` does: `run_phase(k, [video_chunk, *cache])` -> `[latent, *new_cache]`."""
+    if video.ndim != 5 or video.shape[0] != 1 or (video.shape[2] - 1) % ENCODER_CHUNK_FRAMES:
+        raise ValueError(f"expected a video [1, 3, 1 + {ENCODER_CHUNK_FRAMES}k, H, W], got {tuple(video.shape)}")
+    cache: list[torch.Tensor] = []
+    latents = []
+    starts = [0, *range(1, video.shape[2], ENCODER_CHUNK_FRAMES)]
+    for i, start in enumerate(starts):
+        stop = 1 if i == 0 else start + ENCODER_CHUNK_FRAMES
+        outputs = run_phase(min(i, num_phases - 1), [video[:, :, start:stop].contiguous(), *cache])
+        latents.append(outputs[0])
+        cache = list(outputs[1:])
+    return torch.cat(latents, dim=2)
+
+
+class EngineVaeEncoder:
+    """The encoder phase graphs run through engines, like `EngineVaeDecoder`."""
+
+    def __init__(
+        self, engines: Sequence[Engine], io_names: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None
+    ) -> None:
+        if io_names is None:
+            io_names = [(e.input_names, e.output_names) for e in engines]  # type: ignore[attr-defined]
+        self.engines = list(engines)
+        self.io_names = [(list(i), list(o)) for i, o in io_names]
+
+    def _run(self, k: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        input_names, output_names = self.io_names[k]
+        outputs = self.engines[k].run(dict(zip(input_names, tensors, strict=True)))
+        return [outputs[name] for name in output_names]
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        return encode_video(self._run, video, len(self.engines))
+
+
+def encoder_graph_path(artifacts: Path, k: int) -> Path:
+    return artifacts / f"vae_encoder_phase{k}.onnx"
+
+
+def onnx_vae_encode_fn(
+    artifacts: Path, make_engine: Callable[[Path], Engine]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`encode(video) -> latent mean` over the exported `vae_encoder_phase{k}.onnx` graphs in `artifacts`."""
+    paths = []
+    while encoder_graph_path(artifacts, len(paths)).is_file():
+        paths.append(encoder_graph_path(artifacts, len(paths)))
+    if len(paths) < 2:
+        raise FileNotFoundError(f"{artifacts}: VAE encoder phase graphs missing (found {len(paths)}); run `make build`")
+    return EngineVaeEncoder([make_engine(p) for p in paths]).encode

@@ -21,9 +21,11 @@ class CfgParallel:
     index: int  # 0: prompt, 1: negative prompt
 
     def noise_pred(self, expert: Engine, model_input: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor):
-        """model_input: [1, C, T, h, w]; embeds: [2, text_len, text_dim] -> noise_pred [2, C, T, h, w]."""
+        """model_input: [1, C_in, T, h, w]; t: the step's timestep, a scalar or one per latent frame [T]; embeds:
+        [2, text_len, text_dim] -> noise_pred [2, C, T, h, w]."""
         mine = embeds[self.index : self.index + 1]
-        local = expert.run({"hidden_states": model_input, "timestep": t.expand(1), "encoder_hidden_states": mine})[
+        timestep = t.expand(1, *t.shape)
+        local = expert.run({"hidden_states": model_input, "timestep": timestep, "encoder_hidden_states": mine})[
             "noise_pred"
         ].contiguous()
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]

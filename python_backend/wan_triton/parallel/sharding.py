@@ -123,9 +123,18 @@ def _install_sequence_hooks(module: nn.Module, group) -> None:
     def head_out(_module, _args, out):  # [B, S/p, C x patch] -> [B, S, C x patch]
         return gather_sequence(out, group, dim=1)
 
+    def per_token_time_out(_module, _args, out):
+        # Per-token timesteps (TI2V-5B): temb [B, S, dim] and timestep_proj [B, S, 6 x dim] follow the tokens, so
+        # each rank keeps its tokens' rows for its blocks and the output norm.
+        temb, timestep_proj, *rest = out
+        if temb.ndim != 3:
+            return out
+        return (shard_sequence(temb, group, dim=1), shard_sequence(timestep_proj, group, dim=1), *rest)
+
     module.rope.register_forward_hook(rope_out)
     module.blocks[0].register_forward_pre_hook(first_block_in)
     module.proj_out.register_forward_hook(head_out)
+    module.condition_embedder.register_forward_hook(per_token_time_out)
 
 
 def parallelize(

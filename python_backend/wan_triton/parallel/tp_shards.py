@@ -104,7 +104,7 @@ def write_tp_shards(ckpt: Checkpoint, plan: ParallelPlan, precision: str, out: P
         "source": {"checkpoint": str(ckpt.root)},
         "experts": {},
     }
-    for expert in EXPERTS:
+    for expert in filter(ckpt.has_expert, EXPERTS):
         plan.check_transformer(ckpt.config(expert))
         shards: list[dict[str, torch.Tensor]] = [{} for _ in range(plan.tp)]
         dtypes: dict[str, int] = {}
@@ -155,7 +155,7 @@ def read_manifest(folder: Path, ckpt: Checkpoint, plan: ParallelPlan, precision:
         problems.append(f"built for plan {built}, the deployment runs {plan}")
     if manifest.get("precision") != precision:
         problems.append(f"built in {manifest.get('precision')}, the deployment runs {precision}")
-    for expert in EXPERTS:
+    for expert in filter(ckpt.has_expert, EXPERTS):
         entry = manifest["experts"].get(expert)
         if entry is None:
             problems.append(f"no shards of {expert}")

@@ -1,4 +1,5 @@
-"""What one rank of a worker group runs: both experts sharded for its place in the plan, in a Denoiser."""
+"""What one rank of a worker group runs: the experts sharded for its place in the plan, in a Denoiser (with a VAE
+encoder of its own where requests carry condition images)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from wan_triton.config.deployment import ComponentConfig, EngineKind
 from wan_triton.config.precision import DTYPES
 from wan_triton.model.checkpoint import EXPERTS, Checkpoint
 from wan_triton.model.denoise import Denoiser
+from wan_triton.model.vae import VaeEncoder, torch_vae_encode_fn
 from wan_triton.parallel.cfg import CfgParallel
 from wan_triton.parallel.process_groups import PlanGroups
 from wan_triton.parallel.sharding import parallelize
@@ -29,7 +31,7 @@ def build_rank_denoiser(
         raise ValueError(f"a parallel plan needs the torch engine, not {cfg.engine.value}")
     dtype = DTYPES[cfg.precision]
     experts = {}
-    for name in EXPERTS:
+    for name in filter(ckpt.has_expert, EXPERTS):
         if shards is not None and groups.plan.tp > 1:
             module = load_rank_shard(ckpt, name, shards, groups, dtype, device)
         else:
@@ -41,4 +43,12 @@ def build_rank_denoiser(
         eager, graphed = torch_engines(module, device, dtype, cfg.cuda_graphs, parallel=True)
         experts[name] = graphed or eager
     cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
-    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype, cfg_parallel=cfg_parallel)
+    encoder = None
+    if ckpt.image_input != "none":
+        # Every rank encodes the request's image itself (the same float32 encode, so the same condition on every
+        # rank), instead of receiving latents from one of them.
+        encode = torch_vae_encode_fn(ckpt.load_vae(torch.float32, str(device)))
+        encoder = VaeEncoder(ckpt, encode, device, torch.float32)
+    return Denoiser(
+        ckpt=ckpt, experts=experts, device=device, dtype=dtype, cfg_parallel=cfg_parallel, vae_encoder=encoder
+    )

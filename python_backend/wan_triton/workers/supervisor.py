@@ -296,7 +296,7 @@ class WorkerGroup(_Supervisor):
     role = "denoiser"
 
     def __init__(self, ckpt: Checkpoint, cfg: ComponentConfig, *args, **kwargs) -> None:
-        for expert in ("transformer", "transformer_2"):
+        for expert in filter(ckpt.has_expert, ("transformer", "transformer_2")):
             cfg.parallel.check_transformer(ckpt.config(expert), cfg.ulysses_head_groups)
         super().__init__(ckpt, cfg, *args, **kwargs)
         self.plan = cfg.parallel
@@ -312,14 +312,16 @@ class WorkerGroup(_Supervisor):
         on_step=None,
         on_estimate=None,
         estimate_every: int = 1,
+        condition_image: np.ndarray | None = None,
     ) -> torch.Tensor:
-        """`on_estimate` gets the first latent frame of the clean estimate after steps k, 2k, ... (k:
+        """`condition_image`: uint8 [height, width, 3] or None (`BatchItem.condition_image`); every rank encodes it.
+        `on_estimate` gets the first latent frame of the clean estimate after steps k, 2k, ... (k:
         `estimate_every`), float32 [1, C, 1, h, w] (what a preview shows), not the whole estimate: rank 0 sends it
         through its pipe only for those steps, and only when a hook wants it."""
         self.check_request(request)
         fields, embeds = dataclasses.asdict(request), prompt_embeds.float().cpu().numpy()
         every = estimate_every if on_estimate is not None else 0  # 0: no estimates
-        latents = self._send(("denoise", fields, embeds, every), on_step, on_estimate)
+        latents = self._send(("denoise", fields, embeds, every, condition_image), on_step, on_estimate)
         return torch.from_numpy(latents)
 
     def run_batch(self, items: list[BatchItem]) -> list[torch.Tensor | BaseException]:
@@ -328,7 +330,7 @@ class WorkerGroup(_Supervisor):
         for item in items:
             try:
                 args = (item.request, item.prompt_embeds, item.on_step, item.on_estimate, item.estimate_every)
-                results.append(self(*args))
+                results.append(self(*args, condition_image=item.condition_image))
             except Exception as exc:  # noqa: BLE001 - that request's error; the others go on
                 results.append(exc)
         return results

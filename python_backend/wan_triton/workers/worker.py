@@ -117,10 +117,11 @@ def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
                 case "stop":
                     break
                 case "denoise":
-                    _, fields, embeds, estimate_every = message  # estimate_every 0: no estimates wanted
+                    _, fields, embeds, estimate_every, image = message  # estimate_every 0: no estimates wanted
                     request, hook = GenerationRequest(**fields), on_estimate if estimate_every and rank == 0 else None
                     try:
-                        latents = denoiser(request, torch.from_numpy(embeds), on_step, hook, max(estimate_every, 1))
+                        every = max(estimate_every, 1)
+                        latents = denoiser(request, torch.from_numpy(embeds), on_step, hook, every, image)
                     except StopRequested as stop:  # every rank stops after the same step: the group stays usable
                         conn.send(("stopped", stop.steps_done))
                     else:

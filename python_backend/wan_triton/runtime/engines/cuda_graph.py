@@ -64,7 +64,7 @@ class CudaGraphEngine(Engine):
         return tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in sorted(inputs.items()))
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        prepared = {name: self.inner.prepare(t) for name, t in inputs.items()}
+        prepared = {name: self.inner.prepare(t, name) for name, t in inputs.items()}
         key = self.signature(prepared)
         if key not in self.graphs:
             self.graphs[key] = self._capture(key, prepared)
