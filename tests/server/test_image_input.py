@@ -302,3 +302,13 @@ def test_client_sends_image_file(server, tmp_path):
     refused = _run_client(server, T2V_MODEL, *args, "--image", str(photo), "--output", str(tmp_path / "no.mp4"))
     assert refused.returncode == EXIT_INVALID_ARGUMENT, refused.stderr
     assert "image: this model is text-to-video" in refused.stderr
+
+
+def test_the_image_conditions_the_video(client):
+    """Same prompt and seed: another image, or none, gives another video (TI2V: the image is the first frame's
+    latents)."""
+    request = {**REQUEST, "seed": 70}
+    first = infer(client, IMAGE_MODEL, {**request, "image": _png(shift=10)}, outputs=("frames",)).as_numpy("frames")
+    other = infer(client, IMAGE_MODEL, {**request, "image": _png(shift=90)}, outputs=("frames",)).as_numpy("frames")
+    none = infer(client, IMAGE_MODEL, request, outputs=("frames",)).as_numpy("frames")
+    assert not np.array_equal(first, other) and not np.array_equal(first, none)
