@@ -9,6 +9,9 @@ Against `make serve`:
         --input-data benchmarks/perf_analyzer/inputs_default.json \
         --out benchmarks/results/throughput/perf_analyzer_cpu.json
 
+With `--image photo.png` every request also sends that file as the `image` input (image-to-video models): the
+harness writes a copy of the input data with the file's bytes base64-encoded (perf_analyzer's `{"b64": ...}` form).
+
 The streaming endpoint is measured with `--model wan_t2v_stream --streaming` (perf_analyzer's own `--streaming`: one
 gRPC stream per concurrent client; a request's latency runs to its final response, past its progress responses).
 
@@ -28,7 +31,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from wan_bench.perf_analyzer import PerfAnalyzerError, environment, missing_libraries, perf_analyzer_binary
+from wan_bench.perf_analyzer import (
+    PerfAnalyzerError,
+    environment,
+    missing_libraries,
+    perf_analyzer_binary,
+    with_image,
+)
 from wan_bench.records import run_record, write_json
 
 INPUTS = Path(__file__).resolve().parent / "perf_analyzer"
@@ -58,6 +67,16 @@ def parse_csv(path: Path) -> dict[str, float]:
         raise PerfAnalyzerError(f"{path}: unexpected CSV {row}: {error}") from error
 
 
+def input_data_file(args: argparse.Namespace, workdir: Path) -> Path:
+    """The input-data file perf_analyzer reads: `--input-data`, or with `--image` a copy sending the image too."""
+    if args.image is None:
+        return args.input_data
+    path = workdir / "input_data_with_image.json"
+    if not path.exists():
+        path.write_text(json.dumps(with_image(json.loads(args.input_data.read_text()), args.image.read_bytes())))
+    return path
+
+
 def run_concurrency(args: argparse.Namespace, concurrency: int, workdir: Path) -> tuple[dict[str, float], str]:
     csv_path = workdir / f"concurrency_{concurrency}.csv"
     cmd = [
@@ -69,7 +88,7 @@ def run_concurrency(args: argparse.Namespace, concurrency: int, workdir: Path) -
         "-i",
         "grpc",
         "--input-data",
-        str(args.input_data),
+        str(input_data_file(args, workdir)),
         "--concurrency-range",
         f"{concurrency}:{concurrency}",
         # Count windows: requests take long even on the tiny CPU model (benchmarks/RESULTS.md), so fixed time windows
@@ -126,6 +145,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--streaming", action="store_true", help="a decoupled model over gRPC streams (e.g. --model wan_t2v_stream)"
     )
     parser.add_argument("--input-data", type=Path, default=INPUTS / "inputs_default.json")
+    parser.add_argument(
+        "--image", type=Path, help="image-to-video: send this PNG, JPEG or WebP file as every request's `image` input"
+    )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--request-count", type=int, default=16, help="requests per measurement window")
     parser.add_argument("--stability-pct", type=float, default=25, help="allowed spread of 3 consecutive windows")
@@ -135,6 +157,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if any(c < 1 for c in args.concurrency):
         parser.error("--concurrency values must be >= 1")
+    if args.image is not None and not args.image.is_file():
+        parser.error(f"--image {args.image}: no such file")
     return args
 
 
@@ -161,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             **run_record(argv=argv),
             "model": args.model,
             "input_data": json.loads(args.input_data.read_text())["data"],
+            "image": None if args.image is None else {"file": args.image.name, "bytes": args.image.stat().st_size},
             "perf_analyzer": str(perf_analyzer_binary()),
             "rows": rows,
         }

@@ -1,5 +1,5 @@
-"""Shared test setup: the test tiers as markers, two tiny checkpoints unlike the
-default, and one real Triton server per test session.
+"""Shared test setup: the test tiers as markers, tiny checkpoints unlike the default, and one real Triton server
+per test session.
 
 The tiers are the folders below tests/; every test is marked with its folder's name, so `-m` selects by tier too:
 
@@ -22,7 +22,18 @@ import pytest
 import torch
 
 from factories import OTHER_I2V, OTHER_TI2V
-from served import CACHED_BYTES, CACHED_MODEL, DEPLOYMENTS, PARALLEL_DEPLOYMENT, PARALLEL_MODEL, SERVING
+from served import (
+    CACHED_BYTES,
+    CACHED_MODEL,
+    DEPLOYMENTS,
+    IMAGE_CACHE_BYTES,
+    IMAGE_LIMITS,
+    IMAGE_MODEL,
+    IMAGE_SERVING,
+    PARALLEL_DEPLOYMENT,
+    PARALLEL_MODEL,
+    SERVING,
+)
 
 _TESTS = Path(__file__).resolve().parent
 
@@ -109,7 +120,7 @@ def other_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
+def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, tmp_path_factory):
     """One tritonserver for the whole test session, serving the models of tests/served.py."""
     from wan_build.__main__ import main as build_main
     from wan_triton.config.deployment import Deployment, Serving
@@ -122,6 +133,19 @@ def server(other_checkpoint, tiny4_checkpoint, tmp_path_factory):
     ]
     renderings.append((CACHED_MODEL, DEPLOYMENTS["wan_onnx"], other_checkpoint, {"result_cache_bytes": CACHED_BYTES}))
     renderings.append((PARALLEL_MODEL, PARALLEL_DEPLOYMENT, tiny4_checkpoint, {}))
+    image_deployment = Deployment.load(DEPLOYMENTS["wan_torch"])
+    renderings.append(
+        (
+            IMAGE_MODEL,
+            DEPLOYMENTS["wan_torch"],
+            ti2v_checkpoint,
+            {
+                "serving": Serving(**IMAGE_SERVING),
+                "result_cache_bytes": IMAGE_CACHE_BYTES,
+                "limits": image_deployment.limits.model_copy(update=IMAGE_LIMITS),
+            },
+        )
+    )
     for name, path, checkpoint, changes in renderings:
         deployment = Deployment.load(path).model_copy(update={"model_name": name, **changes})
         dep_file = root / f"{name}.json"

@@ -109,6 +109,8 @@ def validated_request(
     now_unix_s: float | None = None,
     spatial_multiple: int = 16,
     temporal_stride: int = 4,
+    image_input: str = "none",
+    two_experts: bool = True,
     **inputs,
 ) -> GenerationRequest:
     """`validate_request` on plain values, each as the one-element tensor Triton hands over (text as BYTES). The
@@ -117,4 +119,12 @@ def validated_request(
         name: np.array([value], dtype=object if isinstance(value, str | bytes) else None)
         for name, value in inputs.items()
     }
-    return validate_request(arrays, deployment, spatial_multiple, temporal_stride, now_unix_s=now_unix_s)
+    return validate_request(
+        arrays,
+        deployment,
+        spatial_multiple,
+        temporal_stride,
+        now_unix_s=now_unix_s,
+        image_input=image_input,
+        two_experts=two_experts,
+    )

@@ -31,6 +31,15 @@ PARALLEL_DEPLOYMENT = DEPLOYMENTS_DIR / "cpu_parallel.yaml"
 CACHED_MODEL = "wan_cached"
 CACHED_BYTES = 64 << 20
 
+# A rendering that takes the `image` input (tests/server/test_image_input.py): cpu_torch.yaml over the TI2V
+# checkpoint `ti2v_checkpoint` (tests/conftest.py: the image is optional, one expert, sizes in multiples of 32),
+# batching up to 4 same-shape requests that arrive within 300 ms of each other, the result cache on, and image
+# limits small enough that a test reaches them cheaply.
+IMAGE_MODEL = "wan_image"
+IMAGE_SERVING = {"max_batch_size": 4, "max_queue_size": 8, "max_queue_delay_ms": 300.0}
+IMAGE_LIMITS = {"max_image_bytes": 64 << 10, "max_image_pixels": 512 * 512}
+IMAGE_CACHE_BYTES = 32 << 20
+
 
 # The server tests' request: every setting differs from the deployment defaults, so an input that is dropped on
 # the way to the pipeline shows in the frames.

@@ -8,10 +8,12 @@ LD_LIBRARY_PATH.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import importlib.metadata
 import importlib.util
 import os
+import struct
 from pathlib import Path
 
 LIBB64 = "libb64.so.0d"
@@ -64,3 +66,15 @@ def missing_libraries() -> list[str]:
     if cuda_runtime_libdir() is None:
         missing.append(f"{LIBCUDART} (pip install nvidia-cuda-runtime-cu12, in the dev extras)")
     return missing
+
+
+def bytes_input(data: bytes) -> dict[str, str]:
+    """One BYTES element of shape [1] in perf_analyzer's input-data JSON: `{"b64": ...}` holds the tensor's raw
+    buffer, which for BYTES is each element's 4-byte little-endian length and then its bytes (Triton's
+    serialization), so that a binary file (an image) goes as it is."""
+    return {"b64": base64.b64encode(struct.pack("<I", len(data)) + data).decode("ascii")}
+
+
+def with_image(input_data: dict, image: bytes) -> dict:
+    """perf_analyzer input data (`{"data": [request, ...]}`) with every request sending `image`."""
+    return {**input_data, "data": [{**entry, "image": bytes_input(image)} for entry in input_data["data"]]}

@@ -35,6 +35,7 @@ from wan_client.client import (
     main,
     parse_args,
     queue_size,
+    read_image_file,
     stream_error,
     write_ppm,
 )
@@ -72,6 +73,7 @@ __all__ = [
     "main",
     "parse_args",
     "queue_size",
+    "read_image_file",
     "stream_error",
     "write_ppm",
 ]

@@ -1,10 +1,13 @@
-"""Command-line gRPC client for the Wan2.2 text-to-video ensemble (`wan_t2v`) served by Triton.
+"""Command-line gRPC client for the Wan2.2 video ensembles (`wan_t2v` and the image-to-video kinds) served by Triton.
 
 Sends one generation request, shows elapsed time on stderr while the server works (a request can take minutes),
 writes the returned MP4 and prints its path as the last line of stdout. Only options the user gives are sent; the
 server fills the rest with its defaults.
 
     python -m wan_client --prompt "a red fox running through snow" --seed 42 --output fox.mp4
+
+With --image PATH the file's bytes go as the `image` input (image-to-video models; the client reads the file, the
+server never reads paths).
 
 With --stream the request goes to the streaming endpoint (`<model>_stream`): the client shows the denoising step as
 a progress bar and, with --preview-every K --preview-dir DIR, saves a small preview frame every K steps (PPM files).
@@ -54,6 +57,7 @@ INPUT_DATATYPES: dict[str, str] = {
     "guidance_scale_2": "FP32",
     "fps": "INT64",
     "timeout_s": "FP32",
+    "image": "BYTES",  # the conditioning image's file bytes (PNG, JPEG or WebP): image-to-video models
     "preview": "INT64",  # the stream model only
 }
 
@@ -113,8 +117,14 @@ class GenerateError(Exception):
         self.exit_code = exit_code
 
 
-def build_infer_inputs(values: Mapping[str, object]) -> list[grpcclient.InferInput]:
-    """Turn {input name: python value} into Triton inputs of shape [1]; None values are left out (server default)."""
+def build_infer_inputs(values: Mapping[str, object], image: bytes | None = None) -> list[grpcclient.InferInput]:
+    """Turn {input name: python value} into Triton inputs of shape [1]; None values are left out (server default).
+
+    `image` (or `values["image"]`) is the conditioning image's file content, read by the caller: the server never
+    reads a path.
+    """
+    if image is not None:
+        values = {**values, "image": image}
     unknown = sorted(set(values) - set(INPUT_DATATYPES))
     if unknown:
         raise ValueError(f"unknown input(s) {unknown}; the model takes {list(INPUT_DATATYPES)}")
@@ -131,6 +141,10 @@ def build_infer_inputs(values: Mapping[str, object]) -> list[grpcclient.InferInp
 
 def _to_array(name: str, datatype: str, value: object) -> np.ndarray:
     if datatype == "BYTES":
+        if name == "image" and not isinstance(value, bytes):
+            raise TypeError(
+                f"image must be the file's bytes (read it here; the server reads no paths), got {type(value).__name__}"
+            )
         if isinstance(value, str):
             value = value.encode("utf-8")
         if not isinstance(value, bytes):
@@ -518,6 +532,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance-scale-2", type=float, help="classifier-free guidance scale (low-noise stage)")
     parser.add_argument("--fps", type=int, help="frame rate written into the MP4")
     parser.add_argument(
+        "--image", type=Path, help="image-to-video: a PNG, JPEG or WebP file, read here and sent as its bytes"
+    )
+    parser.add_argument(
         "--output", type=Path, default=Path(DEFAULT_OUTPUT), help=f"MP4 path (default {DEFAULT_OUTPUT})"
     )
     parser.add_argument("--frames-npy", type=Path, help="also fetch the raw uint8 frames [F, H, W, 3] and np.save them")
@@ -543,7 +560,17 @@ def inputs_from_args(args: argparse.Namespace) -> dict[str, object]:
     values = {input_name: getattr(args, option) for option, input_name in OPTION_INPUTS.items()}
     if getattr(args, "stream", False):
         values["preview"] = args.preview_every
+    if getattr(args, "image", None) is not None:
+        values["image"] = read_image_file(args.image)
     return {name: value for name, value in values.items() if value is not None}
+
+
+def read_image_file(path: Path) -> bytes:
+    """The content of the `--image` file; the server checks that it is an image it takes."""
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise GenerateError(f"cannot read --image {path}: {error}", EXIT_INVALID_ARGUMENT) from error
 
 
 def describe_mp4(data: bytes) -> str | None:
@@ -566,8 +593,13 @@ def describe_mp4(data: bytes) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(message)s")
-    inputs = inputs_from_args(args)
-    logger.debug("sending to %s model %s: %s", args.url, args.model, inputs)
+    try:
+        inputs = inputs_from_args(args)
+    except GenerateError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    shown = {k: f"<{len(v)} bytes>" if k == "image" else v for k, v in inputs.items()}
+    logger.debug("sending to %s model %s: %s", args.url, args.model, shown)
 
     progress: Progress | StepBar
     try:

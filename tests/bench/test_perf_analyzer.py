@@ -8,6 +8,8 @@ perf_analyzer needs libb64 (apt) and libcudart (PyPI). The test skips only when 
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import subprocess
@@ -16,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from wan_bench.perf_analyzer import LIBB64, missing_libraries
+from served import IMAGE_MODEL
+from wan_bench.perf_analyzer import LIBB64, missing_libraries, with_image
 from wan_client import INPUT_DATATYPES
 from wan_triton.config.deployment import Deployment
 from wan_triton.config.request import validate_request
@@ -107,3 +111,39 @@ def test_input_files_are_valid_requests(path):
             inputs[name] = np.array(content, dtype=dtypes[INPUT_DATATYPES[name]])
         request = validate_request(inputs, deployment, 16, 4)
         assert request.seed == entry["seed"]["content"][0]
+
+
+@pytest.mark.server
+@pytest.mark.usefixtures("_libraries")
+def test_image_sent_with_every_request(server, tmp_path):
+    """`--image`: perf_analyzer sends the file as the `image` input (base64 in its input data); the image-taking
+    model decodes it, so every request succeeding shows the bytes arrived intact."""
+    photo = tmp_path / "photo.png"
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((20, 30, 3), 90, dtype=np.uint8)).save(buffer, format="PNG")
+    photo.write_bytes(buffer.getvalue())
+    # The stream model: perf_analyzer 2.51 does not find the versions of the nested ensembles that the unary endpoint
+    # of a model with the result cache on is made of ("failed to find the requested model version").
+    small = json.loads(SMALL.read_text())
+    small["data"][0]["width"] = {"content": [64], "shape": [1]}  # the image model's sizes are multiples of 32
+    inputs = tmp_path / "inputs_image.json"
+    inputs.write_text(json.dumps(small))
+    run = _harness(
+        server, tmp_path, inputs, ["1"], model=f"{IMAGE_MODEL}_stream", extra=["--streaming", "--image", str(photo)]
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads((tmp_path / "pa.json").read_text())
+    assert result["image"] == {"file": "photo.png", "bytes": photo.stat().st_size}
+    (row,) = result["rows"]
+    assert row["errors"] == [] and row["requests"] >= 3
+    # The same image to a text-to-video model: every request is refused, and so is the run.
+    refused = _harness(server, tmp_path, SMALL, ["1"], extra=["--image", str(photo)])
+    assert refused.returncode != 0 and "image: this model is text-to-video" in refused.stderr, refused.stderr[-3000:]
+
+
+def test_image_input_data_is_the_bytes_tensor_serialized():
+    data = b"\x89PNG\x00\xff image"
+    entry = with_image({"data": [{"prompt": ["a"]}, {"prompt": ["b"]}]}, data)["data"]
+    assert [e["prompt"] for e in entry] == [["a"], ["b"]]
+    # Triton's raw BYTES buffer: a 4-byte little-endian length, then the bytes.
+    assert {base64.b64decode(e["image"]["b64"]) for e in entry} == {len(data).to_bytes(4, "little") + data}

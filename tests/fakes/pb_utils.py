@@ -10,10 +10,8 @@ Below the fake: a scheduler step (`serving.models.Scheduler`) on it, and the req
 
 from __future__ import annotations
 
-import json
 import sys
 import types
-from dataclasses import asdict
 
 import numpy as np
 
@@ -102,12 +100,26 @@ def scheduler_model(deployment, denoiser, board):
     return model
 
 
-def scheduler_request(request, prompt_embeds: np.ndarray, token: str | None = None, preview_every: int = 0) -> dict:
-    """What the scheduler step receives for `request` (a GenerationRequest): its JSON and prompt embeddings
-    [1, rows, sequence, text_dim]; with `token`, the job board token and the preview interval."""
+def scheduler_request(
+    request,
+    prompt_embeds: np.ndarray,
+    token: str | None = None,
+    preview_every: int = 0,
+    condition_image: np.ndarray | None = None,
+) -> dict:
+    """What the scheduler step receives for `request` (a GenerationRequest): its JSON, prompt embeddings
+    [1, rows, sequence, text_dim] and conditioning image [1, height, width, 3] (`condition_image`, else [1, 0, 0, 3];
+    a request with `has_image` and none given gets a uniform grey one); with `token`, the job board token and the
+    preview interval."""
+    from wan_triton.config.request import request_json
+
+    if condition_image is None:
+        shape = (request.height, request.width, 3) if request.has_image else (0, 0, 3)
+        condition_image = np.full(shape, 128, dtype=np.uint8)
     inputs = {
-        "request": Tensor("request", np.array([[json.dumps(asdict(request)).encode()]], dtype=object)),
+        "request": Tensor("request", np.array([[request_json(request)]], dtype=object)),
         "prompt_embeds": Tensor("prompt_embeds", prompt_embeds),
+        "condition_image": Tensor("condition_image", condition_image[None]),
     }
     if token is not None:
         inputs["job_token"] = Tensor("job_token", np.array([[token.encode()]], dtype=object))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from tritonclient.utils import InferenceServerException
 
-from served import CACHED_BYTES, CACHED_MODEL, infer
+from served import CACHED_BYTES, CACHED_MODEL, IMAGE_CACHE_BYTES, infer
 from wan_build.render import CACHED_PIPELINE
 
 REQUEST = dict(prompt="a lighthouse in a storm", height=32, width=48, num_frames=5, num_inference_steps=2, seed=77)
@@ -93,4 +93,6 @@ def test_cache_off_models_are_not_cached(server, client):
 def test_server_started_with_the_rendered_cache_size(server):
     # Triton logs the cache it created: `Creating TritonCache with name: 'local', ... cache_config: '{"size":"N"}'`.
     log = server.log_path.read_text(encoding="utf-8", errors="replace")
-    assert re.search(rf"Creating TritonCache with name: 'local'.*size\W+{CACHED_BYTES}\b", log), log[:3000]
+    # One cache per server: the sizes of the served repositories with the cache on add up.
+    total = CACHED_BYTES + IMAGE_CACHE_BYTES
+    assert re.search(rf"Creating TritonCache with name: 'local'.*size\W+{total}\b", log), log[:3000]

@@ -39,6 +39,19 @@ def test_groups_by_shape_in_arrival_order_and_caps_the_batch():
     assert group_by_shape([], max_batch_size=4) == []
 
 
+def test_requests_with_an_image_batch_only_with_each_other():
+    """Image-to-video and text-to-video requests of one shape differ in their inputs: never in one batch; two with
+    images (different ones) of the same shape share one."""
+    requests = [
+        make_request(seed=0, has_image=True),
+        make_request(seed=1),
+        make_request(seed=2, has_image=True),
+        make_request(seed=3),
+        make_request(seed=4, height=64, has_image=True),
+    ]
+    assert group_by_shape(requests, max_batch_size=8) == [[0, 2], [1, 3], [4]]
+
+
 # --- the batched loop against one request at a time -------------------------------------------------------------
 
 
@@ -176,6 +189,39 @@ def test_a_failing_batch_is_retried_one_request_at_a_time(fake_pb):
     assert denoiser.batches == [[0, 1, 2], [0], [1], [2]]
     assert responses[1].error is not None and "engine failed" in responses[1].error.message
     assert _seed_of(responses[0]) == 0 and _seed_of(responses[2]) == 2
+
+
+def test_execute_hands_each_request_its_image_and_batches_images_apart(fake_pb):
+    seen = {}
+
+    class _Recording(_RecordingDenoiser):
+        def run_batch(self, items):
+            seen.update({item.request.seed: item.condition_image for item in items})
+            return super().run_batch(items)
+
+    denoiser = _Recording()
+    model = _scheduler(denoiser, max_batch_size=4)
+    request = make_request(seed=0, has_image=True)
+    image = np.random.default_rng(0).integers(0, 256, (request.height, request.width, 3), dtype=np.uint8)
+    responses = model.execute(
+        [
+            pb_utils.scheduler_request(
+                request, np.zeros((1, 2, MAX_SEQUENCE_LENGTH, 4), np.float32), condition_image=image
+            ),
+            _triton_request(make_request(seed=1)),
+            _triton_request(make_request(seed=2, has_image=True)),
+            # An image of another size than the request's is an internal error, answered for that request alone.
+            pb_utils.scheduler_request(
+                make_request(seed=3, has_image=True),
+                np.zeros((1, 2, MAX_SEQUENCE_LENGTH, 4), np.float32),
+                condition_image=image[:16],
+            ),
+        ]
+    )
+    assert denoiser.batches == [[0, 2], [1]]
+    assert np.array_equal(seen[0], image) and seen[1] is None and seen[2].shape == image.shape
+    assert [r.error is None for r in responses] == [True, True, True, False]
+    assert "does not match the request" in responses[3].error.message
 
 
 # --- settings ---------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ def test_build_infer_inputs_names_datatypes_shapes() -> None:
         "guidance_scale_2": 3,
         "fps": 16,
         "timeout_s": 600.0,
+        "image": b"\x89PNG",
         "preview": 5,
     }
     inputs = _by_name(values)
@@ -102,8 +103,8 @@ def test_parse_args_maps_options_to_inputs() -> None:
         "guidance_scale_2": 3.0,
         "fps": 16,
     }
-    # `timeout_s` comes from --timeout (sent by `generate`), `preview` only with --stream.
-    assert set(inputs_from_args(args)) == set(INPUT_DATATYPES) - {"timeout_s", "preview"}
+    # `timeout_s` comes from --timeout (sent by `generate`), `preview` only with --stream, `image` with --image.
+    assert set(inputs_from_args(args)) == set(INPUT_DATATYPES) - {"timeout_s", "preview", "image"}
     streamed = parse_args(["--prompt", "a fox", "--stream", "--preview-every", "4"])
     assert inputs_from_args(streamed) == {"prompt": "a fox", "preview": 4}
 
@@ -353,3 +354,44 @@ def test_finished_stream_is_closed_without_cancelling(monkeypatch) -> None:
     result = wan_client.generate_stream("fake:8001", "wan_t2v", {"prompt": "a fox"}, False, None)
     assert result.video == video and result.used_seed == 42
     assert fake.cancel_requests == [False]
+
+
+# A few bytes that are not valid UTF-8 and hold a NUL at the end: an image goes byte for byte.
+IMAGE = b"\x89PNG\r\n\x1a\n\xff\xfe\x00 image bytes\x00"
+
+
+def test_build_infer_inputs_sends_the_image_bytes_as_they_are() -> None:
+    for inputs in (
+        build_infer_inputs({"prompt": "a fox"}, image=IMAGE),
+        build_infer_inputs({"prompt": "a", "image": IMAGE}),
+    ):
+        (image,) = [i for i in inputs if i.name() == "image"]
+        assert image.datatype() == "BYTES" and image.shape() == [1]
+        assert image._get_content() == len(IMAGE).to_bytes(4, "little") + IMAGE
+
+
+def test_build_infer_inputs_refuses_a_path_as_image() -> None:
+    with pytest.raises(TypeError, match="image must be the file's bytes"):
+        build_infer_inputs({"prompt": "a fox", "image": "/tmp/photo.png"})
+
+
+def test_main_sends_the_image_file(fake_triton, capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    url, servicer = fake_triton
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(IMAGE)
+    code = wan_client.main(
+        ["--url", url, "--prompt", "a fox", "--image", str(photo), "--output", str(tmp_path / "o.mp4")]
+    )
+    assert code == 0, capsys.readouterr().err
+    (request,) = servicer.requests
+    names = [i.name for i in request.inputs]
+    assert request.raw_input_contents[names.index("image")] == len(IMAGE).to_bytes(4, "little") + IMAGE
+
+
+def test_main_with_a_missing_image_file_fails_before_sending(fake_triton, capsys, tmp_path) -> None:
+    url, servicer = fake_triton
+    missing = tmp_path / "nowhere.png"
+    code = wan_client.main(["--url", url, "--prompt", "a fox", "--image", str(missing)])
+    assert code == wan_client.EXIT_INVALID_ARGUMENT
+    assert f"cannot read --image {missing}" in capsys.readouterr().err
+    assert servicer.requests == []

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 
 from factories import load_deployment, validated_request
 from wan_triton.config.deployment import Deployment
-from wan_triton.config.request import InvalidRequestError, validate_request
+from wan_triton.config.request import GenerationRequest, InvalidRequestError, request_json, validate_request
 
 DEPLOYMENT = load_deployment("cpu")
 
@@ -80,4 +83,68 @@ def test_deployment_rejects_unknown_keys_and_defaults_above_limits():
         Deployment.model_validate({**raw, "limitz": {}})
     raw["defaults"]["num_frames"] = 999
     with pytest.raises(ValueError, match="num_frames"):
+        Deployment.model_validate(raw)
+
+
+PNG = (
+    b"\x89PNG\r\n\x1a\n..."  # validation checks presence only; the content is decoded later (tests/unit/test_image.py)
+)
+
+
+def _refusal(**inputs) -> InvalidRequestError:
+    with pytest.raises(InvalidRequestError) as info:
+        validate(**inputs)
+    return info.value
+
+
+def test_text_to_video_refuses_an_image():
+    error = _refusal(prompt=b"a", image=PNG)
+    assert error.field == "image" and "takes no image" in str(error)
+
+
+def test_image_to_video_requires_an_image():
+    error = _refusal(prompt=b"a", image_input="required")
+    assert error.field == "image" and "is required" in str(error) and "PNG, JPEG or WebP" in str(error)
+    req = validate(prompt=b"a", image=PNG, image_input="required")
+    assert req.image == PNG and req.has_image
+
+
+def test_optional_image_may_be_left_out():
+    req = validate(prompt=b"a", image_input="optional")
+    assert req.image is None and not req.has_image
+    assert validate(prompt=b"a", image=PNG, image_input="optional").has_image
+
+
+def test_image_must_be_bytes():
+    arrays = {"prompt": np.array([b"a"], dtype=object), "image": np.array([3], dtype=np.int64)}
+    with pytest.raises(InvalidRequestError, match="image: must be a BYTES tensor"):
+        validate_request(arrays, DEPLOYMENT, 16, 4, image_input="optional")
+
+
+def test_request_json_carries_no_image_bytes():
+    req = validate(prompt=b"a", image=PNG, image_input="required")
+    data = json.loads(request_json(req))
+    assert data["image"] is None and data["has_image"] is True
+    assert GenerationRequest(**data) == dataclasses.replace(req, image=None)
+
+
+def test_guidance_scale_2_refused_by_a_single_expert_model():
+    error = _refusal(prompt=b"a", guidance_scale_2=3.0, two_experts=False)
+    assert error.field == "guidance_scale_2" and "one expert" in str(error)
+    assert validate(prompt=b"a", two_experts=False).guidance_scale == DEPLOYMENT.defaults.guidance_scale
+
+
+@pytest.mark.parametrize("field", ["height", "width"])
+def test_size_not_a_multiple_is_refused_never_rounded(field):
+    error = _refusal(prompt=b"a", spatial_multiple=32, **{field: 48})
+    assert error.field == field and "multiple of 32" in str(error) and "got 48" in str(error)
+    assert getattr(validate(prompt=b"a", spatial_multiple=32, **{field: 64}), field) == 64
+
+
+def test_image_limits_have_defaults_and_are_strict():
+    lim = DEPLOYMENT.limits
+    assert (lim.max_image_bytes, lim.max_image_pixels) == (20 << 20, 4096 * 4096)
+    raw = load_deployment("cpu").model_dump()
+    raw["limits"]["max_image_bytes"] = 0
+    with pytest.raises(ValueError, match="max_image_bytes"):
         Deployment.model_validate(raw)

@@ -203,6 +203,11 @@ class Limits(_Strict):
     # The largest `timeout_s` a request may ask for (a 720p A14B request of 40 steps takes minutes on one GPU:
     # benchmarks/RESULTS.md, End to end).
     max_timeout_s: float = Field(default=3600.0, gt=0)
+    # The `image` input of image-to-video models: its file size, and its width x height read from the file's header
+    # before any pixel is decoded (a small file can declare a huge image). 4096x4096 is far above any video size the
+    # image is resized to.
+    max_image_bytes: int = Field(default=20 << 20, gt=0)
+    max_image_pixels: int = Field(default=4096 * 4096, gt=0)
 
 
 class Defaults(_Strict):

@@ -6,11 +6,13 @@ Errors are `InvalidRequestError`, which names the field and what is allowed; the
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -20,6 +22,9 @@ from wan_triton.config.deployment import Deployment
 GUIDANCE_THRESHOLD = 1.0
 MIN_GUIDANCE_SCALE = 0.0
 MAX_SEED = 2**63 - 1
+# What a checkpoint does with the `image` input: refuses it (text-to-video), needs it (image-to-video), or takes it
+# when given (TI2V-5B: text-to-video without one).
+ImageInput = Literal["none", "required", "optional"]
 
 
 class InvalidRequestError(ValueError):
@@ -46,10 +51,20 @@ class GenerationRequest:
     # process of the server). None: no deadline.
     timeout_s: float | None = None
     deadline_unix_s: float | None = None
+    # The conditioning image's file bytes (image-to-video), as the client sent them; only the preprocessing process
+    # holds them (`request_json` leaves them out: the steps after it get the decoded image as a tensor). `has_image`
+    # says whether there is one, and travels with the rest.
+    image: bytes | None = dataclasses.field(default=None, repr=False)  # megabytes: kept out of log lines
+    has_image: bool = False
 
     @property
     def do_classifier_free_guidance(self) -> bool:
         return self.guidance_scale > GUIDANCE_THRESHOLD
+
+
+def request_json(request: GenerationRequest) -> bytes:
+    """The request as the JSON the ensemble's steps pass on: everything but the image's bytes."""
+    return json.dumps(dataclasses.asdict(dataclasses.replace(request, image=None))).encode()
 
 
 def _scalar(inputs: dict[str, np.ndarray | None], name: str) -> Any | None:
@@ -104,6 +119,8 @@ def validate_request(
     spatial_multiple: int,
     temporal_stride: int,
     now_unix_s: float | None = None,
+    image_input: ImageInput = "none",
+    two_experts: bool = True,
 ) -> GenerationRequest:
     """Check every input of one request and fill the defaults.
 
@@ -113,6 +130,9 @@ def validate_request(
         spatial_multiple: height and width must be multiples of this (VAE stride x patch size; 16 for Wan2.2).
         temporal_stride: num_frames must be `temporal_stride * k + 1` (4 for Wan2.2).
         now_unix_s: when the request arrived (the deadline's start); the current time when None.
+        image_input: what the checkpoint does with `image` (`Checkpoint.image_input`). Only its presence is checked
+            here; `wan_triton.model.image` decodes it against the deployment's image limits.
+        two_experts: whether the checkpoint has the low-noise expert `transformer_2` that `guidance_scale_2` steers.
     """
     lim, d = deployment.limits, deployment.defaults
 
@@ -159,6 +179,10 @@ def validate_request(
     elif not 0 <= seed <= MAX_SEED:
         raise InvalidRequestError("seed", f"must be in [0, 2^63-1]; got {seed}")
 
+    if not two_experts and inputs.get("guidance_scale_2") is not None:
+        raise InvalidRequestError(
+            "guidance_scale_2", "this model has one expert (no transformer_2); send guidance_scale only"
+        )
     scales = {}
     for name, default in (("guidance_scale", d.guidance_scale), ("guidance_scale_2", d.guidance_scale_2)):
         value = _number(inputs, name, default)
@@ -179,6 +203,8 @@ def validate_request(
         )
     deadline = None if timeout_s is None else (time.time() if now_unix_s is None else now_unix_s) + timeout_s
 
+    image = _image(inputs, image_input)
+
     return GenerationRequest(
         prompt=prompt,
         negative_prompt=d.negative_prompt if negative_prompt is None else negative_prompt,
@@ -192,4 +218,20 @@ def validate_request(
         fps=fps,
         timeout_s=timeout_s,
         deadline_unix_s=deadline,
+        image=image,
+        has_image=image is not None,
     )
+
+
+def _image(inputs: dict[str, np.ndarray | None], image_input: ImageInput) -> bytes | None:
+    """The `image` input's bytes, or None; whether this model takes one. Its content is checked when decoded."""
+    raw = _scalar(inputs, "image")
+    if raw is None:
+        if image_input == "required":
+            raise InvalidRequestError("image", "is required by this image-to-video model: a PNG, JPEG or WebP file")
+        return None
+    if image_input == "none":
+        raise InvalidRequestError("image", "this model is text-to-video and takes no image; leave `image` out")
+    if not isinstance(raw, bytes | np.bytes_):
+        raise InvalidRequestError("image", "must be a BYTES tensor holding a PNG, JPEG or WebP file")
+    return bytes(raw)

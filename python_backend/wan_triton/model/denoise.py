@@ -324,14 +324,16 @@ def group_by_shape(requests: list[GenerationRequest], max_batch_size: int) -> li
     return order
 
 
-def batch_key(request: GenerationRequest) -> tuple[int, int, int, int, bool]:
-    """Requests with equal keys can share expert forwards: same latent shape, same timesteps, same rows."""
+def batch_key(request: GenerationRequest) -> tuple[int, int, int, int, bool, bool]:
+    """Requests with equal keys can share expert forwards: same latent shape, same timesteps, same rows, and all
+    with a conditioning image or all without (image-to-video and text-to-video inputs differ)."""
     return (
         request.height,
         request.width,
         request.num_frames,
         request.num_inference_steps,
         request.do_classifier_free_guidance,
+        request.has_image,
     )
 
 

@@ -36,6 +36,9 @@ REQUEST_INPUTS: tuple[IO, ...] = (
     IO("guidance_scale_2", "TYPE_FP32", (1,), optional=True, doc="low-noise expert"),
     IO("fps", "TYPE_INT64", (1,), optional=True, doc="frames per second of the MP4"),
     IO("timeout_s", "TYPE_FP32", (1,), optional=True, doc="deadline in seconds from arrival; stops the denoising loop"),
+    # Declared by every kind, so one client and one contract serve them all; preprocess refuses it where the
+    # checkpoint takes none and requires it where the checkpoint needs one (`Checkpoint.image_input`).
+    IO("image", "TYPE_STRING", (1,), optional=True, doc="PNG, JPEG or WebP file bytes (image-to-video)"),
 )
 RESPONSE_OUTPUTS: tuple[IO, ...] = (
     IO("video", "TYPE_STRING", (1,), doc="H.264 MP4 file"),
@@ -53,6 +56,9 @@ PROMPT_EMBEDS = IO(
     "prompt_embeds", "TYPE_FP32", (1, -1, MAX_SEQUENCE_LENGTH, -1), doc="[1, prompt[, negative prompt], ...]"
 )
 LATENTS = IO("latents", "TYPE_FP32", (1, -1, -1, -1, -1))
+# The request's image decoded and resized to the video's size; [1, 0, 0, 3] when the request has none. The image's
+# file bytes stop at preprocess.
+CONDITION_IMAGE = IO("condition_image", "TYPE_UINT8", (1, -1, -1, 3), doc="[1, height, width, 3] RGB")
 VIDEO, FRAMES, USED_SEED = RESPONSE_OUTPUTS
 DECODED_FRAMES = IO("decoded_frames", "TYPE_UINT8", (-1, -1, -1, 3), doc="[num_frames, height, width, 3] RGB")
 
@@ -85,10 +91,16 @@ class ModelIO:
     extra_inputs: tuple[IO, ...] = ()
 
 
-PREPROCESS = ModelIO("preprocess", REQUEST_INPUTS, (REQUEST_JSON, INPUT_IDS, ATTENTION_MASK, USED_SEED))
+PREPROCESS = ModelIO(
+    "preprocess", REQUEST_INPUTS, (REQUEST_JSON, INPUT_IDS, ATTENTION_MASK, USED_SEED, CONDITION_IMAGE)
+)
 TEXT_ENCODER = ModelIO("text_encoder", (INPUT_IDS, ATTENTION_MASK), (PROMPT_EMBEDS,))
 SCHEDULER = ModelIO(
-    "scheduler", (REQUEST_JSON, PROMPT_EMBEDS), (LATENTS,), batched=True, extra_inputs=(JOB_TOKEN, PREVIEW_EVERY)
+    "scheduler",
+    (REQUEST_JSON, PROMPT_EMBEDS, CONDITION_IMAGE),
+    (LATENTS,),
+    batched=True,
+    extra_inputs=(JOB_TOKEN, PREVIEW_EVERY),
 )
 # The decoder turns pixels into uint8 frames where it decoded them (on the GPU when it runs there): a quarter of
 # the bytes of float pixels cross to the postprocess step. Postprocess re-emits them as the `frames` output, because

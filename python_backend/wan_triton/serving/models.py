@@ -6,8 +6,6 @@ vae_decoder -> postprocess. See `model_io` for the tensors between them.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 
@@ -15,13 +13,14 @@ import numpy as np
 import torch
 
 from wan_triton.components import build_denoiser, build_text_encoder, build_vae_decoder, warm_up_denoiser
-from wan_triton.config.request import GUIDANCE_THRESHOLD, GenerationRequest, validate_request
+from wan_triton.config.request import GUIDANCE_THRESHOLD, GenerationRequest, request_json
 from wan_triton.model.denoise import BatchItem, group_by_shape, latent_shape
 from wan_triton.model.text import PromptTokenizer, encode_tokens
 from wan_triton.model.video import encode_mp4
 from wan_triton.pipeline import prompts_for
 from wan_triton.serving import model_io as io
 from wan_triton.serving.metrics import StageMetrics
+from wan_triton.serving.request_input import request_image, validate_for
 from wan_triton.serving.stopping import JobBoard, StepGuard
 from wan_triton.serving.stream import StreamRunner
 from wan_triton.serving.triton import (
@@ -99,14 +98,15 @@ class Preprocess(_Model):
 
     def handle(self, request):
         inputs = read_inputs(request, [t.name for t in io.REQUEST_INPUTS])
-        ckpt = self.ctx.checkpoint
-        req = validate_request(inputs, self.ctx.deployment, ckpt.spatial_multiple, ckpt.vae_scale_factor_temporal)
+        req = validate_for(inputs, self.ctx.deployment, self.ctx.checkpoint)
+        pixels = request_image(req, self.ctx.deployment)
         tokens = self.tokenizer(prompts_for(req))
         return _response(
-            output(io.REQUEST_JSON.name, np.array([[json.dumps(dataclasses.asdict(req)).encode()]], dtype=object)),
+            output(io.REQUEST_JSON.name, np.array([[request_json(req)]], dtype=object)),
             output(io.INPUT_IDS.name, tokens.input_ids),
             output(io.ATTENTION_MASK.name, tokens.attention_mask),
             output(io.USED_SEED.name, np.array([req.seed], dtype=np.int64)),
+            output(io.CONDITION_IMAGE.name, pixels[None]),
         )
 
 
@@ -136,8 +136,11 @@ class Scheduler(_Model):
 
     def load(self) -> None:
         self.board = JobBoard()
-        cfg = self.ctx.deployment.components.denoiser
-        self.denoiser = build_denoiser(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
+        components = self.ctx.deployment.components
+        # Condition images are VAE-encoded here, in the scheduler's process, so the ensemble keeps its five steps.
+        self.denoiser = build_denoiser(
+            self.ctx.checkpoint, components.denoiser, self.ctx.artifacts, self.ctx.device_id, components.vae_encoder
+        )
         # Warm up what the default request runs: guided (a batch of 2) or, at guidance_scale <= 1, a batch of 1.
         guided = self.ctx.deployment.defaults.guidance_scale > GUIDANCE_THRESHOLD
         for shape in self.ctx.deployment.warmup:
@@ -188,11 +191,22 @@ class Scheduler(_Model):
         if extra[io.JOB_TOKEN.name] is not None:
             token = self.board.check_token(bytes(extra[io.JOB_TOKEN.name].reshape(-1)[0]).decode("ascii", "replace"))
         every = 0 if extra[io.PREVIEW_EVERY.name] is None else int(extra[io.PREVIEW_EVERY.name].reshape(-1)[0])
+        image = read_inputs(request, [io.CONDITION_IMAGE.name])[io.CONDITION_IMAGE.name]
+        if image is None or image.ndim != 4 or image.shape[0] != 1:
+            raise ValueError(f"internal tensor {io.CONDITION_IMAGE.name!r}: expected [1, height, width, 3]")
+        condition = image[0] if image.size else None
+        if req.has_image != (condition is not None) or (
+            condition is not None and condition.shape[:2] != (req.height, req.width)
+        ):
+            raise ValueError(
+                f"internal tensor {io.CONDITION_IMAGE.name!r} of shape {list(image.shape)} does not match the request "
+                f"({req.width}x{req.height}, {'with' if req.has_image else 'without'} an image)"
+            )
         guard = StepGuard(req.timeout_s, req.deadline_unix_s, [] if token is None else [self._cancel_flag(token)])
         guard.check("before denoising (while queued)")
         on_step, on_estimate = self._hooks(guard, token, every)
         # Estimates of the other steps are neither computed nor, from a worker group, sent.
-        return BatchItem(req, embeds[0], on_step, on_estimate, estimate_every=max(every, 1))
+        return BatchItem(req, embeds[0], on_step, on_estimate, estimate_every=max(every, 1), condition_image=condition)
 
     def _cancel_flag(self, token: str):
         return lambda: self.board.is_cancelled(token)

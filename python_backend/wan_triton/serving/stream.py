@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from wan_triton.config.deployment import Deployment
-from wan_triton.config.request import GenerationRequest, InvalidRequestError, validate_request
+from wan_triton.config.request import GenerationRequest, InvalidRequestError
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.serving import model_io as io
 from wan_triton.serving.metrics import StageMetrics
+from wan_triton.serving.request_input import request_image, validate_for
 from wan_triton.serving.stopping import DEADLINE_MESSAGE, JobBoard, RequestStopped, StepGuard
 from wan_triton.serving.triton import StageError, bls_infer, error_response, outcome_of, output, pb_utils
 
@@ -177,24 +178,21 @@ class StreamRunner:
 
     def _generate(self, job: _Job):
         name = self.deployment.model_name
-        ckpt = self.checkpoint
         every = preview_every(job.inputs.get(io.PREVIEW.name), self.deployment.limits.max_num_inference_steps)
         request_inputs = {t.name: job.inputs[t.name] for t in io.REQUEST_INPUTS if t.name in job.inputs}
         # Checked here first so that bad input is answered with its own code (a BLS caller sees every error of a
         # called model as INTERNAL); preprocess checks the same again.
-        validate_request(
-            {t.name: job.inputs.get(t.name) for t in io.REQUEST_INPUTS},
-            self.deployment,
-            ckpt.spatial_multiple,
-            ckpt.vae_scale_factor_temporal,
+        checked = validate_for(
+            {t.name: job.inputs.get(t.name) for t in io.REQUEST_INPUTS}, self.deployment, self.checkpoint
         )
+        request_image(checked, self.deployment)
         # Intermediate tensors go from one BLS response into the next request as Tensors (`keep`): a GPU step's
         # output stays on its GPU (DLPack); only what this model reads itself comes to the host.
         pre = bls_infer(
             f"{name}_preprocess",
             request_inputs,
             [t.name for t in io.PREPROCESS.outputs],
-            keep=(io.INPUT_IDS.name, io.ATTENTION_MASK.name),
+            keep=(io.INPUT_IDS.name, io.ATTENTION_MASK.name, io.CONDITION_IMAGE.name),
         )
         request_json = pre[io.REQUEST_JSON.name]
         req = GenerationRequest(**json.loads(bytes(request_json.reshape(-1)[0]).decode("utf-8")))
@@ -210,7 +208,9 @@ class StreamRunner:
         )
         guard.check("before denoising")
         self._report(job, "denoise", 0, n)
-        latents = self._denoise(job, request_json.reshape(1, 1), text[io.PROMPT_EMBEDS.name], n, every)
+        latents = self._denoise(
+            job, request_json.reshape(1, 1), text[io.PROMPT_EMBEDS.name], pre[io.CONDITION_IMAGE.name], n, every
+        )
 
         guard.check("before the VAE decode")
         self._report(job, "vae_decode", n, n)
@@ -233,7 +233,7 @@ class StreamRunner:
             tensors.append(output(io.FRAMES.name, post[io.FRAMES.name]))
         return pb_utils().InferenceResponse(output_tensors=tensors)
 
-    def _denoise(self, job: _Job, request_json: np.ndarray, prompt_embeds, num_steps: int, every: int):
+    def _denoise(self, job: _Job, request_json: np.ndarray, prompt_embeds, condition_image, num_steps: int, every: int):
         """The scheduler call, in a helper thread, while this thread relays progress and previews and watches for
         cancellation. A cancelled request is answered at once; its flag stays up until the scheduler call ends (the
         scheduler stops after its current step), and the helper clears the request's board files then."""
@@ -249,6 +249,7 @@ class StreamRunner:
                     {
                         io.REQUEST_JSON.name: request_json,
                         io.PROMPT_EMBEDS.name: prompt_embeds,
+                        io.CONDITION_IMAGE.name: condition_image,
                         io.JOB_TOKEN.name: np.array([[job.token.encode()]], dtype=object),
                         io.PREVIEW_EVERY.name: np.array([[every]], dtype=np.int64),
                     },
