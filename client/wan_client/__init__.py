@@ -16,6 +16,7 @@ from wan_client.client import (
     FRAMES_OUTPUT,
     INPUT_DATATYPES,
     OPTION_INPUTS,
+    RETRY_BACKOFF_S,
     STREAM_PROGRESS_OUTPUTS,
     STREAM_SUFFIX,
     USED_SEED_OUTPUT,
@@ -36,6 +37,7 @@ from wan_client.client import (
     parse_args,
     queue_size,
     stream_error,
+    with_retries,
     write_ppm,
 )
 
@@ -53,6 +55,7 @@ __all__ = [
     "FRAMES_OUTPUT",
     "INPUT_DATATYPES",
     "OPTION_INPUTS",
+    "RETRY_BACKOFF_S",
     "STREAM_PROGRESS_OUTPUTS",
     "STREAM_SUFFIX",
     "USED_SEED_OUTPUT",
@@ -73,5 +76,6 @@ __all__ = [
     "parse_args",
     "queue_size",
     "stream_error",
+    "with_retries",
     "write_ppm",
 ]
