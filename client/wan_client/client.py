@@ -238,7 +238,7 @@ def with_retries(
     has been retried `retries` times, or the next wait would end past the deadline."""
     start = time.monotonic()
     for retry in itertools.count(1):
-        remaining_s = None if timeout_s is None else timeout_s - (time.monotonic() - start)
+        remaining_s = timeout_s if timeout_s is None or retry == 1 else timeout_s - (time.monotonic() - start)
         try:
             return attempt(remaining_s)
         except GenerateError as error:
