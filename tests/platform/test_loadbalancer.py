@@ -16,6 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
@@ -140,6 +141,11 @@ def test_a_replica_killed_under_load_fails_only_its_requests_and_retries_complet
         eject_s=round(ejected_at - killed_at, 3),
         health_check_interval_ms=500,
         max_request_s=round(max(o["elapsed_s"] for o in outcomes), 2),
+        # The baseline of the same run: requests that were not retried.
+        median_unretried_request_s=round(float(np.median([o["elapsed_s"] for o in outcomes if not o["failures"]])), 2),
+        median_retried_request_s=(
+            round(float(np.median([o["elapsed_s"] for o in outcomes if o["failures"]])), 2) if failures else None
+        ),
         failure_messages=sorted(set(failures)),
     )
     print(json.dumps(figures, indent=1))
