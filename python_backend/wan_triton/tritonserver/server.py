@@ -197,20 +197,40 @@ def remove_shared_memory(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
     return removed
 
 
-def _kill_group(pgid: int, wait_s: float = 10) -> None:
-    """SIGKILL every process of the group, and wait (up to `wait_s`) until none is left."""
-    deadline = time.monotonic() + wait_s
+def _group_members(pgid: int) -> list[int]:
+    """The live processes of a process group (zombies, which hold nothing but their exit status, left out)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after its closing parenthesis.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _kill_group(process: subprocess.Popen, wait_s: float = 10) -> None:
+    """SIGKILL every process of the group `process` leads, reap it, and wait (up to `wait_s`) until none is left."""
     try:
-        os.killpg(pgid, signal.SIGKILL)
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
-            os.killpg(pgid, 0)
+        os.killpg(process.pid, signal.SIGKILL)
     except ProcessLookupError:
         return
-    logger.error("processes of group %d still exist %.0f s after SIGKILL", pgid, wait_s)
+    deadline = time.monotonic() + wait_s
+    try:
+        process.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        pass
+    while (left := _group_members(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        logger.error("processes %s of the server's group still exist %.0f s after SIGKILL", left, wait_s)
 
 
-def supervise(cmd: list[str], env: dict[str, str], exit_timeout_s: float, shm_prefix: str) -> int:
+def supervise(
+    cmd: list[str], env: dict[str, str], exit_timeout_s: float, shm_prefix: str, shm_dir: Path = SHM_DIR
+) -> int:
     """Run the server in its own process group until it exits; returns its exit code (1 when it had to be killed).
 
     The first SIGTERM or SIGINT is passed on and starts the clock; a server still running `exit_timeout_s` +
@@ -243,11 +263,11 @@ def supervise(cmd: list[str], env: dict[str, str], exit_timeout_s: float, shm_pr
                     "killing it and its stubs",
                     exit_timeout_s + KILL_MARGIN_S,
                 )
-                _kill_group(process.pid)
+                _kill_group(process)
                 killed = True
     # The group outlives its leader while a stub still runs: stubs of a server that crashed or was killed.
-    _kill_group(process.pid)
-    removed = remove_shared_memory(shm_prefix)
+    _kill_group(process)
+    removed = remove_shared_memory(shm_prefix, shm_dir)
     if removed:
         logger.warning("removed %d shared-memory region(s) the server left: %s", len(removed), ", ".join(removed))
     return 1 if killed else returncode
