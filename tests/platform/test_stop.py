@@ -15,7 +15,7 @@ from replicas import MODEL
 from served import Stream
 from wan_client.client import STREAM_SUFFIX
 from wan_triton.tritonserver.launch import start_server
-from wan_triton.tritonserver.server import KILL_MARGIN_S, SHM_DIR, shm_prefix_of
+from wan_triton.tritonserver.server import KILL_MARGIN_S, SHM_DIR, group_members, shm_prefix_of
 
 EXIT_TIMEOUT_S = 5
 
@@ -48,14 +48,10 @@ def test_a_stop_with_an_idle_stream_open_ends_within_the_exit_timeout_and_leaves
     assert server.process.returncode == 1, log
     assert "killing it and its stubs" in log, log
     assert EXIT_TIMEOUT_S <= took_s <= EXIT_TIMEOUT_S + KILL_MARGIN_S + 3, took_s
-    assert not _alive(group), "processes of the server's group outlived the stop"
+    assert not group_members(group), "processes of the server's group outlived the stop"
     assert not sorted(SHM_DIR.glob(f"{prefix}*")), "shared memory of the server left behind"
 
 
 def _server_group(launcher_pid: int) -> int:
     child = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True, check=True)
     return int(child.stdout.split()[0])  # tritonserver leads a session (and group) of its own
-
-
-def _alive(group: int) -> list[str]:
-    return subprocess.run(["pgrep", "-g", str(group)], capture_output=True, text=True).stdout.split()

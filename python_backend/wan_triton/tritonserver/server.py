@@ -197,7 +197,7 @@ def remove_shared_memory(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
     return removed
 
 
-def _group_members(pgid: int) -> list[int]:
+def group_members(pgid: int) -> list[int]:
     """The live processes of a process group (zombies, which hold nothing but their exit status, left out)."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -222,7 +222,7 @@ def _kill_group(process: subprocess.Popen, wait_s: float = 10) -> None:
         process.wait(wait_s)
     except subprocess.TimeoutExpired:
         pass
-    while (left := _group_members(process.pid)) and time.monotonic() < deadline:
+    while (left := group_members(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     if left:
         logger.error("processes %s of the server's group still exist %.0f s after SIGKILL", left, wait_s)
