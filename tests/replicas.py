@@ -25,7 +25,7 @@ from wan_triton.tritonserver.launch import RunningServer, free_port, start_serve
 # The model name the platform tier's repository is rendered under.
 MODEL = "wan_lb"
 LOADBALANCER = REPO_ROOT / "model_repository" / "platform" / "loadbalancer"
-# HAProxy's health-check period here (the shipped default is 1 s): a replica is marked down after 2 failed checks.
+# HAProxy's health-check period here (the shipped default is 1 s): a replica is marked down after 3 failed checks.
 CHECK_INTERVAL_MS = 500
 
 
