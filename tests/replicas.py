@@ -27,6 +27,9 @@ MODEL = "wan_lb"
 LOADBALANCER = REPO_ROOT / "model_repository" / "platform" / "loadbalancer"
 # HAProxy's health-check period here (the shipped default is 1 s): a replica is marked down after 3 failed checks.
 CHECK_INTERVAL_MS = 500
+# On this shared 2-core machine a ready replica answered its readiness check after more than 5 s while another
+# replica loaded beside it; a stopped replica still fails its checks at once (connection refused).
+CHECK_TIMEOUT_S = 30
 
 
 def haproxy_binary() -> str:
@@ -67,7 +70,7 @@ class Balancer:
                 str(LOADBALANCER / "render.py"),
                 *(a for grpc, http in replicas for a in ("--replica", f"127.0.0.1:{grpc}:{http}")),
                 *("--listen-port", str(self.port), "--bind", "127.0.0.1", "--stats-port", str(self.stats_port)),
-                *("--check-interval-ms", str(CHECK_INTERVAL_MS)),
+                *("--check-interval-ms", str(CHECK_INTERVAL_MS), "--check-timeout-s", str(CHECK_TIMEOUT_S)),
             ],
             check=True,
             capture_output=True,

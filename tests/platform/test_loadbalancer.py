@@ -160,7 +160,7 @@ def test_a_replica_killed_under_load_fails_only_its_requests_and_retries_complet
     # Failures are clear gRPC errors of a lost replica, and only those were retried.
     assert all("UNAVAILABLE" in f or "lost the" in f or "cannot reach" in f for f in failures), failures
     # The balancer stops sending to it within a few of its health checks.
-    assert figures["eject_s"] < 5, figures
+    assert figures["eject_s"] < 10, figures
 
 
 def _server_group(replica) -> int:

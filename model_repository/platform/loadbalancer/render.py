@@ -30,6 +30,7 @@ def render(
     bind: str = "0.0.0.0",
     check_interval_ms: int = 1000,
     stats_port: int | None = None,
+    check_timeout_s: int = 5,
 ) -> str:
     servers = "\n".join(
         f"    server replica{n} {host}:{grpc_port} check port {http_port}"
@@ -43,6 +44,7 @@ def render(
         bind=bind,
         listen_port=listen_port,
         check_interval_ms=check_interval_ms,
+        check_timeout_s=check_timeout_s,
         stats=stats,
         servers=servers,
     )
@@ -54,9 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen-port", type=int, default=8001, help="the balancer's gRPC port")
     parser.add_argument("--bind", default="0.0.0.0")
     parser.add_argument("--check-interval-ms", type=int, default=1000)
+    parser.add_argument("--check-timeout-s", type=int, default=5, help="how long a health check waits for its answer")
     parser.add_argument("--stats-port", type=int, help="serve HAProxy's statistics page on this port")
     args = parser.parse_args(argv)
-    sys.stdout.write(render(args.replica, args.listen_port, args.bind, args.check_interval_ms, args.stats_port))
+    sys.stdout.write(
+        render(args.replica, args.listen_port, args.bind, args.check_interval_ms, args.stats_port, args.check_timeout_s)
+    )
     return 0
 
 
