@@ -1,5 +1,5 @@
 """What tests compare against and how: diffusers' reference frames and the parity tolerance, the supervisor's log
-lines of a stopped request, and the order of Ulysses exchanges in generated code."""
+lines of a stopped request, the log of a server's stop, and the order of Ulysses exchanges in generated code."""
 
 from __future__ import annotations
 
@@ -98,3 +98,15 @@ def assert_self_attention_one_group_ahead(code: str, groups: int) -> None:
     calls = calls_in(code)
     last_exchange = max(i for i, op in enumerate(calls) if op != "attend")
     assert_one_group_ahead(calls[: last_exchange + 1], groups)
+
+
+# What Triton's log shows when a process of the server (a Python-backend stub included) died of SIGSEGV.
+CRASH_MARKERS = ("Segmentation fault", "Signal (11)")
+
+
+def assert_no_crash_in_log(log_path: Path) -> None:
+    """The server's log shows no segfault, at any time up to and including its stop (a stub that crashes at unload
+    does not change the server's exit code)."""
+    log = log_path.read_text(encoding="utf-8", errors="replace")
+    found = [line for line in log.splitlines() if any(marker in line for marker in CRASH_MARKERS)]
+    assert not found, "\n".join(found[:10])

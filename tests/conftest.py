@@ -8,6 +8,7 @@ The tiers are the folders below tests/; every test is marked with its folder's n
     server/        against the real Triton server (the `server` fixture below)
     gpu/           CUDA only; skipped without a CUDA device
     bench/         the benchmark scripts and tools
+    platform/      replicas behind a load balancer, and stopping a server (real Triton servers, real HAProxy)
 
 A test that uses the `server` fixture is also marked `server`, whatever its folder. Helpers that tests import live
 in modules beside this file (factories, checks, served, fakes), not here; pytest puts this folder on the import
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from checks import assert_no_crash_in_log
 from factories import OTHER_I2V, OTHER_TI2V
 from served import (
     CACHED_BYTES,
@@ -43,6 +45,7 @@ TIERS = {
     "server": "starts the real Triton server (tests/server, and any test using the `server` fixture)",
     "gpu": "needs a CUDA device; skipped without one (tests/gpu)",
     "bench": "checks a benchmark script or tool (tests/bench)",
+    "platform": "deployment around the server: replicas, load balancer, stopping (tests/platform)",
 }
 
 
@@ -170,6 +173,7 @@ def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, tmp_path_factory
     with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
         yield running
     assert running.process.returncode == 0, running.shutdown_report()
+    assert_no_crash_in_log(running.log_path)
     # Worker groups release what they share with their processes when they close (e.g. their stop flag's semaphores).
     log = running.log_path.read_text(encoding="utf-8", errors="replace")
     assert "resource_tracker" not in log, running.log_tail(20)

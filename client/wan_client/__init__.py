@@ -16,6 +16,7 @@ from wan_client.client import (
     FRAMES_OUTPUT,
     INPUT_DATATYPES,
     OPTION_INPUTS,
+    RETRY_BACKOFF_S,
     STREAM_PROGRESS_OUTPUTS,
     STREAM_SUFFIX,
     USED_SEED_OUTPUT,
@@ -37,6 +38,7 @@ from wan_client.client import (
     queue_size,
     read_image_file,
     stream_error,
+    with_retries,
     write_ppm,
 )
 
@@ -54,6 +56,7 @@ __all__ = [
     "FRAMES_OUTPUT",
     "INPUT_DATATYPES",
     "OPTION_INPUTS",
+    "RETRY_BACKOFF_S",
     "STREAM_PROGRESS_OUTPUTS",
     "STREAM_SUFFIX",
     "USED_SEED_OUTPUT",
@@ -75,5 +78,6 @@ __all__ = [
     "queue_size",
     "read_image_file",
     "stream_error",
+    "with_retries",
     "write_ppm",
 ]

@@ -13,6 +13,12 @@ With --stream the request goes to the streaming endpoint (`<model>_stream`): the
 a progress bar and, with --preview-every K --preview-dir DIR, saves a small preview frame every K steps (PPM files).
 Ctrl-C cancels the request on the server (it stops within one denoising step).
 
+--retries N sends a request again, up to N times, when it failed for want of a server: the connection failed or
+broke, or the server answered UNAVAILABLE (queue full, stopping, a load balancer with no replica left). It waits
+RETRY_BACKOFF_S before the first retry, twice as long before each next one, and never past --timeout; a rejected
+request (INVALID_ARG) or any other error is never sent again. Behind a load balancer the retry reaches another
+replica. With a seed, a retried request returns the same video.
+
 Exit codes: 0 success, 2 the server rejected the request as invalid (the message names the field), 3 the server is
 busy (its queue is full; try again later), 4 the request's deadline (--timeout) passed, 130 interrupted, 1 any other
 failure (server unreachable, model not ready, server error).
@@ -97,6 +103,10 @@ SERVER_DEADLINE_MESSAGE = "timeout_s: deadline exceeded"
 STREAM_SUFFIX = "_stream"
 # A stream error's message starts with its Triton code in brackets: the gRPC stream carries no status code.
 STREAM_CODE_EXIT = {"INVALID_ARG": EXIT_INVALID_ARGUMENT, "UNAVAILABLE": EXIT_BUSY}
+# The wait before the first retry (--retries), doubled before each next one up to RETRY_BACKOFF_MAX_S.
+RETRY_BACKOFF_S = 0.5
+RETRY_BACKOFF_MAX_S = 4.0
+UNAVAILABLE = "StatusCode.UNAVAILABLE"
 
 
 @dataclass(frozen=True)
@@ -110,11 +120,13 @@ class GenerateResult:
 
 
 class GenerateError(Exception):
-    """A failed request, with a message for the user and the exit code the CLI should return."""
+    """A failed request, with a message for the user and the exit code the CLI should return; `retryable` when it
+    failed for want of a server (connection failed or broke, UNAVAILABLE), so that sending it again may succeed."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+    def __init__(self, message: str, exit_code: int = EXIT_FAILURE, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+        self.retryable = retryable
 
 
 def build_infer_inputs(values: Mapping[str, object], image: bytes | None = None) -> list[grpcclient.InferInput]:
@@ -213,11 +225,56 @@ def generate(
     timeout_s: float | None,
     *,
     progress: Callable[[float], None] | None = None,
+    retries: int = 0,
+    on_retry: Callable[[int, GenerateError], None] | None = None,
 ) -> GenerateResult:
     """Run one generation request on Triton and return the MP4 (and the raw frames when asked for).
 
-    `progress` is called with the elapsed seconds about every POLL_INTERVAL_S while waiting. Raises GenerateError.
+    `progress` is called with the elapsed seconds about every POLL_INTERVAL_S while waiting. A request that failed
+    for want of a server is sent again up to `retries` times (module docstring), `on_retry(attempt, error)` told
+    before each. Raises GenerateError.
     """
+    return with_retries(
+        lambda remaining_s: _generate_once(url, model, inputs, want_frames, remaining_s, progress),
+        timeout_s,
+        retries,
+        on_retry,
+    )
+
+
+def with_retries(
+    attempt: Callable[[float | None], GenerateResult],
+    timeout_s: float | None,
+    retries: int,
+    on_retry: Callable[[int, GenerateError], None] | None = None,
+) -> GenerateResult:
+    """Call `attempt(seconds left of timeout_s)` until it returns, raises a GenerateError that is not retryable,
+    has been retried `retries` times, or the next wait would end past the deadline."""
+    start = time.monotonic()
+    for retry in itertools.count(1):
+        remaining_s = timeout_s if timeout_s is None or retry == 1 else timeout_s - (time.monotonic() - start)
+        try:
+            return attempt(remaining_s)
+        except GenerateError as error:
+            backoff_s = min(RETRY_BACKOFF_S * 2 ** (retry - 1), RETRY_BACKOFF_MAX_S)
+            left_s = None if timeout_s is None else timeout_s - (time.monotonic() - start)
+            if not error.retryable or retry > retries or (left_s is not None and left_s <= backoff_s):
+                raise
+            logger.warning("%s; retry %d of %d in %.1f s", error, retry, retries, backoff_s)
+            if on_retry is not None:
+                on_retry(retry, error)
+            time.sleep(backoff_s)
+    raise AssertionError("unreachable")
+
+
+def _generate_once(
+    url: str,
+    model: str,
+    inputs: Mapping[str, object],
+    want_frames: bool,
+    timeout_s: float | None,
+    progress: Callable[[float], None] | None,
+) -> GenerateResult:
     infer_inputs = _request_inputs(inputs, timeout_s)
     client = _connect(url)
     try:
@@ -247,9 +304,28 @@ def generate_stream(
     timeout_s: float | None,
     *,
     on_update: Callable[[StreamUpdate], None] | None = None,
+    retries: int = 0,
+    on_retry: Callable[[int, GenerateError], None] | None = None,
 ) -> GenerateResult:
     """`generate` through the streaming endpoint `<model>_stream`: `on_update` sees every progress response (step,
-    stage, preview frames when `inputs["preview"]` asks for them). Ctrl-C cancels the request on the server."""
+    stage, preview frames when `inputs["preview"]` asks for them). Ctrl-C cancels the request on the server.
+    `retries` and `on_retry` as for `generate`; a retried request starts over (its progress too)."""
+    return with_retries(
+        lambda remaining_s: _generate_stream_once(url, model, inputs, want_frames, remaining_s, on_update),
+        timeout_s,
+        retries,
+        on_retry,
+    )
+
+
+def _generate_stream_once(
+    url: str,
+    model: str,
+    inputs: Mapping[str, object],
+    want_frames: bool,
+    timeout_s: float | None,
+    on_update: Callable[[StreamUpdate], None] | None,
+) -> GenerateResult:
     infer_inputs = _request_inputs(inputs, timeout_s)
     stream_model = model + STREAM_SUFFIX
     client = _connect(url)
@@ -315,7 +391,10 @@ def stream_error(error: InferenceServerException) -> GenerateError:
     if SERVER_DEADLINE_MESSAGE in text:
         return GenerateError(f"deadline exceeded: {text} (raise --timeout or ask for less)", EXIT_DEADLINE)
     if code == "UNAVAILABLE":
-        return GenerateError(f"server busy: {text}; try again later", EXIT_BUSY)
+        return GenerateError(f"server busy: {text}; try again later", EXIT_BUSY, retryable=True)
+    if not match and error.status() == UNAVAILABLE:
+        # Not the model's answer but the transport's: the stream broke (the server or its connection went away).
+        return GenerateError(f"lost the stream: {text}", retryable=True)
     if code == "INVALID_ARG":
         return GenerateError(f"request rejected: {text}", EXIT_INVALID_ARGUMENT)
     return GenerateError(f"inference failed ({code or 'no code'}): {text}", STREAM_CODE_EXIT.get(code, EXIT_FAILURE))
@@ -373,13 +452,18 @@ def _check_ready(client: grpcclient.InferenceServerClient, url: str, model: str)
     try:
         live = client.is_server_live(client_timeout=HEALTH_TIMEOUT_S)
     except InferenceServerException as error:
-        raise GenerateError(f"cannot reach Triton at {url}: {error.message()}") from error
+        raise GenerateError(
+            f"cannot reach Triton at {url}: {error.message()}", retryable=error.status() == UNAVAILABLE
+        ) from error
     if not live:
         raise GenerateError(f"Triton at {url} answers but is not live")
     try:
         ready = client.is_model_ready(model, client_timeout=HEALTH_TIMEOUT_S)
     except InferenceServerException as error:
-        raise GenerateError(f"cannot ask Triton at {url} about model '{model}': {error.message()}") from error
+        raise GenerateError(
+            f"cannot ask Triton at {url} about model '{model}': {error.message()}",
+            retryable=error.status() == UNAVAILABLE,
+        ) from error
     if not ready:
         raise GenerateError(
             f"model '{model}' is not ready on Triton at {url} (not loaded, still loading, or failed to load; "
@@ -417,7 +501,9 @@ def _infer(
         deadline = None if timeout_s is None else timeout_s + DEADLINE_GRACE_S
         call = client.async_infer(model, infer_inputs, reply, outputs=outputs, client_timeout=deadline)
     except InferenceServerException as error:
-        raise GenerateError(f"could not send the request: {error.message()}") from error
+        raise GenerateError(
+            f"could not send the request: {error.message()}", retryable=error.status() == UNAVAILABLE
+        ) from error
     try:
         while not reply.done.wait(POLL_INTERVAL_S):
             elapsed = time.monotonic() - start
@@ -461,7 +547,9 @@ def queue_size(client: grpcclient.InferenceServerClient, model: str) -> int | No
 def busy_error(error: InferenceServerException, model: str, size: int | None) -> GenerateError:
     limit = f" ({size} requests already waiting)" if size is not None else ""
     return GenerateError(
-        f"server busy: the queue of model '{model}' is full{limit}; try again later [{error.message()}]", EXIT_BUSY
+        f"server busy: the queue of model '{model}' is full{limit}; try again later [{error.message()}]",
+        EXIT_BUSY,
+        retryable=True,
     )
 
 
@@ -475,8 +563,10 @@ def _request_error(error: InferenceServerException, model: str, timeout_s: float
     if status == "StatusCode.DEADLINE_EXCEEDED":
         limit = f" after {timeout_s:g} s" if timeout_s is not None else ""
         return GenerateError(f"request timed out{limit} (raise --timeout or ask for less)", EXIT_DEADLINE)
-    if status == "StatusCode.UNAVAILABLE":
-        return GenerateError(f"lost the connection to Triton while model '{model}' was working: {message}")
+    if status == UNAVAILABLE:
+        return GenerateError(
+            f"lost the connection to Triton while model '{model}' was working: {message}", retryable=True
+        )
     if status == "StatusCode.CANCELLED":
         return GenerateError(f"request cancelled: {message}")
     return GenerateError(f"inference failed ({status or 'no status'}): {message}")
@@ -540,6 +630,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--frames-npy", type=Path, help="also fetch the raw uint8 frames [F, H, W, 3] and np.save them")
     parser.add_argument("--timeout", type=float, help="give up after this many seconds (default: wait indefinitely)")
     parser.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="send again up to N times when no server could answer (connection lost, UNAVAILABLE); default 0",
+    )
+    parser.add_argument(
         "--stream", action="store_true", help="use the streaming endpoint: step progress bar, previews, Ctrl-C cancels"
     )
     parser.add_argument("--preview-every", type=int, help="with --stream: a preview frame every K denoising steps")
@@ -550,6 +646,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.timeout is not None and args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.retries < 0:
+        parser.error("--retries must be 0 or more")
     if (args.preview_every is not None or args.preview_dir is not None) and not args.stream:
         parser.error("--preview-every and --preview-dir need --stream")
     return args
@@ -612,6 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 want_frames=args.frames_npy is not None,
                 timeout_s=args.timeout,
                 on_update=progress,
+                retries=args.retries,
             )
         else:
             progress = Progress(sys.stderr, f"generating on {args.url} ({args.model})...")
@@ -622,6 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 want_frames=args.frames_npy is not None,
                 timeout_s=args.timeout,
                 progress=progress,
+                retries=args.retries,
             )
     except GenerateError as error:
         progress.finish()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 
 from fakes import pb_utils
 from wan_triton.serving import metrics as metrics_module
@@ -75,3 +76,19 @@ def test_the_fake_sees_overlaps_without_the_lock(monkeypatch):
     calls = _Calls()
     _hammer([StageMetrics(pb_utils.with_metrics(calls.enter), "wan_t2v", "scheduler")])
     assert calls.overlaps > 0
+
+
+def test_close_releases_every_metric_and_family_and_later_calls_do_nothing():
+    """A model's finalize closes its metrics: nothing of the Python backend's may outlive it into the stub's own
+    destructor (the module docstring says how the stub crashed at unload)."""
+    calls = _Calls()
+    stage = StageMetrics(pb_utils.with_metrics(calls.enter), "wan_t2v", "scheduler")
+    families = [weakref.ref(f) for f in stage.families.values()]
+    metrics = [weakref.ref(m._metric) for m in stage._metrics]
+    assert len(families) == 6 and len(metrics) == 1 + len(metrics_module.OUTCOMES) + 4
+    stage.close()
+    assert all(ref() is None for ref in metrics + families)
+    stage.request_done(0.1, "success")
+    stage.step_done()
+    stage.close()
+    assert calls.total == 0

@@ -23,6 +23,11 @@ garbage and dies (SIGSEGV in `ProcessMetricRequest` -> `Metric::LoadFromSharedMe
 `boost::interprocess::lock_exception` abort). The stream model answers each request from its own thread, and those
 threads update its metrics concurrently; `benchmarks/stream_stress.py` crashed the server within seconds without
 the lock (`tools/triton_crash_stack.py` names the functions in such a crash stack).
+
+The model's `finalize` releases every metric and family (`StageMetrics.close`). A `MetricFamily` that outlives it is
+destroyed in the stub's own destructor, after the stub has torn down its shared memory and its link to the server,
+and its destructor still clears each of its metrics through that shared memory: the stub then segfaults at unload
+(`Metric::SaveToSharedMemory` <- `Metric::Clear` <- `MetricFamily::~MetricFamily` <- `Stub::~Stub`).
 """
 
 from __future__ import annotations
@@ -44,15 +49,22 @@ class SerialMetric:
 
     def increment(self, value: float) -> None:
         with _METRIC_CALLS:
-            self._metric.increment(value)
+            if self._metric is not None:
+                self._metric.increment(value)
 
     def set(self, value: float) -> None:
         with _METRIC_CALLS:
-            self._metric.set(value)
+            if self._metric is not None:
+                self._metric.set(value)
 
     def observe(self, value: float) -> None:
         with _METRIC_CALLS:
-            self._metric.observe(value)
+            if self._metric is not None:
+                self._metric.observe(value)
+
+    def release(self) -> None:
+        """Drop the `Metric` (the caller holds the lock); later calls do nothing."""
+        self._metric = None
 
 
 # Seconds: from a tiny CPU request (milliseconds) to a 720p A14B denoising loop (about 15 minutes).
@@ -70,6 +82,7 @@ class StageMetrics:
             logger.warning("custom metrics unavailable in this Python backend; %s reports none", stage)
             return
         labels = {"model": model, "stage": stage}
+        self._metrics: list[SerialMetric] = []
         family = pb.MetricFamily
         # The families are kept: a Metric is unusable once its MetricFamily object is garbage-collected.
         self.families = {
@@ -110,7 +123,22 @@ class StageMetrics:
             self.steps = self._metric("steps", {"model": model})
 
     def _metric(self, family: str, labels: dict[str, str], **options) -> SerialMetric:
-        return SerialMetric(self.families[family].Metric(labels=labels, **options))
+        metric = SerialMetric(self.families[family].Metric(labels=labels, **options))
+        self._metrics.append(metric)
+        return metric
+
+    def close(self) -> None:
+        """Release the metrics, then their families, while the stub still runs: from the model's `finalize`
+        (module docstring). Later calls of every method do nothing."""
+        if not self.enabled:
+            return
+        with _METRIC_CALLS:
+            self.enabled = False
+            for metric in self._metrics:
+                metric.release()
+            self._metrics.clear()
+            # The last references: each family's destructor clears its metrics and deletes it in the server now.
+            self.families.clear()
 
     def request_done(self, seconds: float, outcome: str) -> None:
         if self.enabled:

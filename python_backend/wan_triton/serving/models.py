@@ -85,6 +85,7 @@ class _Model:
         return responses
 
     def finalize(self) -> None:
+        self.metrics.close()  # before the stub tears down its shared memory (wan_triton.serving.metrics)
         logger.info("%s unloaded", self.ctx.name)
 
 

@@ -2,7 +2,7 @@
 
 Used by the integration tests, the benchmarks and `make run`. The server runs as
 `python -m wan_triton.tritonserver.server` in its own process group; stopping sends SIGTERM (what an orchestrator
-sends) and waits for a clean exit.
+sends) to that launcher, which bounds the stop (wan_triton.tritonserver.server), and waits for it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from wan_triton.tritonserver.server import EXIT_TIMEOUT_S, KILL_MARGIN_S
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +91,12 @@ class RunningServer:
             time.sleep(0.5)
         raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
 
-    def stop(self, timeout_s: float = 60) -> int:
-        """SIGTERM, then wait; returns the exit code (SIGKILL only if it hangs past the timeout)."""
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + KILL_MARGIN_S + 30) -> int:
+        """SIGTERM, then wait; returns the exit code (SIGKILL only if it hangs past the timeout).
+
+        The launcher itself kills a server that outlives its exit timeout by KILL_MARGIN_S, so the timeout here is
+        only a last resort against a launcher that hangs.
+        """
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -102,8 +108,15 @@ class RunningServer:
         return self.process.returncode
 
 
-def start_server(repos: list[Path], log_path: Path, ready_timeout_s: float = 300) -> RunningServer:
-    http, grpc, metrics = free_port(), free_port(), free_port()
+def start_server(
+    repos: list[Path],
+    log_path: Path,
+    ready_timeout_s: float = 300,
+    exit_timeout_s: int = EXIT_TIMEOUT_S,
+    ports: tuple[int, int, int] | None = None,
+) -> RunningServer:
+    """Start the launcher on `repos` (on `ports`: http, grpc, metrics, or free ones) and wait until it is ready."""
+    http, grpc, metrics = ports or (free_port(), free_port(), free_port())
     cmd = [
         sys.executable,
         "-m",
@@ -114,6 +127,8 @@ def start_server(repos: list[Path], log_path: Path, ready_timeout_s: float = 300
         str(grpc),
         "--metrics-port",
         str(metrics),
+        "--exit-timeout-s",
+        str(exit_timeout_s),
     ]
     for repo in repos:
         cmd += ["--repo", str(repo)]
@@ -130,8 +145,10 @@ def start_server(repos: list[Path], log_path: Path, ready_timeout_s: float = 300
 
 
 @contextlib.contextmanager
-def running_server(repos: list[Path], log_path: Path, ready_timeout_s: float = 300) -> Iterator[RunningServer]:
-    server = start_server(repos, log_path, ready_timeout_s)
+def running_server(
+    repos: list[Path], log_path: Path, ready_timeout_s: float = 300, exit_timeout_s: int = EXIT_TIMEOUT_S
+) -> Iterator[RunningServer]:
+    server = start_server(repos, log_path, ready_timeout_s, exit_timeout_s)
     try:
         yield server
     finally:

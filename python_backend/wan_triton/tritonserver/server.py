@@ -8,7 +8,12 @@ met here:
 - its stub links a system libpython, which may be an older patch release than this interpreter; this
   interpreter's LIBDIR goes first on LD_LIBRARY_PATH so extension modules (ssl) find the symbols they need;
 - the stub for this Python version must sit in the backend folder, which is assembled once under the venv.
-The process execs into tritonserver, so SIGTERM/SIGINT reach the server directly and it shuts down cleanly.
+
+This process stays tritonserver's parent and bounds its stop (`supervise`): SIGTERM/SIGINT are passed on, and a
+server still running `exit_timeout_s` + `KILL_MARGIN_S` later is killed with its stubs, and its shared memory
+removed. Triton 2.51's gRPC frontend waits for every open stream at a stop, even after its own exit timeout
+expired, so one client that leaves a stream open would otherwise keep the server (and its stubs, and their
+shared-memory regions) alive for as long as it likes.
 """
 
 from __future__ import annotations
@@ -18,13 +23,26 @@ import importlib.util
 import logging
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 from wan_triton.config.deployment import DEPLOYMENT_FILE, REPOSITORY_MARKER, Deployment
 
 logger = logging.getLogger(__name__)
+
+# Triton's own bound on unloading the models at a stop (its --exit-timeout-secs; 30 is its default).
+EXIT_TIMEOUT_S = 30
+# How long past that a stopping server may take before the launcher kills it: the unload after the timeout and
+# Triton's own teardown take a second or two.
+KILL_MARGIN_S = 5
+# Every shared-memory region of one server's Python backend starts with this, then the launcher's pid: what a
+# killed server leaves in /dev/shm is found by name, and only that server's.
+SHM_PREFIX = "wan_triton_shm_"
+SHM_DIR = Path("/dev/shm")
 
 
 def _pytriton_root() -> Path:
@@ -131,6 +149,8 @@ def server_command(
     cache_bytes: int = 0,
     cuda_pool_bytes: int = 0,
     num_gpus: int = 0,
+    exit_timeout_s: int = EXIT_TIMEOUT_S,
+    shm_prefix: str | None = None,
 ) -> list[str]:
     # One pool per GPU: every GPU model instance may hand tensors to the next step on its own GPU.
     gpus = range(num_gpus if cuda_pool_bytes else 0)
@@ -151,7 +171,9 @@ def server_command(
         # Decoded videos are hundreds of MB at 720p: grow the Python backend's shared memory in large steps.
         "--backend-config=python,shm-default-byte-size=67108864",
         "--backend-config=python,shm-growth-byte-size=67108864",
+        *([f"--backend-config=python,shm-region-prefix-name={shm_prefix}"] if shm_prefix else []),
         "--exit-on-error=true",
+        f"--exit-timeout-secs={exit_timeout_s}",
         "--strict-readiness=true",
         f"--log-verbose={log_verbose}",
         *pools,
@@ -159,7 +181,99 @@ def server_command(
     ]
 
 
-def main(argv: list[str] | None = None) -> None:
+def shm_prefix_of(launcher_pid: int) -> str:
+    return f"{SHM_PREFIX}{launcher_pid}_"
+
+
+def remove_shared_memory(prefix: str, shm_dir: Path = SHM_DIR) -> list[str]:
+    """Unlink the shared-memory regions whose names start with `prefix`; returns their names."""
+    removed = []
+    for region in sorted(shm_dir.glob(f"{prefix}*")):
+        try:
+            region.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(region.name)
+    return removed
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live processes of a process group (zombies, which hold nothing but their exit status, left out)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after its closing parenthesis.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _kill_group(process: subprocess.Popen, wait_s: float = 10) -> None:
+    """SIGKILL every process of the group `process` leads, reap it, and wait (up to `wait_s`) until none is left."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait_s
+    try:
+        process.wait(wait_s)
+    except subprocess.TimeoutExpired:
+        pass
+    while (left := group_members(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if left:
+        logger.error("processes %s of the server's group still exist %.0f s after SIGKILL", left, wait_s)
+
+
+def supervise(
+    cmd: list[str], env: dict[str, str], exit_timeout_s: float, shm_prefix: str, shm_dir: Path = SHM_DIR
+) -> int:
+    """Run the server in its own process group until it exits; returns its exit code (1 when it had to be killed).
+
+    The first SIGTERM or SIGINT is passed on and starts the clock; a server still running `exit_timeout_s` +
+    KILL_MARGIN_S later is killed with every process of its group (the Python backend's stubs). Whatever way it
+    ended, stubs left behind are killed and the regions named with `shm_prefix` are removed.
+    """
+    process = subprocess.Popen(cmd, env=env, start_new_session=True)
+    stop_asked: list[float] = []
+
+    def pass_on(signum, _frame) -> None:
+        if not stop_asked:
+            stop_asked.append(time.monotonic())
+            logger.info("signal %d: stopping tritonserver (pid %d)", signum, process.pid)
+        try:
+            process.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, pass_on)
+    signal.signal(signal.SIGINT, pass_on)
+    killed = False
+    while True:
+        try:
+            returncode = process.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if stop_asked and time.monotonic() - stop_asked[0] > exit_timeout_s + KILL_MARGIN_S:
+                logger.error(
+                    "tritonserver still running %.0f s after the stop signal (an open client stream holds it); "
+                    "killing it and its stubs",
+                    exit_timeout_s + KILL_MARGIN_S,
+                )
+                _kill_group(process)
+                killed = True
+    # The group outlives its leader while a stub still runs: stubs of a server that crashed or was killed.
+    _kill_group(process)
+    removed = remove_shared_memory(shm_prefix, shm_dir)
+    if removed:
+        logger.warning("removed %d shared-memory region(s) the server left: %s", len(removed), ", ".join(removed))
+    return 1 if killed else returncode
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run tritonserver on a rendered Wan2.2 model repository.")
     parser.add_argument(
         "--repo", type=Path, required=True, action="append", help="model repository made by `make build` (repeatable)"
@@ -168,7 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--log-verbose", type=int, default=0)
+    parser.add_argument(
+        "--exit-timeout-s",
+        type=int,
+        default=EXIT_TIMEOUT_S,
+        help=f"Triton's bound on unloading at a stop; a server still running {KILL_MARGIN_S} s after it is killed",
+    )
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for repo in args.repo:
         if not (repo / REPOSITORY_MARKER).is_file():
             parser.error(f"{repo} is not a model repository made by `make build`")
@@ -182,10 +303,12 @@ def main(argv: list[str] | None = None) -> None:
         cache_bytes=result_cache_bytes(args.repo),
         cuda_pool_bytes=pool,
         num_gpus=gpu_count() if pool else 0,
+        exit_timeout_s=args.exit_timeout_s,
+        shm_prefix=shm_prefix_of(os.getpid()),
     )
     print("starting:", " ".join(cmd), file=sys.stderr, flush=True)
-    os.execve(cmd[0], cmd, server_environment())
+    return supervise(cmd, server_environment(), args.exit_timeout_s, shm_prefix_of(os.getpid()))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

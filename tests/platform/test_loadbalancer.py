@@ -1,0 +1,211 @@
+"""Replicas of the tiny model behind HAProxy (model_repository/platform/loadbalancer): balanced unary and streamed
+requests with the same frames from either replica, failover when a replica dies, and no traffic to a replica that
+is not ready.
+
+Every replica is a real Triton server (wan_triton.tritonserver.launch) of one repository built once; the balancer
+is a real HAProxy running the shipped template as rendered by its render.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from checks import assert_no_crash_in_log
+from factories import REPO_ROOT
+from replicas import MODEL, start_replicas, success_count
+from served import Stream, infer
+from wan_client import GenerateError, generate
+from wan_client.client import STREAM_SUFFIX
+
+STREAM = MODEL + STREAM_SUFFIX
+# Small and quick: a second or two each on the CPU.
+REQUEST = dict(prompt="a lighthouse in a storm", height=32, width=32, num_frames=5, num_inference_steps=3)
+DEADLINE_S = 120.0
+# Where the failover figures go when this variable names a folder (benchmarks/RESULTS.md, "Failover").
+RESULTS_ENV = "WAN_FAILOVER_RESULTS"
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_repo, tmp_path_factory):
+    """Two replicas of the tiny model."""
+    replicas = start_replicas(tiny_repo, tmp_path_factory.mktemp("pair"), 2)
+    yield replicas
+    for replica in replicas:
+        assert replica.stop() == 0, replica.shutdown_report()
+        assert_no_crash_in_log(replica.log_path)
+
+
+def _ports(replica) -> tuple[int, int]:
+    return replica.grpc_port, replica.http_port
+
+
+def test_unary_and_streamed_requests_spread_over_both_replicas_with_the_same_frames(pair, balancer_factory):
+    balancer = balancer_factory([_ports(r) for r in pair])
+    balancer.wait_state("replica1", "UP")
+    balancer.wait_state("replica2", "UP")
+    before = {(n, m): success_count(r, m) for n, r in enumerate(pair) for m in (MODEL, STREAM)}
+    seeds = [100 + n % 8 for n in range(40)]
+
+    def unary(seed: int) -> bytes:
+        with grpcclient.InferenceServerClient(balancer.url) as client:
+            return infer(client, MODEL, {**REQUEST, "seed": seed}, outputs=("frames",)).as_numpy("frames").tobytes()
+
+    with ThreadPoolExecutor(4) as pool:
+        frames = list(pool.map(unary, seeds))
+    streamed = {}
+    for seed in range(100, 108):
+        stream = Stream(balancer.url, STREAM)
+        stream.send({**REQUEST, "seed": seed})
+        _, final = stream.until_final()
+        stream.close()
+        streamed[seed] = final.as_numpy("frames").tobytes()
+
+    served = {(n, m): success_count(r, m) - before[n, m] for n, r in enumerate(pair) for m in (MODEL, STREAM)}
+    assert served[0, MODEL] + served[1, MODEL] == 40, served
+    assert served[0, STREAM] + served[1, STREAM] == 8, served
+    assert all(count > 0 for count in served.values()), served
+    # The frames of a (request, seed) are the same bytes whichever replica served it: each replica asked directly,
+    # every balanced answer, and the streamed one.
+    for seed in sorted(set(seeds)):
+        direct = []
+        for replica in pair:
+            with grpcclient.InferenceServerClient(replica.grpc_url) as client:
+                direct.append(infer(client, MODEL, {**REQUEST, "seed": seed}, outputs=("frames",)))
+        expected = direct[0].as_numpy("frames").tobytes()
+        assert direct[1].as_numpy("frames").tobytes() == expected, seed
+        assert {f for s, f in zip(seeds, frames, strict=True) if s == seed} == {expected}, seed
+        assert streamed[seed] == expected, seed
+    # Not every seed gives the same video: the comparison above can fail.
+    assert len({f for f in frames}) == 8
+
+
+def test_a_replica_killed_under_load_fails_only_its_requests_and_retries_complete_them(
+    pair, tiny_repo, balancer_factory, tmp_path
+):
+    (victim,) = start_replicas(tiny_repo, tmp_path, 1)
+    balancer = balancer_factory([_ports(pair[0]), _ports(victim)])
+    balancer.wait_state("replica1", "UP")
+    balancer.wait_state("replica2", "UP")
+    victim_before = success_count(victim, MODEL)
+    outcomes: list[dict] = [{} for _ in range(30)]
+    finished = threading.Semaphore(0)
+
+    def one(n: int) -> None:
+        failures: list[str] = []
+        started = time.monotonic()
+        try:
+            result = generate(
+                balancer.url,
+                MODEL,
+                {**REQUEST, "seed": 500 + n},
+                want_frames=False,
+                timeout_s=DEADLINE_S,
+                retries=3,
+                on_retry=lambda _attempt, error: failures.append(str(error)),
+            )
+            outcomes[n] = dict(ok=True, bytes=len(result.video), failures=failures)
+        except GenerateError as error:
+            outcomes[n] = dict(ok=False, error=str(error), failures=failures)
+        outcomes[n]["elapsed_s"] = time.monotonic() - started
+        finished.release()
+
+    with ThreadPoolExecutor(6) as pool:
+        for n in range(30):
+            pool.submit(one, n)
+        for _ in range(8):  # the load is under way, and the victim is serving its share
+            assert finished.acquire(timeout=DEADLINE_S)
+        victim_served = success_count(victim, MODEL) - victim_before
+        killed_at = time.monotonic()
+        # tritonserver and its stubs; its launcher stays, sees it die and removes its shared memory.
+        os.killpg(_server_group(victim), signal.SIGKILL)
+        ejected_at = balancer.wait_state("replica2", "DOWN")
+    victim.process.wait()
+    failures = [f for o in outcomes for f in o["failures"]]
+    figures = dict(
+        requests=30,
+        replicas=2,
+        succeeded=sum(o["ok"] for o in outcomes),
+        failed_attempts_before_retry=len(failures),
+        requests_retried=sum(bool(o["failures"]) for o in outcomes),
+        victim_served_before_kill=victim_served,
+        eject_s=round(ejected_at - killed_at, 3),
+        health_check_interval_ms=500,
+        max_request_s=round(max(o["elapsed_s"] for o in outcomes), 2),
+        # The baseline of the same run: requests that were not retried.
+        median_unretried_request_s=round(float(np.median([o["elapsed_s"] for o in outcomes if not o["failures"]])), 2),
+        median_retried_request_s=(
+            round(float(np.median([o["elapsed_s"] for o in outcomes if o["failures"]])), 2) if failures else None
+        ),
+        failure_messages=sorted(set(failures)),
+    )
+    print(json.dumps(figures, indent=1))
+    if os.environ.get(RESULTS_ENV):
+        out = REPO_ROOT / os.environ[RESULTS_ENV]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "failover.json").write_text(json.dumps(figures, indent=1) + "\n")
+    # Nothing lost: every request returned its video (each retry reached the replica left); none hung.
+    assert all(o["ok"] for o in outcomes), [o for o in outcomes if not o["ok"]]
+    assert all(o["bytes"] > 0 for o in outcomes)
+    assert figures["max_request_s"] < DEADLINE_S
+    # Failures are clear gRPC errors of a lost replica, and only those were retried.
+    assert all("UNAVAILABLE" in f or "lost the" in f or "cannot reach" in f for f in failures), failures
+    # The balancer stops sending to it within a few of its health checks.
+    assert figures["eject_s"] < 10, figures
+
+
+def _server_group(replica) -> int:
+    """The process group of the tritonserver a launcher started (its child, in a session of its own)."""
+    children = subprocess.run(
+        ["pgrep", "-P", str(replica.process.pid)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return os.getpgid(int(children[0]))
+
+
+# Open problem: while the late replica loads beside it on this 2-core machine, the serving replica's
+# /v2/health/ready answered after more than 30 s (HAProxy: "Layer7 timeout, check duration: 30001ms"), so HAProxy
+# marked it down too and answered 503. Not yet explained; on separate hosts the replicas share no CPU.
+@pytest.mark.xfail(reason="serving replica's readiness check stalls while another replica loads on the same CPU")
+def test_a_replica_that_is_not_ready_gets_no_traffic(pair, tiny_repo, balancer_factory, tmp_path):
+    from wan_triton.tritonserver.launch import free_port, start_server
+
+    ports = (free_port(), free_port(), free_port())
+    balancer = balancer_factory([_ports(pair[0]), (ports[1], ports[0])])
+    balancer.wait_state("replica1", "UP")
+    # HAProxy 2.6 starts with every server up until its checks fail; a long-running balancer has long marked a
+    # stopped replica down.
+    balancer.wait_state("replica2", "DOWN")
+    late_box: list = []
+    starter = threading.Thread(
+        target=lambda: late_box.append(start_server([tiny_repo], tmp_path / "late.log", 600, ports=ports))
+    )
+    starter.start()
+    sent = 0
+    with grpcclient.InferenceServerClient(balancer.url) as client:
+        while starter.is_alive():
+            # While it loads and warms up, it is listed but down: every request goes to the ready replica.
+            assert balancer.states()["replica2"] == "DOWN"
+            infer(client, MODEL, {**REQUEST, "seed": 900 + sent}, outputs=("used_seed",))
+            sent += 1
+    starter.join()
+    (late,) = late_box
+    try:
+        assert sent >= 3, sent
+        assert success_count(late, MODEL) == 0
+        balancer.wait_state("replica2", "UP")
+        with grpcclient.InferenceServerClient(balancer.url) as client:
+            for n in range(6):
+                infer(client, MODEL, {**REQUEST, "seed": 950 + n}, outputs=("used_seed",))
+        assert success_count(late, MODEL) > 0
+    finally:
+        assert late.stop() == 0, late.shutdown_report()
+        assert_no_crash_in_log(late.log_path)
