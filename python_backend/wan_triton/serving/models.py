@@ -56,6 +56,7 @@ class _Model:
         started = time.perf_counter()
         self.load()
         self._release_cached_device_memory()
+        self.metrics.loaded(True)
         logger.info("%s loaded in %.2f s", self.ctx.name, time.perf_counter() - started)
 
     def _record_device_memory(self) -> None:
@@ -74,6 +75,12 @@ class _Model:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
+    def _record_worker_restarts(self, component) -> None:
+        """Count restarts of the step's worker group; a component that runs in this process has none."""
+        restarts = getattr(component, "restarts", None)
+        if restarts is not None:
+            self.metrics.worker_group_restarts(restarts)
+
     def load(self) -> None:
         """Load weights/engines; called once per model instance."""
 
@@ -86,6 +93,7 @@ class _Model:
         return responses
 
     def finalize(self) -> None:
+        self.metrics.loaded(False)
         logger.info("%s unloaded", self.ctx.name)
 
 
@@ -136,6 +144,7 @@ class Scheduler(_Model):
 
     def load(self) -> None:
         self.board = JobBoard()
+        self.metrics.queue_limit_is(self.ctx.deployment.serving.max_queue_size)
         cfg = self.ctx.deployment.components.denoiser
         self.denoiser = build_denoiser(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
         for shape in self.ctx.deployment.warmup:
@@ -174,6 +183,7 @@ class Scheduler(_Model):
                     responses[n] = _response(output_torch(io.LATENTS.name, result.float()))
                     self.metrics.request_done(time.perf_counter() - started, "success")
         self._record_device_memory()
+        self._record_worker_restarts(self.denoiser)
         return responses
 
     def _read(self, request) -> BatchItem:
@@ -271,6 +281,11 @@ class VaeDecoder(_Model):
     def handle(self, request):
         latents = read_torch(request, io.LATENTS)
         return _response(output(io.DECODED_FRAMES.name, self.decoder.frames(latents)))
+
+    def execute(self, requests):
+        responses = super().execute(requests)
+        self._record_worker_restarts(self.decoder)
+        return responses
 
     def finalize(self) -> None:
         _stop_workers(self.decoder)
