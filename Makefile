@@ -15,7 +15,7 @@ GPU_BUNDLE ?= .gpu-bundle
 GPU_PYTHON ?= 3.12
 KERNELS ?=
 
-.PHONY: help setup build serve run test test-fast test-unit test-multiprocess test-server test-gpu test-bench lint clean \
+.PHONY: help setup build serve run test test-fast test-unit test-multiprocess test-server test-gpu test-bench test-platform lint clean \
 	gpu-bundle
 
 help:
@@ -32,6 +32,7 @@ help:
 	@echo "make test-server            every test against the real Triton server (-m server)"
 	@echo "make test-gpu               CUDA only (tests/gpu); skipped without a CUDA device"
 	@echo "make test-bench             the benchmark scripts and tools (tests/bench)"
+	@echo "make test-platform          Prometheus rules, Grafana dashboard, Kubernetes manifests (tests/platform)"
 	@echo "                            PYTEST_ARGS=... is passed to pytest by every test target"
 	@echo "make lint                   ruff, and the library's import layers (lint-imports)"
 	@echo "make gpu-bundle [KERNELS=\"flash4 flash3\"] [GPU_PYTHON=3.12]"
@@ -67,7 +68,7 @@ test: setup
 test-fast: setup
 	$(VPY) -m pytest -q tests/unit -m "not slow" $(PYTEST_ARGS)
 
-test-unit test-multiprocess test-gpu test-bench: test-%: setup
+test-unit test-multiprocess test-gpu test-bench test-platform: test-%: setup
 	$(VPY) -m pytest -q tests/$* $(PYTEST_ARGS)
 
 test-server: setup

@@ -8,6 +8,7 @@ The tiers are the folders below tests/; every test is marked with its folder's n
     server/        against the real Triton server (the `server` fixture below)
     gpu/           CUDA only; skipped without a CUDA device
     bench/         the benchmark scripts and tools
+    platform/      the shipped Prometheus, Grafana and Kubernetes files, checked with real tools
 
 A test that uses the `server` fixture is also marked `server`, whatever its folder. Helpers that tests import live
 in modules beside this file (factories, checks, served, fakes), not here; pytest puts this folder on the import
@@ -31,6 +32,7 @@ TIERS = {
     "server": "starts the real Triton server (tests/server, and any test using the `server` fixture)",
     "gpu": "needs a CUDA device; skipped without one (tests/gpu)",
     "bench": "checks a benchmark script or tool (tests/bench)",
+    "platform": "checks the shipped Prometheus, Grafana and Kubernetes files with real tools (tests/platform)",
 }
 
 
