@@ -32,7 +32,7 @@ help:
 	@echo "make test-server            every test against the real Triton server (-m server)"
 	@echo "make test-gpu               CUDA only (tests/gpu); skipped without a CUDA device"
 	@echo "make test-bench             the benchmark scripts and tools (tests/bench)"
-	@echo "make test-platform          replicas behind HAProxy, failover, bounded stop (tests/platform)"
+	@echo "make test-platform          deployment around the server: HAProxy replicas, stopping, Prometheus, Grafana, Kubernetes"
 	@echo "                            PYTEST_ARGS=... is passed to pytest by every test target"
 	@echo "make lint                   ruff, and the library's import layers (lint-imports)"
 	@echo "make gpu-bundle [KERNELS=\"flash4 flash3\"] [GPU_PYTHON=3.12]"

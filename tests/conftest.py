@@ -8,7 +8,8 @@ The tiers are the folders below tests/; every test is marked with its folder's n
     server/        against the real Triton server (the `server` fixture below)
     gpu/           CUDA only; skipped without a CUDA device
     bench/         the benchmark scripts and tools
-    platform/      replicas behind a load balancer, and stopping a server (real Triton servers, real HAProxy)
+    platform/      around the server: replicas behind HAProxy, stopping a server, and the shipped Prometheus, Grafana
+                   and Kubernetes files, each checked with the real tool
 
 A test that uses the `server` fixture is also marked `server`, whatever its folder. Helpers that tests import live
 in modules beside this file (factories, checks, served, fakes), not here; pytest puts this folder on the import
@@ -45,7 +46,7 @@ TIERS = {
     "server": "starts the real Triton server (tests/server, and any test using the `server` fixture)",
     "gpu": "needs a CUDA device; skipped without one (tests/gpu)",
     "bench": "checks a benchmark script or tool (tests/bench)",
-    "platform": "deployment around the server: replicas, load balancer, stopping (tests/platform)",
+    "platform": "deployment around the server: replicas, load balancer, stopping, Prometheus, Grafana, Kubernetes (tests/platform)",
 }
 
 

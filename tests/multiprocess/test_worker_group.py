@@ -80,7 +80,7 @@ def test_group_matches_one_process_and_survives_a_killed_worker(group, ckpt, emb
 
     # The next request gets a fresh group and the same result as before.
     again = group(_request(3), embeds)
-    assert group.healthy() and set(group.pids).isdisjoint(pids) and group.generation == 2
+    assert group.healthy() and set(group.pids).isdisjoint(pids) and group.generation == 2 and group.restarts == 1
     assert torch.equal(again, first)
 
 

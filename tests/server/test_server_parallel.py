@@ -20,7 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from checks import assert_frames_close, logged_stops, reference_frames
 from factories import LONGEST_CPU
-from served import PARALLEL_MODEL, Stream, infer
+from served import PARALLEL_MODEL, Stream, infer, metric_samples, metric_value
 from served import REQUEST as SERVER_REQUEST
 from wan_client import build_infer_inputs
 
@@ -104,11 +104,15 @@ def _wait_until_dead(pid: int, timeout_s: float = 30.0) -> None:
 def test_worker_killed_between_requests_is_replaced(server, client, reference, stage):
     workers = _workers(server, stage)
     assert len(workers) == 2, workers
+    restarts = dict(model=PARALLEL_MODEL, stage=stage)
+    before = metric_value(metric_samples(server), "wan_worker_group_restarts_total", **restarts)
     os.kill(workers[1], signal.SIGKILL)
     _wait_until_dead(workers[1])  # a kill is delivered asynchronously: "between requests" means dead before the next
     assert_frames_close(_frames(client), reference)
     replaced = _workers(server, stage)
     assert len(replaced) == 2 and set(replaced).isdisjoint(workers), (workers, replaced)
+    # One restart, counted for the alert rules (model_repository/platform/prometheus).
+    assert metric_value(metric_samples(server), "wan_worker_group_restarts_total", **restarts) == before + 1
 
 
 def test_size_the_sequence_cannot_split_over_is_still_served(client):

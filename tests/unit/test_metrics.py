@@ -85,10 +85,72 @@ def test_close_releases_every_metric_and_family_and_later_calls_do_nothing():
     stage = StageMetrics(pb_utils.with_metrics(calls.enter), "wan_t2v", "scheduler")
     families = [weakref.ref(f) for f in stage.families.values()]
     metrics = [weakref.ref(m._metric) for m in stage._metrics]
-    assert len(families) == 6 and len(metrics) == 1 + len(metrics_module.OUTCOMES) + 4
+    # seconds, requests, memory, ready, restarts; the scheduler's rate, batch, steps, queue_limit
+    assert len(families) == 9 and len(metrics) == 1 + len(metrics_module.OUTCOMES) + 7
     stage.close()
     assert all(ref() is None for ref in metrics + families)
     stage.request_done(0.1, "success")
     stage.step_done()
     stage.close()
     assert calls.total == 0
+
+
+class _Recorded:
+    """A fake backend whose metrics keep their value: {(family name, sorted labels): value}."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple, float] = {}
+        values = self.values
+
+        class Metric:
+            def __init__(self, key) -> None:
+                self.key = key
+                values[key] = 0.0
+
+            def increment(self, value) -> None:
+                values[self.key] += value
+
+            def set(self, value) -> None:
+                values[self.key] = value
+
+            def observe(self, value) -> None:
+                values[self.key] += 1
+
+        class MetricFamily:
+            COUNTER, GAUGE, HISTOGRAM = "counter", "gauge", "histogram"
+
+            def __init__(self, name, description, kind) -> None:
+                self.name = name
+
+            def Metric(self, labels, buckets=None):  # noqa: N802 - the Python backend's name
+                return Metric((self.name, tuple(sorted(labels.items()))))
+
+        self.MetricFamily = MetricFamily
+
+    def value(self, name: str, **labels) -> float:
+        return self.values[(name, tuple(sorted(labels.items())))]
+
+
+def test_readiness_queue_limit_and_worker_group_restarts():
+    pb = _Recorded()
+    m = StageMetrics(pb, "wan_t2v", "scheduler")
+    assert pb.value("wan_model_ready", model="wan_t2v", stage="scheduler") == 0
+    m.loaded(True)
+    assert pb.value("wan_model_ready", model="wan_t2v", stage="scheduler") == 1
+    m.queue_limit_is(8)
+    assert pb.value("wan_queue_limit", model="wan_t2v") == 8
+    m.queue_limit_is(None)  # unbounded: left alone
+    assert pb.value("wan_queue_limit", model="wan_t2v") == 8
+    restarts = dict(name="wan_worker_group_restarts_total", model="wan_t2v", stage="scheduler")
+    for total, expected in [(0, 0), (2, 2), (2, 2), (3, 3)]:  # the group's running total; the counter follows it
+        m.worker_group_restarts(total)
+        assert pb.value(**restarts) == expected
+    m.loaded(False)
+    assert pb.value("wan_model_ready", model="wan_t2v", stage="scheduler") == 0
+
+
+def test_only_the_scheduler_reports_a_queue_limit():
+    pb = _Recorded()
+    StageMetrics(pb, "wan_t2v", "vae_decoder").queue_limit_is(8)
+    assert not any(name == "wan_queue_limit" for name, _ in pb.values)
+    assert pb.value("wan_worker_group_restarts_total", model="wan_t2v", stage="vae_decoder") == 0

@@ -11,7 +11,11 @@ the Python backend's custom-metrics API; Triton merges them into one /metrics pa
 - `wan_denoise_steps_total{model}`: denoising steps run, per request (a batch of 3 adds 3 per step); a stopped
   request's steps count up to where it stopped;
 - `wan_batch_size{model}`: histogram of how many requests each batched denoising loop ran together;
-- `wan_device_memory_bytes{model, stage}`: peak device memory of the step's process during its last request.
+- `wan_device_memory_bytes{model, stage}`: peak device memory of the step's process during its last request;
+- `wan_model_ready{model, stage}`: 1 once the step has loaded and run its warm-up, 0 while it unloads;
+- `wan_queue_limit{model}`: the scheduler's queue limit (`serving.max_queue_size`); 0 when unbounded;
+- `wan_worker_group_restarts_total{model, stage}`: worker groups of a parallel plan (scheduler) or split decode
+  (vae_decoder) started again after a worker died or hung.
 
 Queue length is Triton's own `nv_inference_pending_request_count{model=...}`.
 
@@ -98,9 +102,21 @@ class StageMetrics:
                 kind=family.GAUGE,
             ),
         }
+        self.families["ready"] = family(
+            name="wan_model_ready", description="1 once the step has loaded and warmed up", kind=family.GAUGE
+        )
+        self.families["restarts"] = family(
+            name="wan_worker_group_restarts_total",
+            description="Worker groups started again after a worker died or hung",
+            kind=family.COUNTER,
+        )
         self.seconds = self._metric("seconds", labels, buckets=STAGE_BUCKETS)
         self.outcomes = {o: self._metric("requests", {**labels, "outcome": o}) for o in OUTCOMES}
         self.device_memory = self._metric("memory", labels)
+        self.ready = self._metric("ready", labels)
+        self.restarts = self._metric("restarts", labels)
+        self._restarts_counted = 0
+        self.queue_limit = None
         self.steps_per_second = None
         self.batch_size = None
         self.steps = None
@@ -121,6 +137,10 @@ class StageMetrics:
                 name="wan_denoise_steps_total", description="Denoising steps run, per request", kind=family.COUNTER
             )
             self.steps = self._metric("steps", {"model": model})
+            self.families["queue_limit"] = family(
+                name="wan_queue_limit", description="Requests that may wait for the denoising loop", kind=family.GAUGE
+            )
+            self.queue_limit = self._metric("queue_limit", {"model": model})
 
     def _metric(self, family: str, labels: dict[str, str], **options) -> SerialMetric:
         metric = SerialMetric(self.families[family].Metric(labels=labels, **options))
@@ -160,3 +180,19 @@ class StageMetrics:
     def device_memory_peak(self, num_bytes: int) -> None:
         if self.enabled:
             self.device_memory.set(num_bytes)
+
+    def loaded(self, ready: bool) -> None:
+        if self.enabled:
+            self.ready.set(1 if ready else 0)
+
+    def queue_limit_is(self, max_queue_size: int | None) -> None:
+        """The scheduler's queue limit; an unbounded queue leaves the gauge at 0 (alert rules skip it)."""
+        if self.enabled and self.queue_limit is not None and max_queue_size is not None:
+            self.queue_limit.set(max_queue_size)
+
+    def worker_group_restarts(self, total: int) -> None:
+        """`total`: how often the step's worker group has been restarted since it loaded (it only grows); the
+        counter is brought up to it."""
+        if self.enabled and total > self._restarts_counted:
+            self.restarts.increment(total - self._restarts_counted)
+            self._restarts_counted = total

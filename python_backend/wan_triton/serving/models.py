@@ -55,6 +55,7 @@ class _Model:
         started = time.perf_counter()
         self.load()
         self._release_cached_device_memory()
+        self.metrics.loaded(True)
         logger.info("%s loaded in %.2f s", self.ctx.name, time.perf_counter() - started)
 
     def _record_device_memory(self) -> None:
@@ -73,6 +74,12 @@ class _Model:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
 
+    def _record_worker_restarts(self, component) -> None:
+        """Count restarts of the step's worker group; a component that runs in this process has none."""
+        restarts = getattr(component, "restarts", None)
+        if restarts is not None:
+            self.metrics.worker_group_restarts(restarts)
+
     def load(self) -> None:
         """Load weights/engines; called once per model instance."""
 
@@ -85,6 +92,7 @@ class _Model:
         return responses
 
     def finalize(self) -> None:
+        self.metrics.loaded(False)
         self.metrics.close()  # before the stub tears down its shared memory (wan_triton.serving.metrics)
         logger.info("%s unloaded", self.ctx.name)
 
@@ -137,6 +145,7 @@ class Scheduler(_Model):
 
     def load(self) -> None:
         self.board = JobBoard()
+        self.metrics.queue_limit_is(self.ctx.deployment.serving.max_queue_size)
         components = self.ctx.deployment.components
         # Condition images are VAE-encoded here, in the scheduler's process, so the ensemble keeps its five steps.
         self.denoiser = build_denoiser(
@@ -180,6 +189,7 @@ class Scheduler(_Model):
                     responses[n] = _response(output_torch(io.LATENTS.name, result.float()))
                     self.metrics.request_done(time.perf_counter() - started, "success")
         self._record_device_memory()
+        self._record_worker_restarts(self.denoiser)
         return responses
 
     def _read(self, request) -> BatchItem:
@@ -288,6 +298,11 @@ class VaeDecoder(_Model):
     def handle(self, request):
         latents = read_torch(request, io.LATENTS)
         return _response(output(io.DECODED_FRAMES.name, self.decoder.frames(latents)))
+
+    def execute(self, requests):
+        responses = super().execute(requests)
+        self._record_worker_restarts(self.decoder)
+        return responses
 
     def finalize(self) -> None:
         _stop_workers(self.decoder)

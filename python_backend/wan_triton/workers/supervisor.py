@@ -98,6 +98,11 @@ class _Supervisor:
     def healthy(self) -> bool:
         return bool(self._procs) and all(p.is_alive() for p in self._procs)
 
+    @property
+    def restarts(self) -> int:
+        """How often the group was started again after its first start (a worker died or hung)."""
+        return max(self.generation - 1, 0)
+
     def start(self) -> None:
         self.close()
         ctx = mp.get_context("spawn")
