@@ -46,7 +46,7 @@ TIERS = {
     "server": "starts the real Triton server (tests/server, and any test using the `server` fixture)",
     "gpu": "needs a CUDA device; skipped without one (tests/gpu)",
     "bench": "checks a benchmark script or tool (tests/bench)",
-    "platform": "deployment around the server: replicas, load balancer, stopping, Prometheus, Grafana, Kubernetes (tests/platform)",
+    "platform": "around the server: replicas, balancer, stopping, Prometheus, Grafana, Kubernetes (tests/platform)",
 }
 
 

@@ -28,8 +28,6 @@ DEPLOYMENTS_DIR = PLATFORM.parent / "deployments"
 KUBERNETES_VERSION = "1.30.0"
 # The measured load of the A14B scheduler with its 720p warm-up on an H200; the startup budget must be twice that.
 A14B_LOAD_S = 204
-# Model kinds whose deployment files are added alongside these manifests.
-ARRIVING_DEPLOYMENTS = {"gpu_i2v_a14b.yaml", "gpu_ti2v_5b.yaml"}
 
 PODMONITOR_SCHEMA = {
     "type": "object",
@@ -160,7 +158,7 @@ def test_deployments_serve_one_model_kind_each_on_an_h100():
         settings = dict(arg.split("=", 1) for arg in build["command"][2:])
         assert settings["REPO"] == "/repo" and settings["MODEL"].startswith("/models/")
         deployment_file = Path(settings["DEPLOYMENT"]).name
-        assert (DEPLOYMENTS_DIR / deployment_file).is_file() or deployment_file in ARRIVING_DEPLOYMENTS
+        assert (DEPLOYMENTS_DIR / deployment_file).is_file()
         built.add(deployment_file)
         assert "REPO=/repo" in server["command"] and server["command"][:2] == ["make", "serve"]
         claims = {v["name"]: v for v in pod["volumes"]}
