@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # shellcheck source-path=SCRIPTDIR
 # `precision: fp8` (wan_triton.kernels.fp8) against bf16 on one Hopper GPU host, one mode per call:
-#   bash benchmarks/gpu/fp8.sh tests              the FP8 GPU tests (tests/gpu/test_fp8.py)
+#   bash benchmarks/gpu/fp8.sh tests              the FP8 GPU tests (tests/gpu/test_fp8_gpu.py)
 #   bash benchmarks/gpu/fp8.sh kernels [PARTS]    FP8 attention (scale variants) and linear layers against the bf16
 #                                                 kernels at 480p and 720p, and one block (benchmarks/fp8_kernels.py)
 #   bash benchmarks/gpu/fp8.sh step SIZE [REPEAT] the step: diffusers, served bf16 (flash4, or flash3 without it) and
@@ -32,7 +32,7 @@ served_bf16() {
 }
 
 fp8_tests() {
-  limited python -m pytest -q -p no:cacheprovider -rs tests/gpu/test_fp8.py 2>&1 | tee "$OUT/test_fp8.log"
+  limited python -m pytest -q -p no:cacheprovider -rs tests/gpu/test_fp8_gpu.py 2>&1 | tee "$OUT/test_fp8.log"
 }
 
 fp8_kernels() {

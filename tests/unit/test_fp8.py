@@ -1,6 +1,6 @@
 """`precision: fp8` on CPU (wan_triton.kernels.fp8): quantization round trips and scale layouts, the FP8 layers'
 reference math (dequantize, then fp32 products: what the CUDA kernels compute up to their own rounding), the expert
-rewrite, and the config checks. tests/gpu/test_fp8.py checks the kernels themselves on a Hopper GPU."""
+rewrite, and the config checks. tests/gpu/test_fp8_gpu.py checks the kernels themselves on a Hopper GPU."""
 
 from __future__ import annotations
 
