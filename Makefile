@@ -8,6 +8,8 @@ REPO ?= out/model_repository
 HTTP_PORT ?= 8000
 GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
+# Seconds a stopping server gives the requests under way before it unloads (then +5 s, and it is killed).
+EXIT_TIMEOUT_S ?= 30
 PYTEST_ARGS ?=
 # The offline bundle for a GPU host without registry access (docs/gpu-hosts.md): its folder, the host's Python, and
 # the optional attention-kernel add-ons (flash4, flash3).
@@ -22,7 +24,7 @@ help:
 	@echo "make setup                  create $(VENV) with everything (PyPI)"
 	@echo "make build MODEL=<dir|tiny> DEPLOYMENT=<yaml> REPO=<dir>"
 	@echo "                            export graphs, check them against PyTorch, render the model repository"
-	@echo "make serve REPO=<dir> [HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002]"
+	@echo "make serve REPO=<dir> [HTTP_PORT=8000 GRPC_PORT=8001 METRICS_PORT=8002 EXIT_TIMEOUT_S=30]"
 	@echo "                            run tritonserver in the foreground (Ctrl-C / SIGTERM stops it)"
 	@echo "make run                    build the tiny default, serve it, generate out/sample.mp4, stop"
 	@echo "make test                   the test suite, every tier (what CI runs; CPU; starts a real Triton server)"
@@ -56,7 +58,7 @@ build: setup
 
 serve: setup
 	$(VPY) -m wan_triton.tritonserver.server --repo $(REPO) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) \
-		--metrics-port $(METRICS_PORT)
+		--metrics-port $(METRICS_PORT) --exit-timeout-s $(EXIT_TIMEOUT_S)
 
 run: build
 	$(VPY) -m wan_triton.tritonserver.launch --repo $(REPO) --output out/sample.mp4

@@ -187,6 +187,10 @@ def test_probes_use_tritons_health_endpoints_and_cover_the_warm_up():
         # Draining: the Service stops routing here during preStop, then the server finishes what it has.
         pre_stop = server["lifecycle"]["preStop"]["exec"]["command"]
         assert pre_stop[0] == "sleep" and 0 < int(pre_stop[1]) < pod["terminationGracePeriodSeconds"]
+        # The server's stop (its exit timeout, then the launcher's kill 5 s later) ends inside the grace period, so
+        # the kubelet's SIGKILL never cuts the launcher's cleanup short.
+        serve = dict(arg.split("=", 1) for arg in server["command"][2:])
+        assert int(pre_stop[1]) + int(serve["EXIT_TIMEOUT_S"]) + 5 < pod["terminationGracePeriodSeconds"]
 
 
 def test_services_monitor_and_autoscalers_find_the_pods():
