@@ -215,7 +215,7 @@ def _infer_alone(server, request: dict):
 
 def test_two_same_shape_image_requests_batch_together_and_apart_from_one_without(server):
     """Two image requests (different images) and one without, all of one shape, sent together: the scheduler's
-    batcher (which waits up to 300 ms for more, served.IMAGE_SERVING) hands them over, and they run as a batch of 2
+    batcher (which waits up to 1.5 s for more, served.IMAGE_SERVING) hands them over, and they run as a batch of 2
     and a batch of 1."""
     before = _batch_sizes(server)
     shape = dict(prompt="batched", height=32, width=64, num_frames=5, num_inference_steps=2)

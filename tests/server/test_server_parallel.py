@@ -63,7 +63,10 @@ def _workers(server, stage: str = "scheduler") -> list[int]:
             return b""
 
     model_dir = f"{PARALLEL_MODEL}_{stage}/".encode()
-    stubs = [pid for pid in children.get(server.process.pid, []) if model_dir in cmdline(pid)]
+    # The server process is the launcher; tritonserver is its child, and the stubs are tritonserver's children.
+    below = children.get(server.process.pid, [])
+    candidates = below + [pid for child in below for pid in children.get(child, [])]
+    stubs = [pid for pid in candidates if model_dir in cmdline(pid)]
     assert len(stubs) == 1, f"no single stub of {PARALLEL_MODEL}_{stage}: {stubs}"
     return sorted(child for child in children.get(stubs[0], []) if b"spawn_main" in cmdline(child))
 
