@@ -33,8 +33,8 @@ CACHED_BYTES = 64 << 20
 
 # A rendering that takes the `image` input (tests/server/test_image_input.py): cpu_torch.yaml over the TI2V
 # checkpoint `ti2v_checkpoint` (tests/conftest.py: the image is optional, one expert, sizes in multiples of 32),
-# batching up to 4 same-shape requests that arrive within 300 ms of each other, the result cache on, and image
-# limits small enough that a test reaches them cheaply.
+# batching up to 4 same-shape requests that arrive within the batcher's delay of each other, the result cache on,
+# and image limits small enough that a test reaches them cheaply.
 IMAGE_MODEL = "wan_image"
 # The batcher waits up to 1.5 s for more requests: three sent together reach the scheduler that far apart when the
 # whole suite loads the 2-core machine.
