@@ -63,8 +63,11 @@ serve: setup
 run: build
 	$(VPY) -m wan_triton.tritonserver.launch --repo $(REPO) --output out/sample.mp4
 
+# Two runs: the platform tier starts its own replicas and Prometheus, and run beside the first run's session server
+# (every test rendering loaded) they overfill a 24 GB machine.
 test: setup
-	$(VPY) -m pytest -q $(PYTEST_ARGS)
+	$(VPY) -m pytest -q --ignore=tests/platform $(PYTEST_ARGS)
+	$(VPY) -m pytest -q tests/platform $(PYTEST_ARGS)
 
 # The tiers are tests/<tier>/ folders and markers of the same names (tests/conftest.py).
 test-fast: setup
