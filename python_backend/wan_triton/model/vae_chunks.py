@@ -215,10 +215,10 @@ class TorchVaeDecoder:
         return decode_latents(self._run, latents, len(self.phases))
 
 
-class EngineVaeDecoder:
-    """The phase graphs run through engines (ONNX Runtime, TensorRT).
+class EnginePhases:
+    """Phase graphs run through engines (ONNX Runtime, TensorRT), one engine a phase.
 
-    `io_names[k]` = (input names, output names) of phase k in `VaeDecoderPhase` order, e.g. from the phase specs
+    `io_names[k]` = (input names, output names) of phase k in phase order, e.g. from the phase specs
     (`specs.vae_decoder_phase_specs`); by default the engines' own `input_names`/`output_names`, which for the
     exported graphs are in that order.
     """
@@ -238,8 +238,22 @@ class EngineVaeDecoder:
         outputs = self.engines[k].run(dict(zip(input_names, tensors, strict=True)))
         return [outputs[name] for name in output_names]
 
+
+class EngineVaeDecoder(EnginePhases):
+    """The decoder's phase graphs (`VaeDecoderPhase` order) run through engines."""
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self._run, latents, len(self.engines))
+
+
+def phase_graphs(artifacts: Path, path_of: Callable[[Path, int], Path], what: str) -> list[Path]:
+    """The exported phase graphs `path_of(artifacts, 0)`, `path_of(artifacts, 1)`, ... that exist (at least 2)."""
+    paths: list[Path] = []
+    while path_of(artifacts, len(paths)).is_file():
+        paths.append(path_of(artifacts, len(paths)))
+    if len(paths) < 2:
+        raise FileNotFoundError(f"{artifacts}: {what} phase graphs missing (found {len(paths)}); run `make build`")
+    return paths
 
 
 def phase_graph_path(artifacts: Path, k: int) -> Path:
@@ -250,11 +264,7 @@ def onnx_vae_decode_fn(
     artifacts: Path, make_engine: Callable[[Path], Engine]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`decode(latents) -> video` over the exported `vae_decoder_phase{k}.onnx` graphs in `artifacts`."""
-    paths = []
-    while phase_graph_path(artifacts, len(paths)).is_file():
-        paths.append(phase_graph_path(artifacts, len(paths)))
-    if len(paths) < 2:
-        raise FileNotFoundError(f"{artifacts}: VAE decoder phase graphs missing (found {len(paths)}); run `make build`")
+    paths = phase_graphs(artifacts, phase_graph_path, "VAE decoder")
     return EngineVaeDecoder([make_engine(p) for p in paths]).decode
 
 
@@ -381,21 +391,8 @@ def encode_video(run_phase: RunPhase, video: torch.Tensor, num_phases: int) -> t
     return torch.cat(latents, dim=2)
 
 
-class EngineVaeEncoder:
-    """The encoder phase graphs run through engines, like `EngineVaeDecoder`."""
-
-    def __init__(
-        self, engines: Sequence[Engine], io_names: Sequence[tuple[Sequence[str], Sequence[str]]] | None = None
-    ) -> None:
-        if io_names is None:
-            io_names = [(e.input_names, e.output_names) for e in engines]  # type: ignore[attr-defined]
-        self.engines = list(engines)
-        self.io_names = [(list(i), list(o)) for i, o in io_names]
-
-    def _run(self, k: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        input_names, output_names = self.io_names[k]
-        outputs = self.engines[k].run(dict(zip(input_names, tensors, strict=True)))
-        return [outputs[name] for name in output_names]
+class EngineVaeEncoder(EnginePhases):
+    """The encoder's phase graphs run through engines, like `EngineVaeDecoder`."""
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         return encode_video(self._run, video, len(self.engines))
@@ -409,9 +406,5 @@ def onnx_vae_encode_fn(
     artifacts: Path, make_engine: Callable[[Path], Engine]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`encode(video) -> latent mean` over the exported `vae_encoder_phase{k}.onnx` graphs in `artifacts`."""
-    paths = []
-    while encoder_graph_path(artifacts, len(paths)).is_file():
-        paths.append(encoder_graph_path(artifacts, len(paths)))
-    if len(paths) < 2:
-        raise FileNotFoundError(f"{artifacts}: VAE encoder phase graphs missing (found {len(paths)}); run `make build`")
+    paths = phase_graphs(artifacts, encoder_graph_path, "VAE encoder")
     return EngineVaeEncoder([make_engine(p) for p in paths]).encode
