@@ -177,9 +177,12 @@ def test_stream_with_an_image_reports_progress_and_previews(server):
 def test_unary_deadline_with_an_image(server):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     with pytest.raises(InferenceServerException) as caught:
-        infer(client, IMAGE_MODEL, {**LONG, "image": IMAGE, "timeout_s": 1.5}, outputs=("video",))
+        infer(client, IMAGE_MODEL, {**LONG, "image": IMAGE, "timeout_s": 3.0}, outputs=("video",))
     assert caught.value.status() == "StatusCode.CANCELLED"
-    assert "timeout_s: deadline exceeded" in caught.value.message() and "of 50" in caught.value.message()
+    # The batcher holds a lone request up to its 1.5 s delay, and a loaded machine may keep it queued longer still:
+    # the deadline may fall in the queue or in the loop, and either way says which.
+    message = caught.value.message()
+    assert "timeout_s: deadline exceeded" in message and ("of 50" in message or "while queued" in message), message
 
 
 def test_cancelled_image_stream_stops_the_loop(server):
