@@ -1,7 +1,8 @@
 """The in-process pipeline for the image-conditioned Wan2.2 kinds against diffusers: I2V-A14B and TI2V-5B with an
 image against `WanImageToVideoPipeline`, TI2V-5B without one against `WanPipeline` (expand_timesteps), on the torch
-engines and on ONNX Runtime (the exported graphs, VAE encoder included). Tolerance: `checks.assert_frames_close`
-(2 uint8 levels at most, 0.5 on average), fp32 on the CPU.
+engines. Tolerance: `checks.assert_frames_close` (2 uint8 levels at most, 0.5 on average), fp32 on the CPU. The ONNX
+Runtime engine (the exported graphs, VAE encoder included) is checked the same way through the real server
+(tests/server/test_family_parity.py).
 
 The checkpoints are tiny random-weight ones whose sizes differ from the tiny-i2v / tiny-ti2v defaults
 (conftest OTHER_I2V, OTHER_TI2V). Both sides see the same pixels: the test resizes the PIL image to the request's
@@ -18,7 +19,7 @@ import torch
 from PIL import Image
 
 from checks import assert_frames_close, reference_frames, reference_i2v_frames
-from factories import SHAPE_LIMITS, load_deployment, validated_request
+from factories import load_deployment, validated_request
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.pipeline import LocalPipeline
 
@@ -70,16 +71,6 @@ def _request(ckpt, deployment, call):
     )
 
 
-def _export(checkpoint: Path, out: Path) -> Path:
-    from wan_build.export_onnx import export_all
-
-    ckpt = Checkpoint.open(checkpoint)
-    components = ["text_encoder", *filter(ckpt.has_expert, ("transformer", "transformer_2")), "vae", "vae_encoder"]
-    rows = export_all(ckpt, SHAPE_LIMITS, out, components)
-    assert all(row.ok for row in rows), [r for r in rows if not r.ok]
-    return out
-
-
 @pytest.fixture(scope="module")
 def i2v_torch(i2v_checkpoint):
     return _pipeline(i2v_checkpoint, "cpu_torch", Path("/nonexistent"))
@@ -126,26 +117,6 @@ def test_image_rules_follow_the_checkpoint(i2v_torch):
     wrong = np.zeros((I2V_CALL["height"], I2V_CALL["width"] + 16, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="does not match"):
         pipe.generate(_request(ckpt, deployment, I2V_CALL), condition_image=wrong)
-
-
-@pytest.mark.slow
-def test_i2v_matches_wan_image_to_video_pipeline_onnxruntime(i2v_checkpoint, tmp_path_factory):
-    artifacts = _export(i2v_checkpoint, tmp_path_factory.mktemp("onnx_i2v"))
-    ckpt, deployment, pipe = _pipeline(i2v_checkpoint, "cpu", artifacts)
-    image, pixels = condition_image(I2V_CALL["height"], I2V_CALL["width"])
-    frames = pipe.generate(_request(ckpt, deployment, I2V_CALL), condition_image=pixels)
-    assert_frames_close(frames, reference_i2v_frames(i2v_checkpoint, image, **dict(I2V_CALL)))
-
-
-@pytest.mark.slow
-def test_ti2v_matches_diffusers_onnxruntime(ti2v_checkpoint, tmp_path_factory):
-    artifacts = _export(ti2v_checkpoint, tmp_path_factory.mktemp("onnx_ti2v"))
-    ckpt, deployment, pipe = _pipeline(ti2v_checkpoint, "cpu", artifacts)
-    image, pixels = condition_image(TI2V_CALL["height"], TI2V_CALL["width"], seed=1)
-    frames = pipe.generate(_request(ckpt, deployment, TI2V_CALL), condition_image=pixels)
-    assert_frames_close(frames, reference_i2v_frames(ti2v_checkpoint, image, **dict(TI2V_CALL)))
-    frames = pipe.generate(_request(ckpt, deployment, TI2V_CALL))
-    assert_frames_close(frames, reference_frames(ti2v_checkpoint, **dict(TI2V_CALL)))
 
 
 def test_ti2v_requests_with_and_without_image_batch_together(ti2v_torch):
