@@ -63,11 +63,13 @@ serve: setup
 run: build
 	$(VPY) -m wan_triton.tritonserver.launch --repo $(REPO) --output out/sample.mp4
 
-# Two runs: the platform tier starts its own replicas and Prometheus, and run beside the first run's session server
-# (every test rendering loaded) they overfill a 24 GB machine.
+# Two runs. The first in two processes: one runs every test that starts a Triton server, one server at a time,
+# while the other runs the rest (tests/conftest.py groups them). The second runs the tests that start replicas of
+# their own, after the first run's session server (every test rendering loaded) has stopped: beside it they would
+# overfill a 24 GB machine.
 test: setup
-	$(VPY) -m pytest -q --ignore=tests/platform $(PYTEST_ARGS)
-	$(VPY) -m pytest -q tests/platform $(PYTEST_ARGS)
+	$(VPY) -m pytest -q -n 2 --dist loadgroup -m "not replicas" $(PYTEST_ARGS)
+	$(VPY) -m pytest -q -m replicas $(PYTEST_ARGS)
 
 # The tiers are tests/<tier>/ folders and markers of the same names (tests/conftest.py).
 test-fast: setup

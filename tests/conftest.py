@@ -54,6 +54,9 @@ def pytest_configure(config):
     for name, description in TIERS.items():
         config.addinivalue_line("markers", f"{name}: {description}")
     config.addinivalue_line("markers", "slow: in-process but too slow for `make test-fast` (the ONNX exports)")
+    config.addinivalue_line(
+        "markers", "replicas: starts Triton replicas of its own (tests/platform); `make test` runs these apart"
+    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
@@ -66,8 +69,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(tier)
         if "server" in item.fixturenames and tier != "server":
             item.add_marker("server")
+        if "tiny_repo" in item.fixturenames:
+            item.add_marker("replicas")
         if tier == "gpu":
             item.add_marker(no_cuda)
+        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
+    # The Triton servers' tests first, each module's own server before the session's (which lives until the end):
+    # under pytest-xdist one worker starts on them at once while the other takes the rest.
+    items.sort(key=lambda item: (not _starts_a_server(item), "server" in item.fixturenames))
+
+
+def _starts_a_server(item) -> bool:
+    return item.get_closest_marker("server") is not None
+
+
+def _xdist_group(item) -> str:
+    """Under `pytest -n 2 --dist loadgroup` (`make test`) a group runs in one worker. Every test that starts a
+    Triton server is in one group, so no two servers run at once (the session's loads every test rendering); other
+    tests go by module, so a module's fixtures are built once."""
+    if _starts_a_server(item):
+        return "servers"
+    return item.nodeid.split("::")[0]
 
 
 # A tiny model whose config differs from the embedded default in every size the loader must read: layer count,
@@ -124,7 +146,14 @@ def other_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, tmp_path_factory):
+def artifacts_root(tmp_path_factory) -> Path:
+    """The `--artifacts-root` of the servers' builds: a checkpoint's graphs exported for one server (the LoRA
+    server's text encoder and VAE, say) are reused by the next, the export cache checking they still match."""
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@pytest.fixture(scope="session")
+def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, artifacts_root, tmp_path_factory):
     """One tritonserver for the whole test session, serving the models of tests/served.py."""
     from wan_build.__main__ import main as build_main
     from wan_triton.config.deployment import Deployment, Serving
@@ -165,7 +194,7 @@ def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, tmp_path_factory
                     "--repo",
                     str(repo),
                     "--artifacts-root",
-                    str(root / "artifacts"),
+                    str(artifacts_root),
                 ]
             )
             == 0
