@@ -1,6 +1,6 @@
 """Replicas of the tiny model behind HAProxy (model_repository/platform/loadbalancer): balanced unary and streamed
-requests with the same frames from either replica, failover when a replica dies, and no traffic to a replica that
-is not ready.
+requests with the same frames from either replica, failover when a replica dies, no traffic to a replica that is
+not ready, and health checks that pass on a readiness port that speaks only HTTP/1.1.
 
 Every replica is a real Triton server (wan_triton.tritonserver.launch) of one repository built once; the balancer
 is a real HAProxy running the shipped template as rendered by its render.py.
@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -47,6 +48,33 @@ def pair(tiny_repo, tmp_path_factory):
 
 def _ports(replica) -> tuple[int, int]:
     return replica.grpc_port, replica.http_port
+
+
+def test_health_checks_pass_on_an_http1_only_readiness_port(balancer_factory):
+    """The shipped configuration's checks speak HTTP/1.1 to the replica's HTTP port, which (like Triton's) knows no
+    HTTP/2: a check that spoke HTTP/2 there would never pass, and HAProxy 2.6, which counts a server as up before
+    its first check, would only notice at `timeout check`."""
+    seen: list[tuple[str, str]] = []
+
+    class Ready(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.request_version, self.path))
+            self.send_response(200 if self.path == "/v2/health/ready" else 404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Ready) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        port = server.server_address[1]
+        try:
+            balancer = balancer_factory([(port, port)])
+            balancer.wait_checked("replica1", timeout_s=10)
+        finally:
+            server.shutdown()
+    assert seen and all(version.startswith("HTTP/1.") and path == "/v2/health/ready" for version, path in seen), seen
 
 
 def test_unary_and_streamed_requests_spread_over_both_replicas_with_the_same_frames(pair, balancer_factory):
