@@ -33,7 +33,7 @@ def render(
     check_timeout_s: int = 5,
 ) -> str:
     servers = "\n".join(
-        f"    server replica{n} {host}:{grpc_port} check port {http_port}"
+        f"    server replica{n} {host}:{grpc_port} proto h2 check port {http_port} check-proto h1"
         for n, (host, grpc_port, http_port) in enumerate(replicas, 1)
     )
     stats = ""
