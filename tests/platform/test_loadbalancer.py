@@ -231,6 +231,8 @@ def test_a_replica_that_is_not_ready_gets_no_traffic(pair, tiny_repo, balancer_f
                     overlapped = 1
                     break
                 sent += 1
+                # Back-to-back requests would hold both cores and slow the late replica's load several-fold.
+                time.sleep(0.25)
     except BaseException:
         starter.join()
         for late in late_box:
