@@ -73,23 +73,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("replicas")
         if tier == "gpu":
             item.add_marker(no_cuda)
-        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
-    # The Triton servers' tests first, each module's own server before the session's (which lives until the end):
-    # under pytest-xdist one worker starts on them at once while the other takes the rest.
-    items.sort(key=lambda item: (not _starts_a_server(item), "server" in item.fixturenames))
-
-
-def _starts_a_server(item) -> bool:
-    return item.get_closest_marker("server") is not None
-
-
-def _xdist_group(item) -> str:
-    """Under `pytest -n 2 --dist loadgroup` (`make test`) a group runs in one worker. Every test that starts a
-    Triton server is in one group, so no two servers run at once (the session's loads every test rendering); other
-    tests go by module, so a module's fixtures are built once."""
-    if _starts_a_server(item):
-        return "servers"
-    return item.nodeid.split("::")[0]
+    # Each module's own server before the session's, which lives until the end: never two servers at once.
+    items.sort(key=lambda item: "server" in item.fixturenames)
 
 
 # A tiny model whose config differs from the embedded default in every size the loader must read: layer count,
