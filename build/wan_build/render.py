@@ -33,6 +33,7 @@ VERSION = "1"
 # With the result cache on, the ensemble holding the five steps and the cache: `<model_name>_pipeline`.
 CACHED_PIPELINE = "pipeline"
 
+# The Python-backend class of each role, in the module `wan_triton.serving.models.<role>` (model.py imports it).
 CLASS_NAMES = {
     "preprocess": "Preprocess",
     "text_encoder": "TextEncoder",

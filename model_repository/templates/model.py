@@ -1,3 +1,3 @@
-"""Triton Python-backend entry point of the ${role} model; the logic lives in `wan_triton.serving.models`."""
+"""Triton Python-backend entry point of the ${role} model; the logic lives in `wan_triton.serving.models.${role}`."""
 
-from wan_triton.serving.models import ${class_name} as TritonPythonModel  # noqa: F401
+from wan_triton.serving.models.${role} import ${class_name} as TritonPythonModel  # noqa: F401

@@ -19,16 +19,12 @@ from wan_triton.config.request import GenerationRequest
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.denoise import BatchItem, Denoiser, StepCallback
 from wan_triton.model.engine import Engine
-from wan_triton.model.text import PromptTokenizer, encode_tokens
+from wan_triton.model.prompts import PromptTokenizer, prompts_for
+from wan_triton.model.text import encode_tokens
 from wan_triton.model.vae import VaeDecoder
 from wan_triton.workers.supervisor import VaeWorkerGroup
 
 logger = logging.getLogger(__name__)
-
-
-def prompts_for(request: GenerationRequest) -> list[str]:
-    """The prompts to encode: the negative prompt only when guidance is on, as in the reference."""
-    return [request.prompt, request.negative_prompt] if request.do_classifier_free_guidance else [request.prompt]
 
 
 def encode_prompts(tokenizer: PromptTokenizer, engine: Engine, prompts: list[str]) -> torch.Tensor:

@@ -5,7 +5,7 @@ wan_triton.serving imports it. It has what the serving models use of it on CPU: 
 and no `MetricFamily`, so a `StageMetrics` built on it reports nothing. `with_metrics(on_call)` is a variant with
 custom metrics, whose every metric call runs `on_call`.
 
-Below the fake: a scheduler step (`serving.models.Scheduler`) on it, and the requests such a step receives.
+Below the fake: a scheduler step (`serving.models.scheduler.Scheduler`) on it, and the requests such a step receives.
 """
 
 from __future__ import annotations
@@ -87,10 +87,10 @@ def with_metrics(on_call) -> types.SimpleNamespace:
 
 
 def scheduler_model(deployment, denoiser, board):
-    """`serving.models.Scheduler` as Triton would have initialised it, with the given denoiser and job board; metrics
-    off. Install the fake first."""
+    """`serving.models.scheduler.Scheduler` as Triton would have initialised it, with the given denoiser and job
+    board; metrics off. Install the fake first."""
     from wan_triton.serving.metrics import StageMetrics
-    from wan_triton.serving.models import Scheduler
+    from wan_triton.serving.models.scheduler import Scheduler
 
     model = Scheduler.__new__(Scheduler)
     model.ctx = types.SimpleNamespace(name="wan_t2v_scheduler", deployment=deployment, device_id=0)

@@ -98,7 +98,7 @@ def world_results(tiny4_checkpoint, shards):
 def single(tiny4_checkpoint):
     """World size 1: today's single-process path (components.build_denoiser), latents and decoded frames."""
     from wan_triton.components import build_denoiser, build_vae_decoder
-    from wan_triton.model.video import to_uint8_frames
+    from wan_triton.model.frames import to_uint8_frames
 
     ckpt = Checkpoint.open(tiny4_checkpoint)
     denoiser = build_denoiser(ckpt, TORCH_CPU, Path("/nonexistent"))
@@ -110,7 +110,7 @@ def single(tiny4_checkpoint):
 @pytest.mark.parametrize("plan", PLANS, ids=str)
 @pytest.mark.parametrize("case", range(len(CASES)), ids=["guided", "unguided"])
 def test_plan_matches_world_size_1(world_results, single, plan, case):
-    from wan_triton.model.video import to_uint8_frames
+    from wan_triton.model.frames import to_uint8_frames
 
     ref_latents, ref_frames, vae = single
     ranks = [r[(str(plan), case)] for r in world_results[: plan.world_size]]

@@ -10,7 +10,7 @@ import torch
 
 from checks import rel_l2
 from wan_triton.model.checkpoint import Checkpoint
-from wan_triton.model.video import to_uint8_frames
+from wan_triton.model.frames import to_uint8_frames
 
 # 3 latent frames (the causal time cache carries across them) of 4 x 8 latents: 2 columns a rank at 4 ranks.
 LATENT_SHAPE = (3, 4, 8)

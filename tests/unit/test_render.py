@@ -45,7 +45,7 @@ def test_render_torch_repository(tmp_path):
     assert "wan_t2v_stream" not in (repo / "wan_t2v/config.pbtxt").read_text()
     assert 'name: "job_token"' in (repo / "wan_t2v_scheduler/config.pbtxt").read_text()
     assert (
-        "from wan_triton.serving.models import Scheduler as TritonPythonModel"
+        "from wan_triton.serving.models.scheduler import Scheduler as TritonPythonModel"
         in (repo / "wan_t2v_scheduler/1/model.py").read_text()
     )
     recorded = Deployment.model_validate_json((repo / "wan_t2v_scheduler/deployment.json").read_text())

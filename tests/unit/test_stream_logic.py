@@ -98,6 +98,22 @@ def test_preview_frames_are_small():
     assert abs(float(small.mean()) - float(frame.mean())) < 1.0  # an area average keeps the brightness
 
 
+@pytest.mark.parametrize("size", [(720, 1280), (1280, 720), (257, 300), (480, 832), (1000, 999), (300, 2), (100, 100)])
+def test_preview_frames_equal_torch_area_interpolation(size):
+    """The numpy area average gives exactly the bytes of torch's `F.interpolate(mode="area")`."""
+    frame = np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8)
+    scale = PREVIEW_MAX_SIDE / max(size)
+    if scale >= 1:
+        expected = frame
+    else:
+        pixels = torch.from_numpy(frame).permute(2, 0, 1)[None].float()
+        area = torch.nn.functional.interpolate(
+            pixels, size=(max(1, round(size[0] * scale)), max(1, round(size[1] * scale))), mode="area"
+        )
+        expected = area[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    np.testing.assert_array_equal(shrink_frame(frame), expected)
+
+
 def test_clean_estimate_is_what_unipc_predicts():
     """x0 = latents - sigma x noise_pred is UniPC's own x0 prediction for flow matching, at every step."""
     import diffusers

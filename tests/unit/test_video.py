@@ -1,4 +1,5 @@
-"""Tests for wan_triton.model.video: reference-exact uint8 conversion and the MP4 encode/decode round trip."""
+"""Tests for wan_triton.model.frames and .video: reference-exact uint8 conversion and the MP4 encode/decode round
+trip."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from wan_triton.model.video import decode_mp4, encode_mp4, to_uint8_frames
+from wan_triton.model.frames import to_uint8_frames
+from wan_triton.model.video import decode_mp4, encode_mp4
 
 
 def _reference_uint8(video: torch.Tensor) -> np.ndarray:

@@ -5,6 +5,9 @@ the component configs), never from a flag. Nothing here assumes the tiny test co
 channels, vocabulary, text length, VAE strides and scheduler settings all come from the checkpoint's own config
 files. Weights are read from safetensors only (pickle-based `.bin` files are refused, since loading them can run
 arbitrary code).
+
+Reading the layout and configs needs no torch, so the steps that load no module (preprocess, the stream model) open
+a checkpoint without importing it; the loaders import torch, transformers and diffusers themselves.
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ import logging
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from wan_triton.config.deployment import LoraConfig, SolverConfig
-from wan_triton.model import lora, random_init
+from wan_triton.model import random_init
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ EXPERTS = ("transformer", "transformer_2")
 PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
 # What a checkpoint does with a request's image (`Checkpoint.image_input`).
 ImageInput = Literal["none", "required", "optional"]
+# Tokenizer class names `Checkpoint.load_tokenizer` takes from `tokenizer_config.json` as they are.
+TOKENIZER_SUFFIXES = ("Tokenizer", "TokenizerFast")
 # WanPipeline.__call__ default; the official Wan2.2 config uses the same text length.
 MAX_SEQUENCE_LENGTH = 512
 
@@ -178,15 +184,29 @@ class Checkpoint:
     def num_latent_frames(self, num_frames: int) -> int:
         return (num_frames - 1) // self.vae_scale_factor_temporal + 1
 
-    # Loaders. Each takes the dtype and device to load straight into.
+    # Loaders. Each takes the dtype (float32 when None) and device to load straight into.
 
     def load_tokenizer(self):
-        from transformers import AutoTokenizer
+        """The tokenizer class `tokenizer_config.json` names, as `AutoTokenizer` picks it for a tokenizer folder
+        without a model config; `AutoTokenizer` itself when the class is not one transformers exports.
+        `AutoTokenizer` imports torch (through the model configs), which the preprocess step otherwise does without."""
+        import transformers
 
-        return AutoTokenizer.from_pretrained(self.root / "tokenizer")
+        folder = self.root / "tokenizer"
+        config_file = folder / "tokenizer_config.json"
+        name = _read_json(config_file).get("tokenizer_class") if config_file.is_file() else None
+        named = None
+        if isinstance(name, str) and name.endswith(TOKENIZER_SUFFIXES):
+            named = getattr(transformers, name, None)
+        if isinstance(named, type) and issubclass(named, transformers.PreTrainedTokenizerBase):
+            return named.from_pretrained(folder)
+        return transformers.AutoTokenizer.from_pretrained(folder)
 
-    def load_text_encoder(self, dtype: torch.dtype = torch.float32, device: str = "cpu", eager_attention: bool = False):
+    def load_text_encoder(self, dtype: torch.dtype | None = None, device: str = "cpu", eager_attention: bool = False):
+        import torch
         from transformers import UMT5EncoderModel
+
+        dtype = torch.float32 if dtype is None else dtype
 
         if self.random_weights:
             from transformers import UMT5Config
@@ -205,15 +225,21 @@ class Checkpoint:
 
     def expert_weight_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of one expert's weights in `dtype`, from its config alone (built on the meta device)."""
+        import torch
         from diffusers import WanTransformer3DModel
 
         with torch.device("meta"):
             module = WanTransformer3DModel.from_config(WanTransformer3DModel.load_config(self.root / EXPERTS[0]))
         return sum(p.numel() for p in module.parameters()) * dtype.itemsize
 
-    def load_transformer(self, name: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def load_transformer(self, name: str, dtype: torch.dtype | None = None, device: str = "cpu"):
         """The expert, with the LoRAs that apply to it fused into its weights (on `device`: a random-weight
         benchmark expert takes its LoRAs there too)."""
+        import torch
+
+        from wan_triton.model import lora
+
+        dtype = torch.float32 if dtype is None else dtype
         return lora.fuse(self._load_transformer(name, dtype, device), self.loras, name)
 
     def _load_transformer(self, name: str, dtype: torch.dtype, device: str):
@@ -234,8 +260,11 @@ class Checkpoint:
         )
         return model.to(device).eval()
 
-    def load_vae(self, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def load_vae(self, dtype: torch.dtype | None = None, device: str = "cpu"):
+        import torch
         from diffusers import AutoencoderKLWan
+
+        dtype = torch.float32 if dtype is None else dtype
 
         if self.random_weights:
             config = AutoencoderKLWan.load_config(self.root / "vae")

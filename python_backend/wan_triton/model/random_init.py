@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +23,8 @@ MARKER = "RANDOM_WEIGHTS"
 
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    import torch
+
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -31,6 +35,9 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def build(factory, dtype: torch.dtype, device: str, keep_in_fp32: list[str] | None = None) -> torch.nn.Module:
     """`factory()` under `device` and `dtype` defaults, then the `keep_in_fp32` submodules cast back to fp32."""
+    # Imported here: `Checkpoint` reads MARKER in processes that never build a module (preprocess), without torch.
+    import torch
+
     logger.warning(
         "building %s with RANDOM weights (benchmark checkpoint) on %s", getattr(factory, "__name__", "?"), device
     )

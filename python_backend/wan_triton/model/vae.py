@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from wan_triton.model.checkpoint import Checkpoint
+from wan_triton.model.frames import to_uint8_frames
 
 
 class VaeDecoder:
@@ -37,9 +38,6 @@ class VaeDecoder:
 
     def frames(self, latents: torch.Tensor) -> np.ndarray | None:
         """uint8 RGB frames [F, H, W, 3] (None on a rank of a split decode other than 0)."""
-        # Not at import: it needs PyAV, which GPU benchmark hosts may lack.
-        from wan_triton.model.video import to_uint8_frames
-
         video = self(latents)
         return None if video is None else to_uint8_frames(video)
 

@@ -1,8 +1,5 @@
-"""Turn the VAE's decoded video into uint8 RGB frames and an H.264 MP4, and decode such an MP4 back to frames.
-
-`to_uint8_frames` reproduces diffusers' `VideoProcessor.postprocess_video(video, output_type="np")` followed by
-`(x * 255).round().astype(np.uint8)` bit for bit, so served frames equal what the reference pipeline produces.
-"""
+"""Encode uint8 RGB frames as an H.264 MP4, and decode such an MP4 back to frames (PyAV and numpy only: the
+postprocess step runs no model and does without torch). The VAE's output becomes such frames in `frames`."""
 
 from __future__ import annotations
 
@@ -14,7 +11,6 @@ from pathlib import Path
 
 import av
 import numpy as np
-import torch
 from av.video.reformatter import Colorspace
 
 logger = logging.getLogger(__name__)
@@ -38,27 +34,6 @@ _AVCOL_SPC_BT709 = 1
 _AVCOL_PRI_BT709 = 1
 _AVCOL_TRC_BT709 = 1
 _AVCOL_RANGE_MPEG = 1  # limited ("TV") range, what yuv420p H.264 players expect
-
-
-def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """Convert the VAE decoder output [1, 3, F, H, W] (nominally in [-1, 1]) to C-contiguous uint8 RGB [F, H, W, 3]."""
-    if video.ndim != 5:
-        raise ValueError(f"video must have shape [1, 3, F, H, W], got rank {video.ndim} shape {tuple(video.shape)}")
-    if video.shape[0] != 1:
-        raise ValueError(f"video must hold exactly one clip (batch size 1), got shape {tuple(video.shape)}")
-    if video.shape[1] != 3:
-        raise ValueError(f"video must have 3 (RGB) channels in dim 1, got shape {tuple(video.shape)}")
-    if not video.is_floating_point():
-        raise ValueError(f"video must be a floating-point tensor, got {video.dtype}")
-    with torch.no_grad():
-        # Same op order and dtype as diffusers' VaeImageProcessor.denormalize (in the tensor's own dtype) followed by
-        # pt_to_numpy's float32 cast, so the result is bit-identical to the reference postprocessing for any dtype.
-        x = (video[0] * 0.5 + 0.5).clamp(0, 1)
-        x = x.permute(1, 2, 3, 0).float()
-        # float32 multiply and round-half-to-even match numpy's; converting on the tensor's device moves 4x fewer
-        # bytes to the host than float32 would.
-        x = (x * 255).round().to(torch.uint8)
-        return np.ascontiguousarray(x.cpu().numpy())
 
 
 def encode_mp4(frames: np.ndarray, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF) -> bytes:

@@ -26,8 +26,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from wan_triton.config.deployment import Deployment
 from wan_triton.config.request import GenerationRequest, InvalidRequestError
@@ -66,15 +64,36 @@ def preview_every(value: np.ndarray | None, max_steps: int) -> int:
 
 
 def shrink_frame(frame: np.ndarray, max_side: int = PREVIEW_MAX_SIDE) -> np.ndarray:
-    """uint8 [H, W, 3] scaled down (area average) so that its longer side is at most `max_side`."""
+    """uint8 [H, W, 3] scaled down (area average) so that its longer side is at most `max_side`.
+
+    The same numbers as torch's `F.interpolate(mode="area")` (adaptive average pooling), without torch: each output
+    pixel averages the input rectangle [floor(i * H / h), ceil((i + 1) * H / h)) x (the same for the width), summed
+    exactly and divided in float32 by its height, then by its width, as torch's CPU kernel divides."""
     height, width = frame.shape[:2]
     scale = max_side / max(height, width)
     if scale >= 1:
         return frame
     size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    pixels = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)[None].float()
-    small = F.interpolate(pixels, size=size, mode="area")[0].permute(1, 2, 0)
-    return small.round().clamp(0, 255).to(torch.uint8).numpy()
+    (row_start, row_end), (col_start, col_end) = _pool_bounds(height, size[0]), _pool_bounds(width, size[1])
+    # Sums over any rectangle from one table of cumulative sums (exact in int64).
+    table = np.zeros((height + 1, width + 1, frame.shape[2]), dtype=np.int64)
+    table[1:, 1:] = frame.astype(np.int64).cumsum(0).cumsum(1)
+    sums = (
+        table[row_end][:, col_end]
+        - table[row_start][:, col_end]
+        - table[row_end][:, col_start]
+        + table[row_start][:, col_start]
+    )
+    rows = (row_end - row_start).astype(np.float32)[:, None, None]
+    cols = (col_end - col_start).astype(np.float32)[None, :, None]
+    small = sums.astype(np.float32) / rows / cols
+    return np.clip(np.round(small), 0, 255).astype(np.uint8)
+
+
+def _pool_bounds(size_in: int, size_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Start (inclusive) and end (exclusive) of each output index's input range in adaptive average pooling."""
+    index = np.arange(size_out)
+    return (index * size_in) // size_out, -((-(index + 1) * size_in) // size_out)
 
 
 @dataclass

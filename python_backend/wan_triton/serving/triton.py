@@ -1,6 +1,8 @@
 """Glue between Triton's Python backend (`triton_python_backend_utils`) and the library.
 
-Kept apart from the model classes so unit tests can run them against a fake `triton_python_backend_utils`.
+Kept apart from the model classes so unit tests can run them against a fake `triton_python_backend_utils`. Tensors
+are numpy here, so the steps that run no model import no torch (only a GPU tensor a BLS call returns is read through
+torch); the steps that run a model take and give torch tensors through `torch_io`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.utils.dlpack
 
 from wan_triton.config.deployment import DEPLOYMENT_FILE, Deployment
 from wan_triton.config.request import InvalidRequestError
@@ -79,25 +79,6 @@ def read_request_json(request, io: IO) -> dict[str, Any]:
 
 def output(name: str, array: np.ndarray):
     return pb_utils().Tensor(name, array)
-
-
-def read_torch(request, io: IO) -> torch.Tensor:
-    """A required input as a torch tensor where Triton put it: GPU tensors arrive through DLPack without a copy
-    (models on a GPU are rendered with FORCE_CPU_ONLY_INPUT_TENSORS=no), host tensors through numpy."""
-    tensor = pb_utils().get_input_tensor_by_name(request, io.name)
-    if tensor is None:
-        raise ValueError(f"internal tensor {io.name!r} missing")
-    if tensor.is_cpu():
-        return torch.from_numpy(tensor.as_numpy())
-    return torch.from_dlpack(tensor.to_dlpack())
-
-
-def output_torch(name: str, tensor: torch.Tensor):
-    """An output from a torch tensor: a GPU tensor is handed over through DLPack and stays on its GPU, so the latents
-    and the prompt embeddings never make a host round trip between GPU steps."""
-    if tensor.is_cuda:
-        return pb_utils().Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(tensor.contiguous()))
-    return pb_utils().Tensor(name, tensor.contiguous().numpy())
 
 
 # What Triton answers (UNAVAILABLE) when a request finds a step's queue full (deployment `serving:`).
@@ -197,4 +178,7 @@ def host_numpy(tensor) -> np.ndarray:
     """A Tensor's data on the host: `as_numpy()` fails on a GPU tensor, which is read through DLPack instead."""
     if tensor.is_cpu():
         return tensor.as_numpy()
+    # Imported here: only a GPU tensor needs it, and the host-only steps (the stream model) otherwise never load it.
+    import torch
+
     return torch.from_dlpack(tensor.to_dlpack()).cpu().numpy()

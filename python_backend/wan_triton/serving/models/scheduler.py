@@ -1,140 +1,26 @@
-"""The Python-backend model classes of the `wan_t2v` ensemble; each model.py re-exports one as TritonPythonModel.
-
-preprocess -> text_encoder -> scheduler (the denoising loop, owning both experts in its own process) ->
-vae_decoder -> postprocess. See `model_io` for the tensors between them.
-"""
+"""The scheduler step: the whole denoising loop of a batch of requests, in this process."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-import numpy as np
 import torch
 
-from wan_triton.components import build_denoiser, build_text_encoder, build_vae_decoder, warm_up_denoiser
-from wan_triton.config.request import GUIDANCE_THRESHOLD, GenerationRequest, request_json
-from wan_triton.model.denoise import BatchItem, group_by_shape, latent_shape
-from wan_triton.model.text import PromptTokenizer, encode_tokens
-from wan_triton.model.video import encode_mp4
-from wan_triton.pipeline import prompts_for
+from wan_triton.components import build_denoiser, warm_up_denoiser
+from wan_triton.config.request import GUIDANCE_THRESHOLD, GenerationRequest
+from wan_triton.model.denoise import BatchItem, group_by_shape
 from wan_triton.serving import model_io as io
-from wan_triton.serving.metrics import StageMetrics
-from wan_triton.serving.request_input import request_image, validate_for
+from wan_triton.serving.models.base import response
+from wan_triton.serving.models.device import DeviceModel, stop_workers
 from wan_triton.serving.stopping import JobBoard, StepGuard
-from wan_triton.serving.stream import StreamRunner
-from wan_triton.serving.triton import (
-    ModelContext,
-    error_response,
-    execute_each,
-    outcome_of,
-    output,
-    output_torch,
-    pb_utils,
-    read_inputs,
-    read_request_json,
-    read_torch,
-)
+from wan_triton.serving.torch_io import output_torch, read_torch
+from wan_triton.serving.triton import error_response, outcome_of, read_inputs, read_request_json
 
 logger = logging.getLogger("wan_triton.serving")
 
 
-def _configure_logging() -> None:
-    # Triton captures the stub's stderr into its own log.
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-class _Model:
-    role: str
-
-    def initialize(self, args: dict) -> None:
-        _configure_logging()
-        self.ctx = ModelContext.from_args(args)
-        self.metrics = StageMetrics(pb_utils(), self.ctx.deployment.model_name, self.role)
-        started = time.perf_counter()
-        self.load()
-        self._release_cached_device_memory()
-        self.metrics.loaded(True)
-        logger.info("%s loaded in %.2f s", self.ctx.name, time.perf_counter() - started)
-
-    def _record_device_memory(self) -> None:
-        """Report the step's peak device memory, then hand its cached blocks back to the driver.
-
-        Every step is its own process with its own caching allocator on the same GPU: blocks one process keeps
-        cached after a request (the VAE step after a 720p decode held several times its own peak) are memory the
-        others cannot get, and the scheduler then runs out at load or at its next 720p step.
-        """
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            self.metrics.device_memory_peak(torch.cuda.max_memory_allocated(self.ctx.device_id))
-            torch.cuda.reset_peak_memory_stats(self.ctx.device_id)
-            self._release_cached_device_memory()
-
-    def _release_cached_device_memory(self) -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
-
-    def _record_worker_restarts(self, component) -> None:
-        """Count restarts of the step's worker group; a component that runs in this process has none."""
-        restarts = getattr(component, "restarts", None)
-        if restarts is not None:
-            self.metrics.worker_group_restarts(restarts)
-
-    def load(self) -> None:
-        """Load weights/engines; called once per model instance."""
-
-    def handle(self, request):
-        raise NotImplementedError
-
-    def execute(self, requests):
-        responses = execute_each(requests, self.ctx.name, self.handle, self.metrics)
-        self._record_device_memory()
-        return responses
-
-    def finalize(self) -> None:
-        self.metrics.loaded(False)
-        self.metrics.close()  # before the stub tears down its shared memory (wan_triton.serving.metrics)
-        logger.info("%s unloaded", self.ctx.name)
-
-
-class Preprocess(_Model):
-    """Validate the request, fill defaults, tokenize the prompt (and negative prompt when guidance is on)."""
-
-    role = "preprocess"
-
-    def load(self) -> None:
-        self.tokenizer = PromptTokenizer(self.ctx.checkpoint.load_tokenizer())
-
-    def handle(self, request):
-        inputs = read_inputs(request, [t.name for t in io.REQUEST_INPUTS])
-        req = validate_for(inputs, self.ctx.deployment, self.ctx.checkpoint)
-        pixels = request_image(req, self.ctx.deployment)
-        tokens = self.tokenizer(prompts_for(req))
-        return _response(
-            output(io.REQUEST_JSON.name, np.array([[request_json(req)]], dtype=object)),
-            output(io.INPUT_IDS.name, tokens.input_ids),
-            output(io.ATTENTION_MASK.name, tokens.attention_mask),
-            output(io.USED_SEED.name, np.array([req.seed], dtype=np.int64)),
-            output(io.CONDITION_IMAGE.name, pixels[None]),
-        )
-
-
-class TextEncoder(_Model):
-    role = "text_encoder"
-
-    def load(self) -> None:
-        cfg = self.ctx.deployment.components.text_encoder
-        self.engine = build_text_encoder(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
-
-    def handle(self, request):
-        inputs = read_inputs(request, [io.INPUT_IDS.name, io.ATTENTION_MASK.name])
-        ids = torch.from_numpy(inputs[io.INPUT_IDS.name])
-        embeds = encode_tokens(self.engine, ids, torch.from_numpy(inputs[io.ATTENTION_MASK.name]))
-        # [1, rows, ...]: the leading 1 is the scheduler's batch dim (see model_io).
-        return _response(output_torch(io.PROMPT_EMBEDS.name, embeds[None]))
-
-
-class Scheduler(_Model):
+class Scheduler(DeviceModel):
     """Runs the whole denoising loop in this process: no Triton round trip per step.
 
     After every step each request is checked: past its `timeout_s` deadline, or cancelled by the stream model (its
@@ -186,7 +72,7 @@ class Scheduler(_Model):
                 if isinstance(result, BaseException):
                     responses[n] = self._fail(result, started)
                 else:
-                    responses[n] = _response(output_torch(io.LATENTS.name, result.float()))
+                    responses[n] = response(output_torch(io.LATENTS.name, result.float()))
                     self.metrics.request_done(time.perf_counter() - started, "success")
         self._record_device_memory()
         self._record_worker_restarts(self.denoiser)
@@ -279,74 +165,5 @@ class Scheduler(_Model):
         return error_response(exc, self.ctx.name)
 
     def finalize(self) -> None:
-        _stop_workers(self.denoiser)
+        stop_workers(self.denoiser)
         super().finalize()
-
-
-class VaeDecoder(_Model):
-    role = "vae_decoder"
-
-    def load(self) -> None:
-        cfg = self.ctx.deployment.components.vae_decoder
-        self.decoder = build_vae_decoder(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
-        for shape in self.ctx.deployment.warmup:
-            started = time.perf_counter()
-            dims = latent_shape(self.ctx.checkpoint, shape.height, shape.width, shape.num_frames)
-            self.decoder.frames(torch.zeros(dims))
-            logger.info("%s warm-up %s: %.2f s", self.ctx.name, shape, time.perf_counter() - started)
-
-    def handle(self, request):
-        latents = read_torch(request, io.LATENTS)
-        return _response(output(io.DECODED_FRAMES.name, self.decoder.frames(latents)))
-
-    def execute(self, requests):
-        responses = super().execute(requests)
-        self._record_worker_restarts(self.decoder)
-        return responses
-
-    def finalize(self) -> None:
-        _stop_workers(self.decoder)
-        super().finalize()
-
-
-class Postprocess(_Model):
-    """The H.264 MP4 of the decoded frames, and the frames themselves."""
-
-    role = "postprocess"
-
-    def handle(self, request):
-        req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
-        frames = read_inputs(request, [io.DECODED_FRAMES.name])[io.DECODED_FRAMES.name]
-        video = self.ctx.deployment.video
-        mp4 = encode_mp4(frames, req.fps, video.x264_preset, video.x264_crf)
-        return _response(output(io.VIDEO.name, np.array([mp4], dtype=object)), output(io.FRAMES.name, frames))
-
-
-class Stream(_Model):
-    """The streaming endpoint `<model_name>_stream` (decoupled): see `stream.StreamRunner`."""
-
-    role = "stream"
-
-    def load(self) -> None:
-        self.runner = StreamRunner(self.ctx.deployment, self.ctx.checkpoint, self.metrics, self.ctx.name)
-
-    def execute(self, requests):
-        for request in requests:
-            self.runner.submit(request)
-        return None  # decoupled: every request is answered from its own thread
-
-    def finalize(self) -> None:
-        self.runner.close()
-        super().finalize()
-
-
-def _stop_workers(component) -> None:
-    """Stop the processes of a worker group (a parallel plan's denoiser, a split decode); a component that runs in
-    this process has none."""
-    close = getattr(component, "close", None)
-    if close is not None:
-        close()
-
-
-def _response(*tensors):
-    return pb_utils().InferenceResponse(output_tensors=list(tensors))
