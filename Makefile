@@ -64,16 +64,17 @@ run: build
 	$(VPY) -m wan_triton.tritonserver.launch --repo $(REPO) --output out/sample.mp4
 
 # The tests that start Triton servers (marked `server`: tests/conftest.py) run in one pytest process, one server at
-# a time, while a second process runs the rest beside it (its report follows when both are done; exit status 5,
-# "no tests collected", is a pass for a PYTEST_ARGS selection that leaves one part empty). Then the tests
-# that start replicas of their own, after the first run's session server (every test rendering loaded) has stopped:
-# beside it they would overfill a 24 GB machine.
+# a time, while a second process runs the rest beside it, with the one small server marked `beside_session_server`
+# (its report follows when both are done; exit status 5, "no tests collected", is a pass for a PYTEST_ARGS
+# selection that leaves one part empty). Then the tests that start replicas of their own, after the first run's
+# session server (every test rendering loaded) has stopped: beside it they would overfill a 24 GB machine.
 TEST_TMP ?= out/pytest
+SERVERS := server and not beside_session_server and not replicas
 test: setup
 	rm -rf $(TEST_TMP) && mkdir -p $(TEST_TMP)
-	$(VPY) -m pytest -q -m "not server and not replicas" --basetemp=$(TEST_TMP)/rest $(PYTEST_ARGS) \
+	$(VPY) -m pytest -q -m "not ($(SERVERS)) and not replicas" --basetemp=$(TEST_TMP)/rest $(PYTEST_ARGS) \
 		> $(TEST_TMP)/rest.log 2>&1 & rest=$$!; \
-	$(VPY) -m pytest -q -m "server and not replicas" --basetemp=$(TEST_TMP)/servers $(PYTEST_ARGS); servers=$$?; \
+	$(VPY) -m pytest -q -m "$(SERVERS)" --basetemp=$(TEST_TMP)/servers $(PYTEST_ARGS); servers=$$?; \
 	wait $$rest; rest=$$?; echo "--- the other tests, run beside them:"; cat $(TEST_TMP)/rest.log; \
 	for status in $$servers $$rest; do test $$status -eq 0 || test $$status -eq 5 || exit 1; done
 	$(VPY) -m pytest -q -m replicas --basetemp=$(TEST_TMP)/replicas $(PYTEST_ARGS); status=$$?; \

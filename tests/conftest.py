@@ -57,6 +57,11 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "replicas: starts Triton replicas of its own (tests/platform); `make test` runs these apart"
     )
+    config.addinivalue_line(
+        "markers",
+        "beside_session_server: starts a small server of its module's own, which `make test` runs beside the "
+        "session's server (in the process of the tests that start none)",
+    )
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker

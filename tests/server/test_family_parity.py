@@ -26,6 +26,9 @@ from wan_build.__main__ import main as build_main
 from wan_triton.config.deployment import Deployment
 from wan_triton.tritonserver.launch import running_server
 
+# Four small renderings: `make test` runs this module beside the session's server.
+pytestmark = pytest.mark.beside_session_server
+
 # Every setting explicit, so diffusers gets exactly what the server ran. Sizes are multiples of 32 (TI2V: the Wan2.2
 # VAE's 16x times patch 2; I2V needs 16); guidance on, and enough steps for both I2V experts to run. TI2V-5B has one
 # expert, so no guidance_scale_2 (the server refuses it).
