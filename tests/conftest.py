@@ -36,6 +36,7 @@ from served import (
     PARALLEL_DEPLOYMENT,
     PARALLEL_MODEL,
     SERVING,
+    TEST_EXIT_TIMEOUT_S,
 )
 
 _TESTS = Path(__file__).resolve().parent
@@ -190,7 +191,9 @@ def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, artifacts_root, 
             == 0
         )
         repos.append(repo)
-    with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
+    with running_server(
+        repos, root / "tritonserver.log", ready_timeout_s=600, exit_timeout_s=TEST_EXIT_TIMEOUT_S
+    ) as running:
         yield running
     assert running.process.returncode == 0, running.shutdown_report()
     assert_no_crash_in_log(running.log_path)

@@ -79,6 +79,9 @@ def infer(client, model: str, request: dict, outputs=("frames", "video", "used_s
 # The progress outputs of the stream model, and how long a test waits for a response or a stop.
 PROGRESS = ("stage", "step", "num_steps", "elapsed_s", "preview_frame")
 STOP_WAIT_S = 120.0
+# Triton's exit timeout for the test servers: on the 2-core test machine, loaded by the tests beside them, two dozen
+# stubs can take longer than the product's 30 s default to exit (the unload itself completes).
+TEST_EXIT_TIMEOUT_S = 120
 
 
 class Stream:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from checks import assert_frames_close, reference_frames, reference_i2v_frames
 from factories import DEPLOYMENTS_DIR
-from served import infer
+from served import TEST_EXIT_TIMEOUT_S, infer
 from wan_build.__main__ import main as build_main
 from wan_triton.config.deployment import Deployment
 from wan_triton.tritonserver.launch import running_server
@@ -79,7 +79,9 @@ def family_server(request, artifacts_root, tmp_path_factory):
     # The ONNX renderings run the exported VAE encoder: the image goes through a graph, not through PyTorch.
     for name in ("wan_i2v_onnx", "wan_ti2v_onnx"):
         assert list((root / f"repo_{name}").glob("*_scheduler/1/vae_encoder_phase*.onnx")), name
-    with running_server(repos, root / "tritonserver.log", ready_timeout_s=600) as running:
+    with running_server(
+        repos, root / "tritonserver.log", ready_timeout_s=600, exit_timeout_s=TEST_EXIT_TIMEOUT_S
+    ) as running:
         yield running, checkpoints
     assert running.process.returncode == 0, running.shutdown_report()
 

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient
 from checks import assert_frames_close
 from factories import DEPLOYMENTS_DIR
 from lora_files import lightx2v_lora, peft_lora, reference_frames, wan_lora
-from served import REQUEST, infer
+from served import REQUEST, TEST_EXIT_TIMEOUT_S, infer
 from wan_build.__main__ import main as build_main
 from wan_triton.config.deployment import Deployment
 from wan_triton.tritonserver.launch import running_server
@@ -79,7 +79,9 @@ def lora_server(other_checkpoint, tiny4_checkpoint, artifacts_root, tmp_path_fac
     manifest = json.loads(next(repos[PARALLEL].glob("*/1/tp2-float32/manifest.json")).read_text())
     assert [r["file"] for r in manifest["experts"]["transformer"]["loras"]] == ["adapter.safetensors"]
     assert [r["file"] for r in manifest["experts"]["transformer_2"]["loras"]] == ["wan4.safetensors"]
-    with running_server(list(repos.values()), root / "tritonserver.log", ready_timeout_s=600) as running:
+    with running_server(
+        list(repos.values()), root / "tritonserver.log", ready_timeout_s=600, exit_timeout_s=TEST_EXIT_TIMEOUT_S
+    ) as running:
         yield running, cases
     assert running.process.returncode == 0, running.shutdown_report()
 

@@ -152,7 +152,7 @@ def running_server(
     try:
         yield server
     finally:
-        server.stop()
+        server.stop(exit_timeout_s + KILL_MARGIN_S + 30)
 
 
 def demo(argv: list[str] | None = None) -> int:
