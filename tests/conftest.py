@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from checks import assert_no_crash_in_log
-from factories import OTHER_I2V, OTHER_TI2V
+from factories import OTHER_I2V, OTHER_TI2V, build_repository
 from served import (
     CACHED_BYTES,
     CACHED_MODEL,
@@ -146,7 +146,6 @@ def artifacts_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, artifacts_root, tmp_path_factory):
     """One tritonserver for the whole test session, serving the models of tests/served.py."""
-    from wan_build.__main__ import main as build_main
     from wan_triton.config.deployment import Deployment, Serving
     from wan_triton.tritonserver.launch import running_server
 
@@ -172,25 +171,7 @@ def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, artifacts_root, 
     )
     for name, path, checkpoint, changes in renderings:
         deployment = Deployment.load(path).model_copy(update={"model_name": name, **changes})
-        dep_file = root / f"{name}.json"
-        dep_file.write_text(deployment.to_json())
-        repo = root / f"repo_{name}"
-        assert (
-            build_main(
-                [
-                    "--model",
-                    str(checkpoint),
-                    "--deployment",
-                    str(dep_file),
-                    "--repo",
-                    str(repo),
-                    "--artifacts-root",
-                    str(artifacts_root),
-                ]
-            )
-            == 0
-        )
-        repos.append(repo)
+        repos.append(build_repository(checkpoint, deployment, root, artifacts_root))
     with running_server(
         repos, root / "tritonserver.log", ready_timeout_s=600, exit_timeout_s=TEST_EXIT_TIMEOUT_S
     ) as running:

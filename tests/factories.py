@@ -128,3 +128,17 @@ def validated_request(
         image_input=image_input,
         two_experts=two_experts,
     )
+
+
+def build_repository(checkpoint: Path, deployment: Deployment, root: Path, artifacts_root: Path) -> Path:
+    """`make build` of `deployment` over `checkpoint`: its file `root/<model_name>.json`, its repository
+    `root/repo_<model_name>` (returned), graphs exported under `artifacts_root`."""
+    from wan_build.__main__ import main as build_main
+
+    name = deployment.model_name
+    dep_file = root / f"{name}.json"
+    dep_file.write_text(deployment.to_json())
+    repo = root / f"repo_{name}"
+    args = ["--model", str(checkpoint), "--deployment", str(dep_file), "--repo", str(repo)]
+    assert build_main([*args, "--artifacts-root", str(artifacts_root)]) == 0
+    return repo

@@ -11,7 +11,6 @@ The serving features with an image (streaming, deadlines, batching, cache) are i
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pytest
@@ -20,9 +19,8 @@ from diffusers.utils import load_image
 from PIL import Image
 
 from checks import assert_frames_close, reference_frames, reference_i2v_frames
-from factories import DEPLOYMENTS_DIR
+from factories import DEPLOYMENTS_DIR, build_repository
 from served import TEST_EXIT_TIMEOUT_S, infer
-from wan_build.__main__ import main as build_main
 from wan_triton.config.deployment import Deployment
 from wan_triton.tritonserver.launch import running_server
 
@@ -71,11 +69,7 @@ def family_server(request, artifacts_root, tmp_path_factory):
         checkpoints[name] = checkpoint
         data = Deployment.load(DEPLOYMENTS_DIR / f"{base}.yaml").model_dump(mode="json")
         data.update(model_name=name, warmup=[])
-        (root / f"{name}.json").write_text(json.dumps(data))
-        repo = root / f"repo_{name}"
-        args = ["--model", str(checkpoint), "--deployment", str(root / f"{name}.json"), "--repo", str(repo)]
-        assert build_main([*args, "--artifacts-root", str(artifacts_root)]) == 0
-        repos.append(repo)
+        repos.append(build_repository(checkpoint, Deployment.model_validate(data), root, artifacts_root))
     # The ONNX renderings run the exported VAE encoder: the image goes through a graph, not through PyTorch.
     for name in ("wan_i2v_onnx", "wan_ti2v_onnx"):
         assert list((root / f"repo_{name}").glob("*_scheduler/1/vae_encoder_phase*.onnx")), name

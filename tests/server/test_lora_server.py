@@ -13,10 +13,9 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from checks import assert_frames_close
-from factories import DEPLOYMENTS_DIR
+from factories import DEPLOYMENTS_DIR, build_repository
 from lora_files import lightx2v_lora, peft_lora, reference_frames, wan_lora
 from served import REQUEST, TEST_EXIT_TIMEOUT_S, infer
-from wan_build.__main__ import main as build_main
 from wan_triton.config.deployment import Deployment
 from wan_triton.tritonserver.launch import running_server
 
@@ -66,11 +65,7 @@ def lora_server(other_checkpoint, tiny4_checkpoint, artifacts_root, tmp_path_fac
         if solver is not None:
             data["scheduler"] = solver
         data["components"]["denoiser"]["loras"] = [{"path": str(p), "scale": s, "expert": e} for p, s, e in loras]
-        (root / f"{name}.json").write_text(json.dumps(data))
-        repo = root / f"repo_{name}"
-        args = ["--model", str(checkpoint), "--deployment", str(root / f"{name}.json"), "--repo", str(repo)]
-        assert build_main([*args, "--artifacts-root", str(artifacts_root)]) == 0
-        repos[name] = repo
+        repos[name] = build_repository(checkpoint, Deployment.model_validate(data), root, artifacts_root)
     # The ONNX graphs carry the LoRAs: the experts were exported from the fused weights.
     assert sorted(p.name for p in repos[ONNX].glob("*_scheduler/1/transformer*.onnx")) == [
         "transformer.onnx",
