@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -25,11 +24,13 @@ from tritonclient.utils import InferenceServerException
 
 from factories import LONGEST_CPU
 from served import (
+    IMAGE_BLOCKER,
     IMAGE_LIMITS,
     IMAGE_MODEL,
     PROGRESS,
     STOP_WAIT_S,
     Stream,
+    behind_blocker,
     infer,
     metric_samples,
     metric_value,
@@ -177,10 +178,11 @@ def test_stream_with_an_image_reports_progress_and_previews(server):
 def test_unary_deadline_with_an_image(server):
     client = grpcclient.InferenceServerClient(server.grpc_url)
     with pytest.raises(InferenceServerException) as caught:
-        infer(client, IMAGE_MODEL, {**LONG, "image": IMAGE, "timeout_s": 3.0}, outputs=("video",))
+        infer(client, IMAGE_MODEL, {**LONG, "image": IMAGE, "timeout_s": 0.5}, outputs=("video",))
     assert caught.value.status() == "StatusCode.CANCELLED"
-    # The batcher holds a lone request up to its 1.5 s delay, and a loaded machine may keep it queued longer still:
-    # the deadline may fall in the queue or in the loop, and either way says which.
+    # 0.5 s is well short of the request's time on an idle machine (1 to 3 s), and a loaded one may keep it queued
+    # (behind another test's request, or in the batcher) past it: the deadline may fall in the queue or in the loop,
+    # and either way says which.
     message = caught.value.message()
     assert "timeout_s: deadline exceeded" in message and ("of 50" in message or "while queued" in message), message
 
@@ -211,15 +213,9 @@ def _batch_sizes(server) -> dict[float, float]:
     }
 
 
-def _infer_alone(server, request: dict):
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        return infer(client, IMAGE_MODEL, request, outputs=("frames",)).as_numpy("frames")
-
-
 def test_two_same_shape_image_requests_batch_together_and_apart_from_one_without(server):
-    """Two image requests (different images) and one without, all of one shape, sent together: the scheduler's
-    batcher (which waits up to 1.5 s for more, served.IMAGE_SERVING) hands them over, and they run as a batch of 2
-    and a batch of 1."""
+    """Two image requests (different images) and one without, all of one shape, queued behind a long request: they
+    are handed over together when it finishes, and run as a batch of 2 and a batch of 1."""
     before = _batch_sizes(server)
     shape = dict(prompt="batched", height=32, width=64, num_frames=5, num_inference_steps=2)
     requests = [
@@ -227,9 +223,9 @@ def test_two_same_shape_image_requests_batch_together_and_apart_from_one_without
         {**shape, "seed": 51, "image": _png(shift=2)},
         {**shape, "seed": 52},
     ]
-    with ThreadPoolExecutor(len(requests)) as pool:
-        frames = list(pool.map(lambda r: _infer_alone(server, r), requests))
-    assert all(f.shape == (5, 32, 64, 3) for f in frames)
+    results, (_, blocker) = behind_blocker(server, IMAGE_MODEL, requests, blocker=IMAGE_BLOCKER)
+    assert isinstance(blocker, np.ndarray)
+    assert all(isinstance(f, np.ndarray) and f.shape == (5, 32, 64, 3) for _, f in results), results
     after = _batch_sizes(server)
 
     def loops_of(size: int) -> float:
@@ -238,7 +234,8 @@ def test_two_same_shape_image_requests_batch_together_and_apart_from_one_without
 
         return (at_most(after, size) - at_most(after, size - 1)) - (at_most(before, size) - at_most(before, size - 1))
 
-    assert (loops_of(1), loops_of(2)) == (1, 1), (before, after)
+    # The blocker and the request without an image ran alone; the two image requests together.
+    assert (loops_of(1), loops_of(2)) == (2, 1), (before, after)
     # Whether the request without an image came in the same execute call is Triton's choice (its condition image
     # has another shape); the scheduler never runs it with the other two.
     handed = re.findall(

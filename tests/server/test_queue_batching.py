@@ -9,48 +9,13 @@ wait in the scheduler's queue and are handed over together when it finishes.
 from __future__ import annotations
 
 import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from factories import LONGEST_CPU
-from served import SERVING, infer, metric_samples, metric_value
+from served import SERVING, behind_blocker, infer_timed, metric_samples, metric_value
 from wan_client import EXIT_BUSY, busy_error, is_queue_full, queue_size
-
-# The largest requests the CPU deployments allow (about 10 s on 2 idle cores, longer when they are shared), so the
-# requests sent after the head start all arrive while it runs. At 128x128 a blocker took 1.2 s on an idle machine
-# and had finished before the others were sent.
-_BLOCKER = dict(prompt="a long request that keeps the scheduler busy", seed=1, **LONGEST_CPU)
-BLOCKERS = {"wan_onnx": _BLOCKER, "wan_torch": _BLOCKER}
-# Time for the blocker to pass preprocess and the text encoder (separate processes) and start denoising.
-BLOCKER_HEAD_START_S = 3.0
-
-
-def _infer(server, model: str, request: dict):
-    """(finish time, frames or the exception); one client per call, as concurrent clients would."""
-    with grpcclient.InferenceServerClient(server.grpc_url) as client:
-        try:
-            frames = infer(client, model, request, ("frames",)).as_numpy("frames")
-            return time.perf_counter(), frames
-        except InferenceServerException as exc:
-            return time.perf_counter(), exc
-
-
-def _behind_blocker(server, model: str, requests: list[dict], stagger_s: float = 0.0):
-    """Send the blocker, then (once it is running) every request, `stagger_s` apart so that they reach the queue
-    in list order; their results and the blocker's."""
-    with ThreadPoolExecutor(len(requests) + 1) as pool:
-        blocker = pool.submit(_infer, server, model, BLOCKERS[model])
-        time.sleep(BLOCKER_HEAD_START_S)
-        futures = []
-        for request in requests:
-            futures.append(pool.submit(_infer, server, model, request))
-            time.sleep(stagger_s)
-        results = [f.result() for f in futures]
-        return results, blocker.result()
 
 
 def _batch_sizes(server, model: str) -> dict[float | str, float]:
@@ -76,7 +41,7 @@ def _loops_of(before: dict, after: dict, size: int) -> float:
 def test_a_request_beyond_the_queue_is_refused_at_once(server):
     assert SERVING["wan_torch"] == {"max_batch_size": 1, "max_queue_size": 1}
     request = dict(prompt="queue", height=32, width=32, num_frames=5, num_inference_steps=2)
-    results, (blocker_done, blocker) = _behind_blocker(server, "wan_torch", [{**request, "seed": s} for s in range(4)])
+    results, (blocker_done, blocker) = behind_blocker(server, "wan_torch", [{**request, "seed": s} for s in range(4)])
     assert isinstance(blocker, np.ndarray)
     refused = [(done, r) for done, r in results if isinstance(r, InferenceServerException)]
     served = [r for _, r in results if not isinstance(r, InferenceServerException)]
@@ -95,7 +60,7 @@ def test_a_request_beyond_the_queue_is_refused_at_once(server):
     assert busy.exit_code == EXIT_BUSY and str(busy).startswith("server busy: the queue of model 'wan_torch' is full")
     assert "(1 requests already waiting)" in str(busy)
     # The server keeps serving.
-    _, after = _infer(server, "wan_torch", {**request, "seed": 9})
+    _, after = infer_timed(server, "wan_torch", {**request, "seed": 9})
     assert isinstance(after, np.ndarray) and after.shape == (5, 32, 32, 3)
 
 
@@ -118,7 +83,7 @@ def test_concurrent_requests_are_batched_and_equal_each_request_alone(server):
         {**same, "seed": 32, "guidance_scale": 1.0, "guidance_scale_2": 1.0},
     ]
     before = _batch_sizes(server, "wan_onnx")
-    results, (_, blocker) = _behind_blocker(server, "wan_onnx", requests, stagger_s=0.2)
+    results, (_, blocker) = behind_blocker(server, "wan_onnx", requests, stagger_s=0.2)
     assert isinstance(blocker, np.ndarray)
     after = _batch_sizes(server, "wan_onnx")
     # Behind the blocker, the six guided requests reach the scheduler in one execute call, which runs them as a
@@ -137,7 +102,7 @@ def test_concurrent_requests_are_batched_and_equal_each_request_alone(server):
 
     for request, (_, batched) in zip(requests, results, strict=True):
         assert isinstance(batched, np.ndarray), batched
-        _, alone = _infer(server, "wan_onnx", request)
+        _, alone = infer_timed(server, "wan_onnx", request)
         assert batched.shape == (9, request["height"], request["width"], 3)
         # Observed bit-identical on this CPU; the tolerance allows a GEMM that rounds differently at batch 8.
         diff = np.abs(batched.astype(np.int16) - alone.astype(np.int16))
