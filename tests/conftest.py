@@ -29,6 +29,7 @@ from served import (
     CACHED_BYTES,
     CACHED_MODEL,
     DEPLOYMENTS,
+    ENCODE_WHILE_DECODING,
     IMAGE_CACHE_BYTES,
     IMAGE_LIMITS,
     IMAGE_MODEL,
@@ -146,13 +147,23 @@ def artifacts_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, artifacts_root, tmp_path_factory):
     """One tritonserver for the whole test session, serving the models of tests/served.py."""
-    from wan_triton.config.deployment import Deployment, Serving
+    from wan_triton.config.deployment import Deployment, Serving, Video
     from wan_triton.tritonserver.launch import running_server
 
     root = tmp_path_factory.mktemp("served")
     repos = []
+
+    def video(path: Path, encode_while_decoding: bool) -> Video:
+        return Deployment.load(path).video.model_copy(update={"encode_while_decoding": encode_while_decoding})
+
     renderings = [
-        (name, path, other_checkpoint, {"serving": Serving(**SERVING[name])}) for name, path in DEPLOYMENTS.items()
+        (
+            name,
+            path,
+            other_checkpoint,
+            {"serving": Serving(**SERVING[name]), "video": video(path, ENCODE_WHILE_DECODING[name])},
+        )
+        for name, path in DEPLOYMENTS.items()
     ]
     renderings.append((CACHED_MODEL, DEPLOYMENTS["wan_onnx"], other_checkpoint, {"result_cache_bytes": CACHED_BYTES}))
     renderings.append((PARALLEL_MODEL, PARALLEL_DEPLOYMENT, tiny4_checkpoint, {}))
@@ -166,6 +177,7 @@ def server(other_checkpoint, tiny4_checkpoint, ti2v_checkpoint, artifacts_root, 
                 "serving": Serving(**IMAGE_SERVING),
                 "result_cache_bytes": IMAGE_CACHE_BYTES,
                 "limits": image_deployment.limits.model_copy(update=IMAGE_LIMITS),
+                "video": video(DEPLOYMENTS["wan_torch"], ENCODE_WHILE_DECODING["wan_torch"]),
             },
         )
     )

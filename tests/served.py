@@ -26,6 +26,10 @@ SERVING = {
     "wan_torch": {"max_batch_size": 1, "max_queue_size": 1},
 }
 
+# Which step encodes each rendering's MP4 (deployment `video.encode_while_decoding`): postprocess after the whole
+# decode for `wan_onnx`, the vae_decoder step while it decodes for `wan_torch` (and IMAGE_MODEL, made from it).
+ENCODE_WHILE_DECODING = {"wan_onnx": False, "wan_torch": True}
+
 # Also served: a parallel plan (a worker group of 2 gloo processes, tp 2) of the 4-head checkpoint `tiny4`.
 PARALLEL_MODEL = "wan_parallel"
 PARALLEL_DEPLOYMENT = DEPLOYMENTS_DIR / "cpu_parallel.yaml"

@@ -12,8 +12,14 @@ from wan_triton.config.precision import DTYPES
 from wan_triton.model.checkpoint import EXPERTS, Checkpoint
 from wan_triton.model.denoise import Denoiser, warm_up
 from wan_triton.model.engine import Engine
-from wan_triton.model.vae import VaeDecoder, VaeEncoder, torch_vae_decode_fn, torch_vae_encode_fn
-from wan_triton.model.vae_chunks import onnx_vae_decode_fn, onnx_vae_encode_fn
+from wan_triton.model.vae import (
+    VaeDecoder,
+    VaeEncoder,
+    torch_vae_decode_chunks_fn,
+    torch_vae_decode_fn,
+    torch_vae_encode_fn,
+)
+from wan_triton.model.vae_chunks import onnx_vae_decoder, onnx_vae_encode_fn
 from wan_triton.parallel.tp_shards import find_shards
 from wan_triton.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from wan_triton.runtime.engines.tensorrt_engine import TensorRTEngine
@@ -159,11 +165,11 @@ def build_vae_decoder(
     match cfg.engine:
         case EngineKind.TORCH:
             device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
-            return VaeDecoder(ckpt, torch_vae_decode_fn(ckpt.load_vae(dtype, str(device))), device, dtype)
+            vae = ckpt.load_vae(dtype, str(device))
+            return VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype, torch_vae_decode_chunks_fn(vae))
         case EngineKind.ONNXRUNTIME:
-            return VaeDecoder(
-                ckpt, onnx_vae_decode_fn(artifacts, lambda p: _onnx_engine(p, cfg)), torch.device("cpu"), torch.float32
-            )
+            phases = onnx_vae_decoder(artifacts, lambda p: _onnx_engine(p, cfg))
+            return VaeDecoder(ckpt, phases.decode, torch.device("cpu"), torch.float32, phases.decode_chunks)
         case EngineKind.TENSORRT:
             _reserved_tensorrt("vae_decoder")
     raise ValueError(f"unknown engine {cfg.engine}")

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from checks import assert_frames_close, reference_frames
 from served import DEPLOYMENTS, REQUEST, infer, metric_samples, metric_value
 from wan_triton.config.deployment import Deployment
-from wan_triton.model.video import decode_mp4
+from wan_triton.model.video import decode_mp4, encode_mp4
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +31,16 @@ def test_frames_match_wan_pipeline(client, reference, model):
     assert frames.shape == (13, 48, 80, 3)
     assert_frames_close(frames, reference)
     assert int(result.as_numpy("used_seed")[0]) == REQUEST["seed"]
-    decoded = decode_mp4(result.as_numpy("video")[0])
+    video = result.as_numpy("video")[0]
+    decoded = decode_mp4(video)
     assert decoded.shape == frames.shape
     # H.264 yuv420p halves chroma resolution, which random-weight (noise-like) colour cannot survive; luma keeps
     # full resolution, so at CRF 17 it stays close to the frames the MP4 was made from.
     assert np.abs(_luma(decoded) - _luma(frames)).mean() < 3
+    # Encoded after the decode (wan_onnx) or chunk by chunk while it ran (wan_torch), the MP4 is the one of the frames.
+    deployment = Deployment.load(DEPLOYMENTS[model])
+    settings = deployment.video
+    assert video == encode_mp4(frames, deployment.defaults.fps, settings.x264_preset, settings.x264_crf)
 
 
 def _luma(frames: np.ndarray) -> np.ndarray:

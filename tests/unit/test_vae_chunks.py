@@ -119,6 +119,10 @@ def test_engine_decoder_binds_by_spec_names(ckpt, vae, decoder):
     with torch.no_grad():
         expected = vae.decode(latents).sample
     torch.testing.assert_close(engine_decoder.decode(latents), expected, atol=ATOL, rtol=0)
+    # Chunk by chunk as each latent frame decodes (what encoding while decoding consumes): 1 frame, then 4 each.
+    chunks = list(engine_decoder.decode_chunks(latents))
+    assert [c.shape[2] for c in chunks] == [1, 4, 4, 4]
+    torch.testing.assert_close(torch.cat(chunks, dim=2), expected, atol=ATOL, rtol=0)
 
 
 def test_residual_patchified_vae():

@@ -256,13 +256,18 @@ class Serving(_Strict):
 
 
 class Video(_Strict):
-    """The MP4 the postprocess step encodes (wan_triton.model.video): x264's preset and CRF. Faster presets and
-    higher CRFs encode faster into larger or lossier files; `frames` are unaffected."""
+    """The MP4 of each request (wan_triton.model.video): x264's preset and CRF, and which step encodes it. Faster
+    presets and higher CRFs encode faster into larger or lossier files; `frames` are unaffected."""
 
     x264_preset: Literal[
         "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
     ] = "fast"
     x264_crf: int = Field(default=17, ge=0, le=51)
+    # Encode in the vae_decoder step, each decoded chunk on a worker thread while the next decodes, instead of in
+    # the postprocess step after the whole decode: the encode then costs only its last chunk's time. The MP4 is the
+    # same bytes either way. Worth it where the decode runs on a GPU and leaves the host's cores free; on a CPU
+    # decode the two share the cores.
+    encode_while_decoding: bool = False
 
 
 class Deployment(_Strict):
@@ -302,6 +307,9 @@ class Deployment(_Strict):
         for shape in self.warmup:
             if shape.height > lim.max_height or shape.width > lim.max_width or shape.num_frames > lim.max_num_frames:
                 problems.append(f"warm-up shape {shape} is above the limits")
+        if self.video.encode_while_decoding and self.components.vae_decoder.split_width > 1:
+            # The split decode's strips meet on rank 0 only when the whole video is decoded.
+            problems.append("video.encode_while_decoding needs components.vae_decoder.split_width 1")
         if 0 < self.result_cache_bytes < MIN_RESULT_CACHE_BYTES:
             # Triton's local cache cannot initialise below ~1 KiB, and below 1 MiB it holds no default CPU result.
             problems.append(f"result_cache_bytes must be 0 (off) or at least {MIN_RESULT_CACHE_BYTES}")

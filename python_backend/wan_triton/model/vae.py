@@ -3,17 +3,20 @@ normalized latents (encode)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.frames import to_uint8_frames
+from wan_triton.model.video import BackgroundMp4Encoder
 
 
 class VaeDecoder:
-    """`decode_fn` maps normalized-back latents [1, z, T, h, w] to video [1, 3, F, H, W] in [-1, 1]."""
+    """`decode_fn` maps normalized-back latents [1, z, T, h, w] to video [1, 3, F, H, W] in [-1, 1];
+    `decode_chunks_fn`, where given, maps them to the same video a chunk [1, 3, frames, H, W] at a time, as each
+    latent frame is decoded (what `frames_and_mp4` needs)."""
 
     def __init__(
         self,
@@ -21,6 +24,7 @@ class VaeDecoder:
         decode_fn: Callable[[torch.Tensor], torch.Tensor],
         device: torch.device,
         dtype: torch.dtype,
+        decode_chunks_fn: Callable[[torch.Tensor], Iterator[torch.Tensor]] | None = None,
     ) -> None:
         cfg = ckpt.config("vae")
         z_dim = int(cfg["z_dim"])
@@ -28,18 +32,44 @@ class VaeDecoder:
         # Kept as the reciprocal and divided by, exactly as WanPipeline does, so results match bit for bit.
         self.inv_std = 1.0 / torch.tensor(cfg["latents_std"]).view(1, z_dim, 1, 1, 1).to(device, dtype)
         self.decode_fn = decode_fn
+        self.decode_chunks_fn = decode_chunks_fn
         self.device = device
         self.dtype = dtype
 
+    def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.to(self.device, self.dtype) / self.inv_std + self.mean
+
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(self.device, self.dtype)
         with torch.inference_mode():
-            return self.decode_fn(latents / self.inv_std + self.mean)
+            return self.decode_fn(self._denormalize(latents))
 
     def frames(self, latents: torch.Tensor) -> np.ndarray | None:
         """uint8 RGB frames [F, H, W, 3] (None on a rank of a split decode other than 0)."""
         video = self(latents)
         return None if video is None else to_uint8_frames(video)
+
+    def frame_chunks(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
+        """The uint8 RGB frames of one clip's latents [1, z, T, h, w], a chunk [frames, H, W, 3] per latent frame as
+        it is decoded; together, `frames(latents)` (up to the decoder's chunked graphs, the same ops)."""
+        if self.decode_chunks_fn is None:
+            raise ValueError("this VAE decoder has no chunked decode")
+        with torch.inference_mode():
+            for chunk in self.decode_chunks_fn(self._denormalize(latents)):
+                yield to_uint8_frames(chunk)
+
+    def frames_and_mp4(self, latents: torch.Tensor, fps: int, preset: str, crf: int) -> tuple[np.ndarray, bytes]:
+        """The frames of one clip and their H.264 MP4 (`video.encode_mp4`, the same bytes), each chunk encoded on a
+        worker thread while the next ones decode, so the encode adds only its last chunk's time."""
+        encoder = BackgroundMp4Encoder(fps, preset, crf)
+        try:
+            chunks = []
+            for chunk in self.frame_chunks(latents):
+                encoder.add(chunk)
+                chunks.append(chunk)
+            mp4 = encoder.finish()
+        finally:
+            encoder.close()
+        return np.concatenate(chunks), mp4
 
 
 def torch_vae_decode_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -47,6 +77,13 @@ def torch_vae_decode_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
         return vae.decode(latents, return_dict=False)[0]
 
     return decode
+
+
+def torch_vae_decode_chunks_fn(vae) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
+    """diffusers' decode loop, one latent frame a call, yielding each chunk (`vae_chunks.TorchVaeDecoder`)."""
+    from wan_triton.model.vae_chunks import TorchVaeDecoder
+
+    return TorchVaeDecoder(vae).decode_chunks
 
 
 class VaeEncoder:

@@ -15,7 +15,7 @@ weights), for any Wan VAE variant (2.1 and the residual 2.2 decoder with `first_
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -187,18 +187,27 @@ def decode_latents(run_phase: RunPhase, latents: torch.Tensor, num_phases: int) 
     phase min(i, num_phases - 1). Batch items are decoded one after another, as the phase graphs are batch 1
     (diffusers' sliced decode does the same).
     """
+    _check_latents(latents)
+    videos = [torch.cat(list(decode_chunks(run_phase, item, num_phases)), dim=2) for item in latents.split(1)]
+    return torch.cat(videos)
+
+
+def decode_chunks(run_phase: RunPhase, latents: torch.Tensor, num_phases: int) -> Iterator[torch.Tensor]:
+    """`decode_latents` of one clip [1, z_dim, F, h, w], a video chunk [1, 3, frames, H, W] per latent frame as it is
+    decoded (1 frame, then the VAE's temporal stride each)."""
+    _check_latents(latents)
+    if latents.shape[0] != 1:
+        raise ValueError(f"decode_chunks takes one clip, got a batch of {latents.shape[0]}")
+    cache: list[torch.Tensor] = []
+    for i in range(latents.shape[2]):
+        outputs = run_phase(min(i, num_phases - 1), [latents[:, :, i : i + 1].contiguous(), *cache])
+        cache = list(outputs[1:])
+        yield outputs[0]
+
+
+def _check_latents(latents: torch.Tensor) -> None:
     if latents.ndim != 5 or 0 in latents.shape:
         raise ValueError(f"expected non-empty latents [B, C, F, h, w], got shape {tuple(latents.shape)}")
-    videos = []
-    for item in latents.split(1):
-        cache: list[torch.Tensor] = []
-        chunks = []
-        for i in range(item.shape[2]):
-            outputs = run_phase(min(i, num_phases - 1), [item[:, :, i : i + 1].contiguous(), *cache])
-            chunks.append(outputs[0])
-            cache = list(outputs[1:])
-        videos.append(torch.cat(chunks, dim=2))
-    return torch.cat(videos)
 
 
 class TorchVaeDecoder:
@@ -213,6 +222,10 @@ class TorchVaeDecoder:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self._run, latents, len(self.phases))
+
+    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        with torch.no_grad():
+            yield from decode_chunks(self._run, latents, len(self.phases))
 
 
 class EnginePhases:
@@ -245,6 +258,9 @@ class EngineVaeDecoder(EnginePhases):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return decode_latents(self._run, latents, len(self.engines))
 
+    def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
+        return decode_chunks(self._run, latents, len(self.engines))
+
 
 def phase_graphs(artifacts: Path, path_of: Callable[[Path, int], Path], what: str) -> list[Path]:
     """The exported phase graphs `path_of(artifacts, 0)`, `path_of(artifacts, 1)`, ... that exist (at least 2)."""
@@ -260,12 +276,17 @@ def phase_graph_path(artifacts: Path, k: int) -> Path:
     return artifacts / f"vae_decoder_phase{k}.onnx"
 
 
+def onnx_vae_decoder(artifacts: Path, make_engine: Callable[[Path], Engine]) -> EngineVaeDecoder:
+    """The exported `vae_decoder_phase{k}.onnx` graphs in `artifacts`, each run by `make_engine(path)`."""
+    paths = phase_graphs(artifacts, phase_graph_path, "VAE decoder")
+    return EngineVaeDecoder([make_engine(p) for p in paths])
+
+
 def onnx_vae_decode_fn(
     artifacts: Path, make_engine: Callable[[Path], Engine]
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """`decode(latents) -> video` over the exported `vae_decoder_phase{k}.onnx` graphs in `artifacts`."""
-    paths = phase_graphs(artifacts, phase_graph_path, "VAE decoder")
-    return EngineVaeDecoder([make_engine(p) for p in paths]).decode
+    return onnx_vae_decoder(artifacts, make_engine).decode
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from fractions import Fraction
 from pathlib import Path
 
@@ -39,49 +40,124 @@ _AVCOL_RANGE_MPEG = 1  # limited ("TV") range, what yuv420p H.264 players expect
 def encode_mp4(frames: np.ndarray, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF) -> bytes:
     """Encode uint8 RGB frames [F, H, W, 3] as an H.264 (yuv420p) MP4 with the index up front (faststart), with
     x264's `preset` (speed against size) and `crf` (quality: lower is closer to the frames)."""
-    _check_frames(frames)
-    if isinstance(fps, bool) or not isinstance(fps, int | np.integer) or fps <= 0:
-        raise ValueError(f"fps must be a positive integer, got {fps!r}")
-    num_frames, height, width, _ = frames.shape
-    if height % 2 or width % 2:
-        # yuv420p halves chroma resolution in both directions; x264 rejects odd sizes.
-        raise ValueError(f"height and width must be even for yuv420p H.264, got {height}x{width}")
+    encoder = Mp4Encoder(fps, preset, crf)
+    try:
+        encoder.add(frames)
+        return encoder.finish()
+    finally:
+        encoder.close()
 
-    buffer = io.BytesIO()
-    time_base = Fraction(1, int(fps))
-    # movflags=+faststart makes the muxer reopen its own output to move the index before the media data; with an
-    # in-memory output it needs that reopen served by io_open.
-    with av.open(
-        buffer,
-        mode="w",
-        format="mp4",
-        options={"movflags": "+faststart"},
-        io_open=lambda url, flags, options: _BytesIOReader(buffer),
-    ) as container:
-        stream = container.add_stream("libx264", rate=int(fps))
+
+class Mp4Encoder:
+    """`encode_mp4` a chunk of frames at a time: `add` each chunk [f, H, W, 3] in order, then `finish` for the MP4.
+    The bytes equal `encode_mp4` of all the frames at once (x264 sees the same frames in the same order)."""
+
+    def __init__(self, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF) -> None:
+        if isinstance(fps, bool) or not isinstance(fps, int | np.integer) or fps <= 0:
+            raise ValueError(f"fps must be a positive integer, got {fps!r}")
+        self.fps = int(fps)
+        # The frames' time base; the stream's own changes when the muxer writes the header (mp4: 1/16384).
+        self.time_base = Fraction(1, self.fps)
+        self.options = _x264_options(preset, crf)
+        self.num_frames = 0
+        self._buffer = io.BytesIO()
+        self._container = None
+        self._stream = None
+
+    def _open(self, height: int, width: int) -> None:
+        if height % 2 or width % 2:
+            # yuv420p halves chroma resolution in both directions; x264 rejects odd sizes.
+            raise ValueError(f"height and width must be even for yuv420p H.264, got {height}x{width}")
+        buffer = self._buffer
+        # movflags=+faststart makes the muxer reopen its own output to move the index before the media data; with an
+        # in-memory output it needs that reopen served by io_open.
+        self._container = av.open(
+            buffer,
+            mode="w",
+            format="mp4",
+            options={"movflags": "+faststart"},
+            io_open=lambda url, flags, options: _BytesIOReader(buffer),
+        )
+        stream = self._container.add_stream("libx264", rate=self.fps)
         stream.width = width
         stream.height = height
         stream.pix_fmt = "yuv420p"
-        stream.time_base = time_base
-        stream.options = _x264_options(preset, crf)
+        stream.time_base = self.time_base
+        stream.options = dict(self.options)
         codec = stream.codec_context
         codec.colorspace = _AVCOL_SPC_BT709
         codec.color_primaries = _AVCOL_PRI_BT709
         codec.color_trc = _AVCOL_TRC_BT709
         codec.color_range = _AVCOL_RANGE_MPEG
+        self._stream = stream
 
-        for index in range(num_frames):
-            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(frames[index]), format="rgb24")
+    def add(self, frames: np.ndarray) -> None:
+        """Encode the next uint8 RGB frames [f, H, W, 3] (every chunk of one size)."""
+        _check_frames(frames)
+        _, height, width, _ = frames.shape
+        if self._stream is None:
+            self._open(height, width)
+        elif (height, width) != (self._stream.height, self._stream.width):
+            raise ValueError(
+                f"frames are {height}x{width}, but the video is {self._stream.height}x{self._stream.width}"
+            )
+        for rgb_frame in frames:
+            rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb_frame), format="rgb24")
             frame = rgb.reformat(format="yuv420p", dst_colorspace=Colorspace.ITU709)
             frame.colorspace = _AVCOL_SPC_BT709
             frame.color_primaries = _AVCOL_PRI_BT709
             frame.color_trc = _AVCOL_TRC_BT709
             frame.color_range = _AVCOL_RANGE_MPEG
-            frame.pts = index
-            frame.time_base = time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))  # flush the encoder's delayed frames
-    return buffer.getvalue()
+            frame.pts = self.num_frames
+            frame.time_base = self.time_base
+            self._container.mux(self._stream.encode(frame))
+            self.num_frames += 1
+
+    def finish(self) -> bytes:
+        """Flush the encoder, write the index and return the MP4."""
+        if self._stream is None:
+            raise ValueError("frames must hold at least one frame")
+        self._container.mux(self._stream.encode(None))  # flush the encoder's delayed frames
+        self._container.close()
+        self._container = None
+        return self._buffer.getvalue()
+
+    def close(self) -> None:
+        """Release the encoder without an MP4 (after an error); a no-op after `finish`."""
+        if self._container is not None:
+            container, self._container = self._container, None
+            try:
+                container.close()
+            except Exception:  # noqa: BLE001 - already failing; the first error is the one to report
+                logger.debug("closing an unfinished MP4 failed", exc_info=True)
+
+
+class BackgroundMp4Encoder:
+    """An `Mp4Encoder` fed from one worker thread, so the frames encode while the caller makes the next ones (x264
+    and libswscale run outside the GIL). `add` returns at once; `finish` waits for the MP4 and raises the first
+    error of any chunk."""
+
+    def __init__(self, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF) -> None:
+        self._encoder = Mp4Encoder(fps, preset, crf)
+        # One worker: the chunks are encoded in the order they were added.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mp4")
+        self._pending: list[Future] = []
+
+    def add(self, frames: np.ndarray) -> None:
+        self._pending.append(self._pool.submit(self._encoder.add, frames))
+
+    def finish(self) -> bytes:
+        try:
+            for future in self._pending:
+                future.result()
+            return self._pool.submit(self._encoder.finish).result()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop (dropping chunks not yet encoded) and release the encoder; safe to call again."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._encoder.close()
 
 
 def decode_mp4(data: bytes) -> np.ndarray:

@@ -7,7 +7,7 @@ lower snake case (`prompt`, `video`); intermediate ensemble tensors are `_`-pref
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from wan_triton.model.checkpoint import MAX_SEQUENCE_LENGTH
 
@@ -102,11 +102,14 @@ SCHEDULER = ModelIO(
     batched=True,
     extra_inputs=(JOB_TOKEN, PREVIEW_EVERY),
 )
+# The MP4 the vae_decoder step encoded while decoding (deployment `video.encode_while_decoding`, for the fps it
+# reads the request); empty where the deployment leaves the encode to postprocess, or the caller did not ask for it.
+DECODED_VIDEO = IO("decoded_video", "TYPE_STRING", (1,), doc="H.264 MP4 file, or empty")
 # The decoder turns pixels into uint8 frames where it decoded them (on the GPU when it runs there): a quarter of
 # the bytes of float pixels cross to the postprocess step. Postprocess re-emits them as the `frames` output, because
-# an ensemble drops an output the client did not ask for, even when a later step reads it.
-VAE_DECODER = ModelIO("vae_decoder", (LATENTS,), (DECODED_FRAMES,))
-POSTPROCESS = ModelIO("postprocess", (REQUEST_JSON, DECODED_FRAMES), (VIDEO, FRAMES))
+# an ensemble drops an output the client did not ask for, even when a later step reads it; so too the MP4.
+VAE_DECODER = ModelIO("vae_decoder", (LATENTS, replace(REQUEST_JSON, optional=True)), (DECODED_FRAMES, DECODED_VIDEO))
+POSTPROCESS = ModelIO("postprocess", (REQUEST_JSON, DECODED_FRAMES, DECODED_VIDEO), (VIDEO, FRAMES))
 
 STEPS: tuple[ModelIO, ...] = (PREPROCESS, TEXT_ENCODER, SCHEDULER, VAE_DECODER, POSTPROCESS)
 

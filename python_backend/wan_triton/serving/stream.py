@@ -234,14 +234,21 @@ class StreamRunner:
         guard.check("before the VAE decode")
         self._report(job, "vae_decode", n, n)
         decoded = bls_infer(
-            f"{name}_vae_decoder", {io.LATENTS.name: latents}, [io.DECODED_FRAMES.name], keep=(io.DECODED_FRAMES.name,)
+            f"{name}_vae_decoder",
+            {io.LATENTS.name: latents, io.REQUEST_JSON.name: request_json},
+            [io.DECODED_FRAMES.name, io.DECODED_VIDEO.name],
+            keep=(io.DECODED_FRAMES.name, io.DECODED_VIDEO.name),
         )
         guard.check("before postprocessing")
         self._report(job, "postprocess", n, n)
         wanted = [io.VIDEO.name] + ([io.FRAMES.name] if job.frames_requested else [])
         post = bls_infer(
             f"{name}_postprocess",
-            {io.REQUEST_JSON.name: request_json, io.DECODED_FRAMES.name: decoded[io.DECODED_FRAMES.name]},
+            {
+                io.REQUEST_JSON.name: request_json,
+                io.DECODED_FRAMES.name: decoded[io.DECODED_FRAMES.name],
+                io.DECODED_VIDEO.name: decoded[io.DECODED_VIDEO.name],
+            },
             wanted,
         )
         logger.info("%s: request %s done in %.2f s", self.model, job.token[:8], time.monotonic() - job.received)

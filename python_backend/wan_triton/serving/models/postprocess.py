@@ -1,4 +1,5 @@
-"""The postprocess step: the H.264 MP4 of the decoded frames (PyAV, on the host without torch)."""
+"""The postprocess step: the H.264 MP4 of the decoded frames (PyAV, on the host without torch), unless the
+vae_decoder step encoded it while decoding (deployment `video.encode_while_decoding`)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,14 @@ class Postprocess(StepModel):
     role = "postprocess"
 
     def handle(self, request):
-        req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
-        frames = read_inputs(request, [io.DECODED_FRAMES.name])[io.DECODED_FRAMES.name]
+        inputs = read_inputs(request, [io.DECODED_FRAMES.name, io.DECODED_VIDEO.name])
+        frames = inputs[io.DECODED_FRAMES.name]
         video = self.ctx.deployment.video
-        mp4 = encode_mp4(frames, req.fps, video.x264_preset, video.x264_crf)
+        if video.encode_while_decoding:
+            mp4 = bytes(inputs[io.DECODED_VIDEO.name].reshape(-1)[0])
+            if not mp4:
+                raise RuntimeError("the vae_decoder step sent no MP4, though video.encode_while_decoding is on")
+        else:
+            req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
+            mp4 = encode_mp4(frames, req.fps, video.x264_preset, video.x264_crf)
         return response(output(io.VIDEO.name, np.array([mp4], dtype=object)), output(io.FRAMES.name, frames))
