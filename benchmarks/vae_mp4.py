@@ -1,7 +1,8 @@
 """The VAE decode and MP4 encode of one video on a GPU, before and after the fast options: the fp32 decode against
-the bf16 one (deployment `components.vae_decoder.precision: bfloat16`), each to uint8 frames, and the H.264 encode
-of those frames at x264 presets (deployment `video.x264_preset`; `fast` is the default), with the bf16 frames'
-distance from the fp32 ones in uint8 levels.
+the bf16 one (deployment `components.vae_decoder.precision: bfloat16`), each to uint8 frames, the H.264 encode of
+those frames at x264 presets (deployment `video.x264_preset`; `fast` is the default), with the bf16 frames' distance
+from the fp32 ones in uint8 levels, and the two run together, each chunk encoded while the next decodes (deployment
+`video.encode_while_decoding`).
 
 The VAE has random weights built on the device from the A14B config (speed does not depend on weight values). On a
 GPU host (`benchmarks/gpu/distill4.sh` runs it):
@@ -25,7 +26,7 @@ from wan_bench.records import run_record, write_json
 from wan_bench.timing import time_wall
 from wan_build.shapes_checkpoint import make_shapes_checkpoint
 from wan_triton.model.checkpoint import Checkpoint
-from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn
+from wan_triton.model.vae import VaeDecoder, torch_vae_decode_chunks_fn, torch_vae_decode_fn
 from wan_triton.model.video import X264_PRESET, encode_mp4
 
 PRESETS = (X264_PRESET, "veryfast", "superfast", "ultrafast")
@@ -55,8 +56,10 @@ def main() -> None:
         "encode": {},
     }
     frames: dict[str, np.ndarray] = {}
+    decoders = {}
     for name, vae, dtype in (("fp32", vae32, torch.float32), ("bf16", vae16, torch.bfloat16)):
-        decoder = VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype)
+        decoder = VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype, torch_vae_decode_chunks_fn(vae))
+        decoders[name] = decoder
         last: dict = {}
 
         def decode(decoder=decoder, last=last) -> None:
@@ -75,6 +78,23 @@ def main() -> None:
             data = encode_mp4(frames["fp32"], 16, preset=preset, crf=args.crf)
             times.append(time.perf_counter() - started)
         result["encode"][preset] = {"encode_s": statistics.median(times), "times": times, "bytes": len(data)}
+    # Both at once, as the vae_decoder step runs them with `video.encode_while_decoding`: each chunk encoded on a
+    # worker thread while the next decodes.
+    result["while_decoding"] = {}
+    for name, preset in [("fp32", X264_PRESET), *(("bf16", p) for p in PRESETS)]:
+        last = {}
+
+        def both(decoder=decoders[name], preset=preset, last=last) -> None:
+            last["frames"], last["mp4"] = decoder.frames_and_mp4(latents, 16, preset, args.crf)
+
+        _, times = time_wall(both, device, args.repeat)
+        assert last["mp4"] == encode_mp4(last["frames"], 16, preset=preset, crf=args.crf)
+        result["while_decoding"][f"{name}_{preset}"] = {
+            "together_s": statistics.median(times),
+            "times": times,
+            "bytes": len(last["mp4"]),
+        }
+        print(f"{name} decode with {preset} encode while decoding: {statistics.median(times):.2f} s")
     base = result["decode"]["fp32"]["decode_to_frames_s"] + result["encode"][X264_PRESET]["encode_s"]
     print(f"before: fp32 decode + {X264_PRESET} encode {base:.2f} s")
     for preset in PRESETS:

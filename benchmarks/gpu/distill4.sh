@@ -4,17 +4,27 @@
 # checkpoint with random LoRAs of the published distill LoRAs' layout and rank ($RANK, default 64;
 # `python -m wan_build.random_lora`), fused into the experts at load; one server, then 720p and 480p (81 frames,
 # 4 steps, guidance off) through the gRPC client with Triton's per-stage table (benchmarks/e2e_triton.py), and the
-# VAE decode + MP4 encode alone at 720p, fp32 against bf16 decode and x264 presets (benchmarks/vae_mp4.py).
-#   bash benchmarks/gpu/distill4.sh
-# After `source .gpu-bundle/setup.sh` (benchmarks/gpu/common.sh). About 8 minutes on one H200; results, the build
+# VAE decode + MP4 encode alone at 720p, fp32 against bf16 decode, x264 presets, one after the other and encoding
+# while decoding (benchmarks/vae_mp4.py).
+#   bash benchmarks/gpu/distill4.sh [vae|e2e|all]
+# After `source .gpu-bundle/setup.sh` (benchmarks/gpu/common.sh). `vae` takes about 3 minutes on one H200, `e2e` about
+# 8 (the server's load alone about 5); each fits one 10-minute call, `all` (the default) may not. Results, the build
 # output and the server log go to $OUT.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
+PART=${1:-all}
+case "$PART" in vae | e2e | all) ;; *) echo "usage: $0 [vae|e2e|all]" >&2; exit 2 ;; esac
 RANK=${RANK:-64}
 DEPLOYMENT=model_repository/deployments/gpu_a14b_distill4.yaml
 REPO=/tmp/repo_distill4
 PORTS=(--http-port 8100 --grpc-port 8101 --metrics-port 8102)
+
+status=0
+if [[ $PART != e2e ]]; then
+  python benchmarks/vae_mp4.py --out "$OUT/vae_mp4.json" || status=$?
+  [[ $PART == vae ]] && exit $status
+fi
 
 a14b_checkpoint
 # The paths gpu_a14b_distill4.yaml names, relative to the project root.
@@ -23,10 +33,6 @@ python -m wan_build.random_lora /tmp/a14b artifacts/loras/distill4_high_noise.sa
 python -m wan_build.random_lora /tmp/a14b artifacts/loras/distill4_low_noise.safetensors --expert transformer_2 \
   --rank "$RANK" --seed 2
 render_repo "$DEPLOYMENT" "$REPO" 2>&1 | tee "$OUT/distill4_build.log"
-
-status=0
-# The VAE decode and the MP4 encode alone first, while the GPU is free.
-python benchmarks/vae_mp4.py --out "$OUT/vae_mp4.json" || status=$?
 
 python -m wan_triton.tritonserver.server --repo "$REPO" "${PORTS[@]}" >"$OUT/tritonserver.log" 2>&1 &
 server=$!
