@@ -82,10 +82,8 @@ def test_frames_and_mp4_equal_decode_then_encode(decoder):
     frames, mp4 = decoder.frames_and_mp4(latents, FPS, "fast", 17)
     after = decoder.frames(latents)
     assert frames.shape == after.shape == (13, 48, 64, 3)
-    # The chunked decode runs the same ops as `vae.decode` on smaller tensors: equal up to float summation order,
-    # which may move a value across a rounding boundary of the uint8 conversion.
-    diff = np.abs(frames.astype(np.int16) - after)
-    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+    # The decoder runs on the very tensors `vae.decode` gives it, a latent frame a call.
+    np.testing.assert_array_equal(frames, after)
     assert mp4 == encode_mp4(frames, FPS, "fast", 17)
 
 

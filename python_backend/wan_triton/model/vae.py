@@ -80,10 +80,11 @@ def torch_vae_decode_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def torch_vae_decode_chunks_fn(vae) -> Callable[[torch.Tensor], Iterator[torch.Tensor]]:
-    """diffusers' decode loop, one latent frame a call, yielding each chunk (`vae_chunks.TorchVaeDecoder`)."""
+    """diffusers' decode loop, one latent frame a call, yielding each chunk: the video of `torch_vae_decode_fn` bit
+    for bit (`vae_chunks.TorchVaeDecoder`)."""
     from wan_triton.model.vae_chunks import TorchVaeDecoder
 
-    return TorchVaeDecoder(vae).decode_chunks
+    return TorchVaeDecoder(vae, whole_post_quant_conv=True).decode_chunks
 
 
 class VaeEncoder:

@@ -211,21 +211,34 @@ def _check_latents(latents: torch.Tensor) -> None:
 
 
 class TorchVaeDecoder:
-    """The phase modules run eagerly: the reference for the exported graphs and the GPU/torch path."""
+    """The phase modules run eagerly: the reference for the exported graphs and the GPU/torch path.
 
-    def __init__(self, vae: nn.Module) -> None:
+    With `whole_post_quant_conv`, post_quant_conv runs over all latent frames at once before the chunks, as
+    `vae.decode` runs it, instead of per chunk inside each phase: the decoder then sees the very tensors it sees in
+    `vae.decode`, so the video is bit-identical to it on any device (per chunk, a GPU may pick another conv
+    algorithm)."""
+
+    def __init__(self, vae: nn.Module, whole_post_quant_conv: bool = False) -> None:
         self.phases = build_phase_modules(vae)
+        self.post_quant_conv: nn.Module | None = None
+        if whole_post_quant_conv:
+            self.post_quant_conv = vae.post_quant_conv
+            for phase in self.phases:
+                phase.post_quant_conv = nn.Identity()
 
     def _run(self, k: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(self.phases[k](*tensors))
 
+    def _before_chunks(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents if self.post_quant_conv is None else self.post_quant_conv(latents)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_latents(self._run, latents, len(self.phases))
+        return decode_latents(self._run, self._before_chunks(latents), len(self.phases))
 
     def decode_chunks(self, latents: torch.Tensor) -> Iterator[torch.Tensor]:
         with torch.no_grad():
-            yield from decode_chunks(self._run, latents, len(self.phases))
+            yield from decode_chunks(self._run, self._before_chunks(latents), len(self.phases))
 
 
 class EnginePhases:
