@@ -147,3 +147,5 @@ def test_residual_patchified_vae():
     with torch.no_grad():
         expected = vae.decode(latents).sample
     torch.testing.assert_close(TorchVaeDecoder(vae).decode(latents), expected, atol=ATOL, rtol=0)
+    # post_quant_conv over the whole latents, as vae.decode runs it: the decoder sees the same tensors, bit for bit.
+    assert torch.equal(TorchVaeDecoder(vae, whole_post_quant_conv=True).decode(latents), expected)
