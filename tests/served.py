@@ -48,7 +48,7 @@ IMAGE_MODEL = "wan_image"
 IMAGE_SERVING = {"max_batch_size": 4, "max_queue_size": 8, "max_queue_delay_ms": 200.0}
 IMAGE_LIMITS = {"max_image_bytes": 64 << 10, "max_image_pixels": 512 * 512, "max_num_inference_steps": 400}
 # The TI2V checkpoint is small enough that even LONGEST_CPU takes under 3 s on 2 idle cores: its blocker (below) runs
-# 400 steps instead, eight times as long.
+# 400 steps instead, eight times as long, and is cancelled once the requests it holds back are queued.
 IMAGE_BLOCKER = dict(prompt="a long image request that keeps the scheduler busy", seed=53, **LONGEST_CPU)
 IMAGE_BLOCKER["num_inference_steps"] = IMAGE_LIMITS["max_num_inference_steps"]
 IMAGE_CACHE_BYTES = 32 << 20
@@ -87,15 +87,6 @@ def infer(client, model: str, request: dict, outputs=("frames", "video", "used_s
     return client.infer(model, build_infer_inputs(request), outputs=wanted)
 
 
-# Concurrency on a shared 2-core machine is made deterministic with a long "blocker" request: requests sent while it
-# runs wait in the scheduler's queue and are handed over together when it finishes, however far apart they arrive.
-# The blocker is the largest request the CPU deployments allow (about 10 s on 2 idle cores, longer when they are
-# shared). At 128x128 a blocker took 1.2 s on an idle machine and had finished before the others were sent.
-BLOCKER = dict(prompt="a long request that keeps the scheduler busy", seed=1, **LONGEST_CPU)
-# Time for the blocker to pass preprocess and the text encoder (separate processes) and start denoising.
-BLOCKER_HEAD_START_S = 3.0
-
-
 def infer_timed(server, model: str, request: dict):
     """(finish time, frames or the exception); one client per call, as concurrent clients would."""
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
@@ -104,20 +95,6 @@ def infer_timed(server, model: str, request: dict):
             return time.perf_counter(), frames
         except InferenceServerException as exc:
             return time.perf_counter(), exc
-
-
-def behind_blocker(server, model: str, requests: list[dict], blocker: dict = BLOCKER, stagger_s: float = 0.0):
-    """Send `blocker`, then (once it is running) every request, `stagger_s` apart so that they reach the queue in
-    list order; their (finish time, frames or exception) and the blocker's."""
-    with ThreadPoolExecutor(len(requests) + 1) as pool:
-        running = pool.submit(infer_timed, server, model, blocker)
-        time.sleep(BLOCKER_HEAD_START_S)
-        futures = []
-        for request in requests:
-            futures.append(pool.submit(infer_timed, server, model, request))
-            time.sleep(stagger_s)
-        results = [f.result() for f in futures]
-        return results, running.result()
 
 
 # The progress outputs of the stream model, and how long a test waits for a response or a stop.
@@ -158,3 +135,45 @@ class Stream:
     def close(self, cancel: bool = False) -> None:
         self.client.stop_stream(cancel_requests=cancel)
         self.client.close()
+
+
+# Concurrency on a shared 2-core machine is made deterministic with a "blocker": a long request on the stream endpoint
+# holds the scheduler while the requests under test arrive and queue, one after another, however slowly; then it is
+# cancelled, and the scheduler gets them together. The blocker is the largest request the CPU deployments allow, so
+# that it outlasts their arrival on any machine; cancelled, it stops after its current step.
+BLOCKER = dict(prompt="a long request that keeps the scheduler busy", seed=1, **LONGEST_CPU)
+
+
+def scheduler_queue(server, model: str) -> int:
+    """How many requests wait in the queue of `model`'s scheduler (Triton's pending-request gauge)."""
+    samples = metric_samples(server)
+    return int(metric_value(samples, "nv_inference_pending_request_count", model=f"{model}_scheduler"))
+
+
+def behind_blocker(server, model: str, requests: list[dict], blocker: dict = BLOCKER):
+    """Start `blocker` on `model`'s stream endpoint; once its loop runs, send each request after the one before it
+    is queued (or answered: refused), so that they queue in list order; then cancel the blocker. Each request's
+    (finish time, frames or the exception), and when the blocker was cancelled."""
+    stream = Stream(server.grpc_url, f"{model}_stream")
+    cancelled = None
+    try:
+        stream.send(blocker, outputs=PROGRESS)
+        step = 0
+        while step < 1:
+            result, error = stream.next()
+            assert error is None, error
+            step = int(result.as_numpy("step")[0]) if result.as_numpy("stage")[0] == b"denoise" else 0
+        with ThreadPoolExecutor(len(requests)) as pool:
+            futures = []
+            for request in requests:
+                futures.append(pool.submit(infer_timed, server, model, request))
+                deadline = time.monotonic() + STOP_WAIT_S
+                while scheduler_queue(server, model) + sum(f.done() for f in futures) < len(futures):
+                    assert time.monotonic() < deadline, f"request {len(futures)} never reached the scheduler's queue"
+                    time.sleep(0.05)
+            cancelled = time.perf_counter()
+            stream.close(cancel=True)
+            return [f.result() for f in futures], cancelled
+    finally:
+        if cancelled is None:
+            stream.close(cancel=True)

@@ -2,8 +2,8 @@
 tests/served.py).
 
 `wan_onnx` batches up to 8 same-shape requests; `wan_torch` runs one request at a time with one waiting
-(served.SERVING). Concurrency is made deterministic with a long "blocker" request: requests sent while it runs
-wait in the scheduler's queue and are handed over together when it finishes.
+(served.SERVING). Concurrency is made deterministic with a long "blocker" request (served.behind_blocker): requests
+sent while it runs wait in the scheduler's queue and are handed over together when it is cancelled.
 """
 
 from __future__ import annotations
@@ -41,8 +41,7 @@ def _loops_of(before: dict, after: dict, size: int) -> float:
 def test_a_request_beyond_the_queue_is_refused_at_once(server):
     assert SERVING["wan_torch"] == {"max_batch_size": 1, "max_queue_size": 1}
     request = dict(prompt="queue", height=32, width=32, num_frames=5, num_inference_steps=2)
-    results, (blocker_done, blocker) = behind_blocker(server, "wan_torch", [{**request, "seed": s} for s in range(4)])
-    assert isinstance(blocker, np.ndarray)
+    results, cancelled = behind_blocker(server, "wan_torch", [{**request, "seed": s} for s in range(4)])
     refused = [(done, r) for done, r in results if isinstance(r, InferenceServerException)]
     served = [r for _, r in results if not isinstance(r, InferenceServerException)]
     # One runs, one waits; of the four sent while the blocker runs, one waits and the rest are refused.
@@ -50,7 +49,7 @@ def test_a_request_beyond_the_queue_is_refused_at_once(server):
     for done, exc in refused:
         assert exc.status() == "StatusCode.UNAVAILABLE"
         assert "Exceeds maximum queue size" in exc.message() and is_queue_full(exc)
-        assert done < blocker_done  # refused at once, not after waiting for the scheduler
+        assert done < cancelled  # refused at once, not after waiting for the scheduler
     assert served[0].shape == (5, 32, 32, 3)
     # The client turns Triton's terse message into "server busy" with the queue's size, read from the server.
     with grpcclient.InferenceServerClient(server.grpc_url) as client:
@@ -83,8 +82,7 @@ def test_concurrent_requests_are_batched_and_equal_each_request_alone(server):
         {**same, "seed": 32, "guidance_scale": 1.0, "guidance_scale_2": 1.0},
     ]
     before = _batch_sizes(server, "wan_onnx")
-    results, (_, blocker) = behind_blocker(server, "wan_onnx", requests, stagger_s=0.2)
-    assert isinstance(blocker, np.ndarray)
+    results, _ = behind_blocker(server, "wan_onnx", requests)
     after = _batch_sizes(server, "wan_onnx")
     # Behind the blocker, the six guided requests reach the scheduler in one execute call, which runs them as a
     # batch of four (48x64) and a batch of two (32x32); the guidance-off request runs alone.
