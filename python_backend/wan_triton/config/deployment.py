@@ -264,9 +264,9 @@ class Video(_Strict):
     ] = "fast"
     x264_crf: int = Field(default=17, ge=0, le=51)
     # Encode in the vae_decoder step, each decoded chunk on a worker thread while the next decodes, instead of in
-    # the postprocess step after the whole decode: the encode then costs only its last chunk's time. The MP4 is the
-    # same bytes either way. Worth it where the decode runs on a GPU and leaves the host's cores free; on a CPU
-    # decode the two share the cores.
+    # the postprocess step after the whole decode, so that the encode runs during the decode. The MP4 is the same
+    # bytes either way. Worth it where the decode runs on a GPU and leaves the host's cores free; on a CPU decode
+    # the two share the cores.
     encode_while_decoding: bool = False
 
 

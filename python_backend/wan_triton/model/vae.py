@@ -54,7 +54,7 @@ class VaeDecoder:
 
     def frame_chunks(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
         """The uint8 RGB frames of one clip's latents [1, z, T, h, w], a chunk [frames, H, W, 3] per latent frame as
-        it is decoded; together, `frames(latents)` (up to the decoder's chunked graphs, the same ops)."""
+        it is decoded; together, `frames(latents)`."""
         if self.decode_chunks_fn is None:
             raise ValueError("this VAE decoder has no chunked decode")
         with torch.inference_mode():
@@ -63,7 +63,7 @@ class VaeDecoder:
 
     def frames_and_mp4(self, latents: torch.Tensor, fps: int, preset: str, crf: int) -> tuple[np.ndarray, bytes]:
         """The frames of one clip and their H.264 MP4 (`video.encode_mp4`, the same bytes), each chunk encoded on a
-        worker thread while the next ones decode, so the encode adds only its last chunk's time."""
+        worker thread while the next ones decode, so that the encode runs during the decode, not after it."""
         started = time.perf_counter()
         encoder = BackgroundMp4Encoder(fps, preset, crf)
         try:
