@@ -6,6 +6,7 @@ GPU code paths under test on any GPU host: `python -m pytest tests/gpu`.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,11 +47,11 @@ def test_bf16_gpu_denoiser_tracks_fp32_reference(other_checkpoint, attention, co
     assert torch.isfinite(served).all() and rel_l2 <= 2e-2, rel_l2
 
 
-def _served(ckpt: Checkpoint, **options) -> tuple[torch.Tensor, object]:
+def _served(ckpt: Checkpoint, request=REQUEST, embeds=None, **options) -> tuple[torch.Tensor, object]:
     cfg = ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="bfloat16", attention="cudnn", **options)
-    embeds = make_embeds(ckpt.text_dim)
+    embeds = make_embeds(ckpt.text_dim) if embeds is None else embeds
     denoiser = build_denoiser(ckpt, cfg, Path("/nonexistent"))
-    return denoiser(REQUEST, embeds).float().cpu(), denoiser
+    return denoiser(request, embeds).float().cpu(), denoiser
 
 
 @pytest.mark.parametrize("compile_blocks", [False, True])
@@ -60,6 +61,22 @@ def test_cuda_graph_replay_is_bit_identical_to_eager(other_checkpoint, compile_b
     graphed, denoiser = _served(ckpt, compile_blocks=compile_blocks, expert_residency="resident", cuda_graphs=True)
     engines = list(denoiser.experts.values())
     assert all(any(g is not None for g in e.graphs.values()) for e in engines), "no graph was captured"
+    assert torch.equal(graphed, eager)
+
+
+@pytest.mark.parametrize("compile_blocks", [False, True])
+def test_unguided_requests_run_and_capture_the_experts_at_batch_1(other_checkpoint, compile_blocks):
+    """Guidance 1.0 on both experts (the 4-step distill mode): no unconditional branch, so every expert call, and
+    every graph captured for it, is batch 1; the replay equals eager."""
+    ckpt = Checkpoint.open(other_checkpoint)
+    request = replace(REQUEST, guidance_scale=1.0, guidance_scale_2=1.0)
+    embeds = make_embeds(ckpt.text_dim, rows=1)
+    options = dict(compile_blocks=compile_blocks, expert_residency="resident")
+    eager, _ = _served(ckpt, request=request, embeds=embeds, **options)
+    graphed, denoiser = _served(ckpt, request=request, embeds=embeds, cuda_graphs=True, **options)
+    captured = [key for e in denoiser.experts.values() for key, graph in e.graphs.items() if graph is not None]
+    assert captured, "no graph was captured"
+    assert all(dict((name, shape) for name, shape, _, _ in key)["hidden_states"][0] == 1 for key in captured)
     assert torch.equal(graphed, eager)
 
 
