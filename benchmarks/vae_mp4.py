@@ -27,29 +27,37 @@ from wan_bench.timing import time_wall
 from wan_build.shapes_checkpoint import make_shapes_checkpoint
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.vae import VaeDecoder, torch_vae_decode_chunks_fn, torch_vae_decode_fn
-from wan_triton.model.video import X264_PRESET, encode_mp4
+from wan_triton.model.video import X264_PRESET, decode_mp4, encode_mp4
 
 PRESETS = (X264_PRESET, "veryfast", "superfast", "ultrafast")
 
 
+def _psnr(decoded: np.ndarray, frames: np.ndarray) -> float:
+    """PSNR in dB of uint8 frames against the originals, over every pixel and channel."""
+    mse = float(np.mean((decoded.astype(np.float64) - frames) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="720p", choices=["480p", "720p"])
+    parser.add_argument("--size", default="720p", choices=list(SIZES))
+    # The figures are the GPU's; `cpu` (with a small size) only checks that the script runs.
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--crf", type=int, default=17)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
     ckpt = Checkpoint.open(make_shapes_checkpoint(Path(tempfile.mkdtemp()) / "a14b"))
-    device = torch.device("cuda")
-    vae32 = ckpt.load_vae(torch.float32, "cuda")
-    vae16 = ckpt.load_vae(torch.bfloat16, "cuda")
+    device = torch.device(args.device)
+    vae32 = ckpt.load_vae(torch.float32, str(device))
+    vae16 = ckpt.load_vae(torch.bfloat16, str(device))
     vae16.load_state_dict(vae32.state_dict())  # same weights, bf16
     latents = torch.randn(
-        latent_shape(SIZES[args.size]), device=device, generator=torch.Generator("cuda").manual_seed(0)
+        latent_shape(SIZES[args.size]), device=device, generator=torch.Generator(device).manual_seed(0)
     )
     result = {
-        **run_record(torch.cuda.get_device_name()),
+        **run_record(),
         "size": args.size,
         "crf": args.crf,
         "decode": {},
@@ -68,7 +76,8 @@ def main() -> None:
         _, times = time_wall(decode, device, args.repeat)
         frames[name] = last["frames"]
         result["decode"][name] = {"decode_to_frames_s": statistics.median(times), "times": times}
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     diff = np.abs(frames["bf16"].astype(np.int16) - frames["fp32"])
     result["bf16_vs_fp32_levels"] = {"max": int(diff.max()), "mean": float(diff.mean())}
     for preset in PRESETS:
@@ -77,7 +86,14 @@ def main() -> None:
             started = time.perf_counter()
             data = encode_mp4(frames["fp32"], 16, preset=preset, crf=args.crf)
             times.append(time.perf_counter() - started)
-        result["encode"][preset] = {"encode_s": statistics.median(times), "times": times, "bytes": len(data)}
+        result["encode"][preset] = {
+            "encode_s": statistics.median(times),
+            "times": times,
+            "bytes": len(data),
+            # Quality beside size: the decoded MP4 against the frames it was made from (random weights make
+            # noise-like frames, the hardest content for x264, so these are lower than a real video's).
+            "psnr_db": _psnr(decode_mp4(data), frames["fp32"]),
+        }
     # Both at once, as the vae_decoder step runs them with `video.encode_while_decoding`: each chunk encoded on a
     # worker thread while the next decodes.
     result["while_decoding"] = {}
@@ -99,7 +115,11 @@ def main() -> None:
     print(f"before: fp32 decode + {X264_PRESET} encode {base:.2f} s")
     for preset in PRESETS:
         total = result["decode"]["bf16"]["decode_to_frames_s"] + result["encode"][preset]["encode_s"]
-        print(f"bf16 decode + {preset} encode {total:.2f} s ({result['encode'][preset]['bytes'] / 1e6:.1f} MB)")
+        encoded = result["encode"][preset]
+        print(
+            f"bf16 decode + {preset} encode {total:.2f} s ({encoded['bytes'] / 1e6:.1f} MB, "
+            f"{encoded['psnr_db']:.2f} dB)"
+        )
     print(f"bf16 vs fp32 frames: {result['bf16_vs_fp32_levels']}")
     write_json(args.out, result)
 
