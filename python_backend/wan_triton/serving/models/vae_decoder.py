@@ -30,12 +30,11 @@ class VaeDecoder(DeviceModel):
         self.video = self.ctx.deployment.video
         self.decoder = build_vae_decoder(self.ctx.checkpoint, cfg, self.ctx.artifacts, self.ctx.device_id)
         for shape in self.ctx.deployment.warmup:
+            # The whole decode warms up the chunked one too (the decoder runs the same kernels on the same shapes);
+            # the encoder needs none, so the load starts no encoder thread.
             started = time.perf_counter()
             dims = latent_shape(self.ctx.checkpoint, shape.height, shape.width, shape.num_frames)
-            if self.video.encode_while_decoding:
-                self.decoder.frames_and_mp4(torch.zeros(dims), 16, self.video.x264_preset, self.video.x264_crf)
-            else:
-                self.decoder.frames(torch.zeros(dims))
+            self.decoder.frames(torch.zeros(dims))
             logger.info("%s warm-up %s: %.2f s", self.ctx.name, shape, time.perf_counter() - started)
 
     def handle(self, request):
