@@ -3,6 +3,7 @@ release at `finalize`. Host-only: the steps that hold device memory add that in 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -49,6 +50,10 @@ class StepModel:
         return responses
 
     def finalize(self) -> None:
+        # Objects of the Python backend (response senders, BLS tensors) caught in reference cycles, e.g. through a
+        # stored exception's traceback, are otherwise freed at interpreter exit, after the stub has unmapped the
+        # shared memory they point into: the stub then segfaults after a clean unload. Free them while it is mapped.
+        gc.collect()
         self.metrics.loaded(False)
         self.metrics.close()  # before the stub tears down its shared memory (wan_triton.serving.metrics)
         logger.info("%s unloaded", self.ctx.name)
