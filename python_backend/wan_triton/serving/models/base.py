@@ -50,9 +50,9 @@ class StepModel:
         return responses
 
     def finalize(self) -> None:
-        # Objects of the Python backend (response senders, BLS tensors) caught in reference cycles, e.g. through a
-        # stored exception's traceback, are otherwise freed at interpreter exit, after the stub has unmapped the
-        # shared memory they point into: the stub then segfaults after a clean unload. Free them while it is mapped.
+        # Objects of the Python backend caught in reference cycles are otherwise freed at interpreter exit, after the
+        # stub has unmapped the shared memory they point into: the stub then segfaults after a clean unload (seen in
+        # the kernel log, not Triton's; docs/triton-2.51-notes.md). Free them while it is still mapped.
         gc.collect()
         self.metrics.loaded(False)
         self.metrics.close()  # before the stub tears down its shared memory (wan_triton.serving.metrics)
