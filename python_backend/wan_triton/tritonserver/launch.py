@@ -26,9 +26,6 @@ from wan_triton.tritonserver.server import EXIT_TIMEOUT_S, KILL_MARGIN_S
 
 logger = logging.getLogger(__name__)
 
-# What tritonserver prints when it aborts over a Python-backend stub that faulted while the models were loading.
-LOAD_FAULT = "boost::interprocess::lock_exception"
-
 # Triton's log lines for a model's load and unload, and its exit countdown ("Timeout 12: Found 1 live models ...").
 _LOADED = re.compile(r"successfully loaded '([^']+)'")
 _UNLOADED = re.compile(r"successfully unloaded '([^']+)'")
@@ -136,25 +133,15 @@ def start_server(
     for repo in repos:
         cmd += ["--repo", str(repo)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    for attempt in (1, 2):
-        log = log_path.open("ab" if attempt > 1 else "wb")
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        server = RunningServer(process, http, grpc, metrics, log_path)
-        try:
-            server.wait_ready(ready_timeout_s)
-            return server
-        except RuntimeError:
-            server.stop()
-            log_text = log_path.read_text(encoding="utf-8", errors="replace")
-            if attempt > 1 or LOAD_FAULT not in log_text:
-                raise
-            # Triton 2.51's Python backend at times aborts while many models load at once (a stub faults reading
-            # its shared memory, then tritonserver throws this): one fresh start is tried.
-            logger.warning("tritonserver aborted while loading (%s); starting it once more", LOAD_FAULT)
-        except BaseException:
-            server.stop()
-            raise
-    raise AssertionError("unreachable")
+    log = log_path.open("wb")
+    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = RunningServer(process, http, grpc, metrics, log_path)
+    try:
+        server.wait_ready(ready_timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 @contextlib.contextmanager
