@@ -7,25 +7,30 @@
 #   2. the TI2V-5B step at 704x1280, 121 frames, ours vs diffusers' WanPipeline (expand_timesteps) transformer step;
 #   3. TI2V-5B end to end through Triton (text-to-video) with gpu_ti2v_5b.yaml: the per-stage breakdown and each
 #      model's peak device memory (benchmarks/e2e_triton.py), $STEPS steps (default 4), one timed request.
-#   bash benchmarks/gpu/family.sh
+#   bash benchmarks/gpu/family.sh [steps|e2e|all]
+# `steps` runs 1 and 2 (about 4 minutes), `e2e` runs 3 (about 4), `all` (the default) both.
 # After `source .gpu-bundle/setup.sh` (benchmarks/gpu/common.sh). Results and the server log go to $OUT.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
 STEPS=${STEPS:-4}
+PART=${1:-all}
+case "$PART" in steps | e2e | all) ;; *) echo "usage: $0 [steps|e2e|all]" >&2; exit 2 ;; esac
 
 # shapes_checkpoint KIND DIR: the configs-only checkpoint of that kind, once per host.
 shapes_checkpoint() {
   [[ -f $2/model_index.json ]] || python -m wan_build.shapes_checkpoint "$2" --kind "$1"
 }
-shapes_checkpoint i2v /tmp/i2v_a14b
-shapes_checkpoint ti2v /tmp/ti2v_5b
-
 status=0
-python benchmarks/family_step.py --checkpoint /tmp/i2v_a14b --height 720 --width 1280 --num-frames 81 --compile \
-  --repeat 1 --out "$OUT/family_step_i2v_a14b_720p.json" 2>&1 | tee "$OUT/family_step_i2v_a14b_720p.log" || status=$?
-python benchmarks/family_step.py --checkpoint /tmp/ti2v_5b --height 704 --width 1280 --num-frames 121 --compile \
-  --out "$OUT/family_step_ti2v_5b.json" 2>&1 | tee "$OUT/family_step_ti2v_5b.log" || status=$?
+shapes_checkpoint ti2v /tmp/ti2v_5b
+if [[ $PART != e2e ]]; then
+  shapes_checkpoint i2v /tmp/i2v_a14b
+  python benchmarks/family_step.py --checkpoint /tmp/i2v_a14b --height 720 --width 1280 --num-frames 81 --compile \
+    --repeat 1 --out "$OUT/family_step_i2v_a14b_720p.json" 2>&1 | tee "$OUT/family_step_i2v_a14b_720p.log" || status=$?
+  python benchmarks/family_step.py --checkpoint /tmp/ti2v_5b --height 704 --width 1280 --num-frames 121 --compile \
+    --out "$OUT/family_step_ti2v_5b.json" 2>&1 | tee "$OUT/family_step_ti2v_5b.log" || status=$?
+  [[ $PART == steps ]] && exit $status
+fi
 
 rm -rf /tmp/repo_ti2v
 python -m wan_build --model /tmp/ti2v_5b --deployment model_repository/deployments/gpu_ti2v_5b.yaml --repo /tmp/repo_ti2v
