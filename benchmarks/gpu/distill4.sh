@@ -3,9 +3,9 @@
 # The 4-step fast mode end to end through Triton on one GPU: gpu_a14b_distill4.yaml built from the configs-only A14B
 # checkpoint with random LoRAs of the published distill LoRAs' layout and rank ($RANK, default 64;
 # `python -m wan_build.random_lora`), fused into the experts at load; one server, then 720p and 480p (81 frames,
-# 4 steps, guidance off) through the gRPC client with Triton's per-stage table (benchmarks/e2e_triton.py), and the
-# VAE decode + MP4 encode alone at 720p, fp32 against bf16 decode, x264 presets, one after the other and encoding
-# while decoding (benchmarks/vae_mp4.py).
+# 4 steps, guidance off; $REQUESTS timed requests each, default 2) through the gRPC client with Triton's per-stage
+# table (benchmarks/e2e_triton.py), and the VAE decode + MP4 encode alone at 720p, fp32 against bf16 decode, x264
+# presets, one after the other and encoding while decoding (benchmarks/vae_mp4.py).
 #   bash benchmarks/gpu/distill4.sh [vae|e2e|all]
 # After `source .gpu-bundle/setup.sh` (benchmarks/gpu/common.sh). `vae` takes about 3 minutes on one H200, `e2e` about
 # 8 (the server's load alone about 5); each fits one 10-minute call, `all` (the default) may not. Results, the build
@@ -16,6 +16,7 @@ source "$(dirname "$0")/common.sh"
 PART=${1:-all}
 case "$PART" in vae | e2e | all) ;; *) echo "usage: $0 [vae|e2e|all]" >&2; exit 2 ;; esac
 RANK=${RANK:-64}
+REQUESTS=${REQUESTS:-2}
 DEPLOYMENT=model_repository/deployments/gpu_a14b_distill4.yaml
 REPO=/tmp/repo_distill4
 PORTS=(--http-port 8100 --grpc-port 8101 --metrics-port 8102)
@@ -46,6 +47,6 @@ done
 for size in "720 1280" "480 832"; do
   read -r height width <<<"$size"
   python benchmarks/e2e_triton.py --url localhost:8101 --height "$height" --width "$width" --num-frames 81 \
-    --steps 4 --requests 2 --out "$OUT/distill4_${height}p.json" || status=$?
+    --steps 4 --requests "$REQUESTS" --out "$OUT/distill4_${height}p.json" || status=$?
 done
 exit $status
