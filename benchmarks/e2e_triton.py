@@ -21,7 +21,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from wan_bench.load import add_request_arguments, request_of, send
+from wan_bench.load import add_request_arguments, described, request_of, send
 from wan_bench.metrics import STEPS, device_memory, metrics_text, stats_delta, step_stats
 from wan_bench.records import run_record, write_json
 
@@ -75,7 +75,7 @@ def main() -> None:
     overhead = latency - sum(per_step.values())
     result = {
         **run_record(),
-        "request": request,
+        "request": described(request),
         "requests": args.requests,
         "latency_s": latency,
         "latencies_s": latencies,

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from wan_bench.load import add_request_arguments, request_of, run_clients
+from wan_bench.load import add_request_arguments, described, request_of, run_clients
 from wan_bench.memory import GpuMemorySampler
 from wan_bench.metrics import STEPS, batch_histogram, device_memory, metrics_text, stats_delta, step_stats
 from wan_bench.records import REPO, run_record, write_json
@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         **run_record(argv=argv),
         "tag": args.tag,
-        "request": request,
+        "request": described(request),
         "seeds": SEEDS,
         "servers": {},
         "levels": [],

@@ -5,8 +5,9 @@
 # I2V step after its warm-up, two TI2V steps, one timed end-to-end request of $STEPS steps):
 #   1. the I2V-A14B 720p step (1280x720, 81 frames), ours vs diffusers' WanImageToVideoPipeline transformer step;
 #   2. the TI2V-5B step at 704x1280, 121 frames, ours vs diffusers' WanPipeline (expand_timesteps) transformer step;
-#   3. TI2V-5B end to end through Triton (text-to-video) with gpu_ti2v_5b.yaml: the per-stage breakdown and each
-#      model's peak device memory (benchmarks/e2e_triton.py), $STEPS steps (default 4), one timed request.
+#   3. TI2V-5B end to end through Triton with gpu_ti2v_5b.yaml, text-to-video and then image-to-video (a synthetic
+#      PNG: the VAE encode runs too): the per-stage breakdown and each model's peak device memory
+#      (benchmarks/e2e_triton.py), $STEPS steps (default 4), one timed request each.
 #   bash benchmarks/gpu/family.sh [steps|e2e|all]
 # `steps` runs 1 and 2 (about 4 minutes), `e2e` runs 3 (about 4), `all` (the default) both.
 # After `source .gpu-bundle/setup.sh` (benchmarks/gpu/common.sh). Results and the server log go to $OUT.
@@ -35,7 +36,14 @@ fi
 rm -rf /tmp/repo_ti2v
 python -m wan_build --model /tmp/ti2v_5b --deployment model_repository/deployments/gpu_ti2v_5b.yaml --repo /tmp/repo_ti2v
 python -c "import wan_triton.serving.models; from transformers import AutoTokenizer, UMT5EncoderModel"
-python benchmarks/e2e_triton.py --repo /tmp/repo_ti2v --model wan_ti2v --height 704 --width 1280 --num-frames 121 \
-  --steps "$STEPS" --requests 1 --warmup 1 --out "$OUT/e2e_ti2v_5b.json" || status=$?
-cp /tmp/tritonserver.log "$OUT/tritonserver_ti2v.log" || true
+# The conditioning image of the image-to-video request: a smooth synthetic picture at the request's size.
+python -c "import numpy as np; from PIL import Image; y, x = np.mgrid[0:704, 0:1280]; \
+Image.fromarray(np.stack([x * 255 // 1279, y * 255 // 703, (x + y) * 255 // 1982], -1).astype(np.uint8)).save('/tmp/ti2v_image.png')"
+for mode in t2v i2v; do
+  image=()
+  [[ $mode == i2v ]] && image=(--image /tmp/ti2v_image.png)
+  python benchmarks/e2e_triton.py --repo /tmp/repo_ti2v --model wan_ti2v --height 704 --width 1280 --num-frames 121 \
+    --steps "$STEPS" "${image[@]}" --requests 1 --warmup 1 --out "$OUT/e2e_ti2v_5b_$mode.json" || status=$?
+  cp /tmp/tritonserver.log "$OUT/tritonserver_ti2v_$mode.log" || true
+done
 exit $status

@@ -5,22 +5,24 @@ from __future__ import annotations
 import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from wan_client import build_infer_inputs
+from wan_client import build_infer_inputs, read_image_file
 
 DEFAULT_PROMPT = "a red fox runs through fresh snow at dawn, cinematic"
 
 
 def add_request_arguments(parser: argparse.ArgumentParser) -> None:
-    """--prompt, --height, --width, --num-frames, --steps: the request a benchmark sends; what is left out takes the
-    deployment's default."""
+    """--prompt, --height, --width, --num-frames, --steps, --image: the request a benchmark sends; what is left out
+    takes the deployment's default."""
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--height", type=int, help="default: the deployment's")
     parser.add_argument("--width", type=int, help="default: the deployment's")
     parser.add_argument("--num-frames", type=int, help="default: the deployment's")
     parser.add_argument("--steps", type=int, help="num_inference_steps (default: the deployment's)")
+    parser.add_argument("--image", type=Path, help="image-to-video: a PNG, JPEG or WebP file sent as `image`")
 
 
 def request_of(args: argparse.Namespace, **inputs: object) -> dict:
@@ -31,9 +33,15 @@ def request_of(args: argparse.Namespace, **inputs: object) -> dict:
         "width": args.width,
         "num_frames": args.num_frames,
         "num_inference_steps": args.steps,
+        "image": read_image_file(args.image) if getattr(args, "image", None) is not None else None,
         **inputs,
     }
     return {key: value for key, value in request.items() if value is not None}
+
+
+def described(request: dict) -> dict:
+    """`request` as a result record shows it: the image's bytes as their count."""
+    return {key: f"<{len(value)} bytes>" if isinstance(value, bytes) else value for key, value in request.items()}
 
 
 def send(url: str, model: str, request: dict, seeds: list[int]) -> list[dict]:
