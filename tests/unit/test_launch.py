@@ -1,4 +1,4 @@
-"""Unit tests for the launcher's report on a server that did not stop cleanly (the lines are Triton 2.51's)."""
+"""Unit tests for the launcher's reports on a server that did not start or stop cleanly (Triton 2.51's lines)."""
 
 from __future__ import annotations
 
@@ -47,3 +47,27 @@ def test_shutdown_report_of_a_clean_stop_names_none(tmp_path):
     )
     report = RunningServer(process=None, http_port=0, grpc_port=0, metrics_port=0, log_path=log).shutdown_report()
     assert report.splitlines()[0] == "models never unloaded: none"
+
+
+START_LOG = """\
+E1205 04:05:06.910675 13889 server.cc:241] "CudaDriverHelper has not been initialized."
+I1205 04:05:06.913761 13889 model_lifecycle.cc:472] "loading: wan_cached_stream:1"
+I1205 04:05:06.913915 13889 model_lifecycle.cc:472] "loading: wan_cached_text_encoder:1"
+I1205 04:05:06.913925 13889 model_lifecycle.cc:472] "loading: wan_cached_vae_decoder:1"
+I1205 04:05:09.122837 13889 python_be.cc:2249] "TRITONBACKEND_ModelInstanceInitialize: wan_cached_stream_0_0 (CPU)"
+I1205 04:05:10.000000 13889 model_lifecycle.cc:839] "successfully loaded 'wan_cached_stream'"
+E1205 04:05:30.000000 13889 model_lifecycle.cc:641] "failed to load 'wan_cached_vae_decoder' version 1: Internal: boom"
+I1205 04:05:31.000000 13889 model_lifecycle.cc:839] "successfully loaded 'wan_cached_text_encoder'"
+E1205 04:05:32.000000 13889 ensemble_scheduler.cc:1468] "unable to create stream for wan_cached: no CUDA driver"
+"""
+
+
+def test_startup_report_names_the_model_that_never_loaded_and_its_error(tmp_path):
+    log = tmp_path / "tritonserver.log"
+    log.write_text(START_LOG)
+    report = RunningServer(process=None, http_port=0, grpc_port=0, metrics_port=0, log_path=log).startup_report(2)
+    lines = report.splitlines()
+    assert lines[0] == "models never loaded: wan_cached_vae_decoder"
+    # Only the error that explains the start; the lines Triton logs at every start on a host without a GPU are left out.
+    assert lines[1:3] == ["errors:", START_LOG.splitlines()[6]]
+    assert lines[3:] == ["log tail:", *START_LOG.splitlines()[-2:]]

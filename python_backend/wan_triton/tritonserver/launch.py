@@ -26,10 +26,15 @@ from wan_triton.tritonserver.server import EXIT_TIMEOUT_S, KILL_MARGIN_S
 
 logger = logging.getLogger(__name__)
 
-# Triton's log lines for a model's load and unload, and its exit countdown ("Timeout 12: Found 1 live models ...").
+# Triton's log lines for a model's load and unload, its errors, and its exit countdown ("Timeout 12: Found 1 live
+# models ...").
+_LOADING = re.compile(r"\"loading: ([^:\"]+):\d+\"")
 _LOADED = re.compile(r"successfully loaded '([^']+)'")
 _UNLOADED = re.compile(r"successfully unloaded '([^']+)'")
 _COUNTDOWN = re.compile(r"\] \"Timeout \d+: Found ")
+_ERROR = re.compile(r"^E\d{4} ")
+# Error lines Triton logs at every start on a host without a GPU; they say nothing about a failed start.
+_NO_GPU_NOISE = re.compile(r"CudaDriverHelper has not been initialized|unable to create stream for ")
 
 
 def free_port() -> int:
@@ -81,15 +86,26 @@ class RunningServer:
         stuck = ", ".join(sorted(loaded - unloaded)) or "none"
         return f"models never unloaded: {stuck}\n" + "\n".join(tail)
 
+    def startup_report(self, num_lines: int = 40, num_errors: int = 20) -> str:
+        """Why a start did not end ready: the models Triton began to load and never loaded (the one that failed or
+        hangs), its error lines (a failed load's message is there, not in the tail), then the log's tail."""
+        lines = self._log_lines()
+        loading = {m.group(1) for line in lines if (m := _LOADING.search(line))}
+        loaded = {m.group(1) for line in lines if (m := _LOADED.search(line))}
+        errors = [line for line in lines if _ERROR.match(line) and not _NO_GPU_NOISE.search(line)][:num_errors]
+        tail = [line for line in lines if not _COUNTDOWN.search(line)][-num_lines:]
+        pending = ", ".join(sorted(loading - loaded)) or "none"
+        return "\n".join([f"models never loaded: {pending}", "errors:", *errors, "log tail:", *tail])
+
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.log_tail()}")
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{self.startup_report()}")
             if self.is_ready():
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.log_tail()}")
+        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f} s:\n{self.startup_report()}")
 
     def stop(self, timeout_s: float = EXIT_TIMEOUT_S + KILL_MARGIN_S + 30) -> int:
         """SIGTERM, then wait; returns the exit code (SIGKILL only if it hangs past the timeout).
