@@ -55,6 +55,20 @@ def test_auto_takes_the_first_installed_kernel_of_its_order_on_cuda(monkeypatch,
     assert attention.resolve("auto", torch.device("cuda"), head_dim) == chosen
 
 
+def test_auto_takes_the_reference_for_an_fp32_expert_on_cuda(monkeypatch):
+    # The fused kernels take half precision only: an fp32 deployment on a GPU still loads and runs.
+    monkeypatch.setattr(attention, "flash3_available", lambda: True)
+    monkeypatch.setattr(attention, "flash4_available", lambda: True)
+    assert attention.resolve("auto", torch.device("cuda"), 128, torch.float32) == AttentionBackend.REFERENCE
+    assert attention.resolve("reference", torch.device("cuda"), 128, torch.float32) == AttentionBackend.REFERENCE
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash3", "flash4"])
+def test_a_named_kernel_refuses_fp32_at_load(backend):
+    with pytest.raises(ValueError, match=f"{backend} attention runs in bfloat16 or float16, not torch.float32"):
+        attention.resolve(backend, torch.device("cuda"), 128, torch.float32)
+
+
 @pytest.mark.parametrize("backend", ["flash3", "flash4"])
 def test_a_named_kernel_refuses_a_head_size_it_is_not_built_for(backend):
     with pytest.raises(ValueError, match=f"{backend} attention supports head sizes .* not 80"):

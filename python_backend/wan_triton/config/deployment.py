@@ -87,7 +87,8 @@ class ComponentConfig(_Strict):
     precision: Precision = "float32"
     instance_count: int = Field(default=1, ge=1)
     # Denoiser only: attention kernel of the torch engine (see wan_triton.kernels.attention). "auto" picks the fastest
-    # installed on GPU (flash4, then flash3, then cudnn) and diffusers' own processor on CPU.
+    # installed on GPU (flash4, then flash3, then cudnn) and diffusers' own processor on CPU and in float32 (the
+    # fused kernels take half precision only).
     attention: Literal["auto", "reference", "cudnn", "flash4", "flash3"] = "auto"
     # Denoiser only: regional torch.compile of every transformer block (fuses the norm/modulation/rotary
     # elementwise work around the GEMMs; benchmarks/RESULTS.md, Step time).

@@ -187,15 +187,30 @@ def _require_installed(backend: AttentionBackend) -> None:
         raise ValueError(f"attention {backend.value} is not installed here ({exc}): {_PACKAGES[backend][1]}") from exc
 
 
-def resolve(backend: AttentionBackend | str, device: torch.device, head_dim: int) -> AttentionBackend:
+# The fused kernels (FlashAttention-4 and -3, cuDNN's SDPA) take bf16 and fp16 only; an fp32 expert runs the
+# reference math, which PyTorch's SDPA runs in fp32.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def resolve(
+    backend: AttentionBackend | str, device: torch.device, head_dim: int, dtype: torch.dtype = torch.bfloat16
+) -> AttentionBackend:
+    """The kernel `backend` names for an expert on `device` with this head size and weight dtype: `auto` takes the
+    first of AUTO_ORDER installed for the GPU and head size, else cuDNN's SDPA; off CUDA, and in fp32, the reference.
+    A named kernel that cannot run there fails here, at load, with what would."""
     backend = AttentionBackend(backend)
     if backend in _HEAD_DIMS and head_dim not in _HEAD_DIMS[backend]:
         raise ValueError(f"{backend.value} attention supports head sizes {_HEAD_DIMS[backend]}, not {head_dim}")
+    if backend not in (AttentionBackend.AUTO, AttentionBackend.REFERENCE) and dtype not in HALF_DTYPES:
+        raise ValueError(
+            f"{backend.value} attention runs in bfloat16 or float16, not {dtype}: "
+            "precision float32 takes attention reference (or auto)"
+        )
     if backend in _PACKAGES:
         _require_installed(backend)
     if backend != AttentionBackend.AUTO:
         return backend
-    if device.type != "cuda":
+    if device.type != "cuda" or dtype not in HALF_DTYPES:
         return AttentionBackend.REFERENCE
     for candidate in AUTO_ORDER:
         if head_dim in _HEAD_DIMS[candidate] and _available(candidate):
@@ -290,7 +305,7 @@ def install(module: torch.nn.Module, backend: AttentionBackend | str, device: to
     each FFN's GELU runs in its input projection's epilogue (`wan_triton.kernels.ffn`); the reference keeps diffusers'
     math.
     """
-    chosen = resolve(backend, device, module.config.attention_head_dim)
+    chosen = resolve(backend, device, module.config.attention_head_dim, module.dtype)
     if chosen != AttentionBackend.REFERENCE:
         module.set_attn_processor(WanT2VAttnProcessor(attention_fn(chosen)))
         fuse_projections(module)

@@ -152,7 +152,7 @@ def parallelize(
     if plan.tp > 1 and not getattr(module, "_wan_tp_sharded", False):
         shard_tensor_parallel(module, groups.coords.tp, plan.tp, groups.tp)
         module._wan_tp_sharded = True
-    chosen = attention.resolve(backend, device, module.config.attention_head_dim)
+    chosen = attention.resolve(backend, device, module.config.attention_head_dim, module.dtype)
     processor = ParallelWanAttnProcessor(
         attention.attention_fn(chosen), groups.ulysses, head_groups=ulysses_head_groups
     )
