@@ -9,7 +9,8 @@ serving overhead = client latency - the sum of the step compute times. Against `
         --requests 2 --out out/e2e.json
 
 With `--repo` it starts its own server on a rendered model repository (`benchmarks/gpu/e2e.sh` does, on a GPU
-host) and also records the device memory each stage peaked at.
+host) and also records the device memory each stage peaked at. `--image PATH` sends the file as the `image` input of
+an image-to-video model (the record shows its size).
 """
 
 from __future__ import annotations
