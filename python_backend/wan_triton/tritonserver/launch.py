@@ -88,7 +88,7 @@ class RunningServer:
 
     def startup_report(self, num_lines: int = 40, num_errors: int = 20) -> str:
         """Why a start did not end ready: the models Triton began to load and never loaded (the one that failed or
-        hangs), its error lines (a failed load's message is there, not in the tail), then the log's tail."""
+        hangs), Triton's error lines (a failed load's message is there, not in the tail), then the log's tail."""
         lines = self._log_lines()
         loading = {m.group(1) for line in lines if (m := _LOADING.search(line))}
         loaded = {m.group(1) for line in lines if (m := _LOADED.search(line))}
