@@ -21,10 +21,14 @@ I1124 13:59:04.186000 20666 model_lifecycle.cc:624] "successfully unloaded 'wan_
 )
 
 
-def test_shutdown_report_names_the_model_that_never_unloaded(tmp_path):
+def _server_with_log(tmp_path, text: str) -> RunningServer:
     log = tmp_path / "tritonserver.log"
-    log.write_text(LOG)
-    report = RunningServer(process=None, http_port=0, grpc_port=0, metrics_port=0, log_path=log).shutdown_report(4)
+    log.write_text(text)
+    return RunningServer(process=None, http_port=0, grpc_port=0, metrics_port=0, log_path=log)
+
+
+def test_shutdown_report_names_the_model_that_never_unloaded(tmp_path):
+    report = _server_with_log(tmp_path, LOG).shutdown_report(4)
     lines = report.splitlines()
     assert lines[0] == "models never unloaded: wan_onnx_stream"
     # The exit countdown is left out, so the tail still shows what happened before the signal.
@@ -37,15 +41,11 @@ def test_shutdown_report_names_the_model_that_never_unloaded(tmp_path):
 
 
 def test_shutdown_report_of_a_clean_stop_names_none(tmp_path):
-    log = tmp_path / "tritonserver.log"
-    log.write_text(
-        LOG.split("Signal")[0].replace("loaded 'wan_onnx_stream'", "loaded 'x'")
-        + (
-            "I1124 13:59:04.2 1 model_lifecycle.cc:624] \"successfully unloaded 'x' version 1\"\n"
-            "I1124 13:59:04.2 1 model_lifecycle.cc:624] \"successfully unloaded 'wan_onnx_scheduler' version 1\"\n"
-        )
+    clean_stop = LOG.split("Signal")[0].replace("loaded 'wan_onnx_stream'", "loaded 'x'") + (
+        "I1124 13:59:04.2 1 model_lifecycle.cc:624] \"successfully unloaded 'x' version 1\"\n"
+        "I1124 13:59:04.2 1 model_lifecycle.cc:624] \"successfully unloaded 'wan_onnx_scheduler' version 1\"\n"
     )
-    report = RunningServer(process=None, http_port=0, grpc_port=0, metrics_port=0, log_path=log).shutdown_report()
+    report = _server_with_log(tmp_path, clean_stop).shutdown_report()
     assert report.splitlines()[0] == "models never unloaded: none"
 
 
@@ -63,9 +63,7 @@ E1205 04:05:32.000000 13889 ensemble_scheduler.cc:1468] "unable to create stream
 
 
 def test_startup_report_names_the_model_that_never_loaded_and_its_error(tmp_path):
-    log = tmp_path / "tritonserver.log"
-    log.write_text(START_LOG)
-    report = RunningServer(process=None, http_port=0, grpc_port=0, metrics_port=0, log_path=log).startup_report(2)
+    report = _server_with_log(tmp_path, START_LOG).startup_report(2)
     lines = report.splitlines()
     assert lines[0] == "models never loaded: wan_cached_vae_decoder"
     # Only the error that explains the start; the lines Triton logs at every start on a host without a GPU are left out.

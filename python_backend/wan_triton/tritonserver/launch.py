@@ -37,6 +37,16 @@ _ERROR = re.compile(r"^E\d{4} ")
 _NO_GPU_NOISE = re.compile(r"CudaDriverHelper has not been initialized|unable to create stream for ")
 
 
+def _models(pattern: re.Pattern[str], lines: list[str]) -> set[str]:
+    """The model names `pattern` (one of the load/unload lines above) finds in the log."""
+    return {m.group(1) for line in lines if (m := pattern.search(line))}
+
+
+def _tail(lines: list[str], num_lines: int) -> list[str]:
+    """The log's last lines without the once-a-second exit countdown, which otherwise fills them."""
+    return [line for line in lines if not _COUNTDOWN.search(line)][-num_lines:]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,22 +90,16 @@ class RunningServer:
         """Why a stop did not end cleanly: the models Triton loaded but never unloaded (the usual cause of "Exit
         timeout expired"), then the log's tail without the once-a-second exit countdown, which otherwise fills it."""
         lines = self._log_lines()
-        loaded = {m.group(1) for line in lines if (m := _LOADED.search(line))}
-        unloaded = {m.group(1) for line in lines if (m := _UNLOADED.search(line))}
-        tail = [line for line in lines if not _COUNTDOWN.search(line)][-num_lines:]
-        stuck = ", ".join(sorted(loaded - unloaded)) or "none"
-        return f"models never unloaded: {stuck}\n" + "\n".join(tail)
+        stuck = ", ".join(sorted(_models(_LOADED, lines) - _models(_UNLOADED, lines))) or "none"
+        return f"models never unloaded: {stuck}\n" + "\n".join(_tail(lines, num_lines))
 
     def startup_report(self, num_lines: int = 40, num_errors: int = 20) -> str:
         """Why a start did not end ready: the models Triton began to load and never loaded (the one that failed or
         hangs), Triton's error lines (a failed load's message is there, not in the tail), then the log's tail."""
         lines = self._log_lines()
-        loading = {m.group(1) for line in lines if (m := _LOADING.search(line))}
-        loaded = {m.group(1) for line in lines if (m := _LOADED.search(line))}
+        pending = ", ".join(sorted(_models(_LOADING, lines) - _models(_LOADED, lines))) or "none"
         errors = [line for line in lines if _ERROR.match(line) and not _NO_GPU_NOISE.search(line)][:num_errors]
-        tail = [line for line in lines if not _COUNTDOWN.search(line)][-num_lines:]
-        pending = ", ".join(sorted(loading - loaded)) or "none"
-        return "\n".join([f"models never loaded: {pending}", "errors:", *errors, "log tail:", *tail])
+        return "\n".join([f"models never loaded: {pending}", "errors:", *errors, "log tail:", *_tail(lines, num_lines)])
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
