@@ -2,7 +2,7 @@
 # shellcheck source-path=SCRIPTDIR
 # The Wan2.2 family beyond T2V-A14B on one GPU, from configs-only checkpoints (random bf16 weights built on the
 # device; python -m wan_build.shapes_checkpoint --kind i2v|ti2v), sized for about 8 minutes on one H200 (one timed
-# I2V step after its warm-up, two TI2V steps, one timed end-to-end request of $STEPS steps):
+# I2V step after its warm-up, two TI2V steps, one timed end-to-end request of $STEPS steps per mode):
 #   1. the I2V-A14B 720p step (1280x720, 81 frames), ours vs diffusers' WanImageToVideoPipeline transformer step;
 #   2. the TI2V-5B step at 704x1280, 121 frames, ours vs diffusers' WanPipeline (expand_timesteps) transformer step;
 #   3. TI2V-5B end to end through Triton with gpu_ti2v_5b.yaml, text-to-video and then image-to-video (a synthetic
@@ -37,8 +37,14 @@ rm -rf /tmp/repo_ti2v
 python -m wan_build --model /tmp/ti2v_5b --deployment model_repository/deployments/gpu_ti2v_5b.yaml --repo /tmp/repo_ti2v
 python -c "import wan_triton.serving.models; from transformers import AutoTokenizer, UMT5EncoderModel"
 # The conditioning image of the image-to-video request: a smooth synthetic picture at the request's size.
-python -c "import numpy as np; from PIL import Image; y, x = np.mgrid[0:704, 0:1280]; \
-Image.fromarray(np.stack([x * 255 // 1279, y * 255 // 703, (x + y) * 255 // 1982], -1).astype(np.uint8)).save('/tmp/ti2v_image.png')"
+python - <<'EOF'
+import numpy as np
+from PIL import Image
+
+y, x = np.mgrid[0:704, 0:1280]
+rgb = np.stack([x * 255 // 1279, y * 255 // 703, (x + y) * 255 // 1982], -1).astype(np.uint8)
+Image.fromarray(rgb).save("/tmp/ti2v_image.png")
+EOF
 for mode in t2v i2v; do
   image=()
   [[ $mode == i2v ]] && image=(--image /tmp/ti2v_image.png)
