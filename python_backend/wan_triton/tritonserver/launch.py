@@ -33,6 +33,13 @@ _LOADED = re.compile(r"successfully loaded '([^']+)'")
 _UNLOADED = re.compile(r"successfully unloaded '([^']+)'")
 _COUNTDOWN = re.compile(r"\] \"Timeout \d+: Found ")
 _ERROR = re.compile(r"^E\d{4} ")
+# What a start shows when Triton 2.51's Python backend took a stub for dead while its model instance initialised (a
+# missed health check on a loaded host): the load fails ("not healthy"; the launcher ends the hang that otherwise
+# follows, wan_triton.tritonserver.server), or the server aborts when the stub, resuming, reads the arguments the
+# backend freed. A fault of the backend, not of the models: a second start is worth it (docs/triton-2.51-notes.md).
+STUB_TAKEN_FOR_DEAD = re.compile(
+    r"Stub process '[^']+' is not healthy|Failed to obtain the health mutex|boost::interprocess::lock_exception"
+)
 # Error lines Triton logs at every start on a host without a GPU; they say nothing about a failed start.
 _NO_GPU_NOISE = re.compile(r"CudaDriverHelper has not been initialized|unable to create stream for ")
 
@@ -101,6 +108,10 @@ class RunningServer:
         errors = [line for line in lines if _ERROR.match(line) and not _NO_GPU_NOISE.search(line)][:num_errors]
         return "\n".join([f"models never loaded: {pending}", "errors:", *errors, "log tail:", *_tail(lines, num_lines)])
 
+    def stub_taken_for_dead(self) -> bool:
+        """Whether the log shows the Python backend taking a loading model's stub for dead (STUB_TAKEN_FOR_DEAD)."""
+        return any(STUB_TAKEN_FOR_DEAD.search(line) for line in self._log_lines())
+
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -134,8 +145,39 @@ def start_server(
     ready_timeout_s: float = 300,
     exit_timeout_s: int = EXIT_TIMEOUT_S,
     ports: tuple[int, int, int] | None = None,
+    attempts: int = 2,
 ) -> RunningServer:
-    """Start the launcher on `repos` (on `ports`: http, grpc, metrics, or free ones) and wait until it is ready."""
+    """Start the launcher on `repos` (on `ports`: http, grpc, metrics, or free ones) and wait until it is ready.
+
+    A start that fails because Triton's Python backend took a loading stub for dead (`stub_taken_for_dead`) is
+    tried again, up to `attempts` starts in all; the failed start's log is kept beside `log_path` as
+    `<stem>.attempt<n><suffix>`. Any other failure is raised at once.
+    """
+    attempt = 1
+    while True:
+        server = _start(repos, log_path, exit_timeout_s, ports)
+        try:
+            server.wait_ready(ready_timeout_s)
+            return server
+        except Exception:
+            server.stop()
+            if attempt >= attempts or not server.stub_taken_for_dead():
+                raise
+        report = server.startup_report()
+        kept = log_path.with_name(f"{log_path.stem}.attempt{attempt}{log_path.suffix}")
+        log_path.replace(kept)
+        logger.warning(
+            "start %d of %d failed: Triton's Python backend took a loading model's stub for dead; starting again "
+            "(log of the failed start: %s)\n%s",
+            attempt,
+            attempts,
+            kept,
+            report,
+        )
+        attempt += 1
+
+
+def _start(repos: list[Path], log_path: Path, exit_timeout_s: int, ports: tuple[int, int, int] | None) -> RunningServer:
     http, grpc, metrics = ports or (free_port(), free_port(), free_port())
     cmd = [
         sys.executable,
@@ -153,15 +195,9 @@ def start_server(
     for repo in repos:
         cmd += ["--repo", str(repo)]
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = log_path.open("wb")
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    server = RunningServer(process, http, grpc, metrics, log_path)
-    try:
-        server.wait_ready(ready_timeout_s)
-    except BaseException:
-        server.stop()
-        raise
-    return server
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return RunningServer(process, http, grpc, metrics, log_path)
 
 
 @contextlib.contextmanager

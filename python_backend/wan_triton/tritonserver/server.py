@@ -14,6 +14,11 @@ server still running `exit_timeout_s` + `KILL_MARGIN_S` later is killed with its
 removed. Triton 2.51's gRPC frontend waits for every open stream at a stop, even after its own exit timeout
 expired, so one client that leaves a stream open would otherwise keep the server (and its stubs, and their
 shared-memory regions) alive for as long as it likes.
+
+It also ends a load that Triton's Python backend would hang (`waited_stub`): while a model instance initialises,
+the backend takes a stub that has not set its health flag within a second for dead, and then waits for it to
+exit, which a live stub never does. The stub it waits on is killed, so that load fails with Triton's own
+message and the server, which exits on any failed load, exits (docs/triton-2.51-notes.md).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -43,6 +49,12 @@ KILL_MARGIN_S = 5
 # killed server leaves in /dev/shm is found by name, and only that server's.
 SHM_PREFIX = "wan_triton_shm_"
 SHM_DIR = Path("/dev/shm")
+# How long a thread of tritonserver may wait for a live stub to exit, before any stop, until the stub is killed.
+# Nothing in a start or a serving server waits for a stub that long but the backend's hang (`waited_stub`).
+STUB_WAIT_KILL_S = 10
+# The number of wait4, the system call behind waitpid, in /proc/<pid>/task/<tid>/syscall.
+_WAIT4 = {"x86_64": 61, "aarch64": 260}
+_STUB_COMM = "triton_python_b"  # the kernel keeps 15 characters of "triton_python_backend_stub"
 
 
 def _pytriton_root() -> Path:
@@ -215,6 +227,36 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def _live_stub(pid: int) -> bool:
+    try:
+        comm, fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+    except (OSError, ValueError):
+        return False
+    return comm.split("(", 1)[-1] == _STUB_COMM and fields.split()[0] != "Z"
+
+
+def waited_stub(server_pid: int) -> int | None:
+    """The Python-backend stub a thread of the tritonserver `server_pid` is blocked waiting for (waitpid), if any.
+
+    Triton 2.51's Python backend waits so for a stub it took for dead while the stub's instance initialised
+    (`StubLauncher::Launch`, after a missed health check); the stub, alive and only slow, never exits, and the load
+    never ends. A stub exiting after its finalize is waited for too, briefly.
+    """
+    number = _WAIT4.get(platform.machine())
+    if number is None:
+        return None
+    for task in Path(f"/proc/{server_pid}/task").glob("*"):
+        try:
+            fields = (task / "syscall").read_text().split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[0] == str(number):
+            pid = int(fields[1], 16)
+            if pid > 0 and _live_stub(pid):
+                return pid
+    return None
+
+
 def _kill_group(process: subprocess.Popen, wait_s: float = 10) -> None:
     """SIGKILL every process of the group `process` leads, reap it, and wait (up to `wait_s`) until none is left."""
     try:
@@ -256,11 +298,14 @@ def supervise(
     signal.signal(signal.SIGTERM, pass_on)
     signal.signal(signal.SIGINT, pass_on)
     killed = False
+    waited: dict[int, float] = {}  # stub pid -> when a thread of tritonserver was first seen waiting for it
     while True:
         try:
             returncode = process.wait(timeout=0.5)
             break
         except subprocess.TimeoutExpired:
+            if not stop_asked:
+                _end_a_hung_load(process.pid, waited)
             if stop_asked and time.monotonic() - stop_asked[0] > exit_timeout_s + KILL_MARGIN_S:
                 logger.error(
                     "tritonserver still running %.0f s after the stop signal (an open client stream holds it); "
@@ -275,6 +320,29 @@ def supervise(
     if removed:
         logger.warning("removed %d shared-memory region(s) the server left: %s", len(removed), ", ".join(removed))
     return 1 if killed else returncode
+
+
+def _end_a_hung_load(server_pid: int, waited: dict[int, float]) -> None:
+    stub = waited_stub(server_pid)
+    now = time.monotonic()
+    for pid in [pid for pid in waited if pid != stub]:
+        del waited[pid]
+    if stub is None:
+        return
+    since = waited.setdefault(stub, now)
+    if now - since >= STUB_WAIT_KILL_S:
+        logger.error(
+            "tritonserver has waited %.0f s for its Python-backend stub %d to exit: the backend took the stub for "
+            "dead while its model instance initialised, and the load would never end; killing the stub, so the "
+            "load fails",
+            now - since,
+            stub,
+        )
+        try:
+            os.kill(stub, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        del waited[stub]
 
 
 def main(argv: list[str] | None = None) -> int:
