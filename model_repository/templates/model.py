@@ -1,3 +1,11 @@
 """Triton Python-backend entry point of the ${role} model; the logic lives in `wan_triton.serving.models.${role}`."""
 
-from wan_triton.serving.models.${role} import ${class_name} as TritonPythonModel  # noqa: F401
+import os
+
+# Triton's Python backend takes a stub for dead when the stub's health thread has not run for a second, and the
+# load or request under way then fails (docs/triton-2.51-notes.md). Linux keeps a nice value per thread: from here
+# on, this thread (the stub's main one) and every thread it starts (torch's, ONNX Runtime's) yield the CPU to that
+# health thread, which the stub started before it imported this file.
+os.nice(5)
+
+from wan_triton.serving.models.${role} import ${class_name} as TritonPythonModel  # noqa: E402,F401

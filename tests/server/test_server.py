@@ -7,6 +7,8 @@ engine families are checked against the reference in one server start.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -151,6 +153,39 @@ def test_warm_up_ran_before_the_server_reported_ready(server):
     for model in ("wan_onnx_scheduler", "wan_onnx_vae_decoder", "wan_torch_scheduler", "wan_torch_vae_decoder"):
         warm = log.find(f"{model} warm-up")
         assert 0 <= warm < ready, model
+
+
+def _nice_values(pid: int) -> dict[int, int]:
+    """Thread id -> nice value, of every thread of process `pid`."""
+    values = {}
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        # "tid (comm) state ...": the nice value is the 17th field after the command's closing parenthesis.
+        values[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[16])
+    return values
+
+
+def _children(pid: int) -> list[int]:
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(stat.parent.name))
+        except (OSError, IndexError):
+            continue
+    return children
+
+
+def test_every_stub_runs_its_model_below_its_health_thread(server):
+    # The rendered model.py lowers the priority of the stub's main thread and of every thread it starts, below the
+    # health thread Triton's Python backend must see running (docs/triton-2.51-notes.md).
+    (tritonserver,) = _children(server.process.pid)  # the launcher's one child
+    stubs = _children(tritonserver)
+    assert len(stubs) >= 10, stubs
+    for stub in stubs:
+        nice = _nice_values(stub)
+        assert nice[stub] == 5, (stub, nice)  # the main thread
+        assert sorted(nice.values()).count(0) == 1, (stub, nice)  # the health thread alone
+        assert set(nice.values()) == {0, 5}, (stub, nice)
 
 
 def test_request_for_the_video_alone(client):
