@@ -190,6 +190,13 @@ def _link_fp8_weights(artifacts: Path, version_dir: Path) -> None:
         shutil.copytree(src, version_dir / FOLDER, copy_function=_link_or_copy)
 
 
+def _model_py(deployment: Deployment, role: str) -> str:
+    return fill(
+        "model.py",
+        {"role": role, "class_name": CLASS_NAMES[role], "nice": str(deployment.serving.model_thread_nice)},
+    )
+
+
 def _render_stream(deployment: Deployment, staging: Path) -> None:
     """The decoupled streaming endpoint `<model_name>_stream`, beside the ensemble (see serving/stream.py)."""
     name = deployment.model_name
@@ -202,10 +209,7 @@ def _render_stream(deployment: Deployment, staging: Path) -> None:
         ),
         encoding="utf-8",
     )
-    (model_dir / VERSION / "model.py").write_text(
-        fill("model.py", {"role": model_io.STREAM.role, "class_name": CLASS_NAMES[model_io.STREAM.role]}),
-        encoding="utf-8",
-    )
+    (model_dir / VERSION / "model.py").write_text(_model_py(deployment, model_io.STREAM.role), encoding="utf-8")
     (model_dir / DEPLOYMENT_FILE).write_text(deployment.to_json(), encoding="utf-8")
 
 
@@ -251,9 +255,7 @@ def render_repository(deployment: Deployment, checkpoint: Path, artifacts: Path,
             ),
             encoding="utf-8",
         )
-        (version_dir / "model.py").write_text(
-            fill("model.py", {"role": step.role, "class_name": CLASS_NAMES[step.role]}), encoding="utf-8"
-        )
+        (version_dir / "model.py").write_text(_model_py(deployment, step.role), encoding="utf-8")
         (model_dir / DEPLOYMENT_FILE).write_text(deployment.to_json(), encoding="utf-8")
         for pattern in step_graphs(deployment, step.role, ckpt):
             matches = sorted(artifacts.glob(pattern))

@@ -6,6 +6,6 @@ import os
 # load or request under way then fails (docs/triton-2.51-notes.md). Linux keeps a nice value per thread: from here
 # on, this thread (the stub's main one) and every thread it starts (torch's, ONNX Runtime's) yield the CPU to that
 # health thread, which the stub started before it imported this file.
-os.nice(5)
+os.nice(${nice})  # the deployment's serving.model_thread_nice
 
 from wan_triton.serving.models.${role} import ${class_name} as TritonPythonModel  # noqa: E402,F401

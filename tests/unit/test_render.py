@@ -44,10 +44,10 @@ def test_render_torch_repository(tmp_path):
     assert re.search(r"decoupled: true", stream_config)
     assert "wan_t2v_stream" not in (repo / "wan_t2v/config.pbtxt").read_text()
     assert 'name: "job_token"' in (repo / "wan_t2v_scheduler/config.pbtxt").read_text()
-    assert (
-        "from wan_triton.serving.models.scheduler import Scheduler as TritonPythonModel"
-        in (repo / "wan_t2v_scheduler/1/model.py").read_text()
-    )
+    model_py = (repo / "wan_t2v_scheduler/1/model.py").read_text()
+    assert "from wan_triton.serving.models.scheduler import Scheduler as TritonPythonModel" in model_py
+    # The model's threads yield to the stub's health thread (serving.model_thread_nice), before the heavy import.
+    assert model_py.index("os.nice(5)") < model_py.index("from wan_triton")
     recorded = Deployment.model_validate_json((repo / "wan_t2v_scheduler/deployment.json").read_text())
     assert recorded.checkpoint == str(tmp_path.resolve())
     # Re-rendering replaces an earlier render...

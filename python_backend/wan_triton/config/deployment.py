@@ -254,6 +254,10 @@ class Serving(_Strict):
     # while the requests still succeeded, with wrong frames (benchmarks/RESULTS.md, Throughput). Size it for
     # (max_queue_size + max_batch_size + 2) requests at the largest shape.
     cuda_memory_pool_mib: int = Field(default=1024, ge=64, le=65_536)
+    # The nice value each Python-backend stub gives its model's threads, above the stub's health thread, so that a
+    # busy host never delays that thread past the backend's one-second check (docs/triton-2.51-notes.md, "A stub
+    # taken for dead"). 0 leaves them at the server's priority, beside other processes of the host.
+    model_thread_nice: int = Field(default=5, ge=0, le=19)
 
 
 class Video(_Strict):
