@@ -159,11 +159,11 @@ def start_server(
         try:
             server.wait_ready(ready_timeout_s)
             return server
-        except Exception:
+        except BaseException as exc:
             server.stop()
-            if attempt >= attempts or not server.stub_taken_for_dead():
+            if not isinstance(exc, Exception) or attempt >= attempts or not server.stub_taken_for_dead():
                 raise
-        report = server.startup_report()
+            failure = exc  # its message carries the start's report
         kept = log_path.with_name(f"{log_path.stem}.attempt{attempt}{log_path.suffix}")
         log_path.replace(kept)
         logger.warning(
@@ -172,7 +172,7 @@ def start_server(
             attempt,
             attempts,
             kept,
-            report,
+            failure,
         )
         attempt += 1
 

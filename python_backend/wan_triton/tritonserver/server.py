@@ -217,22 +217,26 @@ def group_members(pgid: int) -> list[int]:
     """The live processes of a process group (zombies, which hold nothing but their exit status, left out)."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # "pid (comm) state ppid pgrp ...": comm may hold spaces, so split after its closing parenthesis.
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        parsed = _stat(int(stat.parent.name))
+        if parsed is not None and parsed[1][0] != "Z" and int(parsed[1][2]) == pgid:
             members.append(int(stat.parent.name))
     return members
 
 
-def _live_stub(pid: int) -> bool:
+def _stat(pid: int) -> tuple[str, list[str]] | None:
+    """Process `pid`'s command name and the fields of /proc/<pid>/stat after it (state, ppid, pgrp, ...); None once
+    it is gone."""
     try:
-        comm, fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses, so split at its last ")".
+        head, rest = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
     except (OSError, ValueError):
-        return False
-    return comm.split("(", 1)[-1] == _STUB_COMM and fields.split()[0] != "Z"
+        return None
+    return head.split("(", 1)[-1], rest.split()
+
+
+def _live_stub(pid: int) -> bool:
+    parsed = _stat(pid)
+    return parsed is not None and parsed[0] == _STUB_COMM and parsed[1][0] != "Z"
 
 
 def waited_stub(server_pid: int) -> int | None:
@@ -298,14 +302,14 @@ def supervise(
     signal.signal(signal.SIGTERM, pass_on)
     signal.signal(signal.SIGINT, pass_on)
     killed = False
-    waited: dict[int, float] = {}  # stub pid -> when a thread of tritonserver was first seen waiting for it
+    waited: tuple[int, float] | None = None  # the stub tritonserver waits for, and since when
     while True:
         try:
             returncode = process.wait(timeout=0.5)
             break
         except subprocess.TimeoutExpired:
             if not stop_asked:
-                _end_a_hung_load(process.pid, waited)
+                waited = _end_a_hung_load(process.pid, waited)
             if stop_asked and time.monotonic() - stop_asked[0] > exit_timeout_s + KILL_MARGIN_S:
                 logger.error(
                     "tritonserver still running %.0f s after the stop signal (an open client stream holds it); "
@@ -322,27 +326,28 @@ def supervise(
     return 1 if killed else returncode
 
 
-def _end_a_hung_load(server_pid: int, waited: dict[int, float]) -> None:
+def _end_a_hung_load(server_pid: int, waited: tuple[int, float] | None) -> tuple[int, float] | None:
+    """Kill the stub tritonserver has waited on since `waited` says, once that is STUB_WAIT_KILL_S ago; returns what
+    to pass next time."""
     stub = waited_stub(server_pid)
-    now = time.monotonic()
-    for pid in [pid for pid in waited if pid != stub]:
-        del waited[pid]
     if stub is None:
-        return
-    since = waited.setdefault(stub, now)
-    if now - since >= STUB_WAIT_KILL_S:
-        logger.error(
-            "tritonserver has waited %.0f s for its Python-backend stub %d to exit: the backend took the stub for "
-            "dead while its model instance initialised, and the load would never end; killing the stub, so the "
-            "load fails",
-            now - since,
-            stub,
-        )
-        try:
-            os.kill(stub, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        del waited[stub]
+        return None
+    now = time.monotonic()
+    since = waited[1] if waited is not None and waited[0] == stub else now
+    if now - since < STUB_WAIT_KILL_S:
+        return stub, since
+    logger.error(
+        "tritonserver has waited %.0f s for its Python-backend stub %d to exit: the backend took the stub for "
+        "dead while its model instance initialised, and the load would never end; killing the stub, so the "
+        "load fails",
+        now - since,
+        stub,
+    )
+    try:
+        os.kill(stub, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
