@@ -236,6 +236,8 @@ def test_execute_hands_each_request_its_image_and_batches_images_apart(fake_pb):
         ({"max_queue_delay_ms": -1}, "max_queue_delay_ms"),
         ({"max_queue": 4}, "max_queue"),  # a typo is an error, not ignored
         ({"cuda_memory_pool_mib": 16}, "cuda_memory_pool_mib"),  # below Triton's own default
+        ({"model_thread_nice": -1}, "model_thread_nice"),  # above the server's priority: needs privileges
+        ({"model_thread_nice": 20}, "model_thread_nice"),  # beyond Linux's lowest priority, 19
     ],
 )
 def test_bad_serving_settings_are_rejected(serving, field):
