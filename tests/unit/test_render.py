@@ -45,7 +45,9 @@ def test_render_torch_repository(tmp_path):
     assert "wan_t2v_stream" not in (repo / "wan_t2v/config.pbtxt").read_text()
     assert 'name: "job_token"' in (repo / "wan_t2v_scheduler/config.pbtxt").read_text()
     model_py = (repo / "wan_t2v_scheduler/1/model.py").read_text()
-    assert "from wan_triton.serving.models.scheduler import Scheduler as TritonPythonModel" in model_py
+    assert "from wan_triton.serving.models.scheduler import Scheduler  #" in model_py
+    # Its entry point ends the stub after finalize (wan_triton.serving.stub_exit; tests/platform/test_stub_exit.py).
+    assert "class TritonPythonModel(Scheduler):" in model_py and 'end_stub_process("scheduler")' in model_py
     # The model's threads yield to the stub's health thread (serving.model_thread_nice), before the heavy import.
     assert model_py.index("os.nice(5)") < model_py.index("from wan_triton")
     recorded = Deployment.model_validate_json((repo / "wan_t2v_scheduler/deployment.json").read_text())
