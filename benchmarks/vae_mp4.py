@@ -1,7 +1,8 @@
 """The VAE decode and MP4 encode of one video on a GPU, before and after the fast options: the fp32 decode against
-the bf16 one (deployment `components.vae_decoder.precision: bfloat16`), each to uint8 frames, the H.264 encode of
-those frames at x264 presets (deployment `video.x264_preset`; `fast` is the default), with the bf16 frames' distance
-from the fp32 ones in uint8 levels, and the two run together, each chunk encoded while the next decodes (deployment
+the bf16 and fp16 ones (deployment `components.vae_decoder.precision: bfloat16 | float16`; fp16 as served, with its
+float32 fallback for a clip that overflows), each to uint8 frames, the H.264 encode of those frames at x264 presets
+(deployment `video.x264_preset`; `fast` is the default), with each half-precision decode's distance from the fp32
+frames in uint8 levels, and the two run together, each chunk encoded while the next decodes (deployment
 `video.encode_while_decoding`).
 
 The VAE has random weights built on the device from the A14B config (speed does not depend on weight values). On a
@@ -30,6 +31,7 @@ from wan_triton.model.vae import VaeDecoder, torch_vae_decode_chunks_fn, torch_v
 from wan_triton.model.video import X264_PRESET, decode_mp4, encode_mp4
 
 PRESETS = (X264_PRESET, "veryfast", "superfast", "ultrafast")
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _psnr(decoded: np.ndarray, frames: np.ndarray) -> float:
@@ -51,8 +53,11 @@ def main() -> None:
     ckpt = Checkpoint.open(make_shapes_checkpoint(Path(tempfile.mkdtemp()) / "a14b"))
     device = torch.device(args.device)
     vae32 = ckpt.load_vae(torch.float32, str(device))
-    vae16 = ckpt.load_vae(torch.bfloat16, str(device))
-    vae16.load_state_dict(vae32.state_dict())  # same weights, bf16
+    vaes = {"fp32": (vae32, torch.float32)}
+    for name, dtype in HALF.items():
+        vae = ckpt.load_vae(dtype, str(device))
+        vae.load_state_dict(vae32.state_dict())  # the same weights in half precision
+        vaes[name] = (vae, dtype)
     latents = torch.randn(
         latent_shape(SIZES[args.size]), device=device, generator=torch.Generator(device).manual_seed(0)
     )
@@ -65,8 +70,10 @@ def main() -> None:
     }
     frames: dict[str, np.ndarray] = {}
     decoders = {}
-    for name, vae, dtype in (("fp32", vae32, torch.float32), ("bf16", vae16, torch.bfloat16)):
-        decoder = VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype, torch_vae_decode_chunks_fn(vae))
+    for name, (vae, dtype) in vaes.items():
+        # fp16 as the server runs it: checked for overflow, the fp32 decoder standing by (components.py).
+        fallback = (lambda: decoders["fp32"]) if dtype == torch.float16 else None
+        decoder = VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype, torch_vae_decode_chunks_fn(vae), fallback)
         decoders[name] = decoder
         last: dict = {}
 
@@ -78,8 +85,9 @@ def main() -> None:
         result["decode"][name] = {"decode_to_frames_s": statistics.median(times), "times": times}
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    diff = np.abs(frames["bf16"].astype(np.int16) - frames["fp32"])
-    result["bf16_vs_fp32_levels"] = {"max": int(diff.max()), "mean": float(diff.mean())}
+    for name in HALF:
+        diff = np.abs(frames[name].astype(np.int16) - frames["fp32"])
+        result[f"{name}_vs_fp32_levels"] = {"max": int(diff.max()), "mean": float(diff.mean())}
     for preset in PRESETS:
         times = []
         for _ in range(args.repeat):
@@ -97,7 +105,7 @@ def main() -> None:
     # Both at once, as the vae_decoder step runs them with `video.encode_while_decoding`: each chunk encoded on a
     # worker thread while the next decodes.
     result["while_decoding"] = {}
-    for name, preset in [("fp32", X264_PRESET), *(("bf16", p) for p in PRESETS)]:
+    for name, preset in [("fp32", X264_PRESET), *((h, p) for h in HALF for p in PRESETS)]:
         last = {}
 
         def both(decoder=decoders[name], preset=preset, last=last) -> None:
@@ -113,14 +121,15 @@ def main() -> None:
         print(f"{name} decode with {preset} encode while decoding: {statistics.median(times):.2f} s")
     base = result["decode"]["fp32"]["decode_to_frames_s"] + result["encode"][X264_PRESET]["encode_s"]
     print(f"before: fp32 decode + {X264_PRESET} encode {base:.2f} s")
-    for preset in PRESETS:
-        total = result["decode"]["bf16"]["decode_to_frames_s"] + result["encode"][preset]["encode_s"]
-        encoded = result["encode"][preset]
-        print(
-            f"bf16 decode + {preset} encode {total:.2f} s ({encoded['bytes'] / 1e6:.1f} MB, "
-            f"{encoded['psnr_db']:.2f} dB)"
-        )
-    print(f"bf16 vs fp32 frames: {result['bf16_vs_fp32_levels']}")
+    for name in HALF:
+        for preset in PRESETS:
+            total = result["decode"][name]["decode_to_frames_s"] + result["encode"][preset]["encode_s"]
+            encoded = result["encode"][preset]
+            print(
+                f"{name} decode + {preset} encode {total:.2f} s ({encoded['bytes'] / 1e6:.1f} MB, "
+                f"{encoded['psnr_db']:.2f} dB)"
+            )
+        print(f"{name} vs fp32 frames: {result[f'{name}_vs_fp32_levels']}")
     write_json(args.out, result)
 
 

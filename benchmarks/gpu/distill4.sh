@@ -4,11 +4,11 @@
 # checkpoint with random LoRAs of the published distill LoRAs' layout and rank ($RANK, default 64;
 # `python -m wan_build.random_lora`), fused into the experts at load; one server, then 720p and 480p (81 frames,
 # 4 steps, guidance off; $REQUESTS timed requests each, default 2) through the gRPC client with Triton's per-stage
-# table (benchmarks/e2e_triton.py), and the VAE decode + MP4 encode alone at 720p, fp32 against bf16 decode, x264
-# presets, one after the other and encoding while decoding (benchmarks/vae_mp4.py).
+# table (benchmarks/e2e_triton.py), and the VAE decode + MP4 encode alone at 720p, fp32 against bf16 and fp16 decodes,
+# x264 presets, one after the other and encoding while decoding (benchmarks/vae_mp4.py).
 #   bash benchmarks/gpu/distill4.sh [vae|e2e|all]
-# After `source .gpu-bundle/setup.sh` (benchmarks/gpu/common.sh). `vae` takes about 3 minutes on one H200, `e2e` about
-# 8 (the server's load alone about 5); each fits one 10-minute call, `all` (the default) may not. Results, the build
+# After `source .gpu-bundle/setup.sh` (benchmarks/gpu/common.sh). `vae` takes about 5 minutes on one H200, `e2e` about
+# 7 (the server's load alone about 4); each fits one 10-minute call, `all` (the default) may not. Results, the build
 # output and the server log go to $OUT.
 set -euo pipefail
 # shellcheck source=common.sh

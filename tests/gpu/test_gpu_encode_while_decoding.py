@@ -1,5 +1,5 @@
 """The MP4 encoded while the VAE decodes on the GPU (deployment `video.encode_while_decoding`): the chunked decode
-gives the frames of the whole decode bit for bit, and the MP4 is `encode_mp4` of them, in both precisions. Skipped
+gives the frames of the whole decode bit for bit, and the MP4 is `encode_mp4` of them, in each precision. Skipped
 where no CUDA device is present."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.video import encode_mp4
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "float16"])
 def test_frames_and_mp4_on_the_gpu(other_checkpoint, precision):
     ckpt = Checkpoint.open(other_checkpoint)
     latents = torch.randn(1, ckpt.latent_channels, 4, 6, 10, generator=torch.Generator().manual_seed(0))

@@ -20,7 +20,11 @@ logger = logging.getLogger(__name__)
 class VaeDecoder:
     """`decode_fn` maps normalized-back latents [1, z, T, h, w] to video [1, 3, F, H, W] in [-1, 1];
     `decode_chunks_fn`, where given, maps them to the same video a chunk [1, 3, frames, H, W] at a time, as each
-    latent frame is decoded (what `frames_and_mp4` needs)."""
+    latent frame is decoded (what `frames_and_mp4` needs).
+
+    `fallback`, where given, makes the decoder that takes over when this one's video is not finite (a float16 decode
+    whose activations overflowed): made on first use, it decodes that clip and every later one.
+    """
 
     def __init__(
         self,
@@ -29,6 +33,7 @@ class VaeDecoder:
         device: torch.device,
         dtype: torch.dtype,
         decode_chunks_fn: Callable[[torch.Tensor], Iterator[torch.Tensor]] | None = None,
+        fallback: Callable[[], VaeDecoder] | None = None,
     ) -> None:
         cfg = ckpt.config("vae")
         z_dim = int(cfg["z_dim"])
@@ -39,6 +44,16 @@ class VaeDecoder:
         self.decode_chunks_fn = decode_chunks_fn
         self.device = device
         self.dtype = dtype
+        self._make_fallback = fallback
+        self._fallback: VaeDecoder | None = None
+
+    def _takeover(self) -> VaeDecoder:
+        """The decoder to use from now on, after a video that is not finite (only where a fallback was given)."""
+        assert self._make_fallback is not None
+        if self._fallback is None:
+            logger.warning("the %s VAE decode gave a video that is not finite: float32 decodes from now on", self.dtype)
+            self._fallback = self._make_fallback()
+        return self._fallback
 
     def _denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         return latents.to(self.device, self.dtype) / self.inv_std + self.mean
@@ -49,23 +64,35 @@ class VaeDecoder:
 
     def frames(self, latents: torch.Tensor) -> np.ndarray | None:
         """uint8 RGB frames [F, H, W, 3] (None on a rank of a split decode other than 0)."""
+        if self._fallback is not None:
+            return self._fallback.frames(latents)
         video = self(latents)
-        return None if video is None else to_uint8_frames(video)
+        if video is None:
+            return None
+        if self._make_fallback is not None and not bool(torch.isfinite(video).all()):
+            return self._takeover().frames(latents)
+        return to_uint8_frames(video)
 
     def frame_chunks(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
         """The uint8 RGB frames of one clip's latents [1, z, T, h, w], a chunk [frames, H, W, 3] per latent frame as
-        it is decoded; together, `frames(latents)`."""
+        it is decoded; together, `frames(latents)`. A chunk that is not finite raises `NotFiniteError` (with a
+        fallback; `frames_and_mp4` then decodes the clip again with it)."""
         if self.decode_chunks_fn is None:
             raise ValueError("this VAE decoder has no chunked decode")
         with torch.inference_mode():
             for chunk in self.decode_chunks_fn(self._denormalize(latents)):
+                if self._make_fallback is not None and not bool(torch.isfinite(chunk).all()):
+                    raise NotFiniteError(f"the {self.dtype} VAE decode gave a chunk that is not finite")
                 yield to_uint8_frames(chunk)
 
     def frames_and_mp4(self, latents: torch.Tensor, fps: int, preset: str, crf: int) -> tuple[np.ndarray, bytes]:
         """The frames of one clip and their H.264 MP4 (`video.encode_mp4`, the same bytes), each chunk encoded on a
         worker thread while the next ones decode, so that the encode runs during the decode, not after it."""
+        if self._fallback is not None:
+            return self._fallback.frames_and_mp4(latents, fps, preset, crf)
         started = time.perf_counter()
         encoder = BackgroundMp4Encoder(fps, preset, crf)
+        overflowed = False
         try:
             chunks = []
             for chunk in self.frame_chunks(latents):
@@ -73,8 +100,12 @@ class VaeDecoder:
                 chunks.append(chunk)
             decoded = time.perf_counter()
             mp4 = encoder.finish()
+        except NotFiniteError:  # raised only where there is a fallback
+            overflowed = True
         finally:
             encoder.close()
+        if overflowed:
+            return self._takeover().frames_and_mp4(latents, fps, preset, crf)
         finished = time.perf_counter()
         # What the overlap left: the encode's time after the last chunk decoded (the whole encode's, were it serial).
         logger.info(
@@ -85,6 +116,10 @@ class VaeDecoder:
             finished - decoded,
         )
         return np.concatenate(chunks), mp4
+
+
+class NotFiniteError(ArithmeticError):
+    """A decoded chunk holds inf or NaN: a half-precision decode overflowed."""
 
 
 def torch_vae_decode_fn(vae) -> Callable[[torch.Tensor], torch.Tensor]:
