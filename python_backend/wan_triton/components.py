@@ -155,8 +155,8 @@ def warm_up_denoiser(
 def _torch_vae_decoder(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> VaeDecoder:
     vae = ckpt.load_vae(dtype, str(device))
     # float16 keeps 3 more mantissa bits than bfloat16 (on the tiny model 0.1 uint8 levels from float32 on average,
-    # against 0.9) at the same speed, but not its range: a clip whose decode overflows is decoded again in float32,
-    # and so is every later one.
+    # against 0.9), on the same tensor cores, but not its range: a clip whose decode overflows is decoded again in
+    # float32, and so is every later one.
     fallback = (lambda: _torch_vae_decoder(ckpt, device, torch.float32)) if dtype == torch.float16 else None
     return VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype, torch_vae_decode_chunks_fn(vae), fallback)
 

@@ -87,3 +87,5 @@ def test_split_width_is_a_vae_setting():
         )
     with pytest.raises(ValidationError, match="split_width 2 needs engine torch and one instance"):
         ComponentConfig(engine="onnxruntime", split_width=2)
+    with pytest.raises(ValidationError, match="split_width 2 does not combine with precision float16"):
+        ComponentConfig(engine="torch", split_width=2, precision="float16")

@@ -142,6 +142,13 @@ class ComponentConfig(_Strict):
             )
         if self.split_width > 1 and (self.engine != EngineKind.TORCH or self.instance_count != 1):
             raise ValueError(f"split_width {self.split_width} needs engine torch and one instance")
+        if self.split_width > 1 and self.precision == "float16":
+            # A clip whose float16 decode overflows is decoded again in float32 (wan_triton.model.vae), which the
+            # ranks of a split decode do not do.
+            raise ValueError(
+                f"split_width {self.split_width} does not combine with precision float16 (no float32 fallback for "
+                "a clip that overflows); use bfloat16 or float32"
+            )
         if self.ulysses_head_groups > 1 and self.parallel.ulysses == 1:
             raise ValueError(f"ulysses_head_groups {self.ulysses_head_groups} needs a plan with ulysses > 1")
         if self.precision == "fp8" and (self.engine != EngineKind.TORCH or self.device != "cuda"):
