@@ -123,7 +123,7 @@ def ensemble_configs(deployment: Deployment) -> dict[str, str]:
                     "model_name": name,
                     "description": "The client-facing ensemble: the five steps.",
                     "io": io,
-                    "steps": model_io.ensemble_steps(name),
+                    "steps": model_io.ensemble_steps(name, deployment.video.encode_while_decoding),
                     "response_cache": "",
                 },
             )
@@ -146,7 +146,7 @@ def ensemble_configs(deployment: Deployment) -> dict[str, str]:
                 "model_name": cached,
                 "description": f"The five steps behind {name}, with Triton's response cache (result_cache_bytes).",
                 "io": io,
-                "steps": model_io.ensemble_steps(name),
+                "steps": model_io.ensemble_steps(name, deployment.video.encode_while_decoding),
                 "response_cache": "response_cache { enable: true }\n",
             },
         ),

@@ -31,6 +31,39 @@ def test_every_ensemble_input_is_produced_upstream():
     assert {o.name for o in model_io.RESPONSE_OUTPUTS} <= made
 
 
+def _step_maps(ensemble_config: str, role: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The input_map and output_map (key: value) of the ensemble step that runs `<model>_<role>`."""
+    step = re.search(r'model_name: "\w+_' + role + r'"(.*?)\n  }', ensemble_config, re.S).group(1)
+    maps = [dict(re.findall(kind + r' { key: "(\w+)" value: "(\w+)" }', step)) for kind in ("input_map", "output_map")]
+    return maps[0], maps[1]
+
+
+@pytest.mark.parametrize("encode_while_decoding", [False, True])
+def test_the_frames_pass_through_postprocess_only_where_it_encodes(tmp_path, encode_while_decoding):
+    deployment = load_deployment("cpu_torch")
+    video = deployment.video.model_copy(update={"encode_while_decoding": encode_while_decoding})
+    repo = render_repository(deployment.model_copy(update={"video": video}), tmp_path, tmp_path, tmp_path / "repo")
+    ensemble = (repo / "wan_t2v/config.pbtxt").read_text()
+    _, decoder_out = _step_maps(ensemble, "vae_decoder")
+    post_in, post_out = _step_maps(ensemble, "postprocess")
+    if encode_while_decoding:
+        # The response's frames come from the decoder; postprocess hands on the MP4 alone.
+        assert decoder_out == {"decoded_frames": "frames", "decoded_video": "_decoded_video"}
+        assert post_in == {"request": "_request", "decoded_video": "_decoded_video"}
+        assert post_out == {"video": "video"}
+    else:
+        assert decoder_out == {"decoded_frames": "_decoded_frames", "decoded_video": "_decoded_video"}
+        assert post_in == {
+            "request": "_request",
+            "decoded_frames": "_decoded_frames",
+            "decoded_video": "_decoded_video",
+        }
+        assert post_out == {"video": "video", "frames": "frames"}
+    # Postprocess declares the frames an optional input, so a wiring without them is valid.
+    post_config = (repo / "wan_t2v_postprocess/config.pbtxt").read_text()
+    assert re.search(r'name: "decoded_frames"[^}]*optional: true', post_config)
+
+
 def test_render_torch_repository(tmp_path):
     deployment = load_deployment("cpu_torch")
     repo = render_repository(deployment, tmp_path, tmp_path / "no_graphs_needed", tmp_path / "repo")

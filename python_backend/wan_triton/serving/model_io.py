@@ -106,10 +106,14 @@ SCHEDULER = ModelIO(
 # reads the request); empty where the deployment leaves the encode to postprocess, or the caller did not ask for it.
 DECODED_VIDEO = IO("decoded_video", "TYPE_STRING", (1,), doc="H.264 MP4 file, or empty")
 # The decoder turns pixels into uint8 frames where it decoded them (on the GPU when it runs there): a quarter of
-# the bytes of float pixels cross to the postprocess step. Postprocess re-emits them as the `frames` output, because
-# an ensemble drops an output the client did not ask for, even when a later step reads it; so too the MP4.
+# the bytes of float pixels. Where postprocess encodes the MP4, the frames cross to it and it re-emits them as the
+# `frames` output, because an ensemble drops an output the client did not ask for, even when a later step reads it;
+# so too the MP4. Where the vae_decoder step encodes it, the frames go from that step straight to the response
+# (`ensemble_steps`), and postprocess, which no longer gets them (an optional input), hands on the MP4 alone.
 VAE_DECODER = ModelIO("vae_decoder", (LATENTS, replace(REQUEST_JSON, optional=True)), (DECODED_FRAMES, DECODED_VIDEO))
-POSTPROCESS = ModelIO("postprocess", (REQUEST_JSON, DECODED_FRAMES, DECODED_VIDEO), (VIDEO, FRAMES))
+POSTPROCESS = ModelIO(
+    "postprocess", (REQUEST_JSON, replace(DECODED_FRAMES, optional=True), DECODED_VIDEO), (VIDEO, FRAMES)
+)
 
 STEPS: tuple[ModelIO, ...] = (PREPROCESS, TEXT_ENCODER, SCHEDULER, VAE_DECODER, POSTPROCESS)
 
@@ -161,16 +165,28 @@ def ensemble_io() -> str:
     return _io_block("input", REQUEST_INPUTS) + "\n" + _io_block("output", RESPONSE_OUTPUTS)
 
 
-def ensemble_steps(model_name: str) -> str:
-    """The `ensemble_scheduling { step [...] }` body wiring every step by tensor name."""
+def ensemble_steps(model_name: str, frames_from_decoder: bool = False) -> str:
+    """The `ensemble_scheduling { step [...] }` body wiring every step by tensor name.
+
+    With `frames_from_decoder` (the vae_decoder step encodes the MP4: deployment `video.encode_while_decoding`), the
+    response's `frames` are the vae_decoder step's output and do not pass through postprocess: at 720p x 81 frames
+    that is 224 MB that postprocess would otherwise take in and copy out again on every request.
+    """
     made_by = producers()
     steps = []
     for step in STEPS:
         lines = [f'    model_name: "{model_name}_{step.role}"', "    model_version: -1"]
         for io in step.inputs:
+            if frames_from_decoder and step is POSTPROCESS and io.name == DECODED_FRAMES.name:
+                continue
             source = io.name if step is PREPROCESS else ensemble_tensor(made_by[io.name], io)
             lines.append(f'    input_map {{ key: "{io.name}" value: "{source}" }}')
         for io in step.outputs:
-            lines.append(f'    output_map {{ key: "{io.name}" value: "{ensemble_tensor(step, io)}" }}')
+            target = ensemble_tensor(step, io)
+            if frames_from_decoder and step is POSTPROCESS and io is FRAMES:
+                continue
+            if frames_from_decoder and step is VAE_DECODER and io is DECODED_FRAMES:
+                target = FRAMES.name
+            lines.append(f'    output_map {{ key: "{io.name}" value: "{target}" }}')
         steps.append("  {\n" + "\n".join(lines) + "\n  }")
     return "step [\n" + ",\n".join(steps) + "\n]"

@@ -34,7 +34,7 @@ from wan_triton.serving import model_io as io
 from wan_triton.serving.metrics import StageMetrics
 from wan_triton.serving.request_input import request_image, validate_for
 from wan_triton.serving.stopping import DEADLINE_MESSAGE, JobBoard, RequestStopped, StepGuard
-from wan_triton.serving.triton import StageError, bls_infer, error_response, outcome_of, output, pb_utils
+from wan_triton.serving.triton import StageError, bls_infer, error_response, host_numpy, outcome_of, output, pb_utils
 
 logger = logging.getLogger(__name__)
 
@@ -241,22 +241,21 @@ class StreamRunner:
         )
         guard.check("before postprocessing")
         self._report(job, "postprocess", n, n)
-        wanted = [io.VIDEO.name] + ([io.FRAMES.name] if job.frames_requested else [])
-        post = bls_infer(
-            f"{name}_postprocess",
-            {
-                io.REQUEST_JSON.name: request_json,
-                io.DECODED_FRAMES.name: decoded[io.DECODED_FRAMES.name],
-                io.DECODED_VIDEO.name: decoded[io.DECODED_VIDEO.name],
-            },
-            wanted,
-        )
+        # As the ensemble wires it (model_io.ensemble_steps): where the vae_decoder step encoded the MP4, postprocess
+        # hands on the MP4 alone and the frames come from the decoder.
+        encoded = self.deployment.video.encode_while_decoding
+        post_inputs = {io.REQUEST_JSON.name: request_json, io.DECODED_VIDEO.name: decoded[io.DECODED_VIDEO.name]}
+        if not encoded:
+            post_inputs[io.DECODED_FRAMES.name] = decoded[io.DECODED_FRAMES.name]
+        wanted = [io.VIDEO.name] + ([io.FRAMES.name] if job.frames_requested and not encoded else [])
+        post = bls_infer(f"{name}_postprocess", post_inputs, wanted)
         logger.info("%s: request %s done in %.2f s", self.model, job.token[:8], time.monotonic() - job.received)
         tensors = self._progress(job, "done", n, n)
         tensors.append(output(io.VIDEO.name, post[io.VIDEO.name]))
         tensors.append(output(io.USED_SEED.name, np.array([req.seed], dtype=np.int64)))
         if job.frames_requested:
-            tensors.append(output(io.FRAMES.name, post[io.FRAMES.name]))
+            frames = host_numpy(decoded[io.DECODED_FRAMES.name]) if encoded else post[io.FRAMES.name]
+            tensors.append(output(io.FRAMES.name, frames))
         return pb_utils().InferenceResponse(output_tensors=tensors)
 
     def _denoise(self, job: _Job, request_json: np.ndarray, prompt_embeds, condition_image, num_steps: int, every: int):
