@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wan_triton.config.deployment import Deployment
+from wan_triton.config.deployment import REPOSITORY_MARKER, Deployment
 from wan_triton.config.request import GenerationRequest, validate_request
 from wan_triton.model.specs import ShapeLimits
 
@@ -142,3 +142,26 @@ def build_repository(checkpoint: Path, deployment: Deployment, root: Path, artif
     args = ["--model", str(checkpoint), "--deployment", str(dep_file), "--repo", str(repo)]
     assert build_main([*args, "--artifacts-root", str(artifacts_root)]) == 0
     return repo
+
+
+# One Python-backend model taking a float X [1] and answering Y [1]: the platform tests' stand-in for a served model
+# whose stub they freeze or whose teardown they make hang.
+_ONE_MODEL_CONFIG = """name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "X" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+output [ {{ name: "Y" data_type: TYPE_FP32 dims: [ 1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+
+
+def one_model_repository(root: Path, name: str, model_py: str) -> Path:
+    """A model repository under `root`/repo holding the one model `name` (X [1] -> Y [1]) with `model_py`; returns
+    the model's folder (the repository is its parent)."""
+    repo = root / "repo"
+    model_dir = repo / name
+    (model_dir / "1").mkdir(parents=True)
+    (repo / REPOSITORY_MARKER).touch()
+    (model_dir / "config.pbtxt").write_text(_ONE_MODEL_CONFIG.format(name=name))
+    (model_dir / "1" / "model.py").write_text(model_py)
+    return model_dir

@@ -13,21 +13,12 @@ the hang is real (the stop fails at the exit timeout) and so that the test can f
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 
+from factories import one_model_repository
 from wan_build.render import fill
-from wan_triton.config.deployment import REPOSITORY_MARKER
 from wan_triton.tritonserver.launch import start_server
-
-CONFIG = """name: "lingering"
-backend: "python"
-max_batch_size: 0
-input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
 
 # A model whose finalize returns but leaves a non-daemon thread behind: the interpreter's exit waits for it forever.
 LINGERING = """import threading
@@ -59,21 +50,12 @@ def _entry_point_model_py() -> str:
     return rendered.replace(library_import, LINGERING)
 
 
-def _repository(root: Path, model_py: str) -> Path:
-    repo = root / "repo"
-    model_dir = repo / "lingering"
-    (model_dir / "1").mkdir(parents=True)
-    (repo / REPOSITORY_MARKER).touch()
-    (model_dir / "config.pbtxt").write_text(CONFIG)
-    (model_dir / "1" / "model.py").write_text(model_py)
-    return repo
-
-
 @pytest.mark.parametrize("entry_point", ["rendered", "plain"])
 def test_a_stub_whose_teardown_hangs_after_finalize_still_lets_the_server_stop(tmp_path, entry_point):
     model_py = _entry_point_model_py() if entry_point == "rendered" else LINGERING + "\nTritonPythonModel = Lingering\n"
     log = tmp_path / "tritonserver.log"
-    server = start_server([_repository(tmp_path, model_py)], log, ready_timeout_s=120, exit_timeout_s=5)
+    repo = one_model_repository(tmp_path, "lingering", model_py).parent
+    server = start_server([repo], log, ready_timeout_s=120, exit_timeout_s=5)
     returncode = server.stop()
     text = log.read_text(encoding="utf-8", errors="replace")
     assert "lingering model finalized" in text, text[-3000:]

@@ -24,20 +24,12 @@ from pathlib import Path
 
 import pytest
 
-from wan_triton.config.deployment import REPOSITORY_MARKER
+from factories import one_model_repository
 from wan_triton.tritonserver.launch import STUB_TAKEN_FOR_DEAD, start_server
 
 FREEZE_S = 2.5
 # The model sleeps this long in the frozen phase, so the freeze ends before the phase does.
 PHASE_S = 4.0
-
-CONFIG = """name: "slow"
-backend: "python"
-max_batch_size: 0
-input [ { name: "X" data_type: TYPE_FP32 dims: [ 1 ] } ]
-output [ { name: "Y" data_type: TYPE_FP32 dims: [ 1 ] } ]
-instance_group [ { kind: KIND_CPU count: 1 } ]
-"""
 
 MODEL = f"""import os
 import time
@@ -72,14 +64,9 @@ class TritonPythonModel:
 
 
 def _repository(root: Path, phase: str) -> tuple[Path, Path]:
-    repo = root / "repo"
-    model_dir = repo / "slow"
-    (model_dir / "1").mkdir(parents=True)
-    (repo / REPOSITORY_MARKER).touch()
-    (model_dir / "config.pbtxt").write_text(CONFIG)
-    (model_dir / "1" / "model.py").write_text(MODEL)
+    model_dir = one_model_repository(root, "slow", MODEL)
     (model_dir / f"slow_{phase}").touch()
-    return repo, model_dir
+    return model_dir.parent, model_dir
 
 
 def _freeze_the_slow_stub(pid_file: Path, frozen: list[int]) -> None:
