@@ -8,7 +8,7 @@
 # x264 presets, one after the other and encoding while decoding (benchmarks/vae_mp4.py).
 #   bash benchmarks/gpu/distill4.sh [vae|e2e|all]
 # After `source .gpu-bundle/setup.sh` (benchmarks/gpu/common.sh). `vae` takes about 5 minutes on one H200, `e2e` about
-# 7 (the server's load alone about 4); each fits one 10-minute call, `all` (the default) may not. Results, the build
+# 7 (the server's load alone about 4); each fits a 10-minute run, `all` (the default) may not. Results, the build
 # output and the server log go to $OUT.
 set -euo pipefail
 # shellcheck source=common.sh
