@@ -9,11 +9,16 @@
   linear     each block linear layer's shape, compiled as it runs in a block (layer norm + modulation, then the
              projection): bf16 against `Fp8Linear` (per-token activation scales fused into the norm), time and
              relative L2 error against fp32.
+  quant      the per-token activation quantization that feeds each FP8 linear layer, compiled from torch ops as
+             the served block runs it against the one-pass Triton kernels of wan_triton.kernels.fp8_rows: norm +
+             modulation (self-attention's and the FFN's input), residual add + affine norm (cross-attention's query),
+             quantization alone (the attention outputs) and GELU (the FFN's hidden layer); beside them the bf16 norm
+             + modulation that the bf16 block runs, and how far the two quantizations' e4m3 values differ.
   block      one A14B transformer block (random weights), compiled: bf16 (served kernel) against fp8, time, and at
              480p the output error of each against the same block in fp32.
 Random weights and inputs: error figures say how much the rounding moves the numbers, not how a video looks.
 
-    python benchmarks/fp8_kernels.py --parts attention linear block --sizes 480p 720p --out $OUT/fp8_kernels.json
+    python benchmarks/fp8_kernels.py --parts attention linear quant block --sizes 480p 720p --out $OUT/fp8_kernels.json
 """
 
 from __future__ import annotations
@@ -180,6 +185,72 @@ def measure_linear(size: str, repeat: int) -> dict:
     return result
 
 
+def _agreement(ours: tuple[torch.Tensor, torch.Tensor], served: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """How far two per-token quantizations of the same rows differ: e4m3 codes that differ, and the dequantized
+    values' largest difference relative to the row's amax."""
+    (q, scale), (q_ref, scale_ref) = ours, served
+    deq, deq_ref = q.float() * scale, q_ref.float() * scale_ref
+    return {
+        "codes_differing": float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean()),
+        "max_diff_of_amax": float(((deq - deq_ref).abs().amax(-1) / (scale_ref[:, 0] * fp8.E4M3_MAX)).max()),
+    }
+
+
+def measure_quant(size: str, repeat: int) -> dict:
+    from wan_triton.kernels import fp8_rows
+
+    tokens = tokens_of(SIZES[size])
+    gen = torch.Generator("cuda").manual_seed(0)
+    hidden = torch.randn(2, tokens, DIM, device="cuda", generator=gen).to(torch.bfloat16)
+    delta = torch.randn(2, tokens, DIM, device="cuda", generator=gen).to(torch.bfloat16)
+    ffn_hidden = torch.randn(2 * tokens, 13824, device="cuda", generator=gen).to(torch.bfloat16)
+    mod_scale, mod_shift, gate = (0.1 * torch.randn(2, 1, DIM, device="cuda", generator=gen) for _ in range(3))
+    weight = 1 + 0.1 * torch.randn(DIM, device="cuda", generator=gen)
+    bias = 0.1 * torch.randn(DIM, device="cuda", generator=gen)
+    eps = 1e-6
+
+    def norm_mod(x):
+        return (F.layer_norm(x.float(), (DIM,), eps=eps) * (1 + mod_scale) + mod_shift).type_as(x)
+
+    def residual_affine(x, d):
+        x = (x.float() + d * gate).type_as(x)
+        return x, F.layer_norm(x.float(), (DIM,), weight, bias, eps).type_as(x)
+
+    compiled = {
+        "bf16 norm + modulation": lambda: norm_mod(hidden),
+        "norm + modulation + quantize": lambda: fp8.quantize_rows(norm_mod(hidden).reshape(-1, DIM)),
+        "residual + affine norm + quantize": lambda: (lambda x, n: (x, *fp8.quantize_rows(n.reshape(-1, DIM))))(
+            *residual_affine(hidden, delta)
+        ),
+        "quantize": lambda: fp8.quantize_rows(hidden.reshape(-1, DIM)),
+        "gelu + quantize": lambda: fp8.quantize_rows(F.gelu(ffn_hidden, approximate="tanh")),
+    }
+    triton_kernels = {
+        "norm + modulation + quantize": lambda: fp8_rows.norm_quantize_rows(
+            hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift
+        )[1:],
+        "residual + affine norm + quantize": lambda: fp8_rows.norm_quantize_rows(
+            hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias
+        ),
+        "quantize": lambda: fp8_rows.gelu_quantize_rows(hidden, apply_gelu=False),
+        "gelu + quantize": lambda: fp8_rows.gelu_quantize_rows(ffn_hidden),
+    }
+    result: dict = {"rows": 2 * tokens}
+    for name, fn in compiled.items():
+        fn = torch.compile(fn, dynamic=False, fullgraph=True)
+        served = fn()
+        entry = {"compiled_ms": median_cuda(fn, warmup=2, repeat=repeat) * 1e3}
+        if name in triton_kernels:
+            ours = triton_kernels[name]()
+            entry["triton_ms"] = median_cuda(triton_kernels[name], warmup=2, repeat=repeat) * 1e3
+            entry |= _agreement(ours[-2:], served[-2:])
+            if name.startswith("residual"):
+                entry["hidden_max_diff"] = float((ours[0].float() - served[0].float()).abs().max())
+        logger.info("%s %-36s %s", size, name, entry)
+        result[name] = entry
+    return result
+
+
 def block_inputs(model, size: str):
     from wan_bench.experts import step_inputs
 
@@ -226,7 +297,7 @@ def measure_block(sizes: list[str], repeat: int, backend: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["attention", "linear", "block"])
+    parser.add_argument("--parts", nargs="+", default=["attention", "linear", "quant", "block"])
     parser.add_argument("--sizes", nargs="+", default=["480p", "720p"])
     parser.add_argument("--kinds", nargs="+", default=["gaussian", "offset"])
     parser.add_argument("--backend", default="auto", help="bf16 attention kernel of the block comparison")
@@ -242,6 +313,9 @@ def main() -> None:
         write_json(args.out, result)
     if "linear" in args.parts:
         result["linear"] = {size: measure_linear(size, args.repeat) for size in args.sizes}
+        write_json(args.out, result)
+    if "quant" in args.parts:
+        result["quant"] = {size: measure_quant(size, args.repeat) for size in args.sizes}
         write_json(args.out, result)
     if "block" in args.parts:
         result["block"] = measure_block(args.sizes, args.repeat, args.backend)

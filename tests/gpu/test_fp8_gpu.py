@@ -189,3 +189,44 @@ def test_fp8_denoiser_tracks_the_fp32_run_and_bf16_closer(head64_checkpoint):
     # bf16 run's bound in test_gpu.py is 2e-2.
     assert torch.isfinite(served_fp8).all() and fp8_err <= 1e-1, (fp8_err, bf16_err)
     assert bf16_err < fp8_err
+
+
+def _codes_and_values_agree(ours, served, *, max_codes_differing: float) -> None:
+    """Two per-token e4m3 quantizations of the same rows: the same scale up to a bf16 rounding or two of the row's amax,
+    and each value within one e4m3 step of the other (2^-3 of the row's amax at most)."""
+    (q, scale), (q_ref, scale_ref) = ours, served
+    assert q.dtype == fp8.E4M3 and q.shape == q_ref.shape and scale.shape == scale_ref.shape
+    assert torch.allclose(scale, scale_ref, rtol=2**-6, atol=0)
+    differing = float((q.view(torch.uint8) != q_ref.view(torch.uint8)).float().mean())
+    assert differing <= max_codes_differing, differing
+    step = (q.float() * scale - q_ref.float() * scale_ref).abs().amax(-1) / (scale_ref[:, 0] * fp8.E4M3_MAX)
+    assert float(step.max()) <= 2**-3, float(step.max())
+
+
+def test_one_pass_quantization_kernels_match_the_torch_math():
+    from wan_triton.kernels import fp8_rows
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    dim, eps = 640, 1e-6
+    hidden = (3 * torch.randn(2, 777, dim, device="cuda", generator=gen) + 1).to(torch.bfloat16)
+    delta = torch.randn(2, 777, dim, device="cuda", generator=gen).to(torch.bfloat16)
+    mod_scale, mod_shift, gate = (0.1 * torch.randn(2, 1, dim, device="cuda", generator=gen) for _ in range(3))
+    weight, bias = 1 + 0.1 * torch.randn(dim, device="cuda", generator=gen), torch.randn(dim, device="cuda") * 0.1
+
+    modulated = torch.nn.functional.layer_norm(hidden.float(), (dim,), eps=eps) * (1 + mod_scale) + mod_shift
+    _, *ours = fp8_rows.norm_quantize_rows(hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift)
+    _codes_and_values_agree(ours, fp8.quantize_rows(modulated.bfloat16().reshape(-1, dim)), max_codes_differing=0.02)
+
+    summed = (hidden.float() + delta * gate).bfloat16()
+    normed = torch.nn.functional.layer_norm(summed.float(), (dim,), weight, bias, eps)
+    new_hidden, *ours = fp8_rows.norm_quantize_rows(hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias)
+    assert torch.allclose(new_hidden.float(), summed.float(), rtol=2**-7, atol=0)
+    _codes_and_values_agree(ours, fp8.quantize_rows(normed.bfloat16().reshape(-1, dim)), max_codes_differing=0.02)
+
+    wide = torch.randn(1500, 1728, device="cuda", generator=gen).to(torch.bfloat16)
+    gelu = torch.nn.functional.gelu(wide.float(), approximate="tanh").bfloat16()
+    _codes_and_values_agree(fp8_rows.gelu_quantize_rows(wide), fp8.quantize_rows(gelu), max_codes_differing=0.02)
+    # Quantization alone takes the same bf16 values as the torch ops: the same codes exactly.
+    _codes_and_values_agree(
+        fp8_rows.gelu_quantize_rows(wide, apply_gelu=False), fp8.quantize_rows(wide), max_codes_differing=0.0
+    )
