@@ -14,7 +14,8 @@
              modulation (self-attention's and the FFN's input), residual add + affine norm (cross-attention's query),
              quantization alone (the attention outputs) and GELU (the FFN's hidden layer); beside them the bf16 norm
              + modulation that the bf16 block runs, and how far the two quantizations' e4m3 values differ.
-  block      one A14B transformer block (random weights), compiled: bf16 (served kernel) against fp8, time, and at
+  block      one A14B transformer block (random weights), compiled: bf16 (served kernel) against fp8 (the one-pass
+             quantization, as served) and fp8 per layer (each layer quantizing its bf16 input), time, and at
              480p the output error of each against the same block in fp32.
 Random weights and inputs: error figures say how much the rounding moves the numbers, not how a video looks.
 
@@ -196,8 +197,13 @@ def _agreement(ours: tuple[torch.Tensor, torch.Tensor], served: tuple[torch.Tens
     }
 
 
+def _flat(rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """A `QuantizedRows` as ([M, K] e4m3, [M, 1] scale), the layout `fp8.quantize_rows` returns."""
+    return rows.values.reshape(-1, rows.values.shape[-1]), rows.scale.reshape(-1, 1)
+
+
 def measure_quant(size: str, repeat: int) -> dict:
-    from wan_triton.kernels import fp8_rows
+    from wan_triton.kernels import fp8_rows, fp8_rows_triton
 
     tokens = tokens_of(SIZES[size])
     gen = torch.Generator("cuda").manual_seed(0)
@@ -226,14 +232,14 @@ def measure_quant(size: str, repeat: int) -> dict:
         "gelu + quantize": lambda: fp8.quantize_rows(F.gelu(ffn_hidden, approximate="tanh")),
     }
     triton_kernels = {
-        "norm + modulation + quantize": lambda: fp8_rows.norm_quantize_rows(
-            hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift
-        )[1:],
-        "residual + affine norm + quantize": lambda: fp8_rows.norm_quantize_rows(
-            hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias
+        "norm + modulation + quantize": lambda: _flat(
+            fp8_rows.norm_quantize(hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift)
         ),
-        "quantize": lambda: fp8_rows.gelu_quantize_rows(hidden, apply_gelu=False),
-        "gelu + quantize": lambda: fp8_rows.gelu_quantize_rows(ffn_hidden),
+        "residual + affine norm + quantize": lambda: (lambda summed, rows: (summed, *_flat(rows)))(
+            *fp8_rows.residual_norm_quantize(hidden, delta, eps, gate=gate, weight=weight, bias=bias)
+        ),
+        "quantize": lambda: fp8_rows_triton.gelu_quantize_rows(hidden, apply_gelu=False),
+        "gelu + quantize": lambda: _flat(fp8_rows.gelu_quantize(ffn_hidden)),
     }
     result: dict = {"rows": 2 * tokens}
     for name, fn in compiled.items():
@@ -266,10 +272,10 @@ def measure_block(sizes: list[str], repeat: int, backend: str) -> dict:
     base = build_expert(config, torch.bfloat16, "cuda").eval()
     result: dict = {}
     exact_model = None
-    for variant in ("bf16", "fp8"):
+    for variant in ("bf16", "fp8 per layer", "fp8"):
         model = copy.deepcopy(base)
-        if variant == "fp8":
-            fp8.install(model, backend, torch.device("cuda"))
+        if variant.startswith("fp8"):
+            fp8.install(model, backend, torch.device("cuda"), one_pass=variant == "fp8")
         else:
             attention.install(model, backend, torch.device("cuda"))
         model.compile_repeated_blocks(fullgraph=True, dynamic=False)

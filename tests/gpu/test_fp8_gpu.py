@@ -204,7 +204,7 @@ def _codes_and_values_agree(ours, served, *, max_codes_differing: float) -> None
 
 
 def test_one_pass_quantization_kernels_match_the_torch_math():
-    from wan_triton.kernels import fp8_rows
+    from wan_triton.kernels import fp8_rows, fp8_rows_triton
 
     gen = torch.Generator("cuda").manual_seed(0)
     dim, eps = 640, 1e-6
@@ -213,20 +213,27 @@ def test_one_pass_quantization_kernels_match_the_torch_math():
     mod_scale, mod_shift, gate = (0.1 * torch.randn(2, 1, dim, device="cuda", generator=gen) for _ in range(3))
     weight, bias = 1 + 0.1 * torch.randn(dim, device="cuda", generator=gen), torch.randn(dim, device="cuda") * 0.1
 
-    modulated = torch.nn.functional.layer_norm(hidden.float(), (dim,), eps=eps) * (1 + mod_scale) + mod_shift
-    _, *ours = fp8_rows.norm_quantize_rows(hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift)
-    _codes_and_values_agree(ours, fp8.quantize_rows(modulated.bfloat16().reshape(-1, dim)), max_codes_differing=0.02)
+    def flat(values, scale):
+        return values.reshape(-1, dim), scale.reshape(-1, 1)
 
-    summed = (hidden.float() + delta * gate).bfloat16()
-    normed = torch.nn.functional.layer_norm(summed.float(), (dim,), weight, bias, eps)
-    new_hidden, *ours = fp8_rows.norm_quantize_rows(hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias)
-    assert torch.allclose(new_hidden.float(), summed.float(), rtol=2**-7, atol=0)
-    _codes_and_values_agree(ours, fp8.quantize_rows(normed.bfloat16().reshape(-1, dim)), max_codes_differing=0.02)
+    rows = fp8_rows.norm_quantize(hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift)
+    served = fp8_rows.reference_norm(hidden, None, None, mod_scale, mod_shift, eps)
+    _codes_and_values_agree(flat(*rows), flat(*served), max_codes_differing=0.02)
 
-    wide = torch.randn(1500, 1728, device="cuda", generator=gen).to(torch.bfloat16)
-    gelu = torch.nn.functional.gelu(wide.float(), approximate="tanh").bfloat16()
-    _codes_and_values_agree(fp8_rows.gelu_quantize_rows(wide), fp8.quantize_rows(gelu), max_codes_differing=0.02)
-    # Quantization alone takes the same bf16 values as the torch ops: the same codes exactly.
+    summed, rows = fp8_rows.residual_norm_quantize(hidden, delta, eps, gate=gate, weight=weight, bias=bias)
+    served_sum, *served = fp8_rows.reference_residual_norm(hidden, delta, gate, weight, bias, None, None, eps)
+    assert torch.allclose(summed.float(), served_sum.float(), rtol=2**-7, atol=0)
+    _codes_and_values_agree(flat(*rows), flat(*served), max_codes_differing=0.02)
+
+    wide = torch.randn(2, 750, 1728, device="cuda", generator=gen).to(torch.bfloat16)
+    rows, served = fp8_rows.gelu_quantize(wide), fp8_rows.reference_gelu(wide)
     _codes_and_values_agree(
-        fp8_rows.gelu_quantize_rows(wide, apply_gelu=False), fp8.quantize_rows(wide), max_codes_differing=0.0
+        (rows.values.reshape(-1, 1728), rows.scale.reshape(-1, 1)),
+        (served[0].reshape(-1, 1728), served[1].reshape(-1, 1)),
+        max_codes_differing=0.02,
+    )
+    # Quantization alone takes the same bf16 values as the torch ops: the same codes exactly.
+    plain = wide.reshape(-1, 1728)
+    _codes_and_values_agree(
+        fp8_rows_triton.gelu_quantize_rows(plain, apply_gelu=False), fp8.quantize_rows(plain), max_codes_differing=0.0
     )

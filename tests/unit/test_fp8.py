@@ -136,6 +136,27 @@ def test_quantized_expert_tracks_the_bf16_expert_and_halves_the_block_weights():
     assert _rel_l2(bf16_out, exact) < _rel_l2(out, exact) < 8e-2
 
 
+def test_fp8_blocks_take_their_inputs_quantized_in_one_pass_with_the_same_result():
+    # Off CUDA the one-pass ops run their torch reference: the math of diffusers' block followed by each layer's own
+    # per-token quantization, so the output is bit-identical; the Triton kernels' rounding against that reference is
+    # checked on the GPU (tests/gpu/test_fp8_gpu.py).
+    served = _expert().to(torch.bfloat16)
+    attention.install(served, "cudnn", torch.device("cpu"))
+    served.set_attn_processor(fp8.Fp8AttnProcessor(attention.attention_fn(attention.AttentionBackend.REFERENCE)))
+    fp8.quantize_module(served)
+    per_layer = _forward(served)
+    assert fp8.install_blocks(served) == len(served.blocks)
+    assert all(type(block) is fp8.Fp8TransformerBlock for block in served.blocks)
+    assert "Fp8TransformerBlock" in served._repeated_blocks  # compile_repeated_blocks finds them by class name
+    assert torch.equal(_forward(served), per_layer)
+
+
+def test_fp8_blocks_need_every_block_layer_in_fp8():
+    served = _expert().to(torch.bfloat16)
+    attention.install(served, "cudnn", torch.device("cpu"))
+    assert fp8.install_blocks(served) == 0  # bf16 layers: nothing hands them quantized rows
+
+
 def test_quantize_module_refuses_sizes_fp8_gemms_cannot_take(other_checkpoint):
     from wan_triton.model.checkpoint import Checkpoint
 

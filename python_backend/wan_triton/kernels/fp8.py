@@ -26,16 +26,13 @@ import logging
 from collections.abc import Callable
 
 import torch
+from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
 
-from wan_triton.kernels import attention
+from wan_triton.kernels import attention, fp8_rows
+from wan_triton.kernels.fp8_rows import E4M3, E4M3_MAX, MIN_AMAX, QuantizedRows, quantize_rows
 
 logger = logging.getLogger(__name__)
-
-E4M3 = torch.float8_e4m3fn
-E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
-# Scales never reach zero (an all-zero row or head keeps a finite reciprocal).
-MIN_AMAX = 1e-12
 
 # The linear layers of a transformer block that run in FP8, by their names inside the block (after
 # `attention.fuse_projections`): all of them. Weights are quantized at load, or read from the build-time FP8 weights
@@ -82,13 +79,6 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (e4m3 [M, K], fp32 scale [M, 1]) with x ~= e4m3 * scale: one scale per token."""
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / E4M3_MAX
-    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
 def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [B, S, H, D] -> (e4m3 [B, S, H, D], fp32 scale [B, H]) with x ~= e4m3 * scale: one scale per (batch, head),
     the layout of FlashAttention-3's descale tensors."""
@@ -123,6 +113,8 @@ class Fp8Linear(nn.Module):
     def __init__(self, weight8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight8.shape[1], weight8.shape[0]
+        # The output dtype of an input that comes quantized (`QuantizedRows`): the block's, which its bias has.
+        self.out_dtype = torch.bfloat16 if bias is None else bias.dtype
         self.weight = nn.Parameter(weight8, requires_grad=False)
         self.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
@@ -136,12 +128,18 @@ class Fp8Linear(nn.Module):
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(weight8.to(home), scale.to(home), bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        out = scaled_matmul(x8, x_scale, self.weight, self.weight_scale, x.dtype)
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        """x: the activation [..., K], quantized here per token, or already quantized (`fp8_rows`)."""
+        if isinstance(x, QuantizedRows):
+            lead, out_dtype = x.values.shape[:-1], self.out_dtype
+            x8, x_scale = x.values.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
+        else:
+            lead, out_dtype = x.shape[:-1], x.dtype
+            x8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        out = scaled_matmul(x8, x_scale, self.weight, self.weight_scale, out_dtype)
         if self.bias is not None:
             out = out + self.bias
-        return out.view(*x.shape[:-1], self.out_features)
+        return out.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 per output channel"
@@ -200,6 +198,75 @@ def quantize_module(
             replaced += 1
     logger.info("FP8 linear layers: %d", replaced)
     return replaced
+
+
+# --- block ---
+
+
+class Fp8TransformerBlock(WanTransformerBlock):
+    """diffusers' WanTransformerBlock whose FP8 linear layers take their input quantized by the one-pass ops of
+    `fp8_rows` (the norm, modulation, residual add and GELU before each projection) instead of quantizing a bf16
+    activation that compiled torch ops produced; same submodules, same parameters, the same math up to where the
+    bf16 rounding of the norm's output falls (`fp8_rows`). Timestep embeddings per token (TI2V-5B) keep diffusers'
+    forward."""
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb):
+        if temb.ndim == 4:
+            return super().forward(hidden_states, encoder_hidden_states, temb, rotary_emb)
+        shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
+            self.scale_shift_table + temb.float()
+        ).chunk(6, dim=1)
+        rows = fp8_rows.norm_quantize(hidden_states, self.norm1.eps, mod_scale=scale_msa, mod_shift=shift_msa)
+        attn_output = self.attn1(rows, None, None, rotary_emb)
+        hidden_states, rows = fp8_rows.residual_norm_quantize(
+            hidden_states, attn_output, self.norm2.eps, gate=gate_msa, weight=self.norm2.weight, bias=self.norm2.bias
+        )
+        attn_output = self.attn2(rows, encoder_hidden_states, None, None)
+        hidden_states, rows = fp8_rows.residual_norm_quantize(
+            hidden_states, attn_output, self.norm3.eps, mod_scale=c_scale_msa, mod_shift=c_shift_msa
+        )
+        # net[1] and any net[3:] are dropouts with p = 0 (`_fusable_block` checks), so the output layer follows.
+        ff_output = self.ffn.net[2](fp8_rows.gelu_quantize(self.ffn.net[0].proj(rows)))
+        return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
+
+
+def _fusable_block(block: nn.Module) -> bool:
+    """The layout `Fp8TransformerBlock` computes: non-affine norms around an affine cross-attention norm (diffusers'
+    Wan with `cross_attn_norm`), the FFN as GELU(tanh) projection, no-op dropouts, output layer, all FP8."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.normalization import FP32LayerNorm
+
+    if type(block) is not WanTransformerBlock:
+        return False
+    norms = (block.norm1, block.norm2, block.norm3)
+    if not all(type(n) is FP32LayerNorm for n in norms) or block.norm1.weight is not None:
+        return False
+    if block.norm3.weight is not None or block.norm2.weight is None or block.norm2.bias is None:
+        return False
+    net = list(block.ffn.net)
+    return (
+        len(net) >= 3
+        and type(net[0]) is GELU
+        and net[0].approximate == "tanh"
+        and isinstance(net[0].proj, Fp8Linear)
+        and isinstance(net[2], Fp8Linear)
+        and all(isinstance(m, nn.Dropout) and m.p == 0.0 for m in [net[1], *net[3:]])
+        and isinstance(block.attn1.processor, Fp8AttnProcessor)
+    )
+
+
+def install_blocks(module: nn.Module) -> int:
+    """In place: every block of a WanTransformer3DModel whose FP8 layers and layout `Fp8TransformerBlock` computes
+    becomes one; `compile_repeated_blocks` compiles them as it does diffusers' blocks. Returns how many."""
+    changed = 0
+    for block in module.blocks:
+        if _fusable_block(block):
+            block.__class__ = Fp8TransformerBlock
+            changed += 1
+    if changed:
+        module._repeated_blocks = [*type(module)._repeated_blocks, Fp8TransformerBlock.__name__]
+    logger.info("FP8 blocks with one-pass activation quantization: %d", changed)
+    return changed
 
 
 # --- attention ---
@@ -278,10 +345,12 @@ def install(
     backend: attention.AttentionBackend | str,
     device: torch.device,
     stored: StoredWeights | None = None,
+    one_pass: bool = True,
 ):
     """`attention.install` (the bf16 kernel for cross-attention, fused projections), then self-attention and the
-    block linear layers in FP8 (weights from `stored` when given, else quantized here). Returns the bf16 attention
-    kernel chosen. Raises ValueError where FP8 cannot run."""
+    block linear layers in FP8 (weights from `stored` when given, else quantized here), their inputs quantized in one
+    pass (`install_blocks`; `one_pass=False` keeps each layer quantizing its bf16 input, for comparison). Returns the
+    bf16 attention kernel chosen. Raises ValueError where FP8 cannot run."""
     if (why := supported(device)) is not None:
         raise ValueError(why)
     if attention.AttentionBackend(backend) == attention.AttentionBackend.REFERENCE:
@@ -290,4 +359,6 @@ def install(
     _fa3_fp8()  # the custom op is defined here, eagerly: torch.compile cannot trace its definition
     module.set_attn_processor(Fp8AttnProcessor(attention.attention_fn(chosen)))
     quantize_module(module, stored=stored)
+    if one_pass:
+        install_blocks(module)
     return chosen

@@ -1,163 +1,180 @@
-"""Per-token e4m3 quantization of a block's activations in one pass over memory (Triton, CUDA only).
+"""Per-token e4m3 quantization of a block's activations in one pass over memory, for the FP8 linear layers.
 
-Each FP8 linear layer of a block scales its input per token (`fp8.quantize_rows`). Written as torch ops, the layer
-norm, the modulation and the row-wise amax are three reductions over the same row, and the compiled kernel that runs
-them cost 1.5-2.3 ms per layer at 480p next to GEMMs of 2.5-8.3 ms (benchmarks/RESULTS.md, Precision). Here one
-program holds one token's row in registers: it reads the row once (with the residual added first where a residual
-add precedes the norm), normalizes, modulates, rounds to bf16 as the bf16 block does, takes the amax and writes the
-e4m3 row and its scale, and, where it added a residual, the new hidden state.
+Each FP8 linear layer scales its input per token (`fp8.quantize_rows`). Written as torch ops and compiled, the layer
+norm, the modulation and the row-wise amax that precede a projection are reductions over the same row, and their
+kernel cost 1.5-2.3 ms per layer at 480p next to FP8 GEMMs of 2.5-8.3 ms (benchmarks/RESULTS.md, Precision). The ops
+here do it in one pass (Triton kernels on CUDA, `fp8_rows_triton`) and hand the layer a `QuantizedRows`, which
+`fp8.Fp8Linear` takes in place of its bf16 input:
 
-The math is `fp8.quantize_rows` of what diffusers' block computes:
-    hidden = hidden + delta * gate                      (optional: the residual add before the norm)
-    y = layer_norm(hidden.float()) [* weight + bias]    (weight and bias: the affine norm of cross-attention)
-        [* (1 + scale) + shift]                         (scale, shift: the modulation, one row per batch entry)
-    e4m3 = y.bf16 / (amax(|y.bf16|) / 448), per token
-`gelu_quantize_rows` quantizes the tanh-approximated GELU of its input (the FFN's hidden layer) the same way.
+    hidden = hidden + delta * gate                      (the residual add before the norm, where there is one)
+    y = layer_norm(hidden.float()) [* weight + bias]    (weight, bias: cross-attention's affine norm)
+        [* (1 + mod_scale) + mod_shift]                 (the modulation, one row per batch entry)
+    rows = quantize_rows(y rounded to bf16)             (as the bf16 block hands the layer its input)
+
+and `gelu_quantize` the same for the FFN's tanh GELU. Each is a `torch.library.custom_op`, opaque to torch.compile
+and captured by CUDA graphs as one kernel; off CUDA it runs the torch reference below, the math the GPU test checks the
+kernels against.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
 
-# As in wan_triton.kernels.fp8, as constants a Triton kernel may read.
-E4M3_MAX = tl.constexpr(448.0)
-MIN_AMAX = tl.constexpr(1e-12)
-
-
-@triton.jit
-def _store_quantized(y, q_ptrs, scale_ptr, mask):
-    """Round y (fp32) to bf16, as the bf16 graph hands a linear layer its input, and store it as e4m3 with one scale
-    for the row; the division rounds exactly, as torch's does."""
-    y = y.to(tl.bfloat16).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0), MIN_AMAX)
-    scale = amax / E4M3_MAX
-    tl.store(q_ptrs, tl.clamp(tl.math.div_rn(y, scale), -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv), mask=mask)
-    tl.store(scale_ptr, scale)
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = float(torch.finfo(E4M3).max)  # 448
+# Scales never reach zero (an all-zero row or head keeps a finite reciprocal).
+MIN_AMAX = 1e-12
 
 
-@triton.jit
-def _norm_quantize_kernel(
-    hidden_ptr,
-    delta_ptr,
-    gate_ptr,
-    hidden_out_ptr,
-    weight_ptr,
-    bias_ptr,
-    mod_scale_ptr,
-    mod_shift_ptr,
-    q_ptr,
-    scale_ptr,
-    rows_per_batch,
-    width,
-    eps,
-    HAS_DELTA: tl.constexpr,
-    HAS_GATE: tl.constexpr,
-    HAS_AFFINE: tl.constexpr,
-    HAS_MODULATION: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    batch = row // rows_per_batch
-    cols = tl.arange(0, BLOCK)
-    mask = cols < width
-    offsets = row * width + cols
-    x = tl.load(hidden_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if HAS_DELTA:
-        delta = tl.load(delta_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            delta = delta * tl.load(gate_ptr + batch * width + cols, mask=mask, other=0.0)
-        # The residual stream is bf16 between the block's parts: round as the block does, then normalize that.
-        x = (x + delta).to(tl.bfloat16)
-        tl.store(hidden_out_ptr + offsets, x, mask=mask)
-        x = x.to(tl.float32)
-    mean = tl.sum(x, axis=0) / width
-    centred = tl.where(mask, x - mean, 0.0)
-    variance = tl.sum(centred * centred, axis=0) / width
-    y = centred / tl.sqrt(variance + eps)
-    if HAS_AFFINE:
-        y = y * tl.load(weight_ptr + cols, mask=mask, other=0.0) + tl.load(bias_ptr + cols, mask=mask, other=0.0)
-    if HAS_MODULATION:
-        mod_scale = tl.load(mod_scale_ptr + batch * width + cols, mask=mask, other=0.0)
-        y = y * (1.0 + mod_scale) + tl.load(mod_shift_ptr + batch * width + cols, mask=mask, other=0.0)
-    _store_quantized(y, q_ptr + offsets, scale_ptr + row, mask)
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (e4m3 [M, K], fp32 scale [M, 1]) with x ~= e4m3 * scale: one scale per token."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) / E4M3_MAX
+    return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-@triton.jit
-def _gelu_quantize_kernel(x_ptr, q_ptr, scale_ptr, width, APPLY_GELU: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < width
-    offsets = row * width + cols
-    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if APPLY_GELU:
-        # tanh-approximated GELU (diffusers' "gelu-approximate"), tanh(u) = 2 sigmoid(2u) - 1
-        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-        x = x * tl.sigmoid(2.0 * inner)
-    _store_quantized(x, q_ptr + offsets, scale_ptr + row, mask)
+class QuantizedRows(NamedTuple):
+    """An activation in e4m3 with one scale per token: values [..., K], scale [..., 1] (fp32)."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
 
 
-def _warps(width: int) -> int:
-    return 16 if width > 8192 else 8
+# The torch references: what the ops compute off CUDA, and what the GPU test holds the kernels to.
 
 
-def norm_quantize_rows(
+def reference_norm(
+    hidden: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mod_scale: torch.Tensor | None,
+    mod_shift: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    width = hidden.shape[-1]
+    # As diffusers' FP32LayerNorm: the norm and its affine parameters in fp32.
+    weight, bias = (None if t is None else t.float() for t in (weight, bias))
+    y = F.layer_norm(hidden.float(), (width,), weight, bias, eps)
+    if mod_scale is not None:
+        y = y * (1 + mod_scale.view(hidden.shape[0], 1, width)) + mod_shift.view(hidden.shape[0], 1, width)
+    values, scale = quantize_rows(y.to(hidden.dtype).reshape(-1, width))
+    return values.view(hidden.shape), scale.view(*hidden.shape[:-1], 1)
+
+
+def reference_residual_norm(hidden, delta, gate, weight, bias, mod_scale, mod_shift, eps):
+    added = delta.float() if gate is None else delta.float() * gate.view(hidden.shape[0], 1, hidden.shape[-1])
+    summed = (hidden.float() + added).to(hidden.dtype)
+    return summed, *reference_norm(summed, weight, bias, mod_scale, mod_shift, eps)
+
+
+def reference_gelu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    values, scale = quantize_rows(F.gelu(x.float(), approximate="tanh").to(x.dtype).reshape(-1, x.shape[-1]))
+    return values.view(x.shape), scale.view(*x.shape[:-1], 1)
+
+
+@torch.library.custom_op("wan_triton::fp8_norm_quantize", mutates_args=())
+def _norm_quantize(
+    hidden: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mod_scale: torch.Tensor | None,
+    mod_shift: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if hidden.device.type != "cuda":
+        return reference_norm(hidden, weight, bias, mod_scale, mod_shift, eps)
+    from wan_triton.kernels import fp8_rows_triton
+
+    _, values, scale = fp8_rows_triton.norm_quantize_rows(
+        hidden, eps, weight=weight, bias=bias, mod_scale=mod_scale, mod_shift=mod_shift
+    )
+    return values.view(hidden.shape), scale.view(*hidden.shape[:-1], 1)
+
+
+@_norm_quantize.register_fake
+def _(hidden, weight, bias, mod_scale, mod_shift, eps):
+    return hidden.new_empty(hidden.shape, dtype=E4M3), hidden.new_empty((*hidden.shape[:-1], 1), dtype=torch.float32)
+
+
+@torch.library.custom_op("wan_triton::fp8_residual_norm_quantize", mutates_args=())
+def _residual_norm_quantize(
+    hidden: torch.Tensor,
+    delta: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mod_scale: torch.Tensor | None,
+    mod_shift: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if hidden.device.type != "cuda":
+        return reference_residual_norm(hidden, delta, gate, weight, bias, mod_scale, mod_shift, eps)
+    from wan_triton.kernels import fp8_rows_triton
+
+    summed, values, scale = fp8_rows_triton.norm_quantize_rows(
+        hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias, mod_scale=mod_scale, mod_shift=mod_shift
+    )
+    return summed, values.view(hidden.shape), scale.view(*hidden.shape[:-1], 1)
+
+
+@_residual_norm_quantize.register_fake
+def _(hidden, delta, gate, weight, bias, mod_scale, mod_shift, eps):
+    return (
+        torch.empty_like(hidden),
+        hidden.new_empty(hidden.shape, dtype=E4M3),
+        hidden.new_empty((*hidden.shape[:-1], 1), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("wan_triton::fp8_gelu_quantize", mutates_args=())
+def _gelu_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type != "cuda":
+        return reference_gelu(x)
+    from wan_triton.kernels import fp8_rows_triton
+
+    values, scale = fp8_rows_triton.gelu_quantize_rows(x)
+    return values.view(x.shape), scale.view(*x.shape[:-1], 1)
+
+
+@_gelu_quantize.register_fake
+def _(x):
+    return x.new_empty(x.shape, dtype=E4M3), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+
+
+def norm_quantize(
     hidden: torch.Tensor,
     eps: float,
     *,
-    delta: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    mod_scale: torch.Tensor | None = None,
+    mod_shift: torch.Tensor | None = None,
+) -> QuantizedRows:
+    """hidden [B, S, K] bf16 -> its layer norm (affine with weight, bias [K]; modulated by mod_scale, mod_shift
+    [B, 1, K] fp32) in e4m3, per token."""
+    return QuantizedRows(*_norm_quantize(hidden, weight, bias, mod_scale, mod_shift, eps))
+
+
+def residual_norm_quantize(
+    hidden: torch.Tensor,
+    delta: torch.Tensor,
+    eps: float,
+    *,
     gate: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     mod_scale: torch.Tensor | None = None,
     mod_shift: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """hidden [B, S, K] bf16 (+ delta [B, S, K] * gate [B, K]) -> (hidden after the residual add [B, S, K],
-    e4m3 [B*S, K], fp32 scale [B*S, 1]) of the layer norm (affine with weight/bias [K]) modulated by
-    mod_scale/mod_shift [B, K]. Without delta the first output is `hidden` itself."""
-    batch, rows_per_batch, width = hidden.shape
-    hidden = hidden.contiguous()
-    q = torch.empty((batch * rows_per_batch, width), dtype=torch.float8_e4m3fn, device=hidden.device)
-    scale = torch.empty((batch * rows_per_batch, 1), dtype=torch.float32, device=hidden.device)
-    hidden_out = torch.empty_like(hidden) if delta is not None else hidden
-    fp32 = {"dtype": torch.float32}
-
-    def per_batch(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.reshape(batch, width).to(**fp32).contiguous()
-
-    _norm_quantize_kernel[(batch * rows_per_batch,)](
-        hidden,
-        None if delta is None else delta.contiguous(),
-        per_batch(gate),
-        hidden_out,
-        None if weight is None else weight.to(**fp32).contiguous(),
-        None if bias is None else bias.to(**fp32).contiguous(),
-        per_batch(mod_scale),
-        per_batch(mod_shift),
-        q,
-        scale,
-        rows_per_batch,
-        width,
-        eps,
-        HAS_DELTA=delta is not None,
-        HAS_GATE=gate is not None,
-        HAS_AFFINE=weight is not None,
-        HAS_MODULATION=mod_scale is not None,
-        BLOCK=triton.next_power_of_2(width),
-        num_warps=_warps(width),
-    )
-    return hidden_out, q, scale
+) -> tuple[torch.Tensor, QuantizedRows]:
+    """(hidden + delta * gate rounded to bf16, `norm_quantize` of that sum) for hidden, delta [B, S, K] bf16 and
+    gate [B, 1, K] fp32 (none: 1)."""
+    summed, values, scale = _residual_norm_quantize(hidden, delta, gate, weight, bias, mod_scale, mod_shift, eps)
+    return summed, QuantizedRows(values, scale)
 
 
-def gelu_quantize_rows(x: torch.Tensor, apply_gelu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] bf16 -> (e4m3 [M, K], fp32 scale [M, 1]) of GELU(x) (tanh approximation), or of x itself."""
-    width = x.shape[-1]
-    rows = x.numel() // width
-    x = x.contiguous()
-    q = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    _gelu_quantize_kernel[(rows,)](
-        x, q, scale, width, APPLY_GELU=apply_gelu, BLOCK=triton.next_power_of_2(width), num_warps=_warps(width)
-    )
-    return q, scale
+def gelu_quantize(x: torch.Tensor) -> QuantizedRows:
+    """x [..., K] bf16 -> GELU(x) (tanh approximation, rounded to bf16) in e4m3, per token."""
+    return QuantizedRows(*_gelu_quantize(x))
