@@ -98,12 +98,21 @@ def smooth_keys(k: torch.Tensor) -> torch.Tensor:
 # --- linear ---
 
 
-def scaled_matmul(x8: torch.Tensor, x_scale: torch.Tensor, w8: torch.Tensor, w_scale: torch.Tensor, out_dtype):
-    """(x8 * x_scale) @ (w8 * w_scale[:, None]).T for x8 [M, K], w8 [N, K]: FP8 tensor cores on CUDA, the same
-    dequantized operands in fp32 elsewhere."""
+def scaled_matmul(
+    x8: torch.Tensor,
+    x_scale: torch.Tensor,
+    w8: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(x8 * x_scale) @ (w8 * w_scale[:, None]).T + bias for x8 [M, K], w8 [N, K], bias [N] (out_dtype): FP8 tensor
+    cores on CUDA with the bias added to the fp32 accumulator in the GEMM's epilogue (no pass over the output of its
+    own, which a custom op after the layer could not fuse), the same dequantized operands in fp32 elsewhere."""
     if x8.device.type == "cuda":
-        return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale[None, :], out_dtype=out_dtype)
-    return ((x8.float() * x_scale) @ (w8.float() * w_scale[:, None]).t()).to(out_dtype)
+        return torch._scaled_mm(x8, w8.t(), scale_a=x_scale, scale_b=w_scale[None, :], bias=bias, out_dtype=out_dtype)
+    out = (x8.float() * x_scale) @ (w8.float() * w_scale[:, None]).t()
+    return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -136,9 +145,7 @@ class Fp8Linear(nn.Module):
         else:
             lead, out_dtype = x.shape[:-1], x.dtype
             x8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        out = scaled_matmul(x8, x_scale, self.weight, self.weight_scale, out_dtype)
-        if self.bias is not None:
-            out = out + self.bias
+        out = scaled_matmul(x8, x_scale, self.weight, self.weight_scale, out_dtype, self.bias)
         return out.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
