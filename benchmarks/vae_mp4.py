@@ -3,7 +3,8 @@ the bf16 and fp16 ones (deployment `components.vae_decoder.precision: bfloat16 |
 float32 fallback for a clip that overflows), each to uint8 frames, the H.264 encode of those frames at x264 presets
 (deployment `video.x264_preset`; `fast` is the default), with each half-precision decode's distance from the fp32
 frames in uint8 levels, and the two run together, each chunk encoded while the next decodes (deployment
-`video.encode_while_decoding`).
+`video.encode_while_decoding`); with `--compile`, the half-precision decodes with their phases compiled too
+(`components.vae_decoder.compile_phases`).
 
 The VAE has random weights built on the device from the A14B config (speed does not depend on weight values). On a
 GPU host (`benchmarks/gpu/distill4.sh` runs it):
@@ -28,6 +29,7 @@ from wan_bench.timing import time_wall
 from wan_build.shapes_checkpoint import make_shapes_checkpoint
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.vae import VaeDecoder, torch_vae_decode_chunks_fn, torch_vae_decode_fn
+from wan_triton.model.vae_chunks import TorchVaeDecoder
 from wan_triton.model.video import X264_PRESET, decode_mp4, encode_mp4
 
 PRESETS = (X264_PRESET, "veryfast", "superfast", "ultrafast")
@@ -51,6 +53,9 @@ def main() -> None:
     # always runs.
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--halves", nargs="+", default=list(HALF), choices=list(HALF))
+    # Also each half precision with its decode phases compiled (`components.vae_decoder.compile_phases`); the first,
+    # compiling decode is recorded as `first_s`.
+    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -76,22 +81,33 @@ def main() -> None:
     }
     frames: dict[str, np.ndarray] = {}
     decoders = {}
-    for name, (vae, dtype) in vaes.items():
+    variants = [(name, vae, dtype, False) for name, (vae, dtype) in vaes.items()]
+    if args.compile:
+        variants += [(f"{name}+compile", vaes[name][0], dtype, True) for name, dtype in halves.items()]
+    for name, vae, dtype, compiled in variants:
         # fp16 as the server runs it: checked for overflow, the fp32 decoder standing by (components.py).
         fallback = (lambda: decoders["fp32"]) if dtype == torch.float16 else None
-        decoder = VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype, torch_vae_decode_chunks_fn(vae), fallback)
+        if compiled:  # as `components.vae_decoder.compile_phases` builds it
+            phases = TorchVaeDecoder(vae, whole_post_quant_conv=True)
+            phases.compile()
+            decoder = VaeDecoder(ckpt, phases.decode, device, dtype, phases.decode_chunks, fallback)
+        else:
+            decoder = VaeDecoder(
+                ckpt, torch_vae_decode_fn(vae), device, dtype, torch_vae_decode_chunks_fn(vae), fallback
+            )
         decoders[name] = decoder
         last: dict = {}
 
         def decode(decoder=decoder, last=last) -> None:
             last["frames"] = decoder.frames(latents)  # to uint8 frames on the host, as the server's step does
 
-        _, times = time_wall(decode, device, args.repeat)
+        first_s, times = time_wall(decode, device, args.repeat)
         frames[name] = last["frames"]
-        result["decode"][name] = {"decode_to_frames_s": statistics.median(times), "times": times}
+        result["decode"][name] = {"decode_to_frames_s": statistics.median(times), "times": times, "first_s": first_s}
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    for name in halves:
+    halves_decoded = [name for name, *_ in variants if name != "fp32"]
+    for name in halves_decoded:
         diff = np.abs(frames[name].astype(np.int16) - frames["fp32"])
         result[f"{name}_vs_fp32_levels"] = {"max": int(diff.max()), "mean": float(diff.mean())}
     for preset in presets:
@@ -111,7 +127,7 @@ def main() -> None:
     # Both at once, as the vae_decoder step runs them with `video.encode_while_decoding`: each chunk encoded on a
     # worker thread while the next decodes.
     result["while_decoding"] = {}
-    for name, preset in [("fp32", X264_PRESET), *((h, p) for h in halves for p in presets)]:
+    for name, preset in [("fp32", X264_PRESET), *((h, p) for h in halves_decoded for p in presets)]:
         last = {}
 
         def both(decoder=decoders[name], preset=preset, last=last) -> None:
@@ -127,7 +143,7 @@ def main() -> None:
         print(f"{name} decode with {preset} encode while decoding: {statistics.median(times):.2f} s")
     base = result["decode"]["fp32"]["decode_to_frames_s"] + result["encode"][X264_PRESET]["encode_s"]
     print(f"before: fp32 decode + {X264_PRESET} encode {base:.2f} s")
-    for name in halves:
+    for name in halves_decoded:
         for preset in presets:
             total = result["decode"][name]["decode_to_frames_s"] + result["encode"][preset]["encode_s"]
             encoded = result["encode"][preset]

@@ -19,7 +19,7 @@ from wan_triton.model.vae import (
     torch_vae_decode_fn,
     torch_vae_encode_fn,
 )
-from wan_triton.model.vae_chunks import onnx_vae_decoder, onnx_vae_encode_fn
+from wan_triton.model.vae_chunks import TorchVaeDecoder, onnx_vae_decoder, onnx_vae_encode_fn
 from wan_triton.parallel.tp_shards import find_shards
 from wan_triton.runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from wan_triton.runtime.engines.tensorrt_engine import TensorRTEngine
@@ -152,13 +152,22 @@ def warm_up_denoiser(
         denoiser.warm_up(height, width, num_frames, guided)
 
 
-def _torch_vae_decoder(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype) -> VaeDecoder:
+def _torch_vae_decoder(
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, compile_phases: bool = False
+) -> VaeDecoder:
     vae = ckpt.load_vae(dtype, str(device))
     # float16 keeps 3 more mantissa bits than bfloat16 (on the tiny model 0.1 uint8 levels from float32 on average,
     # against 0.9), on the same tensor cores, but not its range: a clip whose decode overflows is decoded again in
-    # float32, and so is every later one.
+    # float32, and so is every later one. The float32 decoder is not compiled: it is built when a clip overflows, and
+    # compiling it then would hold that request for minutes.
     fallback = (lambda: _torch_vae_decoder(ckpt, device, torch.float32)) if dtype == torch.float16 else None
-    return VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype, torch_vae_decode_chunks_fn(vae), fallback)
+    if not compile_phases:
+        return VaeDecoder(ckpt, torch_vae_decode_fn(vae), device, dtype, torch_vae_decode_chunks_fn(vae), fallback)
+    # Compiled, the whole video goes through the same phase modules as the chunks (bit-identical to vae.decode
+    # eagerly), so that both paths use the one set of compiled graphs.
+    phases = TorchVaeDecoder(vae, whole_post_quant_conv=True)
+    phases.compile()
+    return VaeDecoder(ckpt, phases.decode, device, dtype, phases.decode_chunks, fallback)
 
 
 def build_vae_decoder(
@@ -174,7 +183,7 @@ def build_vae_decoder(
     match cfg.engine:
         case EngineKind.TORCH:
             device, dtype = _device(cfg, device_id), DTYPES[cfg.precision]
-            return _torch_vae_decoder(ckpt, device, dtype)
+            return _torch_vae_decoder(ckpt, device, dtype, cfg.compile_phases)
         case EngineKind.ONNXRUNTIME:
             phases = onnx_vae_decoder(artifacts, lambda p: _onnx_engine(p, cfg))
             return VaeDecoder(ckpt, phases.decode, torch.device("cpu"), torch.float32, phases.decode_chunks)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from factories import SHAPE_LIMITS as LIMITS
 from wan_build.tiny_model import make_tiny_checkpoint
-from wan_triton.config.deployment import EngineKind
+from wan_triton.config.deployment import ComponentConfig, Components, EngineKind
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.engine import Engine
 from wan_triton.model.specs import vae_decoder_phase_specs
@@ -66,6 +67,33 @@ def test_chunked_decode_equals_vae_decode(vae, decoder, frames):
     assert got.shape == expected.shape == (1, 3, 1 + 4 * (frames - 1), 32, 48)
     torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
     assert got.abs().max() <= 1.0
+
+
+def test_phases_compile_whole_and_decode_the_same(vae):
+    # fullgraph: a graph break would fail here. The eager backend keeps this to dynamo's tracing; inductor's kernels
+    # are compared with the eager decode on the GPU (tests/gpu/test_gpu_vae_half.py).
+    compiled = TorchVaeDecoder(vae, whole_post_quant_conv=True)
+    compiled.compile(backend="eager")
+    latents = _latents(4, seed=5)
+    with torch.no_grad():
+        expected = vae.decode(latents).sample
+    torch.testing.assert_close(compiled.decode(latents), expected, atol=0, rtol=0)
+    chunks = list(compiled.decode_chunks(latents))
+    torch.testing.assert_close(torch.cat(chunks, dim=2), expected, atol=0, rtol=0)
+
+
+def test_compile_phases_is_a_torch_vae_decoder_setting():
+    torch_cpu = ComponentConfig(engine="torch")
+    compiled = ComponentConfig(engine="torch", compile_phases=True)
+    assert Components(text_encoder=torch_cpu, denoiser=torch_cpu, vae_decoder=compiled).vae_decoder.compile_phases
+    with pytest.raises(ValidationError, match="denoiser: compile_phases is a vae_decoder setting"):
+        Components(
+            text_encoder=torch_cpu, denoiser=ComponentConfig(engine="torch", compile_phases=True), vae_decoder=torch_cpu
+        )
+    with pytest.raises(ValidationError, match="compile_phases needs engine: torch and split_width 1"):
+        ComponentConfig(engine="onnxruntime", compile_phases=True)
+    with pytest.raises(ValidationError, match="compile_phases needs engine: torch and split_width 1"):
+        ComponentConfig(engine="torch", compile_phases=True, split_width=2)
 
 
 def test_batch_decodes_item_by_item(decoder):

@@ -117,6 +117,10 @@ class ComponentConfig(_Strict):
     # model's device on, on cuda; gloo on cpu), exact up to summation order (wan_triton.parallel.vae_split); its
     # speed-up: benchmarks/RESULTS.md, Parallel.
     split_width: int = Field(default=1, ge=1)
+    # VAE decoder only (torch engine): torch.compile each of the decode's phase modules (wan_triton.model.vae_chunks),
+    # which fuses the norms, activations, padding and cache copies around the convolutions; a size's first decode
+    # compiles (the deployment's warm-up, at load). Speed: benchmarks/RESULTS.md, End to end.
+    compile_phases: bool = False
     # Worker groups (a parallel plan, split_width > 1): a request fails when no rank has reported progress (a
     # denoising step, or its result) for this long, and the group is restarted before the next request. A rank hung
     # in a collective (a stuck GPU, a peer stopped without exiting) would otherwise hold the request, and the model
@@ -142,6 +146,8 @@ class ComponentConfig(_Strict):
             )
         if self.split_width > 1 and (self.engine != EngineKind.TORCH or self.instance_count != 1):
             raise ValueError(f"split_width {self.split_width} needs engine torch and one instance")
+        if self.compile_phases and (self.engine != EngineKind.TORCH or self.split_width > 1):
+            raise ValueError("compile_phases needs engine: torch and split_width 1")
         if self.split_width > 1 and self.precision == "float16":
             # A clip whose float16 decode overflows is decoded again in float32 (wan_triton.model.vae), which the
             # ranks of a split decode do not do.
@@ -194,6 +200,9 @@ class Components(_Strict):
         for name in ("text_encoder", "vae_decoder", "vae_encoder"):
             if getattr(self, name).loras:
                 raise ValueError(f"{name}: loras is a denoiser setting")
+        for name in ("text_encoder", "denoiser", "vae_encoder"):
+            if getattr(self, name).compile_phases:
+                raise ValueError(f"{name}: compile_phases is a vae_decoder setting")
         return self
 
 

@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 REP = "Rep"  # diffusers' marker: a temporal upsampler that has seen one chunk and replicates instead of caching
 MAX_PHASES = 8  # Wan needs 3; more would mean the cache never settles, which the layout trace reports
+# Compiled phase graphs (phases x video sizes) before dynamo stops compiling new ones.
+COMPILED_GRAPHS_LIMIT = 64
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,13 @@ class TorchVaeDecoder:
 
     def _run(self, k: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return list(self.phases[k](*tensors))
+
+    def compile(self, backend: str = "inductor") -> None:
+        """torch.compile every phase for the shapes it meets (each phase's structure is fixed, so one graph a phase
+        and size). The phases share one forward, and dynamo's default of 8 graphs per code object would run a third
+        size (9 graphs) eagerly without a word: allow COMPILED_GRAPHS_LIMIT."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
+        self.phases = [torch.compile(phase, backend=backend, dynamic=False, fullgraph=True) for phase in self.phases]
 
     def _before_chunks(self, latents: torch.Tensor) -> torch.Tensor:
         return latents if self.post_quant_conv is None else self.post_quant_conv(latents)
