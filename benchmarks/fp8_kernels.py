@@ -202,7 +202,7 @@ def _flat(rows) -> tuple[torch.Tensor, torch.Tensor]:
     return rows.values.reshape(-1, rows.values.shape[-1]), rows.scale.reshape(-1, 1)
 
 
-def measure_quant(size: str, repeat: int) -> dict:
+def measure_quant(size: str, repeat: int, warps: list[int]) -> dict:
     from wan_triton.kernels import fp8_rows, fp8_rows_triton
 
     tokens = tokens_of(SIZES[size])
@@ -241,6 +241,17 @@ def measure_quant(size: str, repeat: int) -> dict:
         "quantize": lambda: fp8_rows_triton.gelu_quantize_rows(hidden, apply_gelu=False),
         "gelu + quantize": lambda: _flat(fp8_rows.gelu_quantize(ffn_hidden)),
     }
+    # The same kernels at each warp count of `warps` (the served choice is `fp8_rows_triton._warps`).
+    warp_sweep = {
+        "norm + modulation + quantize": lambda w: fp8_rows_triton.norm_quantize_rows(
+            hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift, num_warps=w
+        ),
+        "residual + affine norm + quantize": lambda w: fp8_rows_triton.norm_quantize_rows(
+            hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias, num_warps=w
+        ),
+        "quantize": lambda w: fp8_rows_triton.gelu_quantize_rows(hidden, apply_gelu=False, num_warps=w),
+        "gelu + quantize": lambda w: fp8_rows_triton.gelu_quantize_rows(ffn_hidden, num_warps=w),
+    }
     result: dict = {"rows": 2 * tokens}
     for name, fn in compiled.items():
         fn = torch.compile(fn, dynamic=False, fullgraph=True)
@@ -252,6 +263,10 @@ def measure_quant(size: str, repeat: int) -> dict:
             entry |= _agreement(ours[-2:], served[-2:])
             if name.startswith("residual"):
                 entry["hidden_max_diff"] = float((ours[0].float() - served[0].float()).abs().max())
+            for w in warps:
+                entry[f"triton_ms_{w}_warps"] = (
+                    median_cuda(lambda w=w, n=name: warp_sweep[n](w), warmup=2, repeat=repeat) * 1e3
+                )
         logger.info("%s %-36s %s", size, name, entry)
         result[name] = entry
     return result
@@ -308,6 +323,8 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["gaussian", "offset"])
     parser.add_argument("--backend", default="auto", help="bf16 attention kernel of the block comparison")
     parser.add_argument("--repeat", type=int, default=5)
+    # quant: the Triton kernels also at these warp counts a program
+    parser.add_argument("--warps", nargs="*", type=int, default=[])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -321,7 +338,7 @@ def main() -> None:
         result["linear"] = {size: measure_linear(size, args.repeat) for size in args.sizes}
         write_json(args.out, result)
     if "quant" in args.parts:
-        result["quant"] = {size: measure_quant(size, args.repeat) for size in args.sizes}
+        result["quant"] = {size: measure_quant(size, args.repeat, args.warps) for size in args.sizes}
         write_json(args.out, result)
     if "block" in args.parts:
         result["block"] = measure_block(args.sizes, args.repeat, args.backend)

@@ -89,6 +89,8 @@ def _gelu_quantize_kernel(x_ptr, q_ptr, scale_ptr, width, APPLY_GELU: tl.constex
 
 
 def _warps(width: int) -> int:
+    """Warps a program (one row): 8 up to 8,192 columns, 16 above; `num_warps` overrides it (benchmarks/
+    fp8_kernels.py --warps)."""
     return 16 if width > 8192 else 8
 
 
@@ -102,6 +104,7 @@ def norm_quantize_rows(
     bias: torch.Tensor | None = None,
     mod_scale: torch.Tensor | None = None,
     mod_shift: torch.Tensor | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [B, S, K] bf16 (+ delta [B, S, K] * gate [B, K]) -> (hidden after the residual add [B, S, K],
     e4m3 [B*S, K], fp32 scale [B*S, 1]) of the layer norm (affine with weight/bias [K]) modulated by
@@ -135,12 +138,14 @@ def norm_quantize_rows(
         HAS_AFFINE=weight is not None,
         HAS_MODULATION=mod_scale is not None,
         BLOCK=triton.next_power_of_2(width),
-        num_warps=_warps(width),
+        num_warps=num_warps or _warps(width),
     )
     return hidden_out, q, scale
 
 
-def gelu_quantize_rows(x: torch.Tensor, apply_gelu: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_quantize_rows(
+    x: torch.Tensor, apply_gelu: bool = True, num_warps: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] bf16 -> (e4m3 [M, K], fp32 scale [M, 1]) of GELU(x) (tanh approximation), or of x itself."""
     width = x.shape[-1]
     rows = x.numel() // width
@@ -148,6 +153,12 @@ def gelu_quantize_rows(x: torch.Tensor, apply_gelu: bool = True) -> tuple[torch.
     q = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     _gelu_quantize_kernel[(rows,)](
-        x, q, scale, width, APPLY_GELU=apply_gelu, BLOCK=triton.next_power_of_2(width), num_warps=_warps(width)
+        x,
+        q,
+        scale,
+        width,
+        APPLY_GELU=apply_gelu,
+        BLOCK=triton.next_power_of_2(width),
+        num_warps=num_warps or _warps(width),
     )
     return q, scale
