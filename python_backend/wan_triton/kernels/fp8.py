@@ -8,10 +8,11 @@ benchmarks/RESULTS.md, Precision).
 
 Linear layers (`Fp8Linear`): the weight is stored in e4m3 with one fp32 scale per output channel, computed once from
 the bf16 weight (`quantize_weight`); the activation is scaled per token at run time (`quantize_rows`) and the product
-runs as `torch._scaled_mm` with row-wise scales, accumulating in fp32 and writing bf16. Under regional torch.compile
-the per-token amax, scale and cast fuse into the kernel that produces the activation (the norm and modulation, or the
-FFN's GELU), so they cost no extra pass over memory. Off CUDA the same quantized operands are dequantized and
-multiplied in fp32: the reference math the CPU tests check.
+runs as `torch._scaled_mm` with row-wise scales, accumulating in fp32, adding the bias in its epilogue and writing
+bf16. In a block (`Fp8TransformerBlock`) the inputs that a norm, a residual add or the FFN's GELU produce come already
+quantized, in one pass over memory (`fp8_rows`: faster than the compiled torch ops, benchmarks/RESULTS.md,
+Precision); the attention outputs are quantized by the layer itself. Off CUDA the same quantized operands are
+dequantized and multiplied in fp32: the reference math the CPU tests check.
 
 Self-attention (`fp8_attention`): FlashAttention-3's e4m3 forward (the `fa3-fwd` build) with one scale per (batch,
 head) for each of Q, K and V, the finest its descale tensors take. K is smoothed first: its mean over the tokens
