@@ -1,6 +1,6 @@
 """Per-token e4m3 quantization of a block's activations in one pass over memory, for the FP8 linear layers.
 
-Each FP8 linear layer scales its input per token (`fp8.quantize_rows`). Written as torch ops and compiled, the layer
+Each FP8 linear layer scales its input per token (`quantize_rows`). Written as torch ops and compiled, the layer
 norm, the modulation and the row-wise amax that precede a projection are reductions over the same row, and their
 kernel cost 1.5-2.3 ms per layer at 480p next to FP8 GEMMs of 2.5-8.3 ms (benchmarks/RESULTS.md, Precision). The ops
 here do it in one pass (Triton kernels on CUDA, `fp8_rows_triton`) and hand the layer a `QuantizedRows`, which
@@ -64,7 +64,16 @@ def reference_norm(
     return values.view(hidden.shape), scale.view(*hidden.shape[:-1], 1)
 
 
-def reference_residual_norm(hidden, delta, gate, weight, bias, mod_scale, mod_shift, eps):
+def reference_residual_norm(
+    hidden: torch.Tensor,
+    delta: torch.Tensor,
+    gate: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mod_scale: torch.Tensor | None,
+    mod_shift: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     added = delta.float() if gate is None else delta.float() * gate.view(hidden.shape[0], 1, hidden.shape[-1])
     summed = (hidden.float() + added).to(hidden.dtype)
     return summed, *reference_norm(summed, weight, bias, mod_scale, mod_shift, eps)
