@@ -33,6 +33,13 @@ def test_to_uint8_frames_matches_diffusers(dtype: torch.dtype) -> None:
     assert frames.flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(frames, _reference_uint8(video))
     assert frames.min() == 0 and frames.max() == 255
+    # Into a slice of a larger clip, as the chunked decode fills one: the same values, in place.
+    clip = np.zeros((7, 24, 40, 3), np.uint8)
+    assert to_uint8_frames(video, out=clip[1:6]) is not None
+    np.testing.assert_array_equal(clip[1:6], frames)
+    assert not clip[0].any() and not clip[6].any()
+    with pytest.raises(ValueError, match="out must be C-contiguous uint8"):
+        to_uint8_frames(video, out=clip[1:5])
 
 
 @pytest.mark.parametrize(

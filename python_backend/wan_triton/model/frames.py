@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 
-def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
-    """Convert the VAE decoder output [1, 3, F, H, W] (nominally in [-1, 1]) to C-contiguous uint8 RGB [F, H, W, 3]."""
+def to_uint8_frames(video: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+    """Convert the VAE decoder output [1, 3, F, H, W] (nominally in [-1, 1]) to C-contiguous uint8 RGB [F, H, W, 3],
+    copied into `out` (a C-contiguous uint8 array of that shape) where given."""
     if video.ndim != 5:
         raise ValueError(f"video must have shape [1, 3, F, H, W], got rank {video.ndim} shape {tuple(video.shape)}")
     if video.shape[0] != 1:
@@ -28,4 +29,9 @@ def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
         # float32 multiply and round-half-to-even match numpy's; converting on the tensor's device moves 4x fewer
         # bytes to the host than float32 would.
         x = (x * 255).round().to(torch.uint8)
-        return np.ascontiguousarray(x.cpu().numpy())
+        if out is None:
+            return np.ascontiguousarray(x.cpu().numpy())
+        if out.shape != tuple(x.shape) or out.dtype != np.uint8 or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous uint8 {tuple(x.shape)}, got {out.dtype} {out.shape}")
+        torch.from_numpy(out).copy_(x)
+        return out

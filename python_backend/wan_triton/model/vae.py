@@ -44,6 +44,8 @@ class VaeDecoder:
         self.decode_chunks_fn = decode_chunks_fn
         self.device = device
         self.dtype = dtype
+        self.frames_per_latent_frame = ckpt.vae_scale_factor_temporal  # after the first latent frame's one
+        self.spatial_scale = ckpt.vae_scale_factor_spatial
         self._make_fallback = fallback
         self._fallback: VaeDecoder | None = None
 
@@ -73,17 +75,24 @@ class VaeDecoder:
             return self._takeover().frames(latents)
         return to_uint8_frames(video)
 
-    def frame_chunks(self, latents: torch.Tensor) -> Iterator[np.ndarray]:
+    def frame_chunks(self, latents: torch.Tensor, into: np.ndarray | None = None) -> Iterator[np.ndarray]:
         """The uint8 RGB frames of one clip's latents [1, z, T, h, w], a chunk [frames, H, W, 3] per latent frame as
-        it is decoded; together, `frames(latents)`. A chunk that is not finite raises `NotFiniteError` (with a
-        fallback; `frames_and_mp4` then decodes the clip again with it)."""
+        it is decoded; together, `frames(latents)`. With `into` ([F, H, W, 3] uint8, F the clip's frame count) each
+        chunk is copied from the device straight into its place there, and the chunk is that slice. A chunk that is
+        not finite raises `NotFiniteError` (with a fallback; `frames_and_mp4` then decodes the clip again with it)."""
         if self.decode_chunks_fn is None:
             raise ValueError("this VAE decoder has no chunked decode")
+        filled = 0
         with torch.inference_mode():
             for chunk in self.decode_chunks_fn(self._denormalize(latents)):
                 if self._make_fallback is not None and not bool(torch.isfinite(chunk).all()):
                     raise NotFiniteError(f"the {self.dtype} VAE decode gave a chunk that is not finite")
-                yield to_uint8_frames(chunk)
+                if into is None:
+                    yield to_uint8_frames(chunk)
+                else:
+                    count = chunk.shape[2]
+                    yield to_uint8_frames(chunk, out=into[filled : filled + count])
+                    filled += count
 
     def frames_and_mp4(self, latents: torch.Tensor, fps: int, preset: str, crf: int) -> tuple[np.ndarray, bytes]:
         """The frames of one clip and their H.264 MP4 (`video.encode_mp4`, the same bytes), each chunk encoded on a
@@ -93,11 +102,15 @@ class VaeDecoder:
         started = time.perf_counter()
         encoder = BackgroundMp4Encoder(fps, preset, crf)
         overflowed = False
+        # The clip's frames, each chunk copied from the device into its place as it is decoded: no concatenation of
+        # the whole clip (224 MB at 720p) after the last chunk.
+        height, width = (latents.shape[3] * self.spatial_scale, latents.shape[4] * self.spatial_scale)
+        frames = np.empty((1 + (latents.shape[2] - 1) * self.frames_per_latent_frame, height, width, 3), np.uint8)
+        filled = 0
         try:
-            chunks = []
-            for chunk in self.frame_chunks(latents):
+            for chunk in self.frame_chunks(latents, into=frames):
                 encoder.add(chunk)
-                chunks.append(chunk)
+                filled += len(chunk)
             decoded = time.perf_counter()
             mp4 = encoder.finish()
         except NotFiniteError:  # raised only where there is a fallback
@@ -108,14 +121,16 @@ class VaeDecoder:
             return self._takeover().frames_and_mp4(latents, fps, preset, crf)
         finished = time.perf_counter()
         # What the overlap left: the encode's time after the last chunk decoded (the whole encode's, were it serial).
+        if filled != len(frames):
+            raise RuntimeError(f"the VAE decode gave {filled} frames where {len(frames)} were due")
         logger.info(
             "decoded %d frames in %.2f s; the MP4 (x264 %s) finished %.2f s after the last chunk",
-            sum(len(c) for c in chunks),
+            filled,
             decoded - started,
             preset,
             finished - decoded,
         )
-        return np.concatenate(chunks), mp4
+        return frames, mp4
 
 
 class NotFiniteError(ArithmeticError):
