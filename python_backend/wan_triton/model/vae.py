@@ -120,9 +120,9 @@ class VaeDecoder:
         if overflowed:
             return self._takeover().frames_and_mp4(latents, fps, preset, crf)
         finished = time.perf_counter()
-        # What the overlap left: the encode's time after the last chunk decoded (the whole encode's, were it serial).
         if filled != len(frames):
             raise RuntimeError(f"the VAE decode gave {filled} frames where {len(frames)} were due")
+        # What the overlap left: the encode's time after the last chunk decoded (the whole encode's, were it serial).
         logger.info(
             "decoded %d frames in %.2f s; the MP4 (x264 %s) finished %.2f s after the last chunk",
             filled,
