@@ -46,11 +46,11 @@ class GeluEpilogueFeedForward(FeedForward):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         proj = self.net[0].proj
-        # net[1] and any net[3:] are dropouts with p = 0 (`_fusable` checks), so the output layer follows directly.
+        # net[1] and any net[3:] are dropouts with p = 0 (`has_wan_layout` checks), so the output layer follows.
         return self.net[2](linear_gelu_tanh(hidden_states, proj.weight, proj.bias))
 
 
-def _fusable(ffn: nn.Module) -> bool:
+def has_wan_layout(ffn: nn.Module) -> bool:
     """The layout this fusion reproduces: GELU(tanh) with a biased projection, a no-op dropout, the output layer."""
     if type(ffn) is not FeedForward or len(ffn.net) < 3:
         return False
@@ -70,7 +70,7 @@ def install(module: nn.Module) -> int:
     projection and GELU as one op. Returns how many were changed (all of them, for a Wan checkpoint)."""
     changed = 0
     for ffn in module.modules():
-        if _fusable(ffn):
+        if has_wan_layout(ffn):
             ffn.__class__ = GeluEpilogueFeedForward
             changed += 1
     logger.debug("FFN projection + GELU fused in %d layers", changed)

@@ -233,16 +233,17 @@ class Fp8TransformerBlock(WanTransformerBlock):
         hidden_states, rows = fp8_rows.residual_norm_quantize(
             hidden_states, attn_output, self.norm3.eps, mod_scale=c_scale_msa, mod_shift=c_shift_msa
         )
-        # net[1] and any net[3:] are dropouts with p = 0 (`_fusable_block` checks), so the output layer follows.
+        # net[1] and any net[3:] are dropouts with p = 0 (`ffn.has_wan_layout` checks), so the output layer follows.
         ff_output = self.ffn.net[2](fp8_rows.gelu_quantize(self.ffn.net[0].proj(rows)))
         return (hidden_states.float() + ff_output.float() * c_gate_msa).type_as(hidden_states)
 
 
 def _fusable_block(block: nn.Module) -> bool:
     """The layout `Fp8TransformerBlock` computes: non-affine norms around an affine cross-attention norm (diffusers'
-    Wan with `cross_attn_norm`), the FFN as GELU(tanh) projection, no-op dropouts, output layer, all FP8."""
-    from diffusers.models.activations import GELU
+    Wan with `cross_attn_norm`), diffusers' Wan FFN (`ffn.has_wan_layout`), and every one of them in FP8."""
     from diffusers.models.normalization import FP32LayerNorm
+
+    from wan_triton.kernels.ffn import has_wan_layout
 
     if type(block) is not WanTransformerBlock:
         return False
@@ -251,14 +252,10 @@ def _fusable_block(block: nn.Module) -> bool:
         return False
     if block.norm3.weight is not None or block.norm2.weight is None or block.norm2.bias is None:
         return False
-    net = list(block.ffn.net)
     return (
-        len(net) >= 3
-        and type(net[0]) is GELU
-        and net[0].approximate == "tanh"
-        and isinstance(net[0].proj, Fp8Linear)
-        and isinstance(net[2], Fp8Linear)
-        and all(isinstance(m, nn.Dropout) and m.p == 0.0 for m in [net[1], *net[3:]])
+        has_wan_layout(block.ffn)
+        and isinstance(block.ffn.net[0].proj, Fp8Linear)
+        and isinstance(block.ffn.net[2], Fp8Linear)
         and isinstance(block.attn1.processor, Fp8AttnProcessor)
     )
 
