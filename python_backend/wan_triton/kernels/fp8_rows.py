@@ -43,6 +43,16 @@ class QuantizedRows(NamedTuple):
     scale: torch.Tensor
 
 
+def _rows_shaped(values: torch.Tensor, scale: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rows ([M, K] e4m3, [M, 1] scale) in the shape of the activation they quantize: [..., K], [..., 1]."""
+    return values.view(like.shape), scale.view(*like.shape[:-1], 1)
+
+
+def _empty_rows(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `_rows_shaped` gives for `like`, unfilled (the ops' fake implementations)."""
+    return like.new_empty(like.shape, dtype=E4M3), like.new_empty((*like.shape[:-1], 1), dtype=torch.float32)
+
+
 # The torch references: what the ops compute off CUDA, and what the GPU test holds the kernels to.
 
 
@@ -60,8 +70,7 @@ def reference_norm(
     y = F.layer_norm(hidden.float(), (width,), weight, bias, eps)
     if mod_scale is not None:
         y = y * (1 + mod_scale.view(hidden.shape[0], 1, width)) + mod_shift.view(hidden.shape[0], 1, width)
-    values, scale = quantize_rows(y.to(hidden.dtype).reshape(-1, width))
-    return values.view(hidden.shape), scale.view(*hidden.shape[:-1], 1)
+    return _rows_shaped(*quantize_rows(y.to(hidden.dtype).reshape(-1, width)), hidden)
 
 
 def reference_residual_norm(
@@ -80,8 +89,7 @@ def reference_residual_norm(
 
 
 def reference_gelu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    values, scale = quantize_rows(F.gelu(x.float(), approximate="tanh").to(x.dtype).reshape(-1, x.shape[-1]))
-    return values.view(x.shape), scale.view(*x.shape[:-1], 1)
+    return _rows_shaped(*quantize_rows(F.gelu(x.float(), approximate="tanh").to(x.dtype).reshape(-1, x.shape[-1])), x)
 
 
 @torch.library.custom_op("wan_triton::fp8_norm_quantize", mutates_args=())
@@ -100,12 +108,12 @@ def _norm_quantize(
     _, values, scale = fp8_rows_triton.norm_quantize_rows(
         hidden, eps, weight=weight, bias=bias, mod_scale=mod_scale, mod_shift=mod_shift
     )
-    return values.view(hidden.shape), scale.view(*hidden.shape[:-1], 1)
+    return _rows_shaped(values, scale, hidden)
 
 
 @_norm_quantize.register_fake
 def _(hidden, weight, bias, mod_scale, mod_shift, eps):
-    return hidden.new_empty(hidden.shape, dtype=E4M3), hidden.new_empty((*hidden.shape[:-1], 1), dtype=torch.float32)
+    return _empty_rows(hidden)
 
 
 @torch.library.custom_op("wan_triton::fp8_residual_norm_quantize", mutates_args=())
@@ -126,16 +134,12 @@ def _residual_norm_quantize(
     summed, values, scale = fp8_rows_triton.norm_quantize_rows(
         hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias, mod_scale=mod_scale, mod_shift=mod_shift
     )
-    return summed, values.view(hidden.shape), scale.view(*hidden.shape[:-1], 1)
+    return summed, *_rows_shaped(values, scale, hidden)
 
 
 @_residual_norm_quantize.register_fake
 def _(hidden, delta, gate, weight, bias, mod_scale, mod_shift, eps):
-    return (
-        torch.empty_like(hidden),
-        hidden.new_empty(hidden.shape, dtype=E4M3),
-        hidden.new_empty((*hidden.shape[:-1], 1), dtype=torch.float32),
-    )
+    return torch.empty_like(hidden), *_empty_rows(hidden)
 
 
 @torch.library.custom_op("wan_triton::fp8_gelu_quantize", mutates_args=())
@@ -144,13 +148,12 @@ def _gelu_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return reference_gelu(x)
     from wan_triton.kernels import fp8_rows_triton
 
-    values, scale = fp8_rows_triton.gelu_quantize_rows(x)
-    return values.view(x.shape), scale.view(*x.shape[:-1], 1)
+    return _rows_shaped(*fp8_rows_triton.gelu_quantize_rows(x), x)
 
 
 @_gelu_quantize.register_fake
 def _(x):
-    return x.new_empty(x.shape, dtype=E4M3), x.new_empty((*x.shape[:-1], 1), dtype=torch.float32)
+    return _empty_rows(x)
 
 
 def norm_quantize(
