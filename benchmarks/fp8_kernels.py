@@ -197,13 +197,8 @@ def _agreement(ours: tuple[torch.Tensor, torch.Tensor], served: tuple[torch.Tens
     }
 
 
-def _flat(rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """A `QuantizedRows` as ([M, K] e4m3, [M, 1] scale), the layout `fp8.quantize_rows` returns."""
-    return rows.values.reshape(-1, rows.values.shape[-1]), rows.scale.reshape(-1, 1)
-
-
 def measure_quant(size: str, repeat: int, warps: list[int]) -> dict:
-    from wan_triton.kernels import fp8_rows, fp8_rows_triton
+    from wan_triton.kernels import fp8_rows_triton
 
     tokens = tokens_of(SIZES[size])
     gen = torch.Generator("cuda").manual_seed(0)
@@ -231,21 +226,12 @@ def measure_quant(size: str, repeat: int, warps: list[int]) -> dict:
         "quantize": lambda: fp8.quantize_rows(hidden.reshape(-1, DIM)),
         "gelu + quantize": lambda: fp8.quantize_rows(F.gelu(ffn_hidden, approximate="tanh")),
     }
+    # The one-pass kernels, at the warp count given (None: the served choice, `fp8_rows_triton._warps`); each
+    # returns what its compiled twin does, ending in the [M, K] e4m3 values and [M, 1] scales.
     triton_kernels = {
-        "norm + modulation + quantize": lambda: _flat(
-            fp8_rows.norm_quantize(hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift)
-        ),
-        "residual + affine norm + quantize": lambda: (lambda summed, rows: (summed, *_flat(rows)))(
-            *fp8_rows.residual_norm_quantize(hidden, delta, eps, gate=gate, weight=weight, bias=bias)
-        ),
-        "quantize": lambda: fp8_rows_triton.gelu_quantize_rows(hidden, apply_gelu=False),
-        "gelu + quantize": lambda: _flat(fp8_rows.gelu_quantize(ffn_hidden)),
-    }
-    # The same kernels at each warp count of `warps` (the served choice is `fp8_rows_triton._warps`).
-    warp_sweep = {
         "norm + modulation + quantize": lambda w: fp8_rows_triton.norm_quantize_rows(
             hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift, num_warps=w
-        ),
+        )[1:],
         "residual + affine norm + quantize": lambda w: fp8_rows_triton.norm_quantize_rows(
             hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias, num_warps=w
         ),
@@ -258,15 +244,14 @@ def measure_quant(size: str, repeat: int, warps: list[int]) -> dict:
         served = fn()
         entry = {"compiled_ms": median_cuda(fn, warmup=2, repeat=repeat) * 1e3}
         if name in triton_kernels:
-            ours = triton_kernels[name]()
-            entry["triton_ms"] = median_cuda(triton_kernels[name], warmup=2, repeat=repeat) * 1e3
+            kernel = triton_kernels[name]
+            ours = kernel(None)
+            entry["triton_ms"] = median_cuda(lambda k=kernel: k(None), warmup=2, repeat=repeat) * 1e3
             entry |= _agreement(ours[-2:], served[-2:])
             if name.startswith("residual"):
                 entry["hidden_max_diff"] = float((ours[0].float() - served[0].float()).abs().max())
             for w in warps:
-                entry[f"triton_ms_{w}_warps"] = (
-                    median_cuda(lambda w=w, n=name: warp_sweep[n](w), warmup=2, repeat=repeat) * 1e3
-                )
+                entry[f"triton_ms_{w}_warps"] = median_cuda(lambda k=kernel, w=w: k(w), warmup=2, repeat=repeat) * 1e3
         logger.info("%s %-36s %s", size, name, entry)
         result[name] = entry
     return result
