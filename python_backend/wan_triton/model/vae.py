@@ -93,6 +93,8 @@ class VaeDecoder:
                     count = chunk.shape[2]
                     yield to_uint8_frames(chunk, out=into[filled : filled + count])
                     filled += count
+        if into is not None and filled != len(into):
+            raise RuntimeError(f"the VAE decode gave {filled} frames where {len(into)} were due")
 
     def frames_and_mp4(self, latents: torch.Tensor, fps: int, preset: str, crf: int) -> tuple[np.ndarray, bytes]:
         """The frames of one clip and their H.264 MP4 (`video.encode_mp4`, the same bytes), each chunk encoded on a
@@ -106,11 +108,9 @@ class VaeDecoder:
         # the whole clip (224 MB at 720p) after the last chunk.
         height, width = (latents.shape[3] * self.spatial_scale, latents.shape[4] * self.spatial_scale)
         frames = np.empty((1 + (latents.shape[2] - 1) * self.frames_per_latent_frame, height, width, 3), np.uint8)
-        filled = 0
         try:
             for chunk in self.frame_chunks(latents, into=frames):
                 encoder.add(chunk)
-                filled += len(chunk)
             decoded = time.perf_counter()
             mp4 = encoder.finish()
         except NotFiniteError:  # raised only where there is a fallback
@@ -120,12 +120,10 @@ class VaeDecoder:
         if overflowed:
             return self._takeover().frames_and_mp4(latents, fps, preset, crf)
         finished = time.perf_counter()
-        if filled != len(frames):
-            raise RuntimeError(f"the VAE decode gave {filled} frames where {len(frames)} were due")
         # What the overlap left: the encode's time after the last chunk decoded (the whole encode's, were it serial).
         logger.info(
             "decoded %d frames in %.2f s; the MP4 (x264 %s) finished %.2f s after the last chunk",
-            filled,
+            len(frames),
             decoded - started,
             preset,
             finished - decoded,
