@@ -123,11 +123,14 @@ class Fp8Linear(nn.Module):
     def __init__(self, weight8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         self.in_features, self.out_features = weight8.shape[1], weight8.shape[0]
-        # The output dtype of an input that comes quantized (`QuantizedRows`): the block's, which its bias has.
-        self.out_dtype = torch.bfloat16 if bias is None else bias.dtype
         self.weight = nn.Parameter(weight8, requires_grad=False)
         self.weight_scale = nn.Parameter(weight_scale, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        """The output dtype of an input that comes quantized (`QuantizedRows`): the block's, which its bias has."""
+        return torch.bfloat16 if self.bias is None else self.bias.dtype
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, work_device: torch.device | None = None) -> Fp8Linear:
