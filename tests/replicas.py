@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -119,6 +120,19 @@ class Balancer:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def requests(self) -> list[dict[str, str]]:
+        """The requests HAProxy logged (option httplog), in the order they ended: the replica that served each, its
+        HTTP status, the bytes sent back and the termination state ("----" for a request that ended normally)."""
+        return [
+            match.groupdict()
+            for match in re.finditer(
+                r" grpc_in triton_grpc/(?P<replica>\S+) \S+ (?P<status>-?\d+) (?P<bytes>\d+) \S+ \S+ "
+                r"(?P<termination>\S{4}) .*\"(?P<request>[^\"]*)\"$",
+                self.log_text(),
+                re.MULTILINE,
+            )
+        ]
 
     def wait_state(self, replica: str, state: str, timeout_s: float = 30) -> float:
         """Wait until `replica` is in `state`; returns when (time.monotonic())."""

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from checks import assert_no_crash_in_log
 from factories import REPO_ROOT
@@ -29,6 +30,7 @@ from wan_client import GenerateError, generate
 from wan_client.client import STREAM_SUFFIX
 
 STREAM = MODEL + STREAM_SUFFIX
+MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
 # Small and quick: a second or two each on the CPU.
 REQUEST = dict(prompt="a lighthouse in a storm", height=32, width=32, num_frames=5, num_inference_steps=3)
 DEADLINE_S = 120.0
@@ -115,6 +117,33 @@ def test_unary_and_streamed_requests_spread_over_both_replicas_with_the_same_fra
         assert streamed[seed] == expected, seed
     # Not every seed gives the same video: the comparison above can fail.
     assert len({f for f in frames}) == 8
+
+
+def test_concurrent_calls_over_one_client_connection_all_end_with_their_grpc_status(pair, balancer_factory):
+    """Many calls at once over one client connection, as a busy client sends them. Each ends with its gRPC status
+    and HAProxy logs each as ended normally: an HAProxy that multiplexed them over one connection to a replica
+    could fail that connection (docs/deploying.md, `max-reuse 0`), and its calls would end without their status."""
+    balancer = balancer_factory([_ports(r) for r in pair])
+    balancer.wait_checked("replica1")
+    balancer.wait_checked("replica2")
+    calls = 200
+    with grpcclient.InferenceServerClient(balancer.url) as client:
+
+        def unary(seed: int) -> str | None:
+            try:
+                # Frames: a response of a few HTTP/2 frames of data before its trailers.
+                infer(client, MODEL, {**REQUEST, "num_inference_steps": 1, "seed": seed}, outputs=("frames",))
+            except InferenceServerException as error:
+                return str(error)
+            return None
+
+        with ThreadPoolExecutor(8) as pool:
+            errors = [e for e in pool.map(unary, range(calls)) if e is not None]
+    logged = [r for r in balancer.requests() if r["request"].endswith(f"/{MODEL_INFER} HTTP/2.0")]
+    abnormal = [r for r in logged if r["termination"] != "----" or r["status"] != "200"]
+    assert not errors and not abnormal, (errors, abnormal, balancer.log_text()[-4000:])
+    assert len(logged) == calls, len(logged)
+    assert {r["replica"] for r in logged} == {"replica1", "replica2"}
 
 
 def test_a_replica_killed_under_load_fails_only_its_requests_and_retries_complete_them(
