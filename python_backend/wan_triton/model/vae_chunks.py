@@ -133,6 +133,32 @@ def layouts_from_config(vae_config: dict[str, Any]) -> list[PhaseLayout]:
     return trace_layouts(_meta_vae(vae_config))
 
 
+def _cache_in(phase: str, layout: PhaseLayout | EncoderPhaseLayout, cache: Sequence[torch.Tensor]) -> list[Any]:
+    """The `feat_cache` list a chunk starts from: the layout's non-tensor entries (None, "Rep") as they are, and the
+    given tensors in its cache slots."""
+    slots = layout.input_slots
+    if len(cache) != len(slots):
+        raise ValueError(f"{phase} {layout.index} takes {len(slots)} cache tensors, got {len(cache)}")
+    feat_cache: list[Any] = [s if not isinstance(s, CacheSlot) else None for s in layout.inputs]
+    for slot, tensor in zip(slots, cache, strict=True):
+        feat_cache[slot] = tensor
+    return feat_cache
+
+
+def _cache_out(phase: str, layout: PhaseLayout | EncoderPhaseLayout, feat_cache: list[Any]) -> list[torch.Tensor]:
+    """The cache tensors a chunk leaves, in `layout.output_slots` order. The VAE's control flow is all Python on
+    static frame counts, so the structure it leaves is the layout's; a mismatch would mean the layout trace and the
+    phase module disagree about the VAE."""
+    for slot, (expected, entry) in enumerate(zip(layout.outputs, feat_cache, strict=True)):
+        if isinstance(expected, CacheSlot):
+            ok = isinstance(entry, torch.Tensor) and entry.shape[1:3] == (expected.channels, expected.frames)
+        else:
+            ok = not isinstance(entry, torch.Tensor) and entry == expected
+        if not ok:
+            raise RuntimeError(f"{phase} {layout.index}: cache slot {slot} is {entry!r}, expected {expected!r}")
+    return [feat_cache[i] for i in layout.output_slots]
+
+
 class VaeDecoderPhase(nn.Module):
     """One phase: `forward(latent_chunk, *cache) -> (video_chunk, *new_cache)`.
 
@@ -152,25 +178,11 @@ class VaeDecoderPhase(nn.Module):
 
     def forward(self, latent_chunk: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         layout = self.layout
-        slots = layout.input_slots
-        if len(cache) != len(slots):
-            raise ValueError(f"VAE phase {layout.index} takes {len(slots)} cache tensors, got {len(cache)}")
-        feat_cache: list[Any] = [s if not isinstance(s, CacheSlot) else None for s in layout.inputs]
-        for slot, tensor in zip(slots, cache, strict=True):
-            feat_cache[slot] = tensor
+        feat_cache = _cache_in("VAE phase", layout, cache)
         x = self.post_quant_conv(latent_chunk)
         out = self.decoder(x, feat_cache=feat_cache, feat_idx=[0], first_chunk=layout.first_chunk)
         out = _unpatchify(out, self.patch_size).clamp(-1.0, 1.0)
-        # The decoder's control flow is all Python on static frame counts, so the structure it leaves is the
-        # layout's; a mismatch would mean the layout trace and this module disagree about the VAE.
-        for slot, (expected, entry) in enumerate(zip(layout.outputs, feat_cache, strict=True)):
-            if isinstance(expected, CacheSlot):
-                ok = isinstance(entry, torch.Tensor) and entry.shape[1:3] == (expected.channels, expected.frames)
-            else:
-                ok = not isinstance(entry, torch.Tensor) and entry == expected
-            if not ok:
-                raise RuntimeError(f"VAE phase {layout.index}: cache slot {slot} is {entry!r}, expected {expected!r}")
-        return (out, *(feat_cache[i] for i in layout.output_slots))
+        return (out, *_cache_out("VAE phase", layout, feat_cache))
 
 
 def build_phase_modules(vae: nn.Module, layouts: Sequence[PhaseLayout] | None = None) -> list[VaeDecoderPhase]:
@@ -395,23 +407,11 @@ class VaeEncoderPhase(nn.Module):
 
     def forward(self, video_chunk: torch.Tensor, *cache: torch.Tensor) -> tuple[torch.Tensor, ...]:
         layout = self.layout
-        slots = layout.input_slots
-        if len(cache) != len(slots):
-            raise ValueError(f"VAE encoder phase {layout.index} takes {len(slots)} cache tensors, got {len(cache)}")
-        feat_cache: list[Any] = [s if not isinstance(s, CacheSlot) else None for s in layout.inputs]
-        for slot, tensor in zip(slots, cache, strict=True):
-            feat_cache[slot] = tensor
+        feat_cache = _cache_in("VAE encoder phase", layout, cache)
         out = self.quant_conv(
             self.encoder(_patchify(video_chunk, self.patch_size), feat_cache=feat_cache, feat_idx=[0])
         )
-        for slot, (expected, entry) in enumerate(zip(layout.outputs, feat_cache, strict=True)):
-            if isinstance(expected, CacheSlot):
-                ok = isinstance(entry, torch.Tensor) and entry.shape[1:3] == (expected.channels, expected.frames)
-            else:
-                ok = not isinstance(entry, torch.Tensor) and entry == expected
-            if not ok:
-                raise RuntimeError(f"VAE encoder phase {layout.index}: cache slot {slot} is {entry!r}")
-        return (out[:, : layout.latent_channels], *(feat_cache[i] for i in layout.output_slots))
+        return (out[:, : layout.latent_channels], *_cache_out("VAE encoder phase", layout, feat_cache))
 
 
 def build_encoder_phase_modules(vae: nn.Module) -> list[VaeEncoderPhase]:
