@@ -56,6 +56,7 @@ from wan_triton.model.vae_chunks import (
     ENCODER_CHUNK_FRAMES,
     EngineVaeDecoder,
     EngineVaeEncoder,
+    RunPhase,
     build_encoder_phase_modules,
     build_phase_modules,
     decode_latents,
@@ -381,22 +382,22 @@ def _export_expert(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path, name: s
     return [_export_single(spec, load, example, check, dims, out_dir)]
 
 
-def _export_vae(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) -> list[CheckRow]:
-    specs = vae_decoder_phase_specs(ckpt, limits)
-    vae = ckpt.load_vae(torch.float32, "cpu")
-    modules = build_phase_modules(vae)
-    if [m.layout.index for m in modules] != list(range(len(specs))):
-        raise ExportError(f"VAE: {len(modules)} phase modules for {len(specs)} phase specs")
+def _export_phases(
+    ckpt: Checkpoint,
+    specs: Sequence[ComponentSpec],
+    modules: Sequence[nn.Module],
+    graph_path: Callable[[Path, int], Path],
+    out_dir: Path,
+    run_chunks: Callable[[RunPhase], object],
+) -> list[CheckRow]:
+    """Exports each VAE phase module, then checks each graph on the very inputs its PyTorch phase sees while
+    `run_chunks` runs the chunked decode or encode through the modules (one chunk per phase)."""
     seconds = []
     for k, (spec, module) in enumerate(zip(specs, modules, strict=True)):
         values, dims = _export_dims(spec, _patch(ckpt))
-        graph = _Graph(spec, module, _random_inputs(spec, values, seed=k), phase_graph_path(Path(), k).name)
+        graph = _Graph(spec, module, _random_inputs(spec, values, seed=k), graph_path(Path(), k).name)
         seconds.append(_export_graph(graph, dims, out_dir, varargs=True))
 
-    # Per graph: each phase fed the very inputs the PyTorch phases see while decoding one frame per phase.
-    h, w = specs[0].dims["latent_height"].min, specs[0].dims["latent_width"].min
-    g = torch.Generator().manual_seed(1)
-    latents = torch.randn(1, int(ckpt.config("vae")["z_dim"]), len(specs), h, w, generator=g)
     phase_inputs: list[list[torch.Tensor]] = []
 
     def record(k: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -404,13 +405,28 @@ def _export_vae(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) -> list[Ch
         with torch.no_grad():
             return list(modules[k](*tensors))
 
-    decode_latents(record, latents, len(modules))
+    run_chunks(record)
     rows = []
     for k, (spec, module) in enumerate(zip(specs, modules, strict=True)):
         inputs = tuple(phase_inputs[k])
-        got = _run_graph(phase_graph_path(out_dir, k), spec, inputs)
+        got = _run_graph(graph_path(out_dir, k), spec, inputs)
         row = _compare(spec.name, _shape_text(spec, inputs), got, _run_reference(module, inputs))
         rows.append(dataclasses.replace(row, export_s=seconds[k]))
+    return rows
+
+
+def _export_vae(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) -> list[CheckRow]:
+    specs = vae_decoder_phase_specs(ckpt, limits)
+    vae = ckpt.load_vae(torch.float32, "cpu")
+    modules = build_phase_modules(vae)
+    if [m.layout.index for m in modules] != list(range(len(specs))):
+        raise ExportError(f"VAE: {len(modules)} phase modules for {len(specs)} phase specs")
+    h, w = specs[0].dims["latent_height"].min, specs[0].dims["latent_width"].min
+    g = torch.Generator().manual_seed(1)
+    latents = torch.randn(1, int(ckpt.config("vae")["z_dim"]), len(specs), h, w, generator=g)
+    rows = _export_phases(
+        ckpt, specs, modules, phase_graph_path, out_dir, lambda run: decode_latents(run, latents, len(modules))
+    )
 
     # End to end: the chunked decode through ONNX Runtime against diffusers' own `vae.decode`.
     with torch.no_grad():
@@ -427,31 +443,13 @@ def _export_vae_encoder(ckpt: Checkpoint, limits: ShapeLimits, out_dir: Path) ->
     modules = build_encoder_phase_modules(vae)
     if len(modules) != len(specs):
         raise ExportError(f"VAE encoder: {len(modules)} phase modules for {len(specs)} phase specs")
-    seconds = []
-    for k, (spec, module) in enumerate(zip(specs, modules, strict=True)):
-        values, dims = _export_dims(spec, _patch(ckpt))
-        graph = _Graph(spec, module, _random_inputs(spec, values, seed=k), encoder_graph_path(Path(), k).name)
-        seconds.append(_export_graph(graph, dims, out_dir, varargs=True))
-
-    # Per graph, on the inputs the PyTorch phases see while encoding a video of one chunk per phase.
     scale = int(ckpt.config("vae").get("scale_factor_spatial", 8))
     h, w = specs[0].dims["latent_height"].min * scale, specs[0].dims["latent_width"].min * scale
     g = torch.Generator().manual_seed(1)
     video = torch.rand(1, 3, 1 + ENCODER_CHUNK_FRAMES * (len(specs) - 1), h, w, generator=g) * 2 - 1
-    phase_inputs: list[list[torch.Tensor]] = []
-
-    def record(k: int, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        phase_inputs.append(tensors)
-        with torch.no_grad():
-            return list(modules[k](*tensors))
-
-    encode_video(record, video, len(modules))
-    rows = []
-    for k, (spec, module) in enumerate(zip(specs, modules, strict=True)):
-        inputs = tuple(phase_inputs[k])
-        got = _run_graph(encoder_graph_path(out_dir, k), spec, inputs)
-        row = _compare(spec.name, _shape_text(spec, inputs), got, _run_reference(module, inputs))
-        rows.append(dataclasses.replace(row, export_s=seconds[k]))
+    rows = _export_phases(
+        ckpt, specs, modules, encoder_graph_path, out_dir, lambda run: encode_video(run, video, len(modules))
+    )
 
     # End to end: the chunked encode through ONNX Runtime against diffusers' own `vae.encode` (posterior mean).
     with torch.no_grad():
