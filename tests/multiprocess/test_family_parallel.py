@@ -68,13 +68,23 @@ def world_results(checkpoints):
 @pytest.fixture(scope="module")
 def single(checkpoints):
     from wan_triton.components import build_denoiser
+    from wan_triton.workers.world import cpu_threads_per_rank
 
     out = {}
-    for kind, checkpoint in checkpoints.items():
-        ckpt = Checkpoint.open(checkpoint)
-        denoiser = build_denoiser(ckpt, TORCH_CPU, Path("/nonexistent"), vae_encoder=TORCH_CPU)
-        request = REQUESTS[kind]
-        out[kind] = denoiser(request, make_embeds(ckpt.text_dim, rows=2, seed=1), condition_image=_image(request))
+    # With each rank's thread count: the CPU kernels' sums (the VAE encoder's convolutions above all) split their
+    # work by thread, and on some CPUs (AVX-512 ones among them) another split rounds differently, which would
+    # leave the condition frame's comparison below measuring the thread count instead of the plan.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads_per_rank(2))
+    try:
+        for kind, checkpoint in checkpoints.items():
+            ckpt = Checkpoint.open(checkpoint)
+            denoiser = build_denoiser(ckpt, TORCH_CPU, Path("/nonexistent"), vae_encoder=TORCH_CPU)
+            request = REQUESTS[kind]
+            embeds = make_embeds(ckpt.text_dim, rows=2, seed=1)
+            out[kind] = denoiser(request, embeds, condition_image=_image(request))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
