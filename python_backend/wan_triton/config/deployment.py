@@ -277,13 +277,18 @@ class Serving(_Strict):
 
 
 class Video(_Strict):
-    """The MP4 of each request (wan_triton.model.video): x264's preset and CRF, and which step encodes it. Faster
-    presets and higher CRFs encode faster into larger or lossier files; `frames` are unaffected."""
+    """The MP4 of each request (wan_triton.model.video): x264's preset, CRF and tune, and which step encodes it.
+    Faster presets and higher CRFs encode faster into larger or lossier files; `frames` are unaffected."""
 
     x264_preset: Literal[
         "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"
     ] = "fast"
     x264_crf: int = Field(default=17, ge=0, le=51)
+    # x264's tune, none by default. `zerolatency` codes each frame as it arrives (no lookahead, no B-frames): with
+    # `encode_while_decoding` the MP4 is done almost as soon as the last chunk decodes, instead of a lookahead's
+    # worth of frames later; the file's size moves by up to a fifth either way at the same CRF
+    # (benchmarks/RESULTS.md, End to end).
+    x264_tune: Literal["film", "animation", "grain", "stillimage", "fastdecode", "zerolatency"] | None = None
     # Encode in the vae_decoder step, each decoded chunk on a worker thread while the next decodes, instead of in
     # the postprocess step after the whole decode, so that the encode runs during the decode. The MP4 is the same
     # bytes either way. Worth it where the decode runs on a GPU and leaves the host's cores free; on a CPU decode

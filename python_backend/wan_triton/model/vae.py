@@ -96,13 +96,15 @@ class VaeDecoder:
         if into is not None and filled != len(into):
             raise RuntimeError(f"the VAE decode gave {filled} frames where {len(into)} were due")
 
-    def frames_and_mp4(self, latents: torch.Tensor, fps: int, preset: str, crf: int) -> tuple[np.ndarray, bytes]:
+    def frames_and_mp4(
+        self, latents: torch.Tensor, fps: int, preset: str, crf: int, tune: str | None = None
+    ) -> tuple[np.ndarray, bytes]:
         """The frames of one clip and their H.264 MP4 (`video.encode_mp4`, the same bytes), each chunk encoded on a
         worker thread while the next ones decode, so that the encode runs during the decode, not after it."""
         if self._fallback is not None:
-            return self._fallback.frames_and_mp4(latents, fps, preset, crf)
+            return self._fallback.frames_and_mp4(latents, fps, preset, crf, tune)
         started = time.perf_counter()
-        encoder = BackgroundMp4Encoder(fps, preset, crf)
+        encoder = BackgroundMp4Encoder(fps, preset, crf, tune)
         overflowed = False
         # The clip's frames, each chunk copied from the device into its place as it is decoded: no concatenation of
         # the whole clip (224 MB at 720p) after the last chunk.
@@ -118,14 +120,15 @@ class VaeDecoder:
         finally:
             encoder.close()
         if overflowed:
-            return self._takeover().frames_and_mp4(latents, fps, preset, crf)
+            return self._takeover().frames_and_mp4(latents, fps, preset, crf, tune)
         finished = time.perf_counter()
         # What the overlap left: the encode's time after the last chunk decoded (the whole encode's, were it serial).
         logger.info(
-            "decoded %d frames in %.2f s; the MP4 (x264 %s) finished %.2f s after the last chunk",
+            "decoded %d frames in %.2f s; the MP4 (x264 %s%s) finished %.2f s after the last chunk",
             len(frames),
             decoded - started,
             preset,
+            "" if tune is None else f", tune {tune}",
             finished - decoded,
         )
         return frames, mp4

@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 X264_CRF = 17
 X264_PRESET = "fast"
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+# x264's tunes. `zerolatency` drops the lookahead and B-frames, so each frame is coded as it arrives: the MP4 is ready
+# as soon as the last frame is encoded instead of a lookahead's worth of frames later (benchmarks/mp4_encode.py).
+X264_TUNES = ("film", "animation", "grain", "stillimage", "fastdecode", "zerolatency")
 # A fixed thread count, not x264's CPU-count-based "auto": x264 is deterministic for a given thread count, so the same
 # frames give the same bytes on any host. Four threads keep a 720p, 81-frame encode to a few seconds.
 X264_THREADS = 4
@@ -37,10 +40,12 @@ _AVCOL_TRC_BT709 = 1
 _AVCOL_RANGE_MPEG = 1  # limited ("TV") range, what yuv420p H.264 players expect
 
 
-def encode_mp4(frames: np.ndarray, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF) -> bytes:
+def encode_mp4(
+    frames: np.ndarray, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF, tune: str | None = None
+) -> bytes:
     """Encode uint8 RGB frames [F, H, W, 3] as an H.264 (yuv420p) MP4 with the index up front (faststart), with
-    x264's `preset` (speed against size) and `crf` (quality: lower is closer to the frames)."""
-    encoder = Mp4Encoder(fps, preset, crf)
+    x264's `preset` (speed against size), `crf` (quality: lower is closer to the frames) and `tune` (None: none)."""
+    encoder = Mp4Encoder(fps, preset, crf, tune)
     try:
         encoder.add(frames)
         return encoder.finish()
@@ -52,13 +57,13 @@ class Mp4Encoder:
     """`encode_mp4` a chunk of frames at a time: `add` each chunk [f, H, W, 3] in order, then `finish` for the MP4.
     The bytes equal `encode_mp4` of all the frames at once (x264 sees the same frames in the same order)."""
 
-    def __init__(self, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF) -> None:
+    def __init__(self, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF, tune: str | None = None) -> None:
         if isinstance(fps, bool) or not isinstance(fps, int | np.integer) or fps <= 0:
             raise ValueError(f"fps must be a positive integer, got {fps!r}")
         self.fps = int(fps)
         # The frames' time base; the stream's own changes when the muxer writes the header (mp4: 1/16384).
         self.time_base = Fraction(1, self.fps)
-        self.options = _x264_options(preset, crf)
+        self.options = _x264_options(preset, crf, tune)
         self.num_frames = 0
         self._buffer = io.BytesIO()
         self._container = None
@@ -137,8 +142,8 @@ class BackgroundMp4Encoder:
     and libswscale run outside the GIL). `add` returns at once; `finish` waits for the MP4 and raises the first
     error of any chunk."""
 
-    def __init__(self, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF) -> None:
-        self._encoder = Mp4Encoder(fps, preset, crf)
+    def __init__(self, fps: int, preset: str = X264_PRESET, crf: int = X264_CRF, tune: str | None = None) -> None:
+        self._encoder = Mp4Encoder(fps, preset, crf, tune)
         # One worker: the chunks are encoded in the order they were added.
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mp4")
         self._pending: list[Future] = []
@@ -173,12 +178,16 @@ def decode_mp4(data: bytes) -> np.ndarray:
 
 
 @functools.cache
-def _x264_options(preset: str, crf: int) -> dict[str, str]:
+def _x264_options(preset: str, crf: int, tune: str | None = None) -> dict[str, str]:
     if preset not in X264_PRESETS:
         raise ValueError(f"x264 preset must be one of {X264_PRESETS}, got {preset!r}")
     if isinstance(crf, bool) or not isinstance(crf, int) or not 0 <= crf <= 51:
         raise ValueError(f"x264 crf must be an integer in [0, 51], got {crf!r}")
+    if tune is not None and tune not in X264_TUNES:
+        raise ValueError(f"x264 tune must be one of {X264_TUNES} or none, got {tune!r}")
     options = {"crf": str(crf), "preset": preset, "threads": str(X264_THREADS)}
+    if tune is not None:
+        options["tune"] = tune
     if _cpu_has_avx512():
         options["x264-params"] = _X264_ASM_CAP
     return options

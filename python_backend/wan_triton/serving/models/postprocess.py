@@ -30,5 +30,5 @@ class Postprocess(StepModel):
         if frames is None:
             raise RuntimeError("the vae_decoder step sent no frames to encode")
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
-        mp4 = encode_mp4(frames, req.fps, video.x264_preset, video.x264_crf)
+        mp4 = encode_mp4(frames, req.fps, video.x264_preset, video.x264_crf, video.x264_tune)
         return response(output(io.VIDEO.name, np.array([mp4], dtype=object)), output(io.FRAMES.name, frames))

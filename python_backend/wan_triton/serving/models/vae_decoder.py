@@ -45,7 +45,8 @@ class VaeDecoder(DeviceModel):
                 output(io.DECODED_FRAMES.name, self.decoder.frames(latents)), output(io.DECODED_VIDEO.name, NO_VIDEO)
             )
         req = GenerationRequest(**read_request_json(request, io.REQUEST_JSON))
-        frames, mp4 = self.decoder.frames_and_mp4(latents, req.fps, self.video.x264_preset, self.video.x264_crf)
+        video = self.video
+        frames, mp4 = self.decoder.frames_and_mp4(latents, req.fps, video.x264_preset, video.x264_crf, video.x264_tune)
         return response(
             output(io.DECODED_FRAMES.name, frames), output(io.DECODED_VIDEO.name, np.array([mp4], dtype=object))
         )
