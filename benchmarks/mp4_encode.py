@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -76,7 +77,7 @@ def main() -> None:
     parser.add_argument("--noise", nargs="+", type=float, default=[6.0, 40.0], help="noise levels of the content")
     parser.add_argument("--crf", type=int, default=17)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
     height, width = SIZES[args.size]
