@@ -42,7 +42,9 @@ def test_frames_match_wan_pipeline(client, reference, model):
     # Encoded after the decode (wan_onnx) or chunk by chunk while it ran (wan_torch), the MP4 is the one of the frames.
     deployment = Deployment.load(DEPLOYMENTS[model])
     settings = deployment.video
-    assert video == encode_mp4(frames, deployment.defaults.fps, settings.x264_preset, settings.x264_crf)
+    assert video == encode_mp4(
+        frames, deployment.defaults.fps, settings.x264_preset, settings.x264_crf, settings.x264_tune
+    )
 
 
 def _luma(frames: np.ndarray) -> np.ndarray:
