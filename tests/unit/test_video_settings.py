@@ -58,6 +58,12 @@ def test_zerolatency_codes_without_b_frames_or_a_lookahead():
     assert "B" in _picture_types(default)
     assert "B" not in _picture_types(zerolatency)
     assert np.abs(_luma(decode_mp4(zerolatency)) - _luma(frames)).mean() < 3
+    # As encode_while_decoding hands it the frames, a chunk at a time: the same bytes (x264 slices each frame by
+    # thread under zerolatency, a fixed split for the fixed thread count).
+    chunked = Mp4Encoder(16, "veryfast", 17, "zerolatency")
+    for start in range(0, len(frames), 4):
+        chunked.add(frames[start : start + 4])
+    assert chunked.finish() == zerolatency == encode_mp4(frames, 16, preset="veryfast", tune="zerolatency")
     # Without a lookahead x264 hands out each frame's packet as the frame goes in: after the last frame, finishing
     # the MP4 encodes nothing more. With the default tune, frames are still held back at that point.
     for tune, held_back in ((None, True), ("zerolatency", False)):
