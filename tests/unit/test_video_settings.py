@@ -4,6 +4,7 @@ as soon as the last frame is handed over, and bad values are refused by the depl
 
 from __future__ import annotations
 
+import io
 import typing
 
 import av
@@ -45,8 +46,6 @@ def test_settings_change_the_stream():
 
 
 def _picture_types(data: bytes) -> set[str]:
-    import io
-
     with av.open(io.BytesIO(data)) as container:
         return {PictureType(frame.pict_type).name for frame in container.decode(container.streams.video[0])}
 
