@@ -3,8 +3,8 @@ the bf16 and fp16 ones (deployment `components.vae_decoder.precision: bfloat16 |
 float32 fallback for a clip that overflows), each to uint8 frames, the H.264 encode of those frames at x264 presets
 (deployment `video.x264_preset`; `fast` is the default), with each half-precision decode's distance from the fp32
 frames in uint8 levels, and the two run together, each chunk encoded while the next decodes (deployment
-`video.encode_while_decoding`); with `--compile`, the half-precision decodes with their phases compiled too
-(`components.vae_decoder.compile_phases`).
+`video.encode_while_decoding`), with each x264 tune asked for (`video.x264_tune`); with `--compile`, the
+half-precision decodes with their phases compiled too (`components.vae_decoder.compile_phases`).
 
 The VAE has random weights built on the device from the A14B config (speed does not depend on weight values). On a
 GPU host (`benchmarks/gpu/distill4.sh` runs it):
@@ -30,7 +30,7 @@ from wan_build.shapes_checkpoint import make_shapes_checkpoint
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.vae import VaeDecoder, torch_vae_decode_chunks_fn, torch_vae_decode_fn
 from wan_triton.model.vae_chunks import TorchVaeDecoder
-from wan_triton.model.video import X264_PRESET, decode_mp4, encode_mp4
+from wan_triton.model.video import X264_PRESET, X264_TUNES, decode_mp4, encode_mp4
 
 PRESETS = (X264_PRESET, "veryfast", "superfast", "ultrafast")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -53,6 +53,8 @@ def main() -> None:
     # always runs.
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--halves", nargs="+", default=list(HALF), choices=list(HALF))
+    # The x264 tunes of the half-precision decodes' runs that encode while decoding ("none": x264's default).
+    parser.add_argument("--tunes", nargs="+", default=["none", "zerolatency"], choices=["none", *X264_TUNES])
     # Also each half precision with its decode phases compiled (`components.vae_decoder.compile_phases`); the first,
     # compiling decode is recorded as `first_s`.
     parser.add_argument("--compile", action="store_true")
@@ -127,20 +129,23 @@ def main() -> None:
     # Both at once, as the vae_decoder step runs them with `video.encode_while_decoding`: each chunk encoded on a
     # worker thread while the next decodes.
     result["while_decoding"] = {}
-    for name, preset in [("fp32", X264_PRESET), *((h, p) for h in halves_decoded for p in presets)]:
+    runs = [("fp32", X264_PRESET, "none"), *((h, p, t) for h in halves_decoded for p in presets for t in args.tunes)]
+    for name, preset, tune_name in runs:
         last = {}
+        tune = None if tune_name == "none" else tune_name
 
-        def both(decoder=decoders[name], preset=preset, last=last) -> None:
-            last["frames"], last["mp4"] = decoder.frames_and_mp4(latents, 16, preset, args.crf)
+        def both(decoder=decoders[name], preset=preset, tune=tune, last=last) -> None:
+            last["frames"], last["mp4"] = decoder.frames_and_mp4(latents, 16, preset, args.crf, tune)
 
         _, times = time_wall(both, device, args.repeat)
-        assert last["mp4"] == encode_mp4(last["frames"], 16, preset=preset, crf=args.crf)
-        result["while_decoding"][f"{name}_{preset}"] = {
+        assert last["mp4"] == encode_mp4(last["frames"], 16, preset=preset, crf=args.crf, tune=tune)
+        key = f"{name}_{preset}" if tune is None else f"{name}_{preset}_{tune}"
+        result["while_decoding"][key] = {
             "together_s": statistics.median(times),
             "times": times,
             "bytes": len(last["mp4"]),
         }
-        print(f"{name} decode with {preset} encode while decoding: {statistics.median(times):.2f} s")
+        print(f"{name} decode with {preset} ({tune_name}) encode while decoding: {statistics.median(times):.2f} s")
     base = result["decode"]["fp32"]["decode_to_frames_s"] + result["encode"][X264_PRESET]["encode_s"]
     print(f"before: fp32 decode + {X264_PRESET} encode {base:.2f} s")
     for name in halves_decoded:

@@ -55,7 +55,8 @@ def test_records_every_decode_encode_and_overlapped_row(tmp_path):
     assert set(record["decode"]) == {"fp32", half}
     assert set(record["encode"]) == set(presets)
     # The script itself asserts each overlapped MP4 equals encode_mp4 of its frames.
-    assert set(record["while_decoding"]) == {"fp32_fast", *(f"{half}_{p}" for p in presets)}
+    tuned = (f"{half}_{p}{t}" for p in presets for t in ("", "_zerolatency"))
+    assert set(record["while_decoding"]) == {"fp32_fast", *tuned}
     assert 0 <= record[f"{half}_vs_fp32_levels"]["mean"] <= record[f"{half}_vs_fp32_levels"]["max"]
     for row in record["encode"].values():
         assert row["bytes"] > 0 and 10 < row["psnr_db"] < 100, row
