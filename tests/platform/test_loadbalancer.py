@@ -139,7 +139,14 @@ def test_concurrent_calls_over_one_client_connection_all_end_with_their_grpc_sta
 
         with ThreadPoolExecutor(8) as pool:
             errors = [e for e in pool.map(unary, range(calls)) if e is not None]
-    logged = [r for r in balancer.requests() if r["request"].endswith(f"/{MODEL_INFER} HTTP/2.0")]
+
+    def logged_calls() -> list[dict[str, str]]:
+        return [r for r in balancer.requests() if r["request"].endswith(f"/{MODEL_INFER} HTTP/2.0")]
+
+    # HAProxy writes a request's line as it closes the stream, which may be just after the client has its answer.
+    deadline = time.monotonic() + 10
+    while len(logged := logged_calls()) < calls and time.monotonic() < deadline:
+        time.sleep(0.05)
     abnormal = [r for r in logged if r["termination"] != "----" or r["status"] != "200"]
     assert not errors and not abnormal, (errors, abnormal, balancer.log_text()[-4000:])
     assert len(logged) == calls, len(logged)
