@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from wan_bench.mp4 import add_tunes_argument, psnr_db, tune_of
 from wan_bench.records import run_record, write_json
-from wan_triton.model.video import X264_PRESETS, X264_TUNES, BackgroundMp4Encoder, decode_mp4
+from wan_triton.model.video import X264_PRESETS, BackgroundMp4Encoder, decode_mp4
 
 SIZES = {"720p": (720, 1280), "480p": (480, 832), "tiny": (64, 96)}
 # The pace of the served 720p decode: 5.5 s for 21 latent frames on an H100 (benchmarks/RESULTS.md, End to end).
@@ -46,11 +47,6 @@ def chunks(frames: np.ndarray) -> list[np.ndarray]:
     return [frames[:1], *(frames[k : k + FRAMES_PER_CHUNK] for k in range(1, len(frames), FRAMES_PER_CHUNK))]
 
 
-def psnr(decoded: np.ndarray, frames: np.ndarray) -> float:
-    mse = float(np.mean((decoded.astype(np.float64) - frames) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def encode_paced(frames: np.ndarray, fps: int, preset: str, crf: int, tune: str | None, chunk_s: float) -> dict:
     """Hands the chunks over `chunk_s` apart, as the decode makes them; times the wait after the last one."""
     encoder = BackgroundMp4Encoder(fps, preset, crf, tune)
@@ -73,7 +69,7 @@ def main() -> None:
     parser.add_argument("--num-frames", type=int, default=81)
     parser.add_argument("--chunk-s", type=float, default=CHUNK_S, help="seconds between decoded chunks")
     parser.add_argument("--presets", nargs="+", default=["veryfast"], choices=X264_PRESETS)
-    parser.add_argument("--tunes", nargs="+", default=["none", "zerolatency"], choices=["none", *X264_TUNES])
+    add_tunes_argument(parser)
     parser.add_argument("--noise", nargs="+", type=float, default=[6.0, 40.0], help="noise levels of the content")
     parser.add_argument("--crf", type=int, default=17)
     parser.add_argument("--repeat", type=int, default=3)
@@ -86,7 +82,7 @@ def main() -> None:
         frames = make_frames(args.num_frames, height, width, noise)
         for preset in args.presets:
             for tune_name in args.tunes:
-                tune = None if tune_name == "none" else tune_name
+                tune = tune_of(tune_name)
                 runs = [encode_paced(frames, 16, preset, args.crf, tune, args.chunk_s) for _ in range(args.repeat)]
                 row = {
                     "noise": noise,
@@ -96,7 +92,7 @@ def main() -> None:
                     "tail_times": [r["tail_s"] for r in runs],
                     "total_s": statistics.median(r["total_s"] for r in runs),
                     "bytes": runs[0]["bytes"],
-                    "psnr_db": psnr(decode_mp4(runs[0]["mp4"]), frames),
+                    "psnr_db": psnr_db(decode_mp4(runs[0]["mp4"]), frames),
                 }
                 result["rows"].append(row)
                 print(

@@ -24,22 +24,17 @@ import numpy as np
 import torch
 
 from wan_bench.experts import SIZES, latent_shape
+from wan_bench.mp4 import add_tunes_argument, psnr_db, tune_of
 from wan_bench.records import run_record, write_json
 from wan_bench.timing import time_wall
 from wan_build.shapes_checkpoint import make_shapes_checkpoint
 from wan_triton.model.checkpoint import Checkpoint
 from wan_triton.model.vae import VaeDecoder, torch_vae_decode_chunks_fn, torch_vae_decode_fn
 from wan_triton.model.vae_chunks import TorchVaeDecoder
-from wan_triton.model.video import X264_PRESET, X264_TUNES, decode_mp4, encode_mp4
+from wan_triton.model.video import X264_PRESET, decode_mp4, encode_mp4
 
 PRESETS = (X264_PRESET, "veryfast", "superfast", "ultrafast")
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _psnr(decoded: np.ndarray, frames: np.ndarray) -> float:
-    """PSNR in dB of uint8 frames against the originals, over every pixel and channel."""
-    mse = float(np.mean((decoded.astype(np.float64) - frames) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
 def main() -> None:
@@ -54,7 +49,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
     parser.add_argument("--halves", nargs="+", default=list(HALF), choices=list(HALF))
     # The x264 tunes of the half-precision decodes' runs that encode while decoding ("none": x264's default).
-    parser.add_argument("--tunes", nargs="+", default=["none", "zerolatency"], choices=["none", *X264_TUNES])
+    add_tunes_argument(parser)
     # Also each half precision with its decode phases compiled (`components.vae_decoder.compile_phases`); the first,
     # compiling decode is recorded as `first_s`.
     parser.add_argument("--compile", action="store_true")
@@ -124,7 +119,7 @@ def main() -> None:
             "bytes": len(data),
             # Quality beside size: the decoded MP4 against the frames it was made from (random weights make
             # noise-like frames, the hardest content for x264, so these are lower than a real video's).
-            "psnr_db": _psnr(decode_mp4(data), frames["fp32"]),
+            "psnr_db": psnr_db(decode_mp4(data), frames["fp32"]),
         }
     # Both at once, as the vae_decoder step runs them with `video.encode_while_decoding`: each chunk encoded on a
     # worker thread while the next decodes.
@@ -132,7 +127,7 @@ def main() -> None:
     runs = [("fp32", X264_PRESET, "none"), *((h, p, t) for h in halves_decoded for p in presets for t in args.tunes)]
     for name, preset, tune_name in runs:
         last = {}
-        tune = None if tune_name == "none" else tune_name
+        tune = tune_of(tune_name)
 
         def both(decoder=decoders[name], preset=preset, tune=tune, last=last) -> None:
             last["frames"], last["mp4"] = decoder.frames_and_mp4(latents, 16, preset, args.crf, tune)
