@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from wan_build.shapes_checkpoint import A14B_TRANSFORMER, make_shapes_checkpoint
+from wan_triton.model import random_init
 from wan_triton.model.checkpoint import Checkpoint, CheckpointError
 from wan_triton.model.random_init import MARKER
 
@@ -55,3 +56,51 @@ def test_a14b_shapes_checkpoint_has_the_real_configs(tmp_path):
         A14B_TRANSFORMER["ffn_dim"],
     )
     assert ckpt.text_dim == 4096 and ckpt.config("scheduler")["flow_shift"] == 12.0
+
+
+def _factories(root):
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    transformer = WanTransformer3DModel.load_config(root / "transformer")
+    text_encoder = UMT5Config.from_pretrained(root / "text_encoder")
+    vae = AutoencoderKLWan.load_config(root / "vae")
+    return {
+        "transformer": lambda: WanTransformer3DModel.from_config(transformer),
+        "text_encoder": lambda: UMT5EncoderModel(text_encoder),
+        "vae": lambda: AutoencoderKLWan.from_config(vae),
+    }
+
+
+class _NanEmpty(torch.overrides.TorchFunctionMode):
+    """torch.empty filled with NaN, so that a tensor no initialiser reached shows."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.empty and out.is_floating_point():
+            out.fill_(float("nan"))
+        return out
+
+
+@pytest.mark.parametrize("part", ["transformer", "text_encoder", "vae"])
+def test_initialisation_drawn_after_construction_reaches_every_tensor(other_checkpoint, part):
+    """The swapped expert's values are drawn on the GPU after the module is made in host memory: the deferred
+    initialisers must reach every tensor the constructor initialises (one left out keeps torch.empty's contents),
+    constants as they are, random ones random. (The values differ from an in-place draw of the same seed: randn calls
+    in the constructors come between the initialisers there.)"""
+    factory = _factories(other_checkpoint)[part]
+    direct = factory().state_dict()
+    with _NanEmpty(), random_init._initialisation_on("cpu"):
+        deferred = factory().state_dict()
+    assert torch.nn.init.kaiming_uniform_.__name__ == "kaiming_uniform_"  # the initialisers are restored
+    assert direct.keys() == deferred.keys()
+    for name, value in deferred.items():
+        assert value.dtype == direct[name].dtype and value.shape == direct[name].shape, name
+        if not value.is_floating_point():
+            continue
+        assert torch.isfinite(value).all(), f"{name} was not initialised"
+        constant = direct[name].numel() > 1 and bool((direct[name] == direct[name].flatten()[0]).all())
+        if constant:
+            assert torch.equal(value, direct[name]), name
+        elif direct[name].numel() > 1:
+            assert value.std() > 0, name
