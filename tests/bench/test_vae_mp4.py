@@ -60,5 +60,5 @@ def test_records_every_decode_encode_and_overlapped_row(tmp_path):
     assert 0 <= record[f"{half}_vs_fp32_levels"]["mean"] <= record[f"{half}_vs_fp32_levels"]["max"]
     for row in record["encode"].values():
         assert row["bytes"] > 0 and 10 < row["psnr_db"] < 100, row
-    assert all(row["together_s"] > 0 for row in record["while_decoding"].values())
+    assert all(row["together_s"] > 0 and 10 < row["psnr_db"] < 100 for row in record["while_decoding"].values())
     assert all(row["decode_to_frames_s"] > 0 and row["first_s"] > 0 for row in record["decode"].values())
