@@ -86,7 +86,12 @@ def main() -> None:
         fallback = (lambda: decoders["fp32"]) if dtype == torch.float16 else None
         if compiled:  # as `components.vae_decoder.compile_phases` builds it
             phases = TorchVaeDecoder(vae, whole_post_quant_conv=True)
-            phases.compile()
+            try:
+                phases.compile()
+            except RuntimeError as exc:  # a torch that cannot compile them: the other variants' figures still count
+                print(f"{name}: {exc}")
+                result["decode"][name] = {"error": str(exc)}
+                continue
             decoder = VaeDecoder(ckpt, phases.decode, device, dtype, phases.decode_chunks, fallback)
         else:
             decoder = VaeDecoder(
@@ -98,15 +103,7 @@ def main() -> None:
         def decode(decoder=decoder, last=last) -> None:
             last["frames"] = decoder.frames(latents)  # to uint8 frames on the host, as the server's step does
 
-        try:
-            first_s, times = time_wall(decode, device, args.repeat)
-        except torch._dynamo.exc.Unsupported as exc:
-            if not compiled:
-                raise
-            # A torch whose dynamo cannot trace the VAE (the error names the line) leaves the other variants' figures.
-            print(f"{name}: torch {torch.__version__} cannot compile the decode phases: {exc}")
-            result["decode"][name] = {"error": str(exc).splitlines()[0]}
-            continue
+        first_s, times = time_wall(decode, device, args.repeat)
         frames[name] = last["frames"]
         result["decode"][name] = {"decode_to_frames_s": statistics.median(times), "times": times, "first_s": first_s}
         if device.type == "cuda":

@@ -82,6 +82,14 @@ def test_phases_compile_whole_and_decode_the_same(vae):
     torch.testing.assert_close(torch.cat(chunks, dim=2), expected, atol=0, rtol=0)
 
 
+def test_phases_refuse_to_compile_on_a_torch_whose_dynamo_cannot_trace_them(vae, monkeypatch):
+    # torch 2.11 fails only when the first decode compiles (at the server's warm-up, or a request without one): the
+    # refusal comes at load instead, naming the setting.
+    monkeypatch.setattr(torch, "__version__", torch.torch_version.TorchVersion("2.11.0+cu130"))
+    with pytest.raises(RuntimeError, match="compile_phases needs torch 2.13 or later: torch 2.11.0"):
+        TorchVaeDecoder(vae, whole_post_quant_conv=True).compile(backend="eager")
+
+
 def test_compile_phases_is_a_torch_vae_decoder_setting():
     torch_cpu = ComponentConfig(engine="torch")
     compiled = ComponentConfig(engine="torch", compile_phases=True)

@@ -31,6 +31,9 @@ REP = "Rep"  # diffusers' marker: a temporal upsampler that has seen one chunk a
 MAX_PHASES = 8  # Wan needs 3; more would mean the cache never settles, which the layout trace reports
 # Compiled phase graphs (phases x video sizes) before dynamo stops compiling new ones.
 COMPILED_GRAPHS_LIMIT = 64
+# The oldest torch whose dynamo traces the phases: 2.11's stops at the upsampler's `feat_cache[idx] == "Rep"` (a
+# tensor compared with a string, in diffusers' Wan VAE) when the first decode compiles; 2.13 traces it.
+COMPILE_MIN_TORCH = "2.13"
 
 
 @dataclass(frozen=True)
@@ -247,6 +250,11 @@ class TorchVaeDecoder:
         """torch.compile every phase for the shapes it meets (each phase's structure is fixed, so one graph a phase
         and size). The phases share one forward, and dynamo's default of 8 graphs per code object would run a third
         size (9 graphs) eagerly without a word: allow COMPILED_GRAPHS_LIMIT."""
+        if torch.torch_version.TorchVersion(torch.__version__) < COMPILE_MIN_TORCH:
+            raise RuntimeError(
+                f"compile_phases needs torch {COMPILE_MIN_TORCH} or later: torch {torch.__version__} cannot compile "
+                "the Wan VAE's decode phases; set components.vae_decoder.compile_phases: false"
+            )
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS_LIMIT)
         self.phases = [torch.compile(phase, backend=backend, dynamic=False, fullgraph=True) for phase in self.phases]
 
