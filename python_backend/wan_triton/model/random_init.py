@@ -59,8 +59,8 @@ _INITIALISERS = (
 @contextlib.contextmanager
 def _initialisation_on(init_device: str) -> Iterator[None]:
     """Within: torch.nn.init's initialisers only record their calls; on leaving, each recorded call runs in order on a
-    copy of its tensor on `init_device`, copied back into the tensor. The same calls in the same order as without this
-    context: on the same device and seed, the same values."""
+    copy of its tensor on `init_device`, copied back into the tensor. (Values differ from an in-place build of the
+    same seed: the random draws constructors make themselves, torch.randn, no longer fall between the initialisers.)"""
     import torch
 
     calls: list[tuple[Callable[..., Any], torch.Tensor, tuple, dict]] = []
@@ -87,24 +87,20 @@ def _initialisation_on(init_device: str) -> Iterator[None]:
             tensor.copy_(work)
 
 
-def build(
-    factory, dtype: torch.dtype, device: str, keep_in_fp32: list[str] | None = None, init_device: str | None = None
-) -> torch.nn.Module:
-    """`factory()` under `device` and `dtype` defaults, then the `keep_in_fp32` submodules cast back to fp32.
-    `init_device`: where the random values are drawn (default: the GPU for a module made in host memory where there
-    is one, else `device` itself)."""
+def build(factory, dtype: torch.dtype, device: str, keep_in_fp32: list[str] | None = None) -> torch.nn.Module:
+    """`factory()` under `device` and `dtype` defaults, then the `keep_in_fp32` submodules cast back to fp32. A module
+    made in host memory where there is a GPU takes its random values from the GPU."""
     # Imported here: `Checkpoint` reads MARKER in processes that never build a module (preprocess), without torch.
     import torch
 
-    if init_device is None and device == "cpu" and torch.cuda.is_available():
-        init_device = "cuda"
+    draw_on = "cuda" if device == "cpu" and torch.cuda.is_available() else device
     logger.warning(
         "building %s with RANDOM weights (benchmark checkpoint) on %s (drawn on %s)",
         getattr(factory, "__name__", "?"),
         device,
-        init_device or device,
+        draw_on,
     )
-    initialisation = _initialisation_on(init_device) if init_device else contextlib.nullcontext()
+    initialisation = _initialisation_on(draw_on) if draw_on != device else contextlib.nullcontext()
     with torch.device(device), _default_dtype(dtype if dtype.is_floating_point else torch.float32), initialisation:
         module = factory()
     for name, sub in module.named_modules():
