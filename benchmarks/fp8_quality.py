@@ -21,6 +21,7 @@ in fp32 (114 GB) and minutes per step: `--fp32` is for the smaller sizes.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import math
 import time
@@ -86,6 +87,10 @@ def run(ckpt: Checkpoint, variant: str, request: GenerationRequest, embeds: torc
         torch.backends.cuda.matmul.allow_tf32 = saved
     peak_gb = torch.cuda.max_memory_allocated(device) / 1e9
     del denoiser
+    # dynamo's caches keep the compiled experts referenced: without a reset they stay on the device through the next
+    # variant, whose peak would count them.
+    torch._dynamo.reset()
+    gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     # The first step compiles; the median of the others is the step time.
