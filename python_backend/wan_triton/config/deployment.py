@@ -286,7 +286,7 @@ class Video(_Strict):
     x264_crf: int = Field(default=17, ge=0, le=51)
     # x264's tune, none by default. `zerolatency` codes each frame as it arrives (no lookahead, no B-frames): with
     # `encode_while_decoding` the MP4 is done almost as soon as the last chunk decodes, instead of a lookahead's
-    # worth of frames later; the file's size moves by up to a fifth either way at the same CRF
+    # worth of frames later; at the same CRF the file comes out larger or smaller depending on the content
     # (benchmarks/RESULTS.md, End to end).
     x264_tune: Literal["film", "animation", "grain", "stillimage", "fastdecode", "zerolatency"] | None = None
     # Encode in the vae_decoder step, each decoded chunk on a worker thread while the next decodes, instead of in
