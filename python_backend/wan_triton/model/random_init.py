@@ -6,7 +6,7 @@ Its modules are then made directly on the target device in the target dtype, wit
 would leave (diffusers keeps some Wan modules in fp32). Every load logs a warning: such a model makes noise.
 
 A module made for host memory on a machine with a GPU (the swapped expert) draws its random values on the GPU, one
-tensor at a time: the CPU's initialisation of a 14B expert in bf16 takes minutes of a benchmark's GPU lease, the
+tensor at a time: the CPU's initialisation of a 14B expert in bf16 takes minutes of a benchmark's GPU time, the
 GPU's seconds.
 """
 
