@@ -14,8 +14,13 @@ FlashAttention kernels):
     python benchmarks/denoiser_step.py --sizes 480p 720p --backends cudnn flash4 --out $OUT/step.json
 
 A backend may be listed twice (flash4 flash3 flash4): the repeat shows how far the GPU drifted over the run.
-`fp8` (or `fp8+compile`) is `precision: fp8` (wan_triton.kernels.fp8 over the `auto` kernel): it quantizes the expert
-in place, so it comes last in the list, and with one size per run.
+`fp8` (or `fp8+compile`) is `precision: fp8` (wan_triton.kernels.fp8 over the `auto` kernel). `fp8-attention` and
+`fp8-linear` are its parts, for each part's share of the gain: self-attention in FP8 alone, then the block linear
+layers too, each quantizing its own bf16 input; `fp8` adds the one-pass quantization, as served. Each builds on the
+one before and quantizes the expert in place, so they come last in the list, in that order, with one size per run:
+
+    python benchmarks/denoiser_step.py --sizes 480p --backends flash4+compile fp8-attention+compile \
+        fp8-linear+compile fp8+compile --out $OUT/step.json
 """
 
 from __future__ import annotations
@@ -46,6 +51,18 @@ from wan_triton.runtime.engines.torch_engine import denoiser_engine
 logger = logging.getLogger("benchmarks.denoiser_step")
 
 STEP_SIZES = ("480p", "720p")
+# precision fp8 part by part, each variant adding to the one before (wan_triton.kernels.fp8.install's parts)
+FP8_PARTS = ("fp8-attention", "fp8-linear", "fp8")
+
+
+def install_fp8_part(model: torch.nn.Module, part: str) -> None:
+    """One of `fp8.install`'s parts, on a model that has the ones before it (FP8_PARTS)."""
+    if part == "fp8-attention":
+        fp8.install_attention(model, "auto", torch.device("cuda"))
+    elif part == "fp8-linear":
+        fp8.quantize_module(model)
+    else:
+        fp8.install_blocks(model)
 
 
 def main() -> None:
@@ -66,10 +83,13 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    if any(n.startswith("fp8") for n in args.backends[:-1]) or (
-        any(n.startswith("fp8") for n in args.backends) and len(args.sizes) > 1
+    fp8_listed = [n.removesuffix("+compile") for n in args.backends if n.startswith("fp8")]
+    if fp8_listed and (
+        len(args.sizes) > 1
+        or any(not n.startswith("fp8") for n in args.backends[-len(fp8_listed) :])
+        or fp8_listed != sorted(set(fp8_listed), key=FP8_PARTS.index)
     ):
-        parser.error("fp8 quantizes the expert in place: list it last, with one size")
+        parser.error(f"fp8 quantizes the expert in place: list its parts last, in the order {FP8_PARTS}, one size")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -126,13 +146,19 @@ def main() -> None:
             }
             logger.info("%s diffusers step: %.3f s", size, entry["diffusers"]["step_s"])
 
+        fp8_installed: list[str] = []
         for name in args.backends:
-            if name.removesuffix("+compile") == "fp8":
-                # As components.build_denoiser at precision fp8 (irreversible: the last variant of the run).
-                fp8.install(model, "auto", torch.device("cuda"))
-                torch.cuda.empty_cache()
-                entry["fp8_weights_gb"] = torch.cuda.memory_allocated() / 1e9
-                logger.info("fp8 expert: %.1f GB on the device (bf16: %.1f GB)", entry["fp8_weights_gb"], weights_gb)
+            if (part := name.removesuffix("+compile")) in FP8_PARTS:
+                # As components.build_denoiser at precision fp8 (fp8.install), up to this part; irreversible, so
+                # the last variants of the run.
+                for missing in FP8_PARTS[len(fp8_installed) : FP8_PARTS.index(part) + 1]:
+                    install_fp8_part(model, missing)
+                    fp8_installed.append(missing)
+                    if missing == "fp8-linear":
+                        torch.cuda.empty_cache()
+                        entry["fp8_weights_gb"] = torch.cuda.memory_allocated() / 1e9
+                        logger.info("fp8 expert: %.1f GB on the device (bf16: %.1f GB)", entry["fp8_weights_gb"],
+                                    weights_gb)  # fmt: skip
             else:
                 backend = AttentionBackend(name.removesuffix("+compile"))
                 if not result.get(f"{backend.value}_available", True):

@@ -197,7 +197,7 @@ def _agreement(ours: tuple[torch.Tensor, torch.Tensor], served: tuple[torch.Tens
     }
 
 
-def measure_quant(size: str, repeat: int, warps: list[int]) -> dict:
+def measure_quant(size: str, repeat: int, launches: list[str]) -> dict:
     from wan_triton.kernels import fp8_rows_triton
 
     tokens = tokens_of(SIZES[size])
@@ -226,17 +226,17 @@ def measure_quant(size: str, repeat: int, warps: list[int]) -> dict:
         "quantize": lambda: fp8.quantize_rows(hidden.reshape(-1, DIM)),
         "gelu + quantize": lambda: fp8.quantize_rows(F.gelu(ffn_hidden, approximate="tanh")),
     }
-    # The one-pass kernels, at the warp count given (None: the served choice, `fp8_rows_triton._warps`); each
+    # The one-pass kernels, with the launch given (None: the served one, `fp8_rows_triton.launch_for`); each
     # returns what its compiled twin does, ending in the [M, K] e4m3 values and [M, 1] scales.
     triton_kernels = {
-        "norm + modulation + quantize": lambda w: fp8_rows_triton.norm_quantize_rows(
-            hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift, num_warps=w
+        "norm + modulation + quantize": lambda launch: fp8_rows_triton.norm_quantize_rows(
+            hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift, launch=launch
         )[1:],
-        "residual + affine norm + quantize": lambda w: fp8_rows_triton.norm_quantize_rows(
-            hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias, num_warps=w
+        "residual + affine norm + quantize": lambda launch: fp8_rows_triton.norm_quantize_rows(
+            hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias, launch=launch
         ),
-        "quantize": lambda w: fp8_rows_triton.gelu_quantize_rows(hidden, apply_gelu=False, num_warps=w),
-        "gelu + quantize": lambda w: fp8_rows_triton.gelu_quantize_rows(ffn_hidden, num_warps=w),
+        "quantize": lambda launch: fp8_rows_triton.gelu_quantize_rows(hidden, apply_gelu=False, launch=launch),
+        "gelu + quantize": lambda launch: fp8_rows_triton.gelu_quantize_rows(ffn_hidden, launch=launch),
     }
     result: dict = {"rows": 2 * tokens}
     for name, fn in compiled.items():
@@ -247,11 +247,18 @@ def measure_quant(size: str, repeat: int, warps: list[int]) -> dict:
             kernel = triton_kernels[name]
             ours = kernel(None)
             entry["triton_ms"] = median_cuda(lambda k=kernel: k(None), warmup=2, repeat=repeat) * 1e3
+            entry["served_launch"] = str(fp8_rows_triton.launch_for(ours[-2].shape[-1]))
             entry |= _agreement(ours[-2:], served[-2:])
             if name.startswith("residual"):
                 entry["hidden_max_diff"] = float((ours[0].float() - served[0].float()).abs().max())
-            for w in warps:
-                entry[f"triton_ms_{w}_warps"] = median_cuda(lambda k=kernel, w=w: k(w), warmup=2, repeat=repeat) * 1e3
+            entry["launches"] = {}
+            for text in launches:
+                launch = fp8_rows_triton.Launch.parse(text)
+                ours = kernel(launch)
+                entry["launches"][text] = {
+                    "ms": median_cuda(lambda k=kernel, x=launch: k(x), warmup=2, repeat=repeat) * 1e3,
+                    **_agreement(ours[-2:], served[-2:]),
+                }
         logger.info("%s %-36s %s", size, name, entry)
         result[name] = entry
     return result
@@ -308,8 +315,8 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=["gaussian", "offset"])
     parser.add_argument("--backend", default="auto", help="bf16 attention kernel of the block comparison")
     parser.add_argument("--repeat", type=int, default=5)
-    # quant: the Triton kernels also at these warp counts a program
-    parser.add_argument("--warps", nargs="*", type=int, default=[])
+    # quant: the Triton kernels also with these launches, CHUNKxWARPS (chunk 0: the whole row in registers)
+    parser.add_argument("--launches", nargs="*", default=[])
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -323,7 +330,7 @@ def main() -> None:
         result["linear"] = {size: measure_linear(size, args.repeat) for size in args.sizes}
         write_json(args.out, result)
     if "quant" in args.parts:
-        result["quant"] = {size: measure_quant(size, args.repeat, args.warps) for size in args.sizes}
+        result["quant"] = {size: measure_quant(size, args.repeat, args.launches) for size in args.sizes}
         write_json(args.out, result)
     if "block" in args.parts:
         result["block"] = measure_block(args.sizes, args.repeat, args.backend)

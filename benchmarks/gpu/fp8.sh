@@ -4,8 +4,11 @@
 #   bash benchmarks/gpu/fp8.sh tests              the FP8 GPU tests (tests/gpu/test_fp8_gpu.py)
 #   bash benchmarks/gpu/fp8.sh kernels [PARTS]    FP8 attention (scale variants) and linear layers against the bf16
 #                                                 kernels at 480p and 720p, and one block (benchmarks/fp8_kernels.py)
-#   bash benchmarks/gpu/fp8.sh step SIZE [REPEAT] the step: diffusers, served bf16 (flash4, or flash3 without it) and
-#                                                 fp8 in one run (benchmarks/denoiser_step.py), expert memory of both
+#   bash benchmarks/gpu/fp8.sh step SIZE [REPEAT] [--parts]
+#                                                 the step: diffusers, served bf16 (flash4, or flash3 without it) and
+#                                                 fp8 in one run (benchmarks/denoiser_step.py), expert memory of both;
+#                                                 --parts: also fp8 attention alone, then with the linear layers each
+#                                                 quantizing its own input (each part's share of the gain)
 #   bash benchmarks/gpu/fp8.sh quality [SIZE] [STEPS] [--fp32]
 #                                                 a whole run from one seed in bf16 and fp8: final latents, frames PSNR
 #                                                 (benchmarks/fp8_quality.py; random weights)
@@ -19,7 +22,7 @@
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
-mode=${1:?usage: fp8.sh tests | kernels | step SIZE [REPEAT] | quality [SIZE] [STEPS] [--fp32] | e2e ARGS... | final}
+mode=${1:?usage: fp8.sh tests | kernels | step SIZE [REPEAT] [--parts] | quality [SIZE] [STEPS] [--fp32] | e2e ARGS... | final}
 shift
 
 # Runs "$@" under `timeout $LIMIT` when LIMIT is set (the final mode's parts), else as it is.
@@ -43,8 +46,10 @@ fp8_kernels() {
 }
 
 fp8_step() {
-  limited python benchmarks/denoiser_step.py --sizes "$1" --backends "$(served_bf16)" fp8+compile --repeat "${2:-2}" \
-    --out "$OUT/fp8_step_$1.json"
+  local parts=()
+  [[ ${3:-} == --parts ]] && parts=(fp8-attention+compile fp8-linear+compile)
+  limited python benchmarks/denoiser_step.py --sizes "$1" --backends "$(served_bf16)" "${parts[@]}" fp8+compile \
+    --repeat "${2:-2}" --out "$OUT/fp8_step_$1.json"
 }
 
 fp8_quality() {
@@ -56,7 +61,7 @@ fp8_quality() {
 case $mode in
   tests) fp8_tests ;;
   kernels) fp8_kernels "$@" ;;
-  step) fp8_step "${1:?usage: fp8.sh step SIZE [REPEAT]}" "${2:-2}" ;;
+  step) fp8_step "${1:?usage: fp8.sh step SIZE [REPEAT] [--parts]}" "${2:-2}" "${3:-}" ;;
   quality) fp8_quality "$@" ;;
   e2e) DEPLOYMENT=model_repository/deployments/gpu_a14b_fp8.yaml bash "$(dirname "$0")/e2e.sh" "$@" ;;
   final)

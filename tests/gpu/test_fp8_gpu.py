@@ -203,37 +203,69 @@ def _codes_and_values_agree(ours, served, *, max_codes_differing: float) -> None
     assert float(step.max()) <= 2**-3, float(step.max())
 
 
-def test_one_pass_quantization_kernels_match_the_torch_math():
+# The block widths (model dim, FFN hidden) of a reduced model and of A14B; each launch the kernels have: the served
+# one for the width, the whole row in registers, the row in chunks.
+@pytest.mark.parametrize("dim, ffn_dim, rows", [(640, 1728, 777), (5120, 13824, 150)])
+@pytest.mark.parametrize("launch", [None, "0x8", "1024x4"])
+def test_one_pass_quantization_kernels_match_the_torch_math(dim, ffn_dim, rows, launch):
     from wan_triton.kernels import fp8_rows, fp8_rows_triton
 
+    launch = None if launch is None else fp8_rows_triton.Launch.parse(launch)
     gen = torch.Generator("cuda").manual_seed(0)
-    dim, eps = 640, 1e-6
-    hidden = (3 * torch.randn(2, 777, dim, device="cuda", generator=gen) + 1).to(torch.bfloat16)
-    delta = torch.randn(2, 777, dim, device="cuda", generator=gen).to(torch.bfloat16)
+    eps = 1e-6
+    # A residual stream far from zero mean, as a block's is: the variance must not cancel.
+    hidden = (3 * torch.randn(2, rows, dim, device="cuda", generator=gen) + 40).to(torch.bfloat16)
+    delta = torch.randn(2, rows, dim, device="cuda", generator=gen).to(torch.bfloat16)
     mod_scale, mod_shift, gate = (0.1 * torch.randn(2, 1, dim, device="cuda", generator=gen) for _ in range(3))
     weight, bias = 1 + 0.1 * torch.randn(dim, device="cuda", generator=gen), torch.randn(dim, device="cuda") * 0.1
 
-    def flat(values, scale):
-        return values.reshape(-1, dim), scale.reshape(-1, 1)
-
-    rows = fp8_rows.norm_quantize(hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift)
+    _, *quantized = fp8_rows_triton.norm_quantize_rows(
+        hidden, eps, mod_scale=mod_scale, mod_shift=mod_shift, launch=launch
+    )
     served = fp8_rows.reference_norm(hidden, None, None, mod_scale, mod_shift, eps)
-    _codes_and_values_agree(flat(*rows), flat(*served), max_codes_differing=0.02)
+    _codes_and_values_agree(quantized, _flat(*served), max_codes_differing=0.02)
 
-    summed, rows = fp8_rows.residual_norm_quantize(hidden, delta, eps, gate=gate, weight=weight, bias=bias)
+    summed, *quantized = fp8_rows_triton.norm_quantize_rows(
+        hidden, eps, delta=delta, gate=gate, weight=weight, bias=bias, launch=launch
+    )
     served_sum, *served = fp8_rows.reference_residual_norm(hidden, delta, gate, weight, bias, None, None, eps)
     assert torch.allclose(summed.float(), served_sum.float(), rtol=2**-7, atol=0)
-    _codes_and_values_agree(flat(*rows), flat(*served), max_codes_differing=0.02)
+    _codes_and_values_agree(quantized, _flat(*served), max_codes_differing=0.02)
 
-    wide = torch.randn(2, 750, 1728, device="cuda", generator=gen).to(torch.bfloat16)
-    rows, served = fp8_rows.gelu_quantize(wide), fp8_rows.reference_gelu(wide)
-    _codes_and_values_agree(
-        (rows.values.reshape(-1, 1728), rows.scale.reshape(-1, 1)),
-        (served[0].reshape(-1, 1728), served[1].reshape(-1, 1)),
-        max_codes_differing=0.02,
-    )
+    wide = torch.randn(2, rows, ffn_dim, device="cuda", generator=gen).to(torch.bfloat16)
+    quantized = fp8_rows_triton.gelu_quantize_rows(wide, launch=launch)
+    _codes_and_values_agree(quantized, _flat(*fp8_rows.reference_gelu(wide)), max_codes_differing=0.02)
     # Quantization alone takes the same bf16 values as the torch ops: the same codes exactly.
-    plain = wide.reshape(-1, 1728)
+    plain = wide.reshape(-1, ffn_dim)
     _codes_and_values_agree(
-        fp8_rows_triton.gelu_quantize_rows(plain, apply_gelu=False), fp8.quantize_rows(plain), max_codes_differing=0.0
+        fp8_rows_triton.gelu_quantize_rows(plain, apply_gelu=False, launch=launch),
+        fp8.quantize_rows(plain),
+        max_codes_differing=0.0,
     )
+
+
+def test_the_quantizing_ops_run_the_served_kernels():
+    """What a block calls (fp8_rows' custom ops) is what the kernel test above checks, bit for bit."""
+    from wan_triton.kernels import fp8_rows, fp8_rows_triton
+
+    gen = torch.Generator("cuda").manual_seed(1)
+    hidden, delta = (torch.randn(2, 300, 5120, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2))
+    mod_scale, mod_shift = (0.1 * torch.randn(2, 1, 5120, device="cuda", generator=gen) for _ in range(2))
+    ffn = torch.randn(2, 300, 13824, device="cuda", generator=gen).to(torch.bfloat16)
+
+    def same(ours, kernels):
+        assert all(torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+                   for a, b in zip(ours, kernels, strict=True))  # fmt: skip
+
+    same(
+        fp8_rows.norm_quantize(hidden, 1e-6, mod_scale=mod_scale, mod_shift=mod_shift),
+        fp8_rows_triton.norm_quantize_rows(hidden, 1e-6, mod_scale=mod_scale, mod_shift=mod_shift)[1:],
+    )
+    summed, rows = fp8_rows.residual_norm_quantize(hidden, delta, 1e-6)
+    same((summed, *rows), fp8_rows_triton.norm_quantize_rows(hidden, 1e-6, delta=delta))
+    same(fp8_rows.gelu_quantize(ffn), fp8_rows_triton.gelu_quantize_rows(ffn))
+
+
+def _flat(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rows as the kernels return them: [M, K] values, [M, 1] scales."""
+    return values.reshape(-1, values.shape[-1]), scale.reshape(-1, 1)

@@ -348,17 +348,12 @@ class Fp8AttnProcessor(attention.WanT2VAttnProcessor):
         return fp8_attention(q, k, v, smooth_k=self.smooth_k)
 
 
-def install(
-    module: nn.Module,
-    backend: attention.AttentionBackend | str,
-    device: torch.device,
-    stored: StoredWeights | None = None,
-    one_pass: bool = True,
-):
-    """`attention.install` (the bf16 kernel for cross-attention, fused projections), then self-attention and the
-    block linear layers in FP8 (weights from `stored` when given, else quantized here), their inputs quantized in one
-    pass (`install_blocks`; `one_pass=False` keeps each layer quantizing its bf16 input, for comparison). Returns the
-    bf16 attention kernel chosen. Raises ValueError where FP8 cannot run."""
+def install_attention(
+    module: nn.Module, backend: attention.AttentionBackend | str, device: torch.device
+) -> attention.AttentionBackend:
+    """`attention.install` (the bf16 kernel for cross-attention, fused projections), then self-attention in FP8: the
+    first part of `install`, alone for measuring each part's share. Returns the bf16 attention kernel chosen. Raises
+    ValueError where FP8 cannot run."""
     if (why := supported(device)) is not None:
         raise ValueError(why)
     if attention.AttentionBackend(backend) == attention.AttentionBackend.REFERENCE:
@@ -366,6 +361,20 @@ def install(
     chosen = attention.install(module, backend, device)
     _fa3_fp8()  # the custom op is defined here, eagerly: torch.compile cannot trace its definition
     module.set_attn_processor(Fp8AttnProcessor(attention.attention_fn(chosen)))
+    return chosen
+
+
+def install(
+    module: nn.Module,
+    backend: attention.AttentionBackend | str,
+    device: torch.device,
+    stored: StoredWeights | None = None,
+    one_pass: bool = True,
+) -> attention.AttentionBackend:
+    """`install_attention`, then the block linear layers in FP8 (weights from `stored` when given, else quantized
+    here), their inputs quantized in one pass (`install_blocks`; `one_pass=False` keeps each layer quantizing its bf16
+    input, for comparison). Returns the bf16 attention kernel chosen. Raises ValueError where FP8 cannot run."""
+    chosen = install_attention(module, backend, device)
     quantize_module(module, stored=stored)
     if one_pass:
         install_blocks(module)

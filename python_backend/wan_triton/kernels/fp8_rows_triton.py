@@ -7,6 +7,8 @@ e4m3 row and its scale, and, where it added a residual, the new hidden state. Th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -88,10 +90,143 @@ def _gelu_quantize_kernel(x_ptr, q_ptr, scale_ptr, width, APPLY_GELU: tl.constex
     _store_quantized(x, q_ptr + offsets, scale_ptr + row, mask)
 
 
-def _warps(width: int) -> int:
-    """Warps a program (one row): 8 up to 8,192 columns, 16 above; `num_warps` overrides it (benchmarks/
-    fp8_kernels.py --warps)."""
-    return 16 if width > 8192 else 8
+@triton.jit
+def _normalized(src_ptr, cols, mask, batch, width, mean, rstd, weight_ptr, bias_ptr, mod_scale_ptr, mod_shift_ptr,
+                HAS_AFFINE: tl.constexpr, HAS_MODULATION: tl.constexpr):  # fmt: skip
+    """One chunk of the row's layer norm (affine, modulated) in fp32, rounded to bf16 as the bf16 block rounds it."""
+    y = (tl.load(src_ptr + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+    if HAS_AFFINE:
+        y = y * tl.load(weight_ptr + cols, mask=mask, other=0.0) + tl.load(bias_ptr + cols, mask=mask, other=0.0)
+    if HAS_MODULATION:
+        mod_scale = tl.load(mod_scale_ptr + batch * width + cols, mask=mask, other=0.0)
+        y = y * (1.0 + mod_scale) + tl.load(mod_shift_ptr + batch * width + cols, mask=mask, other=0.0)
+    return y.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _norm_quantize_chunked_kernel(
+    hidden_ptr,
+    delta_ptr,
+    gate_ptr,
+    hidden_out_ptr,
+    weight_ptr,
+    bias_ptr,
+    mod_scale_ptr,
+    mod_shift_ptr,
+    q_ptr,
+    scale_ptr,
+    rows_per_batch,
+    width,
+    eps,
+    HAS_DELTA: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    HAS_AFFINE: tl.constexpr,
+    HAS_MODULATION: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+):
+    """`_norm_quantize_kernel` for rows wider than registers hold well: the row in chunks, three passes over it (mean
+    and variance, merged chunk by chunk; amax; values), of which only the first reads device memory, the others the
+    row again from cache."""
+    row = tl.program_id(0).to(tl.int64)
+    batch = row // rows_per_batch
+    src_ptr = (hidden_out_ptr if HAS_DELTA else hidden_ptr) + row * width
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c in tl.static_range(NUM_CHUNKS):
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        mask = cols < width
+        x = tl.load(hidden_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            delta = tl.load(delta_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_GATE:
+                delta = delta * tl.load(gate_ptr + batch * width + cols, mask=mask, other=0.0)
+            x = (x + delta).to(tl.bfloat16)
+            tl.store(hidden_out_ptr + row * width + cols, x, mask=mask)
+            x = x.to(tl.float32)
+        # Chan et al.'s merge of the chunk's mean and squared deviations into the row's: no E[x^2] - E[x]^2
+        # cancellation on a residual stream far from zero mean.
+        n = tl.minimum(width - c * CHUNK, CHUNK).to(tl.float32)
+        chunk_mean = tl.sum(x, axis=0) / n
+        centred = tl.where(mask, x - chunk_mean, 0.0)
+        total = count + n
+        shift = chunk_mean - mean
+        mean = mean + shift * (n / total)
+        m2 = m2 + tl.sum(centred * centred, axis=0) + shift * shift * (count * n / total)
+        count = total
+    # The later passes read the residual sum back: make every thread's stores visible to the others first.
+    tl.debug_barrier()
+    rstd = 1.0 / tl.sqrt(m2 / width + eps)
+    amax = tl.zeros([CHUNK], dtype=tl.float32)
+    for c in tl.static_range(NUM_CHUNKS):
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        mask = cols < width
+        y = _normalized(src_ptr, cols, mask, batch, width, mean, rstd, weight_ptr, bias_ptr, mod_scale_ptr,
+                        mod_shift_ptr, HAS_AFFINE, HAS_MODULATION)  # fmt: skip
+        amax = tl.maximum(amax, tl.where(mask, tl.abs(y), 0.0))
+    scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / E4M3_MAX
+    for c in tl.static_range(NUM_CHUNKS):
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        mask = cols < width
+        y = _normalized(src_ptr, cols, mask, batch, width, mean, rstd, weight_ptr, bias_ptr, mod_scale_ptr,
+                        mod_shift_ptr, HAS_AFFINE, HAS_MODULATION)  # fmt: skip
+        q = tl.clamp(tl.math.div_rn(y, scale), -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
+        tl.store(q_ptr + row * width + cols, q, mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+@triton.jit
+def _activation(x_ptr, cols, mask, APPLY_GELU: tl.constexpr):
+    x = tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if APPLY_GELU:
+        # tanh-approximated GELU (diffusers' "gelu-approximate"), tanh(u) = 2 sigmoid(2u) - 1
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        x = x * tl.sigmoid(2.0 * inner)
+    return x.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def _gelu_quantize_chunked_kernel(
+    x_ptr, q_ptr, scale_ptr, width, APPLY_GELU: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr
+):
+    """`_gelu_quantize_kernel` in chunks: one pass for the amax, a second (from cache) for the values."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([CHUNK], dtype=tl.float32)
+    for c in tl.static_range(NUM_CHUNKS):
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        mask = cols < width
+        amax = tl.maximum(amax, tl.where(mask, tl.abs(_activation(x_ptr + row * width, cols, mask, APPLY_GELU)), 0.0))
+    scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / E4M3_MAX
+    for c in tl.static_range(NUM_CHUNKS):
+        cols = c * CHUNK + tl.arange(0, CHUNK)
+        mask = cols < width
+        y = _activation(x_ptr + row * width, cols, mask, APPLY_GELU)
+        q = tl.clamp(tl.math.div_rn(y, scale), -E4M3_MAX, E4M3_MAX).to(tl.float8e4nv)
+        tl.store(q_ptr + row * width + cols, q, mask=mask)
+    tl.store(scale_ptr + row, scale)
+
+
+class Launch(NamedTuple):
+    """How a kernel covers a row: `chunk` columns at a time (0: the whole row at once, in registers) with `warps`
+    warps a program (one program a row)."""
+
+    chunk: int
+    warps: int
+
+    @classmethod
+    def parse(cls, text: str) -> Launch:
+        """From CHUNKxWARPS, e.g. 1024x4 (benchmarks/fp8_kernels.py --launches)."""
+        chunk, warps = text.split("x")
+        return cls(int(chunk), int(warps))
+
+    def __str__(self) -> str:
+        return f"{self.chunk}x{self.warps}"
+
+
+def launch_for(width: int) -> Launch:
+    """The served launch of a row of `width` columns."""
+    return Launch(0, 16 if width > 8192 else 8)
 
 
 def norm_quantize_rows(
@@ -104,12 +239,14 @@ def norm_quantize_rows(
     bias: torch.Tensor | None = None,
     mod_scale: torch.Tensor | None = None,
     mod_shift: torch.Tensor | None = None,
-    num_warps: int | None = None,
+    launch: Launch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """hidden [B, S, K] bf16 (+ delta [B, S, K] * gate [B, K]) -> (hidden after the residual add [B, S, K],
     e4m3 [B*S, K], fp32 scale [B*S, 1]) of the layer norm (affine with weight/bias [K]) modulated by
-    mod_scale/mod_shift [B, K]. Without delta the first output is `hidden` itself."""
+    mod_scale/mod_shift [B, K]. Without delta the first output is `hidden` itself. `launch`: `launch_for(K)` unless
+    given (benchmarks)."""
     batch, rows_per_batch, width = hidden.shape
+    launch = launch or launch_for(width)
     hidden = hidden.contiguous()
     q = torch.empty((batch * rows_per_batch, width), dtype=torch.float8_e4m3fn, device=hidden.device)
     scale = torch.empty((batch * rows_per_batch, 1), dtype=torch.float32, device=hidden.device)
@@ -119,7 +256,7 @@ def norm_quantize_rows(
     def per_batch(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.reshape(batch, width).to(**fp32).contiguous()
 
-    _norm_quantize_kernel[(batch * rows_per_batch,)](
+    args = (
         hidden,
         None if delta is None else delta.contiguous(),
         per_batch(gate),
@@ -133,32 +270,41 @@ def norm_quantize_rows(
         rows_per_batch,
         width,
         eps,
-        HAS_DELTA=delta is not None,
-        HAS_GATE=gate is not None,
-        HAS_AFFINE=weight is not None,
-        HAS_MODULATION=mod_scale is not None,
-        BLOCK=triton.next_power_of_2(width),
-        num_warps=num_warps or _warps(width),
     )
+    flags = {
+        "HAS_DELTA": delta is not None,
+        "HAS_GATE": gate is not None,
+        "HAS_AFFINE": weight is not None,
+        "HAS_MODULATION": mod_scale is not None,
+    }
+    grid = (batch * rows_per_batch,)
+    if launch.chunk:
+        _norm_quantize_chunked_kernel[grid](
+            *args, **flags, CHUNK=launch.chunk, NUM_CHUNKS=triton.cdiv(width, launch.chunk), num_warps=launch.warps
+        )
+    else:
+        _norm_quantize_kernel[grid](*args, **flags, BLOCK=triton.next_power_of_2(width), num_warps=launch.warps)
     return hidden_out, q, scale
 
 
 def gelu_quantize_rows(
-    x: torch.Tensor, apply_gelu: bool = True, num_warps: int | None = None
+    x: torch.Tensor, apply_gelu: bool = True, launch: Launch | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., K] bf16 -> (e4m3 [M, K], fp32 scale [M, 1]) of GELU(x) (tanh approximation), or of x itself."""
+    """x [..., K] bf16 -> (e4m3 [M, K], fp32 scale [M, 1]) of GELU(x) (tanh approximation), or of x itself.
+    `launch`: `launch_for(K)` unless given (benchmarks)."""
     width = x.shape[-1]
+    launch = launch or launch_for(width)
     rows = x.numel() // width
     x = x.contiguous()
     q = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
-    _gelu_quantize_kernel[(rows,)](
-        x,
-        q,
-        scale,
-        width,
-        APPLY_GELU=apply_gelu,
-        BLOCK=triton.next_power_of_2(width),
-        num_warps=num_warps or _warps(width),
-    )
+    if launch.chunk:
+        _gelu_quantize_chunked_kernel[(rows,)](
+            x, q, scale, width, APPLY_GELU=apply_gelu, CHUNK=launch.chunk,
+            NUM_CHUNKS=triton.cdiv(width, launch.chunk), num_warps=launch.warps,
+        )  # fmt: skip
+    else:
+        _gelu_quantize_kernel[(rows,)](
+            x, q, scale, width, APPLY_GELU=apply_gelu, BLOCK=triton.next_power_of_2(width), num_warps=launch.warps
+        )
     return q, scale
