@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu/fp8.sh tests              the FP8 GPU tests (tests/gpu/test_fp8_gpu.py)
 #   bash benchmarks/gpu/fp8.sh kernels [PARTS]    FP8 attention (scale variants) and linear layers against the bf16
 #                                                 kernels at 480p and 720p, and one block (benchmarks/fp8_kernels.py)
+#   bash benchmarks/gpu/fp8.sh quant              the one-pass activation quantization kernels at every launch
+#                                                 (whole row or chunks, warps) against compiled torch ops, 480p and
+#                                                 720p (benchmarks/fp8_kernels.py --parts quant --launches ...)
 #   bash benchmarks/gpu/fp8.sh step SIZE [REPEAT] [--parts]
 #                                                 the step: diffusers, served bf16 (flash4, or flash3 without it) and
 #                                                 fp8 in one run (benchmarks/denoiser_step.py), expert memory of both;
@@ -22,7 +25,7 @@
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
-mode=${1:?usage: fp8.sh tests | kernels | step SIZE [REPEAT] [--parts] | quality [SIZE] [STEPS] [--fp32] | e2e ARGS... | final}
+mode=${1:?usage: fp8.sh tests | kernels | quant | step SIZE [REPEAT] [--parts] | quality [SIZE] [STEPS] [--fp32] | e2e ARGS... | final}
 shift
 
 # Runs "$@" under `timeout $LIMIT` when LIMIT is set (the final mode's parts), else as it is.
@@ -45,6 +48,16 @@ fp8_kernels() {
     --out "$OUT/fp8_kernels.json"
 }
 
+# CHUNKxWARPS[uUNROLL] (fp8_rows_triton.Launch; chunk 0: the whole row in registers): the whole row at 4 to 32 warps
+# a program, chunks of 256 to 4096 columns at 2 to 8 warps, the loop over them at run time or unrolled twice.
+QUANT_LAUNCHES=(0x4 0x8 0x16 0x32 256x2 256x4 512x2 512x4 512x8 1024x4 1024x8 2048x4 2048x8 4096x8 4096x16
+  512x4u2 1024x4u2 1024x8u2 2048x8u2)
+
+fp8_quant() {
+  limited python benchmarks/fp8_kernels.py --parts quant --sizes 480p 720p --repeat 5 \
+    --launches "${QUANT_LAUNCHES[@]}" --out "$OUT/fp8_quant.json"
+}
+
 fp8_step() {
   local parts=()
   [[ ${3:-} == --parts ]] && parts=(fp8-attention+compile fp8-linear+compile)
@@ -61,6 +74,7 @@ fp8_quality() {
 case $mode in
   tests) fp8_tests ;;
   kernels) fp8_kernels "$@" ;;
+  quant) fp8_quant ;;
   step) fp8_step "${1:?usage: fp8.sh step SIZE [REPEAT] [--parts]}" "${2:-2}" "${3:-}" ;;
   quality) fp8_quality "$@" ;;
   e2e) DEPLOYMENT=model_repository/deployments/gpu_a14b_fp8.yaml bash "$(dirname "$0")/e2e.sh" "$@" ;;

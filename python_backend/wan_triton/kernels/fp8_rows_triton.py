@@ -1,8 +1,13 @@
 """The Triton kernels of `wan_triton.kernels.fp8_rows` (CUDA only: imported when a CUDA tensor meets them).
 
-One program holds one token's row in registers: it reads the row once (with the residual added first where a residual
+One program a token's row: it reads the row from device memory once (with the residual added first where a residual
 add precedes the norm), normalizes, modulates, rounds to bf16 as the bf16 block does, takes the amax and writes the
 e4m3 row and its scale, and, where it added a residual, the new hidden state. The math is fp8_rows' torch reference.
+
+Two layouts of the same math (`Launch`): the whole row in registers (`_norm_quantize_kernel`, `_gelu_quantize_kernel`:
+a 5,120-wide row pads to 8,192 lanes, which caps how many rows an SM holds), or the row in chunks read again from
+cache for each later pass (the `_chunked` kernels: few registers, many rows in flight). Which is faster at each width
+is a measurement (`benchmarks/fp8_kernels.py --parts quant --launches ...`); `launch_for` holds the choice.
 """
 
 from __future__ import annotations
@@ -124,6 +129,7 @@ def _norm_quantize_chunked_kernel(
     HAS_MODULATION: tl.constexpr,
     CHUNK: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """`_norm_quantize_kernel` for rows wider than registers hold well: the row in chunks, three passes over it (mean
     and variance, merged chunk by chunk; amax; values), of which only the first reads device memory, the others the
@@ -134,7 +140,7 @@ def _norm_quantize_chunked_kernel(
     count = 0.0
     mean = 0.0
     m2 = 0.0
-    for c in tl.static_range(NUM_CHUNKS):
+    for c in tl.range(NUM_CHUNKS, loop_unroll_factor=UNROLL):
         cols = c * CHUNK + tl.arange(0, CHUNK)
         mask = cols < width
         x = tl.load(hidden_ptr + row * width + cols, mask=mask, other=0.0).to(tl.float32)
@@ -159,14 +165,14 @@ def _norm_quantize_chunked_kernel(
     tl.debug_barrier()
     rstd = 1.0 / tl.sqrt(m2 / width + eps)
     amax = tl.zeros([CHUNK], dtype=tl.float32)
-    for c in tl.static_range(NUM_CHUNKS):
+    for c in tl.range(NUM_CHUNKS, loop_unroll_factor=UNROLL):
         cols = c * CHUNK + tl.arange(0, CHUNK)
         mask = cols < width
         y = _normalized(src_ptr, cols, mask, batch, width, mean, rstd, weight_ptr, bias_ptr, mod_scale_ptr,
                         mod_shift_ptr, HAS_AFFINE, HAS_MODULATION)  # fmt: skip
         amax = tl.maximum(amax, tl.where(mask, tl.abs(y), 0.0))
     scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / E4M3_MAX
-    for c in tl.static_range(NUM_CHUNKS):
+    for c in tl.range(NUM_CHUNKS, loop_unroll_factor=UNROLL):
         cols = c * CHUNK + tl.arange(0, CHUNK)
         mask = cols < width
         y = _normalized(src_ptr, cols, mask, batch, width, mean, rstd, weight_ptr, bias_ptr, mod_scale_ptr,
@@ -188,17 +194,24 @@ def _activation(x_ptr, cols, mask, APPLY_GELU: tl.constexpr):
 
 @triton.jit
 def _gelu_quantize_chunked_kernel(
-    x_ptr, q_ptr, scale_ptr, width, APPLY_GELU: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS: tl.constexpr
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    width,
+    APPLY_GELU: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """`_gelu_quantize_kernel` in chunks: one pass for the amax, a second (from cache) for the values."""
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([CHUNK], dtype=tl.float32)
-    for c in tl.static_range(NUM_CHUNKS):
+    for c in tl.range(NUM_CHUNKS, loop_unroll_factor=UNROLL):
         cols = c * CHUNK + tl.arange(0, CHUNK)
         mask = cols < width
         amax = tl.maximum(amax, tl.where(mask, tl.abs(_activation(x_ptr + row * width, cols, mask, APPLY_GELU)), 0.0))
     scale = tl.maximum(tl.max(amax, axis=0), MIN_AMAX) / E4M3_MAX
-    for c in tl.static_range(NUM_CHUNKS):
+    for c in tl.range(NUM_CHUNKS, loop_unroll_factor=UNROLL):
         cols = c * CHUNK + tl.arange(0, CHUNK)
         mask = cols < width
         y = _activation(x_ptr + row * width, cols, mask, APPLY_GELU)
@@ -209,23 +222,27 @@ def _gelu_quantize_chunked_kernel(
 
 class Launch(NamedTuple):
     """How a kernel covers a row: `chunk` columns at a time (0: the whole row at once, in registers) with `warps`
-    warps a program (one program a row)."""
+    warps a program (one program a row), the loop over chunks unrolled `unroll` times (1: a loop at run time, the
+    fewest registers; more: more loads in flight per program, more registers)."""
 
     chunk: int
     warps: int
+    unroll: int = 1
 
     @classmethod
     def parse(cls, text: str) -> Launch:
-        """From CHUNKxWARPS, e.g. 1024x4 (benchmarks/fp8_kernels.py --launches)."""
-        chunk, warps = text.split("x")
-        return cls(int(chunk), int(warps))
+        """From CHUNKxWARPS or CHUNKxWARPSuUNROLL, e.g. 1024x4 or 1024x4u2 (benchmarks/fp8_kernels.py --launches)."""
+        chunk, rest = text.split("x")
+        warps, _, unroll = rest.partition("u")
+        return cls(int(chunk), int(warps), int(unroll or 1))
 
     def __str__(self) -> str:
-        return f"{self.chunk}x{self.warps}"
+        return f"{self.chunk}x{self.warps}" + (f"u{self.unroll}" if self.unroll != 1 else "")
 
 
 def launch_for(width: int) -> Launch:
-    """The served launch of a row of `width` columns."""
+    """The served launch of a row of `width` columns: the whole row in registers, 8 warps up to 8,192 columns and 16
+    above (benchmarks/RESULTS.md, Precision: one-pass activation quantization)."""
     return Launch(0, 16 if width > 8192 else 8)
 
 
@@ -280,7 +297,12 @@ def norm_quantize_rows(
     grid = (batch * rows_per_batch,)
     if launch.chunk:
         _norm_quantize_chunked_kernel[grid](
-            *args, **flags, CHUNK=launch.chunk, NUM_CHUNKS=triton.cdiv(width, launch.chunk), num_warps=launch.warps
+            *args,
+            **flags,
+            CHUNK=launch.chunk,
+            NUM_CHUNKS=triton.cdiv(width, launch.chunk),
+            UNROLL=launch.unroll,
+            num_warps=launch.warps,
         )
     else:
         _norm_quantize_kernel[grid](*args, **flags, BLOCK=triton.next_power_of_2(width), num_warps=launch.warps)
@@ -301,7 +323,7 @@ def gelu_quantize_rows(
     if launch.chunk:
         _gelu_quantize_chunked_kernel[(rows,)](
             x, q, scale, width, APPLY_GELU=apply_gelu, CHUNK=launch.chunk,
-            NUM_CHUNKS=triton.cdiv(width, launch.chunk), num_warps=launch.warps,
+            NUM_CHUNKS=triton.cdiv(width, launch.chunk), UNROLL=launch.unroll, num_warps=launch.warps,
         )  # fmt: skip
     else:
         _gelu_quantize_kernel[(rows,)](
