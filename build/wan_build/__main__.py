@@ -115,6 +115,10 @@ def build_fp8_weights(deployment: Deployment, ckpt: Checkpoint, artifacts: Path)
     if ckpt.random_weights:
         logger.warning("random-weight checkpoint: no build-time FP8 weights; the experts are quantized at load")
         return
+    if deployment.components.denoiser.parallel.tp > 1:
+        # The stored weights are of whole layers; a tp rank quantizes its own bf16 shard (parallel.sharding).
+        logger.info("plan with tp: no build-time FP8 weights; each rank quantizes its shard at load")
+        return
     folder = artifacts / FOLDER
     try:
         read_manifest(folder, ckpt)

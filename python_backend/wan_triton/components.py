@@ -136,7 +136,13 @@ def _group_device_ids(cfg: ComponentConfig, device_id: int, world: int, what: st
 
 def _worker_group(ckpt: Checkpoint, cfg: ComponentConfig, artifacts: Path, device_id: int) -> WorkerGroup:
     device_ids = _group_device_ids(cfg, device_id, cfg.parallel.world_size, f"plan {cfg.parallel}")
-    group = WorkerGroup(ckpt, cfg, device_ids, shards=find_shards(artifacts, ckpt, cfg.parallel, cfg.precision))
+    group = WorkerGroup(
+        ckpt,
+        cfg,
+        device_ids,
+        shards=find_shards(artifacts, ckpt, cfg.parallel, cfg.precision),
+        fp8_weights=find_fp8_weights(artifacts, ckpt) if cfg.precision == "fp8" else None,
+    )
     group.start()
     return group
 

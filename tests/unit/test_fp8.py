@@ -5,6 +5,7 @@ rewrite, and the config checks. tests/gpu/test_fp8_gpu.py checks the kernels the
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,15 +173,15 @@ def test_fp8_is_refused_off_hopper_at_install():
         fp8.install(_expert().to(torch.bfloat16), "auto", torch.device("cpu"))
 
 
-def test_fp8_config_is_a_denoiser_torch_cuda_single_gpu_setting():
+def test_fp8_config_is_a_denoiser_torch_cuda_setting():
     ok = ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="fp8")
     assert ok.precision == "fp8"
+    # With a parallel plan too (tests/multiprocess/test_fp8_parallel.py runs the plans).
+    assert ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="fp8", parallel={"cfg": 2, "tp": 2})
     with pytest.raises(ValidationError, match="engine: torch and device: cuda"):
         ComponentConfig(engine=EngineKind.TORCH, device="cpu", precision="fp8")
     with pytest.raises(ValidationError, match="engine: torch and device: cuda"):
         ComponentConfig(engine=EngineKind.ONNXRUNTIME, device="cuda", precision="fp8")
-    with pytest.raises(ValidationError, match="one GPU"):
-        ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="fp8", parallel={"tp": 2})
     with pytest.raises(ValidationError, match="precision"):
         ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="fp4")
     data = load_deployment("gpu_a14b").model_dump()
@@ -314,3 +315,21 @@ def test_fp8_experts_swap_and_load_build_time_weights_as_resident_ones(fp8_check
     for residency in ("resident", "swap"):
         stored, _ = _fp8_latents(ckpt, residency, folder)
         assert torch.equal(stored, resident), residency
+
+
+def test_fp8_build_with_tp_writes_bf16_shards_not_whole_layer_fp8_weights(fp8_checkpoint, tmp_path):
+    import yaml
+
+    from wan_build.__main__ import main as build_main
+    from wan_triton.runtime import fp8_weights
+
+    data = yaml.safe_load(Path("model_repository/deployments/gpu_a14b_fp8.yaml").read_text())
+    data["components"]["denoiser"]["parallel"] = {"tp": 2}
+    deployment = tmp_path / "fp8_tp2.yaml"
+    deployment.write_text(yaml.safe_dump(data))
+    repo = tmp_path / "repo"
+    args = ["--model", str(fp8_checkpoint), "--deployment", str(deployment), "--repo", str(repo)]
+    assert build_main([*args, "--artifacts-root", str(tmp_path / "artifacts")]) == 0
+    # Each tp rank quantizes its own bf16 shard at load (parallel.sharding.install_fp8).
+    assert len(list(repo.glob("*/1/tp2-fp8/manifest.json"))) == 1
+    assert not list(repo.glob(f"*/1/{fp8_weights.FOLDER}"))

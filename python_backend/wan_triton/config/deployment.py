@@ -81,8 +81,8 @@ class SolverConfig(BaseModel):
 class ComponentConfig(_Strict):
     engine: EngineKind
     device: Device = "cpu"
-    # `fp8`: denoiser only, torch engine on a Hopper GPU (SM90, checked at load), one GPU: the blocks' linear layers
-    # and self-attention in e4m3 with scales per channel / token / head, everything else bf16
+    # `fp8`: denoiser only, torch engine on Hopper GPUs (SM90, checked at load), one or a parallel plan's: the blocks'
+    # linear layers and self-attention in e4m3 with scales per channel / token / head, everything else bf16
     # (wan_triton.kernels.fp8; speed and error: benchmarks/RESULTS.md, Precision).
     precision: Precision = "float32"
     instance_count: int = Field(default=1, ge=1)
@@ -159,9 +159,6 @@ class ComponentConfig(_Strict):
             raise ValueError(f"ulysses_head_groups {self.ulysses_head_groups} needs a plan with ulysses > 1")
         if self.precision == "fp8" and (self.engine != EngineKind.TORCH or self.device != "cuda"):
             raise ValueError("precision fp8 needs engine: torch and device: cuda (a Hopper GPU)")
-        if self.precision == "fp8" and not self.parallel.is_single:
-            # The parallel plans' sharded layers and sequence-parallel attention run bf16 kernels only.
-            raise ValueError(f"precision fp8 runs on one GPU; parallel plan {self.parallel} is not supported with it")
         if not self.parallel.is_single and self.expert_residency == "swap":
             # The ranks keep their experts resident: a TP shard is what makes both experts fit.
             raise ValueError(f"parallel plan {self.parallel} does not combine with expert_residency: swap")

@@ -143,13 +143,17 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         """x: the activation [..., K], quantized here per token, or already quantized (`fp8_rows`)."""
+        return self.product(x, self.bias)
+
+    def product(self, x: torch.Tensor | QuantizedRows, bias: torch.Tensor | None) -> torch.Tensor:
+        """`forward` with `bias` (or none) added in the GEMM's epilogue."""
         if isinstance(x, QuantizedRows):
             lead, out_dtype = x.values.shape[:-1], self.out_dtype
             x8, x_scale = x.values.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
         else:
             lead, out_dtype = x.shape[:-1], x.dtype
             x8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        out = scaled_matmul(x8, x_scale, self.weight, self.weight_scale, out_dtype, self.bias)
+        out = scaled_matmul(x8, x_scale, self.weight, self.weight_scale, out_dtype, bias)
         return out.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -185,15 +189,22 @@ def quantize_module(
             linear = getattr(parent, child) if not child.isdigit() else parent[int(child)]
             if isinstance(linear, Fp8Linear):
                 continue
-            if type(linear) is not nn.Linear:
+            # A parallel plan's own layers (wan_triton.parallel's row-parallel linear) make their FP8 form themselves.
+            sharded = hasattr(linear, "to_fp8")
+            if type(linear) is not nn.Linear and not sharded:
                 raise TypeError(f"block layer {name} is {type(linear).__name__}, not nn.Linear: cannot quantize it")
-            if linear.in_features % 16 or linear.out_features % 16:
+            out_features, in_features = linear.weight.shape
+            if in_features % 16 or out_features % 16:
                 # FP8 tensor-core GEMMs need both sizes in multiples of 16.
                 raise ValueError(
-                    f"precision fp8: block layer {name} is {linear.in_features} -> {linear.out_features}; "
+                    f"precision fp8: block layer {name} is {in_features} -> {out_features}; "
                     "FP8 GEMMs need multiples of 16"
                 )
-            if stored is None:
+            if sharded:
+                if stored is not None:
+                    raise ValueError(f"stored FP8 weights are of whole layers; block layer {name} is a shard")
+                fp8 = linear.to_fp8(work_device)
+            elif stored is None:
                 fp8 = Fp8Linear.from_linear(linear, work_device)
             else:
                 weight8, scale = stored(index, name)
@@ -259,7 +270,12 @@ def _fusable_block(block: nn.Module) -> bool:
         has_wan_layout(block.ffn)
         and isinstance(block.ffn.net[0].proj, Fp8Linear)
         and isinstance(block.ffn.net[2], Fp8Linear)
-        and isinstance(block.attn1.processor, Fp8AttnProcessor)
+        # This project's processors (one GPU, or a parallel plan's) hand the quantized rows to the projections as
+        # they come.
+        and isinstance(block.attn1.processor, attention.WanT2VAttnProcessor)
+        and all(isinstance(a.to_out[0], Fp8Linear) for a in (block.attn1, block.attn2))
+        and isinstance(getattr(block.attn1, "to_qkv", None), Fp8Linear)
+        and isinstance(block.attn2.to_q, Fp8Linear)
     )
 
 
@@ -354,14 +370,20 @@ def install_attention(
     """`attention.install` (the bf16 kernel for cross-attention, fused projections), then self-attention in FP8: the
     first part of `install`, alone for measuring each part's share. Returns the bf16 attention kernel chosen. Raises
     ValueError where FP8 cannot run."""
+    require(device, backend)
+    chosen = attention.install(module, backend, device)
+    module.set_attn_processor(Fp8AttnProcessor(attention.attention_fn(chosen)))
+    return chosen
+
+
+def require(device: torch.device, backend: attention.AttentionBackend | str) -> None:
+    """Raises ValueError where precision fp8 cannot run on `device` beside the bf16 attention kernel `backend`; else
+    defines the FP8 attention op, eagerly (torch.compile cannot trace its definition)."""
     if (why := supported(device)) is not None:
         raise ValueError(why)
     if attention.AttentionBackend(backend) == attention.AttentionBackend.REFERENCE:
         raise ValueError("precision fp8 needs one of the served attention kernels, not attention: reference")
-    chosen = attention.install(module, backend, device)
-    _fa3_fp8()  # the custom op is defined here, eagerly: torch.compile cannot trace its definition
-    module.set_attn_processor(Fp8AttnProcessor(attention.attention_fn(chosen)))
-    return chosen
+    _fa3_fp8()
 
 
 def install(

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from wan_triton.kernels import attention, ffn
+from wan_triton.kernels import attention, ffn, fp8
 from wan_triton.kernels.attention import AttentionFn, WanT2VAttnProcessor
 from wan_triton.parallel.process_groups import PlanGroups
 from wan_triton.parallel.tensor_parallel import (
@@ -42,13 +42,24 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
     rotated Q and K into that order (its cost: benchmarks/RESULTS.md, Parallel).
 
     With `head_groups` G > 1, a rank's heads are exchanged and attended G at a time, each group's all-to-all
-    overlapping the previous group's attention (`ulysses.attend_head_groups`)."""
+    overlapping the previous group's attention (`ulysses.attend_head_groups`).
 
-    def __init__(self, attend: AttentionFn, ulysses_group, chunked_qk: bool = True, head_groups: int = 1) -> None:
+    `self_attend`: self-attention's kernel where it is not `attend` (precision fp8: `fp8.fp8_attention`, on the
+    rank's heads over the whole sequence); cross-attention always takes `attend`."""
+
+    def __init__(
+        self,
+        attend: AttentionFn,
+        ulysses_group,
+        chunked_qk: bool = True,
+        head_groups: int = 1,
+        self_attend: AttentionFn | None = None,
+    ) -> None:
         super().__init__(attend)
         self.ulysses_group = ulysses_group
         self.chunked_qk = chunked_qk
         self.head_groups = head_groups
+        self.self_attend = self_attend or attend
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         if (
@@ -65,15 +76,17 @@ class ParallelWanAttnProcessor(WanT2VAttnProcessor):
         q = _normalised_rotated_chunks(query, attn.norm_q, attn.heads, p, rotary_emb, n)
         k = _normalised_rotated_chunks(key, attn.norm_k, attn.heads, p, rotary_emb, n)
         v = head_chunks(value.unflatten(2, (attn.heads, -1)), p, n).unbind(0)
-        out = attend_head_groups(q, k, v, self.attend, g).flatten(2, 3).type_as(query)
+        out = attend_head_groups(q, k, v, self.self_attend, g).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, self_attention: bool) -> torch.Tensor:
-        if not self_attention or self.ulysses_group is None:
+        if not self_attention:
             return self.attend(q, k, v)
+        if self.ulysses_group is None:
+            return self.self_attend(q, k, v)
         g, n = self.ulysses_group, self.head_groups
         p = dist.get_world_size(g)
-        return attend_head_groups(*(head_chunks(x, p, n).unbind(0) for x in (q, k, v)), self.attend, g)
+        return attend_head_groups(*(head_chunks(x, p, n).unbind(0) for x in (q, k, v)), self.self_attend, g)
 
 
 def _is_plain_rms_norm(norm: nn.Module) -> bool:
@@ -164,3 +177,27 @@ def parallelize(
         _install_sequence_hooks(module, groups.ulysses)
     logger.info("rank %d: expert parallelized as %s (attention %s)", groups.rank, plan, chosen.value)
     return chosen
+
+
+def install_fp8(
+    module: nn.Module,
+    groups: PlanGroups,
+    backend: attention.AttentionBackend | str,
+    device: torch.device,
+    stored: fp8.StoredWeights | None = None,
+) -> None:
+    """precision fp8 on this rank's part of the plan, after `parallelize` (in place): self-attention in FP8 on the
+    rank's heads (after the Ulysses exchange, so each head's scales and key smoothing see the whole sequence, as on
+    one GPU), every block linear layer in FP8 (the row-parallel ones scaled over this rank's columns:
+    `Fp8RowParallelLinear`), their inputs quantized in one pass (`fp8.install_blocks`). `stored`: build-time FP8
+    weights, which are of whole layers: for plans without tp. Raises ValueError where FP8 cannot run."""
+    fp8.require(device, backend)
+    processor = module.blocks[0].attn1.processor
+    module.set_attn_processor(
+        ParallelWanAttnProcessor(
+            processor.attend, groups.ulysses, head_groups=processor.head_groups, self_attend=fp8.fp8_attention
+        )
+    )
+    fp8.quantize_module(module, stored=stored)
+    fp8.install_blocks(module)
+    logger.info("rank %d: expert in fp8", groups.rank)

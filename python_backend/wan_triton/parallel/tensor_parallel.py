@@ -12,6 +12,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from wan_triton.kernels import fp8
+from wan_triton.kernels.fp8_rows import QuantizedRows
+
 
 def _slice(t: torch.Tensor, dim: int, index: int, parts: int) -> torch.Tensor:
     size = t.shape[dim]
@@ -44,6 +47,31 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight)
+        dist.all_reduce(y, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+    def to_fp8(self, work_device: torch.device | None = None) -> Fp8RowParallelLinear:
+        """This layer at precision fp8 (`fp8.quantize_module` calls it): the weight quantized on `work_device`
+        (default: where it is) and kept where it was."""
+        home = self.weight.device
+        weight8, scale = fp8.quantize_weight(self.weight.detach().to(work_device or home))
+        bias = None if self.bias is None else self.bias.detach()
+        return Fp8RowParallelLinear(weight8.to(home), scale.to(home), bias, self.group)
+
+
+class Fp8RowParallelLinear(fp8.Fp8Linear):
+    """RowParallelLinear in FP8: this rank's input features in e4m3, the weight scaled per output channel over this
+    rank's columns and the activation per token over this rank's features (so the scales, and the rounding, differ
+    from one GPU's, which spans all of them), the partial products all-reduced in bf16, the bias added once after."""
+
+    def __init__(
+        self, weight8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, group: dist.ProcessGroup
+    ) -> None:
+        super().__init__(weight8, weight_scale, bias)
+        self.group = group
+
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        y = self.product(x, None)
         dist.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias
 

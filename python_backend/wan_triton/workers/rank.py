@@ -15,18 +15,26 @@ from wan_triton.model.denoise import Denoiser
 from wan_triton.model.vae import VaeEncoder, torch_vae_encode_fn
 from wan_triton.parallel.cfg import CfgParallel
 from wan_triton.parallel.process_groups import PlanGroups
-from wan_triton.parallel.sharding import parallelize
+from wan_triton.parallel.sharding import install_fp8, parallelize
 from wan_triton.parallel.tp_shards import load_rank_shard
+from wan_triton.runtime import fp8_weights
 from wan_triton.runtime.experts import compile_expert_blocks, torch_engines
 
 logger = logging.getLogger(__name__)
 
 
 def build_rank_denoiser(
-    ckpt: Checkpoint, cfg: ComponentConfig, groups: PlanGroups, device: torch.device, shards: Path | None = None
+    ckpt: Checkpoint,
+    cfg: ComponentConfig,
+    groups: PlanGroups,
+    device: torch.device,
+    shards: Path | None = None,
+    fp8_folder: Path | None = None,
 ) -> Denoiser:
     """This rank's Denoiser. `shards`: a build-time TP shard folder (wan_build.shards) to load only this rank's
-    weights from; without it the whole expert is loaded and cut here."""
+    weights from; without it the whole expert is loaded and cut here. At `precision: fp8`, `fp8_folder`: the
+    build-time FP8 weights (runtime.fp8_weights), whole layers, which plans without tp take as they are; with tp,
+    or without the folder, each rank quantizes its own part at load."""
     if cfg.engine != EngineKind.TORCH:
         raise ValueError(f"a parallel plan needs the torch engine, not {cfg.engine.value}")
     dtype = DTYPES[cfg.precision]
@@ -36,7 +44,11 @@ def build_rank_denoiser(
             module = load_rank_shard(ckpt, name, shards, groups, dtype, device)
         else:
             module = ckpt.load_transformer(name, dtype, str(device))
-        parallelize(module, groups, cfg.attention, device, cfg.ulysses_head_groups)
+        chosen = parallelize(module, groups, cfg.attention, device, cfg.ulysses_head_groups)
+        if cfg.precision == "fp8":
+            whole_layers = fp8_folder is not None and groups.plan.tp == 1
+            stored = fp8_weights.stored_weights(fp8_folder, name, device) if whole_layers else None
+            install_fp8(module, groups, chosen, device, stored)
         if cfg.compile_blocks:
             # Each compiled rank computes its 1/N of the 1-GPU step (benchmarks/RESULTS.md, Parallel).
             compile_expert_blocks(module, parallel=True)

@@ -68,6 +68,7 @@ class _Supervisor:
         cfg: ComponentConfig,
         device_ids: tuple[int, ...] = (),
         shards: Path | None = None,
+        fp8_weights: Path | None = None,
         start_timeout_s: float = 600.0,
     ) -> None:
         self.world_size = worker_count(cfg, self.role)
@@ -78,6 +79,7 @@ class _Supervisor:
         self.label = self.label_of(cfg)
         self.device_ids = tuple(device_ids)
         self.shards = shards
+        self.fp8_weights = fp8_weights
         self.start_timeout_s = start_timeout_s
         self.stall_timeout_s = cfg.worker_stall_timeout_s
         self._procs: list = []
@@ -113,6 +115,7 @@ class _Supervisor:
             port=free_port(),
             device_ids=self.device_ids,
             shards=None if self.shards is None else str(self.shards),
+            fp8_weights=None if self.fp8_weights is None else str(self.fp8_weights),
             role=self.role,
             loras=self.ckpt.loras,
             solver=self.ckpt.solver,

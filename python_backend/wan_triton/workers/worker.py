@@ -48,6 +48,7 @@ class WorkerSpec:
     port: int
     device_ids: tuple[int, ...]  # CUDA device of each rank; unused on cpu
     shards: str | None = None  # build-time TP shard folder (wan_build.shards), None: cut the whole expert here
+    fp8_weights: str | None = None  # build-time FP8 weights (runtime.fp8_weights), None: quantize at load
     role: Role = "denoiser"
     loras: tuple[LoraConfig, ...] = ()  # fused into the experts as they load (Checkpoint.loras)
     solver: SolverConfig | None = None  # the deployment's solver override (Checkpoint.solver)
@@ -93,7 +94,8 @@ def worker_main(rank: int, spec: WorkerSpec, conn, stop_flag) -> None:
             agreement = StepAgreement(stop_flag)
             groups = create_groups(spec.component.parallel)
             shards = None if spec.shards is None else Path(spec.shards)
-            denoiser, vae = build_rank_denoiser(ckpt, spec.component, groups, device, shards), None
+            fp8_folder = None if spec.fp8_weights is None else Path(spec.fp8_weights)
+            denoiser, vae = build_rank_denoiser(ckpt, spec.component, groups, device, shards, fp8_folder), None
         conn.send(("ready",))
     except Exception:  # noqa: BLE001 - the supervisor reports it and fails the load
         conn.send(("error", traceback.format_exc()))
