@@ -269,3 +269,64 @@ def test_the_quantizing_ops_run_the_served_kernels():
 def _flat(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rows as the kernels return them: [M, K] values, [M, 1] scales."""
     return values.reshape(-1, values.shape[-1]), scale.reshape(-1, 1)
+
+
+def _fp8_one_rank_plan(rank: int, checkpoint) -> dict:
+    """In a one-rank NCCL world whose Ulysses and TP groups are that world: an expert parallelized and put in FP8 as
+    a plan's rank does it (`parallel.sharding.install_fp8`: the row-parallel FP8 layers, FP8 self-attention in the
+    sequence-parallel processor), compiled, under a CUDA graph; beside it the one-GPU FP8 expert of the same weights.
+    Outputs for three inputs of one shape."""
+    import torch.distributed as dist
+
+    from wan_triton.config.plan import ParallelPlan
+    from wan_triton.model.checkpoint import Checkpoint
+    from wan_triton.parallel.process_groups import PlanGroups
+    from wan_triton.parallel.sharding import install_fp8, parallelize, shard_tensor_parallel
+    from wan_triton.parallel.tensor_parallel import Fp8RowParallelLinear
+    from wan_triton.runtime.engines.cuda_graph import CudaGraphEngine
+    from wan_triton.runtime.experts import compile_expert_blocks, torch_engines
+
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    ckpt = Checkpoint.open(checkpoint)
+    world = dist.group.WORLD
+    module = ckpt.load_transformer("transformer", torch.bfloat16, str(device))
+    shard_tensor_parallel(module, 0, 1, world)
+    module._wan_tp_sharded = True
+    plan = ParallelPlan()
+    groups = PlanGroups(plan, 0, plan.coords(0), None, world, world)
+    install_fp8(module, groups, parallelize(module, groups, "flash3", device), device)
+    compile_expert_blocks(module, parallel=True)
+    eager, graphed = torch_engines(module, device, torch.bfloat16, cuda_graphs=True, parallel=True)
+    assert isinstance(graphed, CudaGraphEngine) and not graphed.eager_fallback
+    single = ckpt.load_transformer("transformer", torch.bfloat16, str(device))
+    fp8.install(single, "flash3", device)
+    one_gpu, _ = torch_engines(single, device, torch.bfloat16, cuda_graphs=False)
+
+    gen = torch.Generator().manual_seed(1)
+    outputs = []
+    for _ in range(3):
+        x = {
+            "hidden_states": torch.randn(1, 16, 3, 8, 12, generator=gen).to(device),
+            "timestep": torch.tensor([float(torch.randint(0, 1000, (1,), generator=gen))], device=device),
+            "encoder_hidden_states": torch.randn(1, 512, ckpt.text_dim, generator=gen).to(device, torch.bfloat16),
+        }
+        outputs.append(tuple(e.run(x)["noise_pred"].float().cpu() for e in (graphed, eager, one_gpu)))
+    row_parallel = sum(isinstance(m, Fp8RowParallelLinear) for m in module.modules())
+    return {"outputs": outputs, "row_parallel": row_parallel, "blocks": len(module.blocks)}
+
+
+def test_fp8_plan_rank_replays_its_graph_bit_identically_and_tracks_one_gpu(head64_checkpoint):
+    """A parallel rank in FP8 on one GPU: the CUDA graph around its forward (NCCL collectives inside) replays
+    bit-identically to eager, and its output tracks the one-GPU FP8 expert's (the row-parallel layers over one rank
+    scale as the one-GPU layers do; the distributed q/k norms round differently: 3.9e-3 apart on CPU). Several GPUs:
+    tests/multiprocess/test_fp8_parallel.py on CPU ranks."""
+    from wan_triton.workers.world import run_world
+
+    result = run_world(1, _fp8_one_rank_plan, (head64_checkpoint,), backend="nccl")[0]
+    assert result["row_parallel"] == 3 * result["blocks"]
+    for graphed, eager, one_gpu in result["outputs"]:
+        assert torch.isfinite(eager).all()
+        assert torch.equal(graphed, eager)
+        assert _rel_l2(eager, one_gpu) < 2e-2, _rel_l2(eager, one_gpu)
+    assert not torch.equal(result["outputs"][0][0], result["outputs"][1][0])  # the replays saw new inputs
