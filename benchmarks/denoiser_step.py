@@ -16,11 +16,13 @@ FlashAttention kernels):
 A backend may be listed twice (flash4 flash3 flash4): the repeat shows how far the GPU drifted over the run.
 `fp8` (or `fp8+compile`) is `precision: fp8` (wan_triton.kernels.fp8 over the `auto` kernel). `fp8-attention` and
 `fp8-linear` are its parts, for each part's share of the gain: self-attention in FP8 alone, then the block linear
-layers too, each quantizing its own bf16 input; `fp8` adds the one-pass quantization, as served. Each builds on the
-one before and quantizes the expert in place, so they come last in the list, in that order, with one size per run:
+layers too, each quantizing its own bf16 input; `fp8` adds the one-pass quantization, as served; `fp8-launches` is
+`fp8` with the one-pass kernels at the launches of --fp8-launches (a candidate against the served ones, e.g. the
+`quant_choice` of benchmarks/fp8_kernels.py). Each builds on the one before and quantizes the expert in place, so
+they come last in the list, in that order, with one size per run:
 
     python benchmarks/denoiser_step.py --sizes 480p --backends flash4+compile fp8-attention+compile \
-        fp8-linear+compile fp8+compile --out $OUT/step.json
+        fp8-linear+compile fp8+compile fp8-launches+compile --fp8-launches 5120=512x8 13824=512x8 --out $OUT/step.json
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import statistics
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -48,21 +51,40 @@ from wan_triton.kernels import attention, fp8
 from wan_triton.kernels.attention import AttentionBackend, flash3_available, flash4_available
 from wan_triton.runtime.engines.torch_engine import denoiser_engine
 
+if TYPE_CHECKING:
+    from wan_triton.kernels.fp8_rows_triton import Launch
+
 logger = logging.getLogger("benchmarks.denoiser_step")
 
 STEP_SIZES = ("480p", "720p")
 # precision fp8 part by part, each variant adding to the one before (wan_triton.kernels.fp8.install's parts)
-FP8_PARTS = ("fp8-attention", "fp8-linear", "fp8")
+FP8_PARTS = ("fp8-attention", "fp8-linear", "fp8", "fp8-launches")
 
 
-def install_fp8_part(model: torch.nn.Module, part: str) -> None:
-    """One of `fp8.install`'s parts, on a model that has the ones before it (FP8_PARTS)."""
+def install_fp8_part(model: torch.nn.Module, part: str, launches: dict[int, Launch]) -> None:
+    """One of `fp8.install`'s parts (or the launches of the one-pass kernels), on a model that has the ones before it
+    (FP8_PARTS)."""
     if part == "fp8-attention":
         fp8.install_attention(model, "auto", torch.device("cuda"))
     elif part == "fp8-linear":
         fp8.quantize_module(model)
-    else:
+    elif part == "fp8":
         fp8.install_blocks(model)
+    else:
+        from wan_triton.kernels import fp8_rows_triton
+
+        fp8_rows_triton.use_launches(launches)
+
+
+def parse_launches(texts: list[str]) -> dict[int, Launch]:
+    """WIDTH=CHUNKxWARPS[uUNROLL] each (fp8_rows_triton.Launch) -> {width: launch}."""
+    from wan_triton.kernels.fp8_rows_triton import Launch
+
+    launches = {}
+    for text in texts:
+        width, _, launch = text.partition("=")
+        launches[int(width)] = Launch.parse(launch)
+    return launches
 
 
 def main() -> None:
@@ -75,6 +97,9 @@ def main() -> None:
         help="attention kernels; append +compile for regional torch.compile of every block",
     )
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--fp8-launches", nargs="*", default=[], metavar="WIDTH=LAUNCH", help="the launches of the fp8-launches variant"
+    )
     parser.add_argument("--skip-diffusers", action="store_true")
     parser.add_argument(
         "--both-experts",
@@ -90,6 +115,8 @@ def main() -> None:
         or fp8_listed != sorted(set(fp8_listed), key=FP8_PARTS.index)
     ):
         parser.error(f"fp8 quantizes the expert in place: list its parts last, in the order {FP8_PARTS}, one size")
+    if ("fp8-launches" in fp8_listed) != bool(args.fp8_launches):
+        parser.error("the fp8-launches variant and --fp8-launches come together")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = True
 
@@ -99,6 +126,7 @@ def main() -> None:
         **run_record(torch.cuda.get_device_name()),
         "flash4_available": flash4_available(),
         "flash3_available": flash3_available(),
+        "fp8_launches": args.fp8_launches,
         "sizes": {},
     }
     result["gemm_tflops"] = gemm_tflops()
@@ -152,7 +180,7 @@ def main() -> None:
                 # As components.build_denoiser at precision fp8 (fp8.install), up to this part; irreversible, so
                 # the last variants of the run.
                 for missing in FP8_PARTS[len(fp8_installed) : FP8_PARTS.index(part) + 1]:
-                    install_fp8_part(model, missing)
+                    install_fp8_part(model, missing, parse_launches(args.fp8_launches))
                     fp8_installed.append(missing)
                     if missing == "fp8-linear":
                         torch.cuda.empty_cache()

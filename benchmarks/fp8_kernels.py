@@ -11,9 +11,12 @@
              relative L2 error against fp32.
   quant      the per-token activation quantization that feeds each FP8 linear layer, compiled from torch ops as
              the served block runs it against the one-pass Triton kernels of wan_triton.kernels.fp8_rows: norm +
-             modulation (self-attention's and the FFN's input), residual add + affine norm (cross-attention's query),
-             quantization alone (the attention outputs) and GELU (the FFN's hidden layer); beside them the bf16 norm
-             + modulation that the bf16 block runs, and how far the two quantizations' e4m3 values differ.
+             modulation (self-attention's input), residual add + affine norm (cross-attention's query; the FFN's
+             input, a residual add + modulated norm, is timed as it), quantization alone (the attention outputs) and
+             GELU (the FFN's hidden layer); beside them the bf16 norm + modulation that the bf16 block runs, and how
+             far the two quantizations' e4m3 values differ. With --launches, each kernel at each launch too, and
+             per row width the fastest launch whose codes stay within the GPU test's bound (`quant_choice`, what
+             denoiser_step.py --fp8-launches takes).
   block      one A14B transformer block (random weights), compiled: bf16 (served kernel) against fp8 (the one-pass
              quantization, as served) and fp8 per layer (each layer quantizing its bf16 input), time, and at
              480p the output error of each against the same block in fp32.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -264,6 +268,33 @@ def measure_quant(size: str, repeat: int, launches: list[str]) -> dict:
     return result
 
 
+# The one-pass kernels a block runs (fp8.Fp8TransformerBlock), by row width and how often: the norm + modulation
+# before self-attention; the residual add + affine norm before cross-attention, and the residual add + modulated norm
+# before the FFN, timed as the former; the GELU before the FFN's output layer.
+BLOCK_KERNELS = {
+    "norm + modulation + quantize": (DIM, 1),
+    "residual + affine norm + quantize": (DIM, 2),
+    "gelu + quantize": (13824, 1),
+}
+MAX_CODES_DIFFERING = 0.02  # as tests/gpu/test_fp8_gpu.py holds the kernels to the torch math
+
+
+def choose_launches(quant: dict) -> dict[str, str]:
+    """Per row width, the launch (the served one among them) with the least time summed over the sizes measured and
+    the block's kernels of that width, each as often as a block runs it; only launches whose e4m3 codes differ from
+    the compiled torch ops' by at most MAX_CODES_DIFFERING everywhere."""
+    costs: dict[int, dict[str, float]] = {}
+    for entries in quant.values():
+        for name, (width, count) in BLOCK_KERNELS.items():
+            entry = entries[name]
+            options = {entry["served_launch"]: (entry["triton_ms"], entry["codes_differing"])}
+            options |= {text: (e["ms"], e["codes_differing"]) for text, e in entry["launches"].items()}
+            slot = costs.setdefault(width, {})
+            for text, (ms, differing) in options.items():
+                slot[text] = slot.get(text, 0.0) + (count * ms if differing <= MAX_CODES_DIFFERING else math.inf)
+    return {str(width): min(slot, key=slot.__getitem__) for width, slot in costs.items()}
+
+
 def block_inputs(model, size: str):
     from wan_bench.experts import step_inputs
 
@@ -331,6 +362,8 @@ def main() -> None:
         write_json(args.out, result)
     if "quant" in args.parts:
         result["quant"] = {size: measure_quant(size, args.repeat, args.launches) for size in args.sizes}
+        result["quant_choice"] = choose_launches(result["quant"])
+        logger.info("fastest launch per row width: %s", result["quant_choice"])
         write_json(args.out, result)
     if "block" in args.parts:
         result["block"] = measure_block(args.sizes, args.repeat, args.backend)

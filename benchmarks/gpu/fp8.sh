@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu/fp8.sh quant              the one-pass activation quantization kernels at every launch
 #                                                 (whole row or chunks, warps) against compiled torch ops, 480p and
 #                                                 720p (benchmarks/fp8_kernels.py --parts quant --launches ...)
+#   bash benchmarks/gpu/fp8.sh tune SIZE [REPEAT]  quant, then step SIZE REPEAT --parts with the sweep's fastest launch
+#                                                 per row width beside the served one (FP8_LAUNCHES below)
 #   bash benchmarks/gpu/fp8.sh step SIZE [REPEAT] [--parts]
 #                                                 the step: diffusers, served bf16 (flash4, or flash3 without it) and
 #                                                 fp8 in one run (benchmarks/denoiser_step.py), expert memory of both;
@@ -25,7 +27,7 @@
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
-mode=${1:?usage: fp8.sh tests | kernels | quant | step SIZE [REPEAT] [--parts] | quality [SIZE] [STEPS] [--fp32] | e2e ARGS... | final}
+mode=${1:?usage: fp8.sh tests | kernels | quant | tune SIZE [REPEAT] | step SIZE [REPEAT] [--parts] | quality [SIZE] [STEPS] [--fp32] | e2e ARGS... | final}
 shift
 
 # Runs "$@" under `timeout $LIMIT` when LIMIT is set (the final mode's parts), else as it is.
@@ -48,21 +50,37 @@ fp8_kernels() {
     --out "$OUT/fp8_kernels.json"
 }
 
-# CHUNKxWARPS[uUNROLL] (fp8_rows_triton.Launch; chunk 0: the whole row in registers): the whole row at 4 to 32 warps
-# a program, chunks of 256 to 4096 columns at 2 to 8 warps, the loop over them at run time or unrolled twice.
-QUANT_LAUNCHES=(0x4 0x8 0x16 0x32 256x2 256x4 512x2 512x4 512x8 1024x4 1024x8 2048x4 2048x8 4096x8 4096x16
-  512x4u2 1024x4u2 1024x8u2 2048x8u2)
+# CHUNKxWARPS[uUNROLL] (fp8_rows_triton.Launch; chunk 0: the whole row in registers): the whole row at 8 to 32 warps
+# a program, chunks of 256 to 4096 columns at 2 to 16 warps, the loop over them at run time or unrolled twice; the
+# launches that hold the fewest rows per SM left out (benchmarks/RESULTS.md, Precision: registers and resident rows).
+QUANT_LAUNCHES=(0x8 0x16 0x32 256x2 256x4 512x4 512x8 1024x4 1024x8 2048x8 4096x16 1024x8u2)
 
 fp8_quant() {
   limited python benchmarks/fp8_kernels.py --parts quant --sizes 480p 720p --repeat 5 \
     --launches "${QUANT_LAUNCHES[@]}" --out "$OUT/fp8_quant.json"
 }
 
+# FP8_LAUNCHES="WIDTH=LAUNCH ..." (e.g. "5120=512x8 13824=512x8"): the step also with the one-pass kernels at these
+# launches, after the served fp8 step (denoiser_step.py's fp8-launches variant).
 fp8_step() {
-  local parts=()
+  local parts=() launches=()
   [[ ${3:-} == --parts ]] && parts=(fp8-attention+compile fp8-linear+compile)
+  if [[ -n ${FP8_LAUNCHES:-} ]]; then
+    read -ra launches <<<"$FP8_LAUNCHES"
+    launches=(fp8-launches+compile --fp8-launches "${launches[@]}")
+  fi
   limited python benchmarks/denoiser_step.py --sizes "$1" --backends "$(served_bf16)" "${parts[@]}" fp8+compile \
-    --repeat "${2:-2}" --out "$OUT/fp8_step_$1.json"
+    "${launches[@]}" --repeat "${2:-2}" --out "$OUT/fp8_step_$1.json"
+}
+
+# The launch sweep (unless this call's $OUT has it), then the step with its fastest launches beside the served ones.
+fp8_tune() {
+  [[ -f $OUT/fp8_quant.json ]] || fp8_quant 2>&1 | tee "$OUT/fp8_quant.log"
+  local chosen
+  chosen=$(python -c 'import json, sys
+print(" ".join(f"{w}={l}" for w, l in json.load(open(sys.argv[1]))["quant_choice"].items()))' "$OUT/fp8_quant.json")
+  echo "fastest launches: $chosen"
+  FP8_LAUNCHES=$chosen fp8_step "$1" "${2:-2}" --parts 2>&1 | tee "$OUT/fp8_step_$1.log"
 }
 
 fp8_quality() {
@@ -75,6 +93,7 @@ case $mode in
   tests) fp8_tests ;;
   kernels) fp8_kernels "$@" ;;
   quant) fp8_quant ;;
+  tune) fp8_tune "${1:?usage: fp8.sh tune SIZE [REPEAT]}" "${2:-2}" ;;
   step) fp8_step "${1:?usage: fp8.sh step SIZE [REPEAT] [--parts]}" "${2:-2}" "${3:-}" ;;
   quality) fp8_quality "$@" ;;
   e2e) DEPLOYMENT=model_repository/deployments/gpu_a14b_fp8.yaml bash "$(dirname "$0")/e2e.sh" "$@" ;;

@@ -12,6 +12,7 @@ is a measurement (`benchmarks/fp8_kernels.py --parts quant --launches ...`); `la
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -240,10 +241,21 @@ class Launch(NamedTuple):
         return f"{self.chunk}x{self.warps}" + (f"u{self.unroll}" if self.unroll != 1 else "")
 
 
+# Launches by row width that this process serves instead of `launch_for`'s rule (`use_launches`).
+_CHOSEN: dict[int, Launch] = {}
+
+
+def use_launches(launches: Mapping[int, Launch]) -> None:
+    """Serve these launches (by row width) in this process instead of `launch_for`'s rule: for a benchmark that
+    times a candidate against the served launch in one run (benchmarks/denoiser_step.py --fp8-launches)."""
+    _CHOSEN.clear()
+    _CHOSEN.update(launches)
+
+
 def launch_for(width: int) -> Launch:
     """The served launch of a row of `width` columns: the whole row in registers, 8 warps up to 8,192 columns and 16
-    above (benchmarks/RESULTS.md, Precision: one-pass activation quantization)."""
-    return Launch(0, 16 if width > 8192 else 8)
+    above (benchmarks/RESULTS.md, Precision: one-pass activation quantization), unless `use_launches` chose one."""
+    return _CHOSEN.get(width) or Launch(0, 16 if width > 8192 else 8)
 
 
 def norm_quantize_rows(
