@@ -20,14 +20,32 @@ from wan_triton.config.deployment import ComponentConfig, EngineKind
 from wan_triton.config.plan import ParallelPlan
 from wan_triton.model.checkpoint import Checkpoint
 
-PLANS = [ParallelPlan(cfg=2), ParallelPlan(ulysses=2), ParallelPlan(tp=2), ParallelPlan(ulysses=2, tp=2)]
+# (plan, Ulysses head groups): the exchanges whole, and in 2 groups started ahead of their waits.
+VARIANTS = [
+    (ParallelPlan(cfg=2), 1),
+    (ParallelPlan(ulysses=2), 1),
+    (ParallelPlan(ulysses=2), 2),
+    (ParallelPlan(tp=2), 1),
+    (ParallelPlan(ulysses=2, tp=2), 1),
+]
 # 32x64 pixels, 5 frames: 16 tokens; guided, crossing the expert switch within 4 steps.
 REQUEST = make_request(width=64, num_inference_steps=4, seed=3, guidance_scale=4.0, guidance_scale_2=2.5)
 
 
-def _config(plan: ParallelPlan) -> ComponentConfig:
+def _config(plan: ParallelPlan, head_groups: int = 1) -> ComponentConfig:
     # Validated as deployed (cuda); the tests build on the CPU.
-    return ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="fp8", attention="cudnn", parallel=plan)
+    return ComponentConfig(
+        engine=EngineKind.TORCH,
+        device="cuda",
+        precision="fp8",
+        attention="cudnn",
+        parallel=plan,
+        ulysses_head_groups=head_groups,
+    )
+
+
+def _name(plan: ParallelPlan, head_groups: int) -> str:
+    return str(plan) + (f"+groups{head_groups}" if head_groups > 1 else "")
 
 
 def _fp8_on_cpu() -> None:
@@ -39,7 +57,7 @@ def _fp8_on_cpu() -> None:
     attention.attention_fn = lambda backend: attention._sdpa
 
 
-def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan]) -> dict:
+def _denoise_each_plan(rank: int, checkpoint: Path, variants: list[tuple[ParallelPlan, int]]) -> dict:
     """Runs in every rank of a world of 4; plans smaller than the world run on its first ranks. Returns the latents
     per plan and which of this rank's modules ran: FP8 linear layers (row-parallel ones among them), blocks, and
     blocks that took their inputs quantized in one pass."""
@@ -66,14 +84,14 @@ def _denoise_each_plan(rank: int, checkpoint: Path, plans: list[ParallelPlan]) -
     handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
     ckpt = Checkpoint.open(checkpoint)
     out = {}
-    for plan in plans:
+    for plan, head_groups in variants:
         groups = create_groups(plan)
         if groups is None:
             continue
-        denoiser = build_rank_denoiser(ckpt, _config(plan), groups, torch.device("cpu"))
+        denoiser = build_rank_denoiser(ckpt, _config(plan, head_groups), groups, torch.device("cpu"))
         ran.clear()
         latents = denoiser(REQUEST, make_embeds(ckpt.text_dim, rows=2, seed=2))
-        out[str(plan)] = {"latents": latents} | {kind: len(ids) for kind, ids in ran.items()}
+        out[_name(plan, head_groups)] = {"latents": latents} | {kind: len(ids) for kind, ids in ran.items()}
     handle.remove()
     return out
 
@@ -92,7 +110,7 @@ def fp8_parallel_checkpoint(tmp_path_factory) -> Path:
 def world_results(fp8_parallel_checkpoint):
     from wan_triton.workers.world import run_world
 
-    return run_world(4, _denoise_each_plan, (fp8_parallel_checkpoint, PLANS))
+    return run_world(4, _denoise_each_plan, (fp8_parallel_checkpoint, VARIANTS))
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +136,9 @@ def single(fp8_parallel_checkpoint):
         return denoiser(REQUEST, make_embeds(ckpt.text_dim, rows=2, seed=2))
 
 
-@pytest.mark.parametrize("plan", PLANS, ids=str)
-def test_fp8_plan_tracks_fp8_on_one_process(world_results, single, plan):
-    ranks = [r[str(plan)] for r in world_results[: plan.world_size]]
+@pytest.mark.parametrize("plan, head_groups", VARIANTS, ids=[_name(*v) for v in VARIANTS])
+def test_fp8_plan_tracks_fp8_on_one_process(world_results, single, plan, head_groups):
+    ranks = [r[_name(plan, head_groups)] for r in world_results[: plan.world_size]]
     latents = ranks[0]["latents"]
     # Every rank runs the same solver update on the same exchanged predictions.
     for other in ranks[1:]:
@@ -133,7 +151,7 @@ def test_fp8_plan_tracks_fp8_on_one_process(world_results, single, plan):
         assert rank.get("fp8_layers") == 7 * rank["blocks"]
         assert rank.get("row_parallel", 0) == (3 * rank["blocks"] if plan.tp > 1 else 0)
     rel = rel_l2(latents, single)
-    print(f"{plan}: fp8 latents against fp8 on one process, relative L2 {rel:.2e}")
+    print(f"{_name(plan, head_groups)}: fp8 latents against fp8 on one process, relative L2 {rel:.2e}")
     assert torch.isfinite(latents).all()
     # cfg and ulysses give each token and each head the same scales as one process (per token; per (batch, head)
     # over the whole sequence after the exchange): at most the summation order differs (measured: identical here).
