@@ -17,6 +17,7 @@ predicted communication and step, and each rank's weight memory (one expert; a p
 resident, so twice that).
 
     python benchmarks/parallel_compute.py --sizes 480p --world-sizes 2 4 8 --out $OUT/compute_480p.json
+    python benchmarks/parallel_compute.py --sizes 720p --precision fp8 --compile --out $OUT/compute_fp8_720p.json
     python benchmarks/parallel_compute.py --device cpu --tiny --out out/compute_tiny.json     # smoke test
 """
 
@@ -116,7 +117,7 @@ def measure_plan(plan: ParallelPlan, config: dict, sizes: list[str], args, devic
         try:
             groups = create_groups(plan)
             base = allocated(device)
-            module = build_rank_expert(plan, groups, config, dtype, device, args.attention, head_groups)
+            module = build_rank_expert(plan, groups, config, dtype, device, args.attention, head_groups, args.precision)
             if args.no_chunked_qk:  # the earlier Ulysses Q/K layout (normalise, rotate, copy), for a side-by-side run
                 for processor in module.attn_processors.values():
                     processor.chunked_qk = False
@@ -221,14 +222,20 @@ def main() -> None:
     }
     if args.merge:
         runs = [json.loads(path.read_text()) for path in args.merge]
-        if len({(r["device"], r["compile"], r.get("cuda_graphs", False)) for r in runs}) > 1:
-            raise SystemExit("--merge: the runs differ in device, compile or CUDA graphs; their figures do not mix")
+        settings = {
+            (r["device"], r["compile"], r.get("cuda_graphs", False), r.get("precision", "bfloat16")) for r in runs
+        }
+        if len(settings) > 1:
+            raise SystemExit(
+                "--merge: the runs differ in device, compile, CUDA graphs or precision; their figures do not mix"
+            )
         first = runs[0]
         result = {
             **run_record(first["device"]),
             **result,
             "compile": first["compile"],
             "cuda_graphs": first.get("cuda_graphs", False),
+            "precision": first.get("precision", "bfloat16"),
             "measured": {},
             "runs": [],
         }
@@ -269,6 +276,7 @@ def main() -> None:
         "attention": attention.resolve(args.attention, device, config["attention_head_dim"]).value,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
+        "precision": args.precision,
         "ffn_epilogue": not args.no_ffn_epilogue,
         "chunked_qk": not args.no_chunked_qk,
         "measured": {},

@@ -75,7 +75,7 @@ def _time_plan(plan, config, size, dtype, device, args: dict, head_groups: int =
     if groups is None:
         return None
     repeat = args["repeat"]
-    module = build_rank_expert(plan, groups, config, dtype, device, args["attention"], head_groups)
+    module = build_rank_expert(plan, groups, config, dtype, device, args["attention"], head_groups, args["precision"])
     engine = served_engine(module, plan, device, dtype, args["compile"], args["cuda_graphs"])
     cfg_parallel = None if groups.cfg is None else CfgParallel(groups.cfg, groups.coords.cfg)
     step = guided_step(engine, cfg_parallel, *step_inputs(config, size, device, dtype))
@@ -132,6 +132,7 @@ def main() -> None:
         "tiny": args.tiny,
         "sizes": sizes,
         "attention": args.attention,
+        "precision": args.precision,
         "repeat": args.repeat,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
@@ -147,6 +148,7 @@ def main() -> None:
         "backend": backend,
         "compile": args.compile,
         "cuda_graphs": args.cuda_graphs,
+        "precision": args.precision,
         "wall_s": time.perf_counter() - started,
         "model": model_table(result, config, args.tiny),
     }

@@ -88,18 +88,31 @@ def build_expert(
     )
 
 
-def build_rank_expert(plan, groups, config: dict, dtype, device, attention_backend, ulysses_head_groups: int = 1):
+def build_rank_expert(
+    plan,
+    groups,
+    config: dict,
+    dtype,
+    device,
+    attention_backend,
+    ulysses_head_groups: int = 1,
+    precision: str = "bfloat16",
+):
     """One expert with random weights, as rank `groups.rank` of `plan` serves it: the single-GPU path
-    (`attention.install`, exactly components.build_denoiser's) or cut for the plan (`parallelize`, the rank
-    worker's)."""
-    from wan_triton.kernels import attention
-    from wan_triton.parallel.sharding import parallelize
+    (`attention.install`, or `fp8.install` at precision fp8: exactly components.build_denoiser's) or cut for the
+    plan (`parallelize`, then `install_fp8` at precision fp8: the rank worker's)."""
+    from wan_triton.kernels import attention, fp8
+    from wan_triton.parallel.sharding import install_fp8, parallelize
 
+    if precision == "fp8" and dtype != torch.bfloat16:
+        raise ValueError("precision fp8 quantizes a bf16 expert (A14B), not the tiny fp32 one")
     module = build_expert(config, dtype, device)
     if plan.is_single:
-        attention.install(module, attention_backend, device)
+        (fp8.install if precision == "fp8" else attention.install)(module, attention_backend, device)
     else:
-        parallelize(module, groups, attention_backend, device, ulysses_head_groups)
+        chosen = parallelize(module, groups, attention_backend, device, ulysses_head_groups)
+        if precision == "fp8":
+            install_fp8(module, groups, chosen, device)
     return module
 
 

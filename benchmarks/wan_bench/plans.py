@@ -45,13 +45,19 @@ PLAN_SIZES = ("480p", "720p", "tiny")
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     """What a plan benchmark runs: the device, the expert (A14B or tiny), the sizes, and the served path's options
-    (attention kernel, regional compile, CUDA graphs, Ulysses head groups)."""
+    (attention kernel, precision, regional compile, CUDA graphs, Ulysses head groups)."""
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 4-head tiny expert in fp32 at 64x64x9 (smoke test)")
     parser.add_argument(
         "--sizes", nargs="+", default=None, choices=PLAN_SIZES, help="default: tiny with --tiny, else 480p 720p"
     )
     parser.add_argument("--attention", default="auto", help="attention kernel (wan_triton.kernels.attention)")
+    parser.add_argument(
+        "--precision",
+        choices=["bfloat16", "fp8"],
+        default="bfloat16",
+        help="the denoiser's precision (fp8: wan_triton.kernels.fp8, on Hopper, not with --tiny)",
+    )
     parser.add_argument("--compile", action="store_true", help="regional torch.compile of the blocks, as served")
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="CUDA graphs around each forward (the deployment's cuda_graphs)"
