@@ -7,7 +7,8 @@ e4m3 row and its scale, and, where it added a residual, the new hidden state. Th
 Two layouts of the same math (`Launch`): the whole row in registers (`_norm_quantize_kernel`, `_gelu_quantize_kernel`:
 a 5,120-wide row pads to 8,192 lanes, which caps how many rows an SM holds), or the row in chunks read again from
 cache for each later pass (the `_chunked` kernels: few registers, many rows in flight). Which is faster at each width
-is a measurement (`benchmarks/fp8_kernels.py --parts quant --launches ...`); `launch_for` holds the choice.
+is a measurement (`benchmarks/fp8_kernels.py --parts quant --launches ...`); `launch_for` holds the choice: chunks for
+the norms, the whole row for the GELU.
 """
 
 from __future__ import annotations
@@ -253,9 +254,11 @@ def use_launches(launches: Mapping[int, Launch]) -> None:
 
 
 def launch_for(width: int) -> Launch:
-    """The served launch of a row of `width` columns: the whole row in registers, 8 warps up to 8,192 columns and 16
-    above (benchmarks/RESULTS.md, Precision: one-pass activation quantization), unless `use_launches` chose one."""
-    return _CHOSEN.get(width) or Launch(0, 16 if width > 8192 else 8)
+    """The served launch of a row of `width` columns, unless `use_launches` chose one: up to 8,192 columns (the
+    norms' 5,120) chunks of 1,024 at 4 warps, the fastest of the launches measured; above (the GELU's 13,824) the
+    whole row at 32 warps, where no chunked launch was faster (benchmarks/RESULTS.md, Precision: one-pass activation
+    quantization)."""
+    return _CHOSEN.get(width) or (Launch(0, 32) if width > 8192 else Launch(1024, 4))
 
 
 def norm_quantize_rows(
