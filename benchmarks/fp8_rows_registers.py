@@ -48,7 +48,7 @@ NORM_POINTERS = {
 }
 # name -> (row width, kernel pair (whole row, chunked), signature without the layout's constants, flags)
 KERNELS = {
-    "norm + modulation (self-attention, FFN in)": (
+    "norm + modulation (self-attention's input)": (
         5120,
         (rows._norm_quantize_kernel, rows._norm_quantize_chunked_kernel),
         NORM_POINTERS,
