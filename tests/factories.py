@@ -165,3 +165,35 @@ def one_model_repository(root: Path, name: str, model_py: str) -> Path:
     (model_dir / "config.pbtxt").write_text(_ONE_MODEL_CONFIG.format(name=name))
     (model_dir / "1" / "model.py").write_text(model_py)
     return model_dir
+
+
+def use_fp8_on_cpu(set_attribute=setattr) -> None:
+    """The served FP8 path on CPU: the Hopper check passes, the FlashAttention-3 op is not built (off CUDA
+    `fp8_attention` runs its fp32 reference math), and cross-attention takes PyTorch's SDPA. What this leaves is the
+    wiring: loading, build-time weights, expert swapping, parallel plans and the denoising loop at precision fp8.
+    `set_attribute`: a MonkeyPatch's setattr to undo it after a test; plain setattr in a process of its own."""
+    from wan_triton.kernels import attention, fp8
+
+    set_attribute(fp8, "supported", lambda device: None)
+    set_attribute(fp8, "_fa3_fp8", lambda: None)
+    set_attribute(attention, "attention_fn", lambda backend: attention._sdpa)
+
+
+def fp8_cpu_denoiser(ckpt, residency: str = "resident", fp8_folder: Path | None = None, cfg=None):
+    """Both experts at precision fp8 built on the CPU as `components.build_denoiser` serves them on one GPU (after
+    `use_fp8_on_cpu`): resident, or swapped through one device module. `cfg`: validated as deployed (cuda)."""
+    from wan_triton.config.deployment import ComponentConfig, EngineKind
+    from wan_triton.model.checkpoint import EXPERTS
+    from wan_triton.model.denoise import Denoiser
+    from wan_triton.runtime.experts import swapped_experts, torch_engines, torch_expert
+
+    cfg = cfg or ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="fp8", attention="cudnn")
+    device, swapper = torch.device("cpu"), None
+    if residency == "swap":
+        experts, swapper = swapped_experts(ckpt, cfg, device, torch.bfloat16, fp8_folder)
+    else:
+        experts = {}
+        for name in EXPERTS:
+            module, _ = torch_expert(ckpt, name, cfg, device, torch.bfloat16, fp8_folder)
+            experts[name], _ = torch_engines(module, device, torch.bfloat16, cuda_graphs=False)
+    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=torch.bfloat16, swapper=swapper)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from checks import rel_l2
-from factories import make_embeds, make_request
+from factories import fp8_cpu_denoiser, make_embeds, make_request, use_fp8_on_cpu
 from wan_triton.config.deployment import ComponentConfig, EngineKind
 from wan_triton.config.plan import ParallelPlan
 from wan_triton.model.checkpoint import Checkpoint
@@ -48,15 +48,6 @@ def _name(plan: ParallelPlan, head_groups: int) -> str:
     return str(plan) + (f"+groups{head_groups}" if head_groups > 1 else "")
 
 
-def _fp8_on_cpu() -> None:
-    """The FP8 path on CPU (see the module docstring), in whichever process runs it."""
-    from wan_triton.kernels import attention, fp8
-
-    fp8.supported = lambda device: None
-    fp8._fa3_fp8 = lambda: None
-    attention.attention_fn = lambda backend: attention._sdpa
-
-
 def _denoise_each_plan(rank: int, checkpoint: Path, variants: list[tuple[ParallelPlan, int]]) -> dict:
     """Runs in every rank of a world of 4; plans smaller than the world run on its first ranks. Returns the latents
     per plan and which of this rank's modules ran: FP8 linear layers (row-parallel ones among them), blocks, and
@@ -68,7 +59,7 @@ def _denoise_each_plan(rank: int, checkpoint: Path, variants: list[tuple[Paralle
     from wan_triton.parallel.tensor_parallel import Fp8RowParallelLinear
     from wan_triton.workers.rank import build_rank_denoiser
 
-    _fp8_on_cpu()
+    use_fp8_on_cpu()  # in this rank's own process
     ran: dict[str, set[int]] = {}
 
     def record(module, _args):
@@ -116,23 +107,10 @@ def world_results(fp8_parallel_checkpoint):
 @pytest.fixture(scope="module")
 def single(fp8_parallel_checkpoint):
     """FP8 in one process: the experts as `components.build_denoiser` serves them on one GPU."""
-    from wan_triton.model.checkpoint import EXPERTS
-    from wan_triton.model.denoise import Denoiser
-    from wan_triton.runtime.experts import torch_engines, torch_expert
-
     with pytest.MonkeyPatch.context() as patch:
-        from wan_triton.kernels import attention, fp8
-
-        patch.setattr(fp8, "supported", lambda device: None)
-        patch.setattr(fp8, "_fa3_fp8", lambda: None)
-        patch.setattr(attention, "attention_fn", lambda backend: attention._sdpa)
+        use_fp8_on_cpu(patch.setattr)
         ckpt = Checkpoint.open(fp8_parallel_checkpoint)
-        cfg, device = _config(ParallelPlan()), torch.device("cpu")
-        experts = {}
-        for name in EXPERTS:
-            module, _ = torch_expert(ckpt, name, cfg, device, torch.bfloat16)
-            experts[name], _ = torch_engines(module, device, torch.bfloat16, cuda_graphs=False)
-        denoiser = Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=torch.bfloat16)
+        denoiser = fp8_cpu_denoiser(ckpt, cfg=_config(ParallelPlan()))
         return denoiser(REQUEST, make_embeds(ckpt.text_dim, rows=2, seed=2))
 
 

@@ -270,31 +270,16 @@ def test_make_build_writes_and_renders_the_fp8_weights_for_an_fp8_deployment(fp8
 
 @pytest.fixture
 def fp8_on_cpu(monkeypatch):
-    """The served FP8 path on CPU: the Hopper check passes, the FlashAttention-3 op is not built (off CUDA
-    `fp8_attention` runs its fp32 reference math), and cross-attention takes PyTorch's SDPA. What this leaves is the
-    wiring: loading, build-time weights, expert swapping and the denoising loop at precision fp8."""
-    monkeypatch.setattr(fp8, "supported", lambda device: None)
-    monkeypatch.setattr(fp8, "_fa3_fp8", lambda: None)
-    monkeypatch.setattr(attention, "attention_fn", lambda backend: attention._sdpa)
+    """The served FP8 path on CPU (factories.use_fp8_on_cpu), undone after the test."""
+    from factories import use_fp8_on_cpu
+
+    use_fp8_on_cpu(monkeypatch.setattr)
 
 
 def _fp8_latents(ckpt, residency: str, fp8_folder=None) -> tuple[torch.Tensor, object]:
-    from factories import make_embeds, make_request
-    from wan_triton.model.checkpoint import EXPERTS
-    from wan_triton.model.denoise import Denoiser
-    from wan_triton.runtime.experts import swapped_experts, torch_engines, torch_expert
+    from factories import fp8_cpu_denoiser, make_embeds, make_request
 
-    # Validated as deployed (cuda); built here on the CPU.
-    cfg = ComponentConfig(engine=EngineKind.TORCH, device="cuda", precision="fp8", attention="cudnn")
-    device, swapper = torch.device("cpu"), None
-    if residency == "swap":
-        experts, swapper = swapped_experts(ckpt, cfg, device, torch.bfloat16, fp8_folder)
-    else:
-        experts = {}
-        for name in EXPERTS:
-            module, _ = torch_expert(ckpt, name, cfg, device, torch.bfloat16, fp8_folder)
-            experts[name], _ = torch_engines(module, device, torch.bfloat16, cuda_graphs=False)
-    denoiser = Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=torch.bfloat16, swapper=swapper)
+    denoiser = fp8_cpu_denoiser(ckpt, residency, fp8_folder)
     return denoiser(make_request(), make_embeds(ckpt.text_dim)).float(), denoiser
 
 
