@@ -175,12 +175,13 @@ def main() -> None:
             logger.info("%s diffusers step: %.3f s", size, entry["diffusers"]["step_s"])
 
         fp8_installed: list[str] = []
+        launches = parse_launches(args.fp8_launches) if args.fp8_launches else {}
         for name in args.backends:
             if (part := name.removesuffix("+compile")) in FP8_PARTS:
                 # As components.build_denoiser at precision fp8 (fp8.install), up to this part; irreversible, so
                 # the last variants of the run.
                 for missing in FP8_PARTS[len(fp8_installed) : FP8_PARTS.index(part) + 1]:
-                    install_fp8_part(model, missing, parse_launches(args.fp8_launches))
+                    install_fp8_part(model, missing, launches)
                     fp8_installed.append(missing)
                     if missing == "fp8-linear":
                         torch.cuda.empty_cache()
