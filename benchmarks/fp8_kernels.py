@@ -2,13 +2,14 @@
 
   attention  FlashAttention-3's e4m3 forward with the scale variants (one scale per tensor; per (batch, head); per
              (batch, head) with K smoothed; and with V smoothed too) against the bf16 kernels (flash3, and flash4 or
-             cuDNN where installed): TFLOP/s of the kernel alone, the cost of the quantization pass compiled on its
-             own, and the relative L2 error of the first 1,024 query rows against fp32 attention. Two input kinds:
-             N(0, 1) q, k, v, and `offset` (q, k with a per-channel offset and scale as trained Q/K norms give,
-             sharper scores).
+             cuDNN where installed): TFLOP/s of the kernel alone, the cost of the served quantization (the Triton
+             kernels of wan_triton.kernels.fp8_heads, and the same math compiled from torch ops, with the share of
+             e4m3 codes where the two differ), and the relative L2 error of the first 1,024 query rows against fp32
+             attention. Two input kinds: N(0, 1) q, k, v, and `offset` (q, k with a per-channel offset and scale as
+             trained Q/K norms give, sharper scores).
   linear     each block linear layer's shape, compiled as it runs in a block (layer norm + modulation, then the
-             projection): bf16 against `Fp8Linear` (per-token activation scales fused into the norm), time and
-             relative L2 error against fp32.
+             projection): bf16 against `Fp8Linear` (quantizing its bf16 input per token), time and relative L2
+             error against fp32.
   quant      the per-token activation quantization that feeds each FP8 linear layer, compiled from torch ops as
              the served block runs it against the one-pass Triton kernels of wan_triton.kernels.fp8_rows: norm +
              modulation (self-attention's input), residual add + affine norm (cross-attention's query; the FFN's
@@ -40,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from wan_bench.experts import A14B_TRANSFORMER, SIZES, build_expert, tokens_of
 from wan_bench.records import run_record, write_json
 from wan_bench.timing import median_cuda
-from wan_triton.kernels import attention, fp8
+from wan_triton.kernels import attention, fp8, fp8_heads
 
 logger = logging.getLogger("benchmarks.fp8_kernels")
 
@@ -89,15 +90,13 @@ def attention_variants(q, k, v):
         return out[0], out[2], out[4], out[1], out[3], out[5]
 
     def per_head(smooth_k: bool):
-        kk = fp8.smooth_keys(k) if smooth_k else k
-        (q8, qs), (k8, ks), (v8, vs) = fp8.quantize_heads(q), fp8.quantize_heads(kk), fp8.quantize_heads(v)
-        return q8, k8, v8, qs, ks, vs
+        return fp8_heads.reference_quantize_attention(q, k, v, smooth_k)
 
     v_mean = v.float().mean(dim=1, keepdim=True)
 
     def smooth_kv():
         q8, k8, _, qs, ks, _ = per_head(True)
-        v8, vs = fp8.quantize_heads((v.float() - v_mean).to(v.dtype))
+        v8, vs = fp8_heads.quantize_heads((v.float() - v_mean).to(v.dtype))
         return q8, k8, v8, qs, ks, vs
 
     return {
@@ -132,16 +131,28 @@ def measure_attention(size: str, kinds: list[str], repeat: int) -> dict:
             kernel_s = median_cuda(lambda ops=ops: fa3_fp8(*ops), warmup=2, repeat=repeat)
             entry[name] = {"ms": kernel_s * 1e3, "tflops": flop / kernel_s / 1e12,
                            "rel_l2_vs_fp32": rel_l2(out[:, :ERROR_ROWS], exact)}  # fmt: skip
-            if name == SERVED_VARIANT and kind == kinds[0]:
-                # The served quantization (smoothing, per-head amax, cast) compiled alone; in a block it shares
-                # the kernels of the Q/K norm and rotary embedding.
+            if name == SERVED_VARIANT:
+                # The served quantization (smoothing, per-head amax, cast): the same math compiled from torch ops,
+                # and the Triton kernels of fp8_heads that a block runs; V as a block's is, a slice of the fused
+                # projection's output.
                 compiled = torch.compile(quantize, dynamic=False)
                 compiled()
-                entry[name]["quantize_ms"] = median_cuda(compiled, warmup=1, repeat=repeat) * 1e3
+                entry[name]["quantize_compiled_ms"] = median_cuda(compiled, warmup=1, repeat=repeat) * 1e3
+                strided_v = torch.cat((v, v), dim=-1)[..., :HEAD_DIM]
+                kernels = fp8_heads.quantize_attention(q, k, strided_v)
+                entry[name]["quantize_ms"] = (
+                    median_cuda(lambda: fp8_heads.quantize_attention(q, k, strided_v), warmup=1, repeat=repeat) * 1e3
+                )
+                entry[name]["quantize_codes_differing"] = [
+                    float((a.view(torch.uint8) != b.view(torch.uint8)).float().mean())
+                    for a, b in zip(kernels[:3], ops[:3], strict=True)
+                ]
+                del kernels, strided_v
             del ops, out
         for name, e in entry.items():
-            logger.info("%s %s %-42s %7.2f ms %5.0f TFLOP/s quant %5.2f ms rel_l2 %.2e", size, kind, name, e["ms"],
-                        e["tflops"], e.get("quantize_ms", 0.0), e["rel_l2_vs_fp32"])  # fmt: skip
+            logger.info("%s %s %-42s %7.2f ms %5.0f TFLOP/s quant %5.2f ms (compiled %5.2f) rel_l2 %.2e", size, kind,
+                        name, e["ms"], e["tflops"], e.get("quantize_ms", 0.0), e.get("quantize_compiled_ms", 0.0),
+                        e["rel_l2_vs_fp32"])  # fmt: skip
         result[kind] = entry
         torch.cuda.empty_cache()
     return result
@@ -251,7 +262,7 @@ def measure_quant(size: str, repeat: int, launches: list[str]) -> dict:
             kernel = triton_kernels[name]
             ours = kernel(None)
             entry["triton_ms"] = median_cuda(lambda k=kernel: k(None), warmup=2, repeat=repeat) * 1e3
-            entry["served_launch"] = str(fp8_rows_triton.launch_for(ours[-2].shape[-1]))
+            entry["served_launch"] = str(fp8_rows_triton.launch_for(ours[-2].shape[-1], name == "quantize"))
             entry |= _agreement(ours[-2:], served[-2:])
             if name.startswith("residual"):
                 entry["hidden_max_diff"] = float((ours[0].float() - served[0].float()).abs().max())

@@ -244,9 +244,43 @@ def test_one_pass_quantization_kernels_match_the_torch_math(dim, ffn_dim, rows, 
     )
 
 
+def _per_head_rows(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, S, H, D] e4m3 with [B, H] scales as rows of one scale each: [B * H, S * D], [B * H, 1]."""
+    return values.transpose(1, 2).reshape(scale.numel(), -1), scale.reshape(-1, 1)
+
+
+@pytest.mark.parametrize("tokens", [1000, 4103])
+@pytest.mark.parametrize("smooth_k", [True, False])
+def test_attention_quantization_kernels_match_the_torch_math(tokens, smooth_k):
+    from wan_triton.kernels import fp8_heads, fp8_heads_triton
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    heads, head_dim = 6, 128
+    # As a block hands them over: Q and K from the norms and rotary embedding (contiguous), V a slice of the fused
+    # projection's output; K with a per-channel offset, which the smoothing takes out.
+    qkv = torch.randn(2, tokens, 3 * heads * head_dim, device="cuda", generator=gen)
+    qkv[..., heads * head_dim : 2 * heads * head_dim] += 4 * torch.randn(heads * head_dim, device="cuda", generator=gen)
+    q, k, v = (t.unflatten(2, (heads, head_dim)) for t in qkv.to(torch.bfloat16).chunk(3, dim=-1))
+    q, k = q.contiguous(), k.contiguous()
+    ours = fp8_heads_triton.quantize_attention(q, k, v, smooth_k)
+    served = fp8_heads.reference_quantize_attention(q, k, v, smooth_k)
+    assert all(t.is_contiguous() and t.shape == q.shape for t in ours[:3])
+    # Q and V (and K unsmoothed): the same amax and the same division, so the same codes exactly.
+    exact = (0, 1, 2) if not smooth_k else (0, 2)
+    for i in exact:
+        assert torch.equal(ours[3 + i], served[3 + i]), i
+        assert torch.equal(ours[i].view(torch.uint8), served[i].view(torch.uint8)), i
+    if smooth_k:
+        # K's mean sums in another order: a few codes one e4m3 step apart, the scale one bf16 rounding at most.
+        _codes_and_values_agree(
+            _per_head_rows(ours[1], ours[4]), _per_head_rows(served[1], served[4]), max_codes_differing=0.01
+        )
+
+
 def test_the_quantizing_ops_run_the_served_kernels():
-    """What a block calls (fp8_rows' custom ops) is what the kernel test above checks, bit for bit."""
-    from wan_triton.kernels import fp8_rows, fp8_rows_triton
+    """What a block calls (the custom ops of fp8_rows and fp8_heads) is what the kernel tests above check, bit for
+    bit."""
+    from wan_triton.kernels import fp8_heads, fp8_heads_triton, fp8_rows, fp8_rows_triton
 
     gen = torch.Generator("cuda").manual_seed(1)
     hidden, delta = (torch.randn(2, 300, 5120, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(2))
@@ -264,6 +298,9 @@ def test_the_quantizing_ops_run_the_served_kernels():
     summed, rows = fp8_rows.residual_norm_quantize(hidden, delta, 1e-6)
     same((summed, *rows), fp8_rows_triton.norm_quantize_rows(hidden, 1e-6, delta=delta))
     same(fp8_rows.gelu_quantize(ffn), fp8_rows_triton.gelu_quantize_rows(ffn))
+    same(fp8_rows.quantize(hidden), fp8_rows_triton.gelu_quantize_rows(hidden, apply_gelu=False))
+    q, k, v = (t.unflatten(2, (40, 128)) for t in (hidden, delta, ffn[..., :5120]))
+    same(fp8_heads.quantize_attention(q, k, v), fp8_heads_triton.quantize_attention(q, k, v, True))
 
 
 def _flat(values: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

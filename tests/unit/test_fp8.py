@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from factories import load_deployment
 from wan_triton.config.deployment import ComponentConfig, Deployment, EngineKind
-from wan_triton.kernels import attention, fp8
+from wan_triton.kernels import attention, fp8, fp8_heads
 
 # One e4m3 value is within 2^-4 of its input, relative (3 mantissa bits, round to nearest), above the subnormals.
 E4M3_STEP = 2.0**-4
@@ -57,7 +57,7 @@ def test_row_and_head_scales_have_the_layouts_the_kernels_take():
     assert xs.shape == (10, 1) and torch.isfinite(1 / xs).all() and torch.equal(x8[3].float(), torch.zeros(32))
     assert _rel_l2(x8.float() * xs, x) < 3e-2
     q = torch.randn(2, 50, 3, 16) * torch.tensor([1.0, 10.0, 0.1])[None, None, :, None]
-    q8, qs = fp8.quantize_heads(q)
+    q8, qs = fp8_heads.quantize_heads(q)
     assert qs.shape == (2, 3) and q8.shape == q.shape  # FlashAttention-3's descale layout: (batch, heads)
     torch.testing.assert_close(qs, q.abs().amax(dim=(1, 3)) / fp8.E4M3_MAX)
     assert _rel_l2(q8.float() * qs[:, None, :, None], q) < 3e-2
@@ -67,7 +67,7 @@ def test_key_smoothing_leaves_attention_unchanged_and_shrinks_the_key_range():
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 40, 2, 16, generator=gen, dtype=torch.float64) for _ in range(3))
     k = k + 5.0 * torch.randn(2, 16, generator=gen, dtype=torch.float64)  # a per-channel offset
-    smoothed = fp8.smooth_keys(k)
+    smoothed = fp8_heads.smooth_keys(k)
 
     def sdpa(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)))

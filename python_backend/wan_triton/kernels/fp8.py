@@ -11,13 +11,11 @@ the bf16 weight (`quantize_weight`); the activation is scaled per token at run t
 runs as `torch._scaled_mm` with row-wise scales, accumulating in fp32, adding the bias in its epilogue and writing
 bf16. In a block (`Fp8TransformerBlock`) the inputs that a norm, a residual add or the FFN's GELU produce come already
 quantized, in one pass over memory (`fp8_rows`: faster than the compiled torch ops, benchmarks/RESULTS.md,
-Precision); the attention outputs are quantized by the layer itself. Off CUDA the same quantized operands are
-dequantized and multiplied in fp32: the reference math the CPU tests check.
+Precision); the layer quantizes any other input (the attention outputs) with `fp8_rows.quantize`. Off CUDA the same
+quantized operands are dequantized and multiplied in fp32: the reference math the CPU tests check.
 
 Self-attention (`fp8_attention`): FlashAttention-3's e4m3 forward (the `fa3-fwd` build) with one scale per (batch,
-head) for each of Q, K and V, the finest its descale tensors take. K is smoothed first: its mean over the tokens
-(per batch, head and channel) is subtracted, which shifts every score of a query row by the same amount and leaves
-the softmax unchanged, while the e4m3 range then covers K's spread instead of its offset (as SageAttention does).
+head) for each of Q, K and V, the finest its descale tensors take, K smoothed first (`fp8_heads`).
 """
 
 from __future__ import annotations
@@ -30,8 +28,8 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
 
-from wan_triton.kernels import attention, fp8_rows
-from wan_triton.kernels.fp8_rows import E4M3, E4M3_MAX, MIN_AMAX, QuantizedRows, quantize_rows
+from wan_triton.kernels import attention, fp8_heads, fp8_rows
+from wan_triton.kernels.fp8_rows import E4M3, E4M3_MAX, MIN_AMAX, QuantizedRows, quantize_rows  # noqa: F401 (API)
 
 logger = logging.getLogger(__name__)
 
@@ -78,22 +76,6 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w = weight.float()
     scale = w.abs().amax(dim=1).clamp(min=MIN_AMAX) / E4M3_MAX
     return (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
-def quantize_heads(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, S, H, D] -> (e4m3 [B, S, H, D], fp32 scale [B, H]) with x ~= e4m3 * scale: one scale per (batch, head),
-    the layout of FlashAttention-3's descale tensors."""
-    xf = x.float()
-    amax = xf.abs().amax(dim=(1, 3)).clamp(min=MIN_AMAX)  # [B, H]
-    scale = amax / E4M3_MAX
-    return (xf / scale[:, None, :, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
-
-
-def smooth_keys(k: torch.Tensor) -> torch.Tensor:
-    """K minus its mean over the tokens, per (batch, head, channel): each query's scores all move by q . mean,
-    which the softmax cancels."""
-    wide = k.to(torch.promote_types(k.dtype, torch.float32))
-    return (wide - wide.mean(dim=1, keepdim=True)).to(k.dtype)
 
 
 # --- linear ---
@@ -147,12 +129,11 @@ class Fp8Linear(nn.Module):
 
     def product(self, x: torch.Tensor | QuantizedRows, bias: torch.Tensor | None) -> torch.Tensor:
         """`forward` with `bias` (or none) added in the GEMM's epilogue."""
-        if isinstance(x, QuantizedRows):
-            lead, out_dtype = x.values.shape[:-1], self.out_dtype
-            x8, x_scale = x.values.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
-        else:
-            lead, out_dtype = x.shape[:-1], x.dtype
-            x8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
+        out_dtype = self.out_dtype
+        if not isinstance(x, QuantizedRows):
+            out_dtype, x = x.dtype, fp8_rows.quantize(x)
+        lead = x.values.shape[:-1]
+        x8, x_scale = x.values.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
         out = scaled_matmul(x8, x_scale, self.weight, self.weight_scale, out_dtype, bias)
         return out.view(*lead, self.out_features)
 
@@ -342,13 +323,12 @@ def reference_attention(q, k, v, q_scale, k_scale, v_scale) -> torch.Tensor:
 
 
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, smooth_k: bool = True) -> torch.Tensor:
-    """q, k, v [B, S, H, D] bf16 -> attention [B, S, H, D] bf16, with e4m3 operands scaled per (batch, head)."""
-    if smooth_k:
-        k = smooth_keys(k)
-    (q8, qs), (k8, ks), (v8, vs) = quantize_heads(q), quantize_heads(k), quantize_heads(v)
+    """q, k, v [B, S, H, D] bf16 -> attention [B, S, H, D] bf16, with e4m3 operands scaled per (batch, head)
+    (`fp8_heads`)."""
+    operands = fp8_heads.quantize_attention(q, k, v, smooth_k)
     if q.device.type != "cuda":
-        return reference_attention(q8, k8, v8, qs, ks, vs).to(q.dtype)
-    return _fa3_fp8()(q8, k8, v8, qs, ks, vs)
+        return reference_attention(*operands).to(q.dtype)
+    return _fa3_fp8()(*operands)
 
 
 class Fp8AttnProcessor(attention.WanT2VAttnProcessor):

@@ -11,9 +11,10 @@ here do it in one pass (Triton kernels on CUDA, `fp8_rows_triton`) and hand the 
         [* (1 + mod_scale) + mod_shift]                 (the modulation, one row per batch entry)
     rows = quantize_rows(y rounded to bf16)             (as the bf16 block hands the layer its input)
 
-and `gelu_quantize` the same for the FFN's tanh GELU. Each is a `torch.library.custom_op`, opaque to torch.compile
-and captured by CUDA graphs as one kernel; off CUDA it runs the torch reference below, the math the GPU test checks the
-kernels against.
+and `gelu_quantize` the same for the FFN's tanh GELU; `quantize` quantizes an input that no fused op before the layer
+produces (the attention outputs), as one kernel, which is faster than the compiled ops there too. Each is a
+`torch.library.custom_op`, opaque to torch.compile and captured by CUDA graphs as one kernel; off CUDA it runs the
+torch reference below, the math the GPU test checks the kernels against.
 """
 
 from __future__ import annotations
@@ -156,6 +157,20 @@ def _(x):
     return _empty_rows(x)
 
 
+@torch.library.custom_op("wan_triton::fp8_quantize", mutates_args=())
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type != "cuda":
+        return _rows_shaped(*quantize_rows(x.reshape(-1, x.shape[-1])), x)
+    from wan_triton.kernels import fp8_rows_triton
+
+    return _rows_shaped(*fp8_rows_triton.gelu_quantize_rows(x, apply_gelu=False), x)
+
+
+@_quantize.register_fake
+def _(x):
+    return _empty_rows(x)
+
+
 def norm_quantize(
     hidden: torch.Tensor,
     eps: float,
@@ -190,3 +205,9 @@ def residual_norm_quantize(
 def gelu_quantize(x: torch.Tensor) -> QuantizedRows:
     """x [..., K] bf16 -> GELU(x) (tanh approximation, rounded to bf16) in e4m3, per token."""
     return QuantizedRows(*_gelu_quantize(x))
+
+
+def quantize(x: torch.Tensor) -> QuantizedRows:
+    """x [..., K] bf16 -> x in e4m3, per token: `quantize_rows` as one kernel (an FP8 layer's input that no fused op
+    before it quantized, e.g. an attention output)."""
+    return QuantizedRows(*_quantize(x))

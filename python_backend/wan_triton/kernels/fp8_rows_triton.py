@@ -247,17 +247,21 @@ _CHOSEN: dict[int, Launch] = {}
 
 
 def use_launches(launches: Mapping[int, Launch]) -> None:
-    """Serve these launches (by row width) in this process instead of `launch_for`'s rule: for a benchmark that
+    """Serve these launches (by row width) of the fused kernels (norms, GELU) in this process instead of
+    `launch_for`'s rule: for a benchmark that
     times a candidate against the served launch in one run (benchmarks/denoiser_step.py --fp8-launches)."""
     _CHOSEN.clear()
     _CHOSEN.update(launches)
 
 
-def launch_for(width: int) -> Launch:
+def launch_for(width: int, quantize_only: bool = False) -> Launch:
     """The served launch of a row of `width` columns, unless `use_launches` chose one: up to 8,192 columns (the
     norms' 5,120) chunks of 1,024 at 4 warps, the fastest of the launches measured; above (the GELU's 13,824) the
-    whole row at 32 warps, where no chunked launch was faster (benchmarks/RESULTS.md, Precision: one-pass activation
-    quantization)."""
+    whole row at 32 warps, where no chunked launch was faster. Quantization alone (`quantize_only`: the attention
+    outputs, 5,120 wide), with less work a column, was fastest in chunks of 1,024 at 8 warps (benchmarks/RESULTS.md,
+    Precision: one-pass activation quantization)."""
+    if quantize_only:
+        return Launch(1024, 8)
     return _CHOSEN.get(width) or (Launch(0, 32) if width > 8192 else Launch(1024, 4))
 
 
@@ -328,9 +332,9 @@ def gelu_quantize_rows(
     x: torch.Tensor, apply_gelu: bool = True, launch: Launch | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] bf16 -> (e4m3 [M, K], fp32 scale [M, 1]) of GELU(x) (tanh approximation), or of x itself.
-    `launch`: `launch_for(K)` unless given (benchmarks)."""
+    `launch`: `launch_for` unless given (benchmarks)."""
     width = x.shape[-1]
-    launch = launch or launch_for(width)
+    launch = launch or launch_for(width, quantize_only=not apply_gelu)
     rows = x.numel() // width
     x = x.contiguous()
     q = torch.empty((rows, width), dtype=torch.float8_e4m3fn, device=x.device)
