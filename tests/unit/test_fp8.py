@@ -153,6 +153,24 @@ def test_fp8_blocks_take_their_inputs_quantized_in_one_pass_with_the_same_result
     assert torch.equal(_forward(served), per_layer)
 
 
+def test_fp8_blocks_trace_whole_through_the_quantizing_ops():
+    # Each quantizing op (fp8_rows, fp8_heads) is a custom op with a fake implementation, so that torch.compile traces
+    # a block in one graph (fullgraph, as compile_repeated_blocks does) with the op opaque inside; aot_eager runs that
+    # graph's ops eagerly, the same ops as without compile.
+    served = _expert().to(torch.bfloat16)
+    attention.install(served, "cudnn", torch.device("cpu"))
+    served.set_attn_processor(fp8.Fp8AttnProcessor(attention.attention_fn(attention.AttentionBackend.REFERENCE)))
+    fp8.quantize_module(served)
+    fp8.install_blocks(served)
+    eager = _forward(served)
+    torch._dynamo.reset()
+    served.compile_repeated_blocks(fullgraph=True, dynamic=False, backend="aot_eager")
+    try:
+        assert torch.equal(_forward(served), eager)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_fp8_blocks_need_every_block_layer_in_fp8():
     served = _expert().to(torch.bfloat16)
     attention.install(served, "cudnn", torch.device("cpu"))
