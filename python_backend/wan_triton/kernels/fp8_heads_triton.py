@@ -18,7 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-# As in wan_triton.kernels.fp8_rows, as constants a Triton kernel may read.
+# As in wan_triton.kernels.fp8_rows, as constants a Triton kernel may read. On CUDA torch divides by a scalar as a
+# product with the scalar's fp32 reciprocal: the reference's scale is amax * (1 / 448), which this reproduces exactly.
+INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)
 E4M3_MAX = tl.constexpr(448.0)
 MIN_AMAX = tl.constexpr(1e-12)
 
@@ -97,7 +99,9 @@ def _head_scales_kernel(
     k_sum_ptr,
     k_max_ptr,
     k_min_ptr,
-    scale_ptr,  # [3, B*H]: the scales of Q, K, V
+    q_scale_ptr,  # [B*H] each
+    k_scale_ptr,
+    v_scale_ptr,
     k_mean_ptr,  # [B*H, D] (smoothed only)
     seq_len,
     programs,
@@ -127,9 +131,9 @@ def _head_scales_kernel(
         # max |bf16(k - mean)| = bf16(max |k - mean|): rounding to nearest is monotonic and odd.
         spread = tl.maximum(k_max - mean, mean - k_min).to(tl.bfloat16).to(tl.float32)
         amax_k = tl.max(spread, axis=0)
-    tl.store(scale_ptr + bh, tl.math.div_rn(tl.maximum(amax_q, MIN_AMAX), E4M3_MAX))
-    tl.store(scale_ptr + batch_heads + bh, tl.math.div_rn(tl.maximum(amax_k, MIN_AMAX), E4M3_MAX))
-    tl.store(scale_ptr + 2 * batch_heads + bh, tl.math.div_rn(tl.maximum(amax_v, MIN_AMAX), E4M3_MAX))
+    tl.store(q_scale_ptr + bh, tl.maximum(amax_q, MIN_AMAX) * INV_E4M3_MAX)
+    tl.store(k_scale_ptr + bh, tl.maximum(amax_k, MIN_AMAX) * INV_E4M3_MAX)
+    tl.store(v_scale_ptr + bh, tl.maximum(amax_v, MIN_AMAX) * INV_E4M3_MAX)
 
 
 @triton.jit
@@ -147,7 +151,9 @@ def _head_quantize_kernel(
     q_sb, q_ss, q_sh,
     k_sb, k_ss, k_sh,
     v_sb, v_ss, v_sh,
-    scale_ptr,
+    q_scale_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     k_mean_ptr,
     q8_ptr,
     k8_ptr,
@@ -161,12 +167,11 @@ def _head_quantize_kernel(
 ):  # fmt: skip
     block = tl.program_id(0).to(tl.int64)
     bh = tl.program_id(1).to(tl.int64)
-    batch_heads = tl.num_programs(1).to(tl.int64)
     b, h = bh // heads, bh % heads
     cols = tl.arange(0, HEAD_DIM)
-    scale_q = tl.load(scale_ptr + bh)
-    scale_k = tl.load(scale_ptr + batch_heads + bh)
-    scale_v = tl.load(scale_ptr + 2 * batch_heads + bh)
+    scale_q = tl.load(q_scale_ptr + bh)
+    scale_k = tl.load(k_scale_ptr + bh)
+    scale_v = tl.load(v_scale_ptr + bh)
     if SMOOTH_K:
         k_mean = tl.load(k_mean_ptr + bh * HEAD_DIM + cols)
     for t in tl.range(TILES):
@@ -200,15 +205,16 @@ def quantize_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, smooth
     _head_stats_kernel[grid](
         q, k, v, *strides, amax, k_sum, k_max, k_min, seq_len, heads, BLOCK=BLOCK_TOKENS, TILES=TILES, **common
     )
-    scales = torch.empty((3, batch, heads), dtype=fp32, device=device)
+    # Three tensors, not views of one: a custom op's outputs may not alias each other.
+    scales = [torch.empty((batch, heads), dtype=fp32, device=device) for _ in range(3)]
     k_mean = torch.empty((batch_heads, head_dim) if smooth_k else (1,), dtype=fp32, device=device)
     _head_scales_kernel[(batch_heads,)](
-        amax, k_sum, k_max, k_min, scales, k_mean, seq_len, programs,
+        amax, k_sum, k_max, k_min, *scales, k_mean, seq_len, programs,
         PROGRAMS=triton.next_power_of_2(programs), **common,
     )  # fmt: skip
     q8, k8, v8 = (torch.empty((batch, seq_len, heads, head_dim), dtype=torch.float8_e4m3fn, device=device)
                   for _ in range(3))  # fmt: skip
     _head_quantize_kernel[grid](
-        q, k, v, *strides, scales, k_mean, q8, k8, v8, seq_len, heads, BLOCK=BLOCK_TOKENS, TILES=TILES, **common
+        q, k, v, *strides, *scales, k_mean, q8, k8, v8, seq_len, heads, BLOCK=BLOCK_TOKENS, TILES=TILES, **common
     )
-    return q8, k8, v8, scales[0], scales[1], scales[2]
+    return q8, k8, v8, *scales
