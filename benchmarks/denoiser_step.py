@@ -16,8 +16,9 @@ FlashAttention kernels):
 A backend may be listed twice (flash4 flash3 flash4): the repeat shows how far the GPU drifted over the run.
 `fp8` (or `fp8+compile`) is `precision: fp8` (wan_triton.kernels.fp8 over the `auto` kernel). `fp8-attention` and
 `fp8-linear` are its parts, for each part's share of the gain: self-attention in FP8 alone, then the block linear
-layers too, each quantizing its own bf16 input; `fp8` adds the one-pass quantization, as served; `fp8-launches` is
-`fp8` with the one-pass kernels at the launches of --fp8-launches (a candidate against the served ones, e.g. the
+layers too, each quantizing its own bf16 input; `fp8` adds the one-pass quantization, as served; `fp8-kernels` adds
+the Triton kernels for the attention operands and outputs (`fp8.use_quantize_kernels`); `fp8-launches` adds the
+one-pass kernels at the launches of --fp8-launches (a candidate against the served ones, e.g. the
 `quant_choice` of benchmarks/fp8_kernels.py). Each builds on the one before and quantizes the expert in place, so
 they come last in the list, in that order, with one size per run:
 
@@ -58,7 +59,7 @@ logger = logging.getLogger("benchmarks.denoiser_step")
 
 STEP_SIZES = ("480p", "720p")
 # precision fp8 part by part, each variant adding to the one before (wan_triton.kernels.fp8.install's parts)
-FP8_PARTS = ("fp8-attention", "fp8-linear", "fp8", "fp8-launches")
+FP8_PARTS = ("fp8-attention", "fp8-linear", "fp8", "fp8-kernels", "fp8-launches")
 
 
 def install_fp8_part(model: torch.nn.Module, part: str, launches: dict[int, Launch]) -> None:
@@ -70,6 +71,8 @@ def install_fp8_part(model: torch.nn.Module, part: str, launches: dict[int, Laun
         fp8.quantize_module(model)
     elif part == "fp8":
         fp8.install_blocks(model)
+    elif part == "fp8-kernels":
+        fp8.use_quantize_kernels()
     else:
         from wan_triton.kernels import fp8_rows_triton
 

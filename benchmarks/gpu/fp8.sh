@@ -10,18 +10,18 @@
 #   bash benchmarks/gpu/fp8.sh tune SIZE [REPEAT]  quant, then step SIZE REPEAT --parts with the sweep's fastest launch
 #                                                 per row width beside the served one (FP8_LAUNCHES below)
 #   bash benchmarks/gpu/fp8.sh step SIZE [REPEAT] [--parts]
-#                                                 the step: diffusers, served bf16 (flash4, or flash3 without it) and
-#                                                 fp8 in one run (benchmarks/denoiser_step.py), expert memory of both;
+#                                                 the step: diffusers, served bf16 (flash4, or flash3 without it), fp8
+#                                                 and fp8 with the attention quantization kernels in one run
+#                                                 (benchmarks/denoiser_step.py), expert memory of both;
 #                                                 --parts: also fp8 attention alone, then with the linear layers each
 #                                                 quantizing its own input (each part's share of the gain)
 #   bash benchmarks/gpu/fp8.sh quality [SIZE] [STEPS] [--fp32]
 #                                                 a whole run from one seed in bf16 and fp8: final latents, frames PSNR
 #                                                 (benchmarks/fp8_quality.py; random weights)
 #   bash benchmarks/gpu/fp8.sh e2e ARGS...        end to end through Triton with gpu_a14b_fp8.yaml (benchmarks/gpu/e2e.sh)
-#   bash benchmarks/gpu/fp8.sh final              what fits one call of about 8 minutes on an H200: the tests, the
-#                                                 attention kernels, the 480p and 720p steps, a 4-step 480p quality
-#                                                 run; each part under its own time limit, so a slow part leaves the
-#                                                 others' files
+#   bash benchmarks/gpu/fp8.sh final              what fits one call of about 9 minutes on an H200: the tests, the
+#                                                 attention kernels, the 480p and 720p steps; each part under its own
+#                                                 time limit, so a slow part leaves the others' files
 # After `source .gpu-bundle/setup.sh` with the FlashAttention-3 add-on (fa3-fwd: FP8 attention needs it) and, for the
 # served bf16 baseline, FlashAttention-4 (benchmarks/gpu/common.sh). Results go to $OUT.
 set -euo pipefail
@@ -70,7 +70,7 @@ fp8_step() {
     launches=(fp8-launches+compile --fp8-launches "${launches[@]}")
   fi
   limited python benchmarks/denoiser_step.py --sizes "$1" --backends "$(served_bf16)" "${parts[@]}" fp8+compile \
-    "${launches[@]}" --repeat "${2:-2}" --out "$OUT/fp8_step_$1.json"
+    fp8-kernels+compile "${launches[@]}" --repeat "${2:-2}" --out "$OUT/fp8_step_$1.json"
 }
 
 # The launch sweep (unless this call's $OUT has it), then the step with its fastest launches beside the served ones.
@@ -99,15 +99,13 @@ case $mode in
   e2e) DEPLOYMENT=model_repository/deployments/gpu_a14b_fp8.yaml bash "$(dirname "$0")/e2e.sh" "$@" ;;
   final)
     # Expected seconds per part on a warm H200 (from the parts run alone where they were): tests 60, attention
-    # kernels 50, 480p step 90, 720p step (one timed step per variant) 150, a 4-step 480p quality run (each expert
-    # compiles in its first step) with the decodes 130: about 480 in all; the limits leave each part some margin.
-    # The 40-step quality run is `fp8.sh quality 480p 40` on its own (about 6 minutes).
+    # kernels 50, 480p step 110, 720p step (one timed step per variant) 200: about 420 in all; the limits leave
+    # each part some margin. The quality run is `fp8.sh quality 480p 40` on its own (about 6 minutes).
     status=0
     LIMIT=90 fp8_tests || status=$?
     LIMIT=60 fp8_kernels attention 2>&1 | tee "$OUT/fp8_kernels.log" || status=$?
-    LIMIT=110 fp8_step 480p 2 2>&1 | tee "$OUT/fp8_step_480p.log" || status=$?
-    LIMIT=160 fp8_step 720p 1 2>&1 | tee "$OUT/fp8_step_720p.log" || status=$?
-    LIMIT=150 fp8_quality 480p 4 2>&1 | tee "$OUT/fp8_quality.log" || status=$?
+    LIMIT=140 fp8_step 480p 2 2>&1 | tee "$OUT/fp8_step_480p.log" || status=$?
+    LIMIT=240 fp8_step 720p 1 2>&1 | tee "$OUT/fp8_step_720p.log" || status=$?
     exit $status ;;
   *) echo "unknown mode $mode" >&2; exit 2 ;;
 esac

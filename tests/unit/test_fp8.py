@@ -153,10 +153,12 @@ def test_fp8_blocks_take_their_inputs_quantized_in_one_pass_with_the_same_result
     assert torch.equal(_forward(served), per_layer)
 
 
-def test_fp8_blocks_trace_whole_through_the_quantizing_ops():
+@pytest.mark.parametrize("kernels", [False, True])
+def test_fp8_blocks_trace_whole_through_the_quantizing_ops(kernels, monkeypatch):
     # Each quantizing op (fp8_rows, fp8_heads) is a custom op with a fake implementation, so that torch.compile traces
     # a block in one graph (fullgraph, as compile_repeated_blocks does) with the op opaque inside; aot_eager runs that
-    # graph's ops eagerly, the same ops as without compile.
+    # graph's ops eagerly, the same ops as without compile. With the attention quantization kernels or without.
+    monkeypatch.setattr(fp8, "_quantize_kernels", kernels)
     served = _expert().to(torch.bfloat16)
     attention.install(served, "cudnn", torch.device("cpu"))
     served.set_attn_processor(fp8.Fp8AttnProcessor(attention.attention_fn(attention.AttentionBackend.REFERENCE)))

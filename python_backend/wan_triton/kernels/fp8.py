@@ -11,11 +11,13 @@ the bf16 weight (`quantize_weight`); the activation is scaled per token at run t
 runs as `torch._scaled_mm` with row-wise scales, accumulating in fp32, adding the bias in its epilogue and writing
 bf16. In a block (`Fp8TransformerBlock`) the inputs that a norm, a residual add or the FFN's GELU produce come already
 quantized, in one pass over memory (`fp8_rows`: faster than the compiled torch ops, benchmarks/RESULTS.md,
-Precision); the layer quantizes any other input (the attention outputs) with `fp8_rows.quantize`. Off CUDA the same
-quantized operands are dequantized and multiplied in fp32: the reference math the CPU tests check.
+Precision); the layer quantizes any other input (the attention outputs) itself, with compiled torch ops, or with
+`fp8_rows.quantize` after `use_quantize_kernels`. Off CUDA the same quantized operands are dequantized and multiplied
+in fp32: the reference math the CPU tests check.
 
 Self-attention (`fp8_attention`): FlashAttention-3's e4m3 forward (the `fa3-fwd` build) with one scale per (batch,
-head) for each of Q, K and V, the finest its descale tensors take, K smoothed first (`fp8_heads`).
+head) for each of Q, K and V, the finest its descale tensors take, K smoothed first (`fp8_heads`: compiled torch ops,
+or its Triton kernels after `use_quantize_kernels`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 from torch import nn
 
 from wan_triton.kernels import attention, fp8_heads, fp8_rows
-from wan_triton.kernels.fp8_rows import E4M3, E4M3_MAX, MIN_AMAX, QuantizedRows, quantize_rows  # noqa: F401 (API)
+from wan_triton.kernels.fp8_rows import E4M3, E4M3_MAX, MIN_AMAX, QuantizedRows, quantize_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,20 @@ FP8_BLOCK_LINEARS = (
     "ffn.net.2",
 )
 SCALE_METHOD = "e4m3fn weight per output channel (amax/448), activation per token, attention per (batch, head)"
+
+# Whether the attention operands (`fp8_heads.quantize_attention`) and the attention outputs (`fp8_rows.quantize`) are
+# quantized by their Triton kernels rather than by compiled torch ops. The output kernel alone beats the compiled ops
+# (benchmarks/RESULTS.md, Precision), but inside a compiled block a kernel is opaque to the compiler, which may have
+# fused the ops with their neighbours: off until the whole step with them is measured (benchmarks/denoiser_step.py,
+# variant fp8-kernels).
+_quantize_kernels = False
+
+
+def use_quantize_kernels(on: bool = True) -> None:
+    """Quantize the attention operands and outputs with Triton kernels (`on`) or compiled torch ops, in this process,
+    from the next compile or eager call on."""
+    global _quantize_kernels
+    _quantize_kernels = on
 
 
 def supported(device: torch.device) -> str | None:
@@ -129,11 +145,16 @@ class Fp8Linear(nn.Module):
 
     def product(self, x: torch.Tensor | QuantizedRows, bias: torch.Tensor | None) -> torch.Tensor:
         """`forward` with `bias` (or none) added in the GEMM's epilogue."""
-        out_dtype = self.out_dtype
-        if not isinstance(x, QuantizedRows):
-            out_dtype, x = x.dtype, fp8_rows.quantize(x)
-        lead = x.values.shape[:-1]
-        x8, x_scale = x.values.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
+        if isinstance(x, QuantizedRows):
+            lead, out_dtype = x.values.shape[:-1], self.out_dtype
+            x8, x_scale = x.values.reshape(-1, self.in_features), x.scale.reshape(-1, 1)
+        elif _quantize_kernels:
+            lead, out_dtype = x.shape[:-1], x.dtype
+            rows = fp8_rows.quantize(x)
+            x8, x_scale = rows.values.reshape(-1, self.in_features), rows.scale.reshape(-1, 1)
+        else:
+            lead, out_dtype = x.shape[:-1], x.dtype
+            x8, x_scale = quantize_rows(x.reshape(-1, self.in_features))
         out = scaled_matmul(x8, x_scale, self.weight, self.weight_scale, out_dtype, bias)
         return out.view(*lead, self.out_features)
 
@@ -325,7 +346,8 @@ def reference_attention(q, k, v, q_scale, k_scale, v_scale) -> torch.Tensor:
 def fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, smooth_k: bool = True) -> torch.Tensor:
     """q, k, v [B, S, H, D] bf16 -> attention [B, S, H, D] bf16, with e4m3 operands scaled per (batch, head)
     (`fp8_heads`)."""
-    operands = fp8_heads.quantize_attention(q, k, v, smooth_k)
+    quantize = fp8_heads.quantize_attention if _quantize_kernels else fp8_heads.reference_quantize_attention
+    operands = quantize(q, k, v, smooth_k)
     if q.device.type != "cuda":
         return reference_attention(*operands).to(q.dtype)
     return _fa3_fp8()(*operands)

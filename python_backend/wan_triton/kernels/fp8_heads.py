@@ -5,9 +5,10 @@ K is smoothed first: its mean over the tokens (per batch, head and channel) is s
 a query row by the same amount and leaves the softmax unchanged, while the e4m3 range then covers K's spread instead
 of its offset (as SageAttention does). Each scale is the amax of its (batch, head) over the whole sequence / 448.
 
-`quantize_attention` is a `torch.library.custom_op`: Triton kernels on CUDA (`fp8_heads_triton`: two passes over
-Q, K and V, faster than the same math compiled, benchmarks/RESULTS.md, Precision), the torch reference below
-elsewhere, the math the GPU test holds the kernels to.
+`reference_quantize_attention` is that math in torch ops (compiled with the block, as served by default);
+`quantize_attention` is a `torch.library.custom_op` running it as Triton kernels on CUDA (`fp8_heads_triton`: two
+passes over Q, K and V; served after `fp8.use_quantize_kernels`), the reference elsewhere. The GPU test holds the
+kernels to the reference.
 """
 
 from __future__ import annotations

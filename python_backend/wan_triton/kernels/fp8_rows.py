@@ -12,7 +12,8 @@ here do it in one pass (Triton kernels on CUDA, `fp8_rows_triton`) and hand the 
     rows = quantize_rows(y rounded to bf16)             (as the bf16 block hands the layer its input)
 
 and `gelu_quantize` the same for the FFN's tanh GELU; `quantize` quantizes an input that no fused op before the layer
-produces (the attention outputs), as one kernel, which is faster than the compiled ops there too. Each is a
+produces (the attention outputs) as one kernel, faster alone than the compiled ops (served after
+`fp8.use_quantize_kernels`). Each is a
 `torch.library.custom_op`, opaque to torch.compile and captured by CUDA graphs as one kernel; off CUDA it runs the
 torch reference below, the math the GPU test checks the kernels against.
 """
