@@ -83,10 +83,14 @@ def _head128_model(dtype):
     return WanTransformer3DModel(**config).to("cuda", dtype).eval()
 
 
-def test_fp8_expert_tracks_fp32_compiled_and_graph_replays_bit_identically():
-    """A 2-layer expert with the A14B head size through the served path (fp8.install, compiled blocks, a CUDA graph):
+@pytest.mark.parametrize("kernels", [False, True], ids=["compiled-quantization", "quantization-kernels"])
+def test_fp8_expert_tracks_fp32_compiled_and_graph_replays_bit_identically(kernels, monkeypatch):
+    """A 2-layer expert with the A14B head size through the served path (fp8.install, compiled blocks, a CUDA graph),
+    the attention operands and outputs quantized by compiled torch ops or by their kernels (`use_quantize_kernels`):
     bit-identical replay, output against fp32 within the FP8 bound and bf16 closer."""
     from wan_triton.runtime.experts import compile_expert_blocks, torch_engines
+
+    monkeypatch.setattr(fp8, "_quantize_kernels", kernels)
 
     reference = _head128_model(torch.float32)
     bf16_model = _head128_model(torch.bfloat16)
@@ -278,8 +282,8 @@ def test_attention_quantization_kernels_match_the_torch_math(tokens, smooth_k):
 
 
 def test_the_quantizing_ops_run_the_served_kernels():
-    """What a block calls (the custom ops of fp8_rows and fp8_heads) is what the kernel tests above check, bit for
-    bit."""
+    """What a block calls (the custom ops of fp8_rows, and after `fp8.use_quantize_kernels` fp8_rows.quantize and
+    fp8_heads.quantize_attention) is what the kernel tests above check, bit for bit."""
     from wan_triton.kernels import fp8_heads, fp8_heads_triton, fp8_rows, fp8_rows_triton
 
     gen = torch.Generator("cuda").manual_seed(1)
