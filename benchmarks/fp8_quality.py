@@ -14,8 +14,9 @@ trained model looks; trained weights and real prompts would need their own run.
 
     python benchmarks/fp8_quality.py --checkpoint /tmp/a14b --size 480p --steps 40 --out $OUT/fp8_quality.json
 
-(`python -m wan_build.shapes_checkpoint /tmp/a14b` writes the configs-only checkpoint.) fp32 at 480p takes both experts
-in fp32 (114 GB) and minutes per step: `--fp32` is for the smaller sizes.
+(`python -m wan_build.shapes_checkpoint /tmp/a14b` writes the configs-only checkpoint.) The fp32 run holds one expert
+at a time on the device (57 GB; both would take 114 GB) and takes minutes per step at 480p: `--fp32` is for the smaller
+sizes (240p).
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wan_bench.experts import SIZES, TEXT_LEN
 from wan_bench.records import run_record, write_json
+from wan_triton.config.deployment import EngineKind
 from wan_triton.config.request import GenerationRequest
 from wan_triton.kernels import attention, fp8
 from wan_triton.model.checkpoint import EXPERTS, Checkpoint
 from wan_triton.model.denoise import Denoiser
+from wan_triton.model.engine import Engine
 from wan_triton.model.vae import VaeDecoder, torch_vae_decode_fn
 from wan_triton.runtime.experts import compile_expert_blocks, torch_engines
 
@@ -48,22 +51,64 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def build_expert(ckpt: Checkpoint, name: str, variant: str, device: torch.device) -> Engine:
+    """One expert from its seeded bf16 random weights (the same in every variant), served as `variant` (bf16, fp8 or
+    fp32)."""
+    torch.manual_seed(WEIGHT_SEED + EXPERTS.index(name))
+    module = ckpt.load_transformer(name, torch.bfloat16, str(device))
+    if variant == "fp32":
+        module = module.float()  # parameter by parameter: at most about the fp32 expert on the device
+    elif variant == "fp8":
+        fp8.install(module, "auto", device)
+        compile_expert_blocks(module, parallel=False)
+    else:
+        attention.install(module, "auto", device)
+        compile_expert_blocks(module, parallel=False)
+    engine, _ = torch_engines(module, device, torch.float32 if variant == "fp32" else torch.bfloat16, cuda_graphs=False)
+    return engine
+
+
+class OneExpertAtATime:
+    """The experts of a variant whose two do not fit the GPU together (fp32 A14B: 57 GB each, 114 GB both): each is
+    built at its first step, after the other is freed. The loop runs all the high-noise expert's steps, then the
+    low-noise expert's, so each is built once; the step that builds one is not a timed step."""
+
+    def __init__(self, ckpt: Checkpoint, variant: str, device: torch.device) -> None:
+        self.ckpt, self.variant, self.device = ckpt, variant, device
+        self.name: str | None = None
+        self.engine: Engine | None = None
+
+    def run_expert(self, name: str, inputs: dict) -> dict:
+        if name != self.name:
+            self.engine = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            self.name, self.engine = name, build_expert(self.ckpt, name, self.variant, self.device)
+            logger.info("%s: built %s", self.variant, name)
+        return self.engine.run(inputs)
+
+
+class _ExpertProxy(Engine):
+    """An engine that runs one named expert of a `OneExpertAtATime`."""
+
+    kind = EngineKind.TORCH
+
+    def __init__(self, experts: OneExpertAtATime, name: str) -> None:
+        self.experts, self.name = experts, name
+
+    def run(self, inputs: dict) -> dict:
+        return self.experts.run_expert(self.name, inputs)
+
+
 def build(ckpt: Checkpoint, variant: str, device: torch.device) -> Denoiser:
-    """Both experts from the same seeded bf16 random weights, served as `variant` (bf16, fp8 or fp32)."""
-    torch.manual_seed(WEIGHT_SEED)
+    """Both experts served as `variant`: resident (bf16, fp8), or one at a time (fp32)."""
+    names = list(filter(ckpt.has_expert, EXPERTS))
+    if variant == "fp32":
+        one_at_a_time = OneExpertAtATime(ckpt, variant, device)
+        experts = {name: _ExpertProxy(one_at_a_time, name) for name in names}
+    else:
+        experts = {name: build_expert(ckpt, name, variant, device) for name in names}
     dtype = torch.float32 if variant == "fp32" else torch.bfloat16
-    experts = {}
-    for name in filter(ckpt.has_expert, EXPERTS):
-        module = ckpt.load_transformer(name, torch.bfloat16, str(device))
-        if variant == "fp32":
-            module = module.float()
-        elif variant == "fp8":
-            fp8.install(module, "auto", device)
-            compile_expert_blocks(module, parallel=False)
-        else:
-            attention.install(module, "auto", device)
-            compile_expert_blocks(module, parallel=False)
-        experts[name], _ = torch_engines(module, device, dtype, cuda_graphs=False)
     return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype)
 
 
