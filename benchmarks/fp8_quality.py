@@ -71,7 +71,8 @@ def build_expert(ckpt: Checkpoint, name: str, variant: str, device: torch.device
 class OneExpertAtATime:
     """The experts of a variant whose two do not fit the GPU together (fp32 A14B: 57 GB each, 114 GB both): each is
     built at its first step, after the other is freed. The loop runs all the high-noise expert's steps, then the
-    low-noise expert's, so each is built once; the step that builds one is not a timed step."""
+    low-noise expert's, so each is built once; the first step of each counts its build (an outlier the median step
+    time leaves out)."""
 
     def __init__(self, ckpt: Checkpoint, variant: str, device: torch.device) -> None:
         self.ckpt, self.variant, self.device = ckpt, variant, device
