@@ -13,9 +13,8 @@ here do it in one pass (Triton kernels on CUDA, `fp8_rows_triton`) and hand the 
 
 and `gelu_quantize` the same for the FFN's tanh GELU; `quantize` quantizes an input that no fused op before the layer
 produces (the attention outputs) as one kernel, faster alone than the compiled ops (served after
-`fp8.use_quantize_kernels`). Each is a
-`torch.library.custom_op`, opaque to torch.compile and captured by CUDA graphs as one kernel; off CUDA it runs the
-torch reference below, the math the GPU test checks the kernels against.
+`fp8.use_quantize_kernels`). Each is a `torch.library.custom_op`, opaque to torch.compile and captured by CUDA graphs
+as one kernel; off CUDA it runs the torch reference below, the math the GPU test checks the kernels against.
 """
 
 from __future__ import annotations

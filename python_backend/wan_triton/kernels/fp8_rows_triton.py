@@ -248,8 +248,8 @@ _CHOSEN: dict[int, Launch] = {}
 
 def use_launches(launches: Mapping[int, Launch]) -> None:
     """Serve these launches (by row width) of the fused kernels (norms, GELU) in this process instead of
-    `launch_for`'s rule: for a benchmark that
-    times a candidate against the served launch in one run (benchmarks/denoiser_step.py --fp8-launches)."""
+    `launch_for`'s rule: for a benchmark that times a candidate against the served launch in one run
+    (benchmarks/denoiser_step.py --fp8-launches)."""
     _CHOSEN.clear()
     _CHOSEN.update(launches)
 
