@@ -2,11 +2,11 @@
 
   attention  FlashAttention-3's e4m3 forward with the scale variants (one scale per tensor; per (batch, head); per
              (batch, head) with K smoothed; and with V smoothed too) against the bf16 kernels (flash3, and flash4 or
-             cuDNN where installed): TFLOP/s of the kernel alone, the cost of the served quantization (the Triton
-             kernels of wan_triton.kernels.fp8_heads, and the same math compiled from torch ops, with the share of
-             e4m3 codes where the two differ), and the relative L2 error of the first 1,024 query rows against fp32
-             attention. Two input kinds: N(0, 1) q, k, v, and `offset` (q, k with a per-channel offset and scale as
-             trained Q/K norms give, sharper scores).
+             cuDNN where installed): TFLOP/s of the kernel alone, the cost of quantizing Q, K and V (the same math
+             compiled from torch ops, as served, and as the Triton kernels of wan_triton.kernels.fp8_heads, with the
+             share of e4m3 codes where the two differ), and the relative L2 error of the first 1,024 query rows
+             against fp32 attention. Two input kinds: N(0, 1) q, k, v, and `offset` (q, k with a per-channel offset
+             and scale as trained Q/K norms give, sharper scores).
   linear     each block linear layer's shape, compiled as it runs in a block (layer norm + modulation, then the
              projection): bf16 against `Fp8Linear` (quantizing its bf16 input per token), time and relative L2
              error against fp32.
@@ -132,9 +132,9 @@ def measure_attention(size: str, kinds: list[str], repeat: int) -> dict:
             entry[name] = {"ms": kernel_s * 1e3, "tflops": flop / kernel_s / 1e12,
                            "rel_l2_vs_fp32": rel_l2(out[:, :ERROR_ROWS], exact)}  # fmt: skip
             if name == SERVED_VARIANT:
-                # The served quantization (smoothing, per-head amax, cast): the same math compiled from torch ops,
-                # and the Triton kernels of fp8_heads that a block runs; V as a block's is, a slice of the fused
-                # projection's output.
+                # The served quantization (smoothing, per-head amax, cast) compiled from torch ops, and the Triton
+                # kernels of fp8_heads (a block's after fp8.use_quantize_kernels) with V as a block hands it over, a
+                # slice of the fused projection's output.
                 compiled = torch.compile(quantize, dynamic=False)
                 compiled()
                 entry[name]["quantize_compiled_ms"] = median_cuda(compiled, warmup=1, repeat=repeat) * 1e3
