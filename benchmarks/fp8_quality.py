@@ -51,6 +51,11 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def served_dtype(variant: str) -> torch.dtype:
+    """The experts' dtype of a variant: fp32 for the reference, else bf16 (FP8's activations too)."""
+    return torch.float32 if variant == "fp32" else torch.bfloat16
+
+
 def build_expert(ckpt: Checkpoint, name: str, variant: str, device: torch.device) -> Engine:
     """One expert from its seeded bf16 random weights (the same in every variant), served as `variant` (bf16, fp8 or
     fp32)."""
@@ -64,7 +69,7 @@ def build_expert(ckpt: Checkpoint, name: str, variant: str, device: torch.device
     else:
         attention.install(module, "auto", device)
         compile_expert_blocks(module, parallel=False)
-    engine, _ = torch_engines(module, device, torch.float32 if variant == "fp32" else torch.bfloat16, cuda_graphs=False)
+    engine, _ = torch_engines(module, device, served_dtype(variant), cuda_graphs=False)
     return engine
 
 
@@ -109,8 +114,7 @@ def build(ckpt: Checkpoint, variant: str, device: torch.device) -> Denoiser:
         experts = {name: _ExpertProxy(one_at_a_time, name) for name in names}
     else:
         experts = {name: build_expert(ckpt, name, variant, device) for name in names}
-    dtype = torch.float32 if variant == "fp32" else torch.bfloat16
-    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=dtype)
+    return Denoiser(ckpt=ckpt, experts=experts, device=device, dtype=served_dtype(variant))
 
 
 def run(ckpt: Checkpoint, variant: str, request: GenerationRequest, embeds: torch.Tensor, device) -> dict:

@@ -18,11 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-# As in wan_triton.kernels.fp8_rows, as constants a Triton kernel may read. On CUDA torch divides by a scalar as a
-# product with the scalar's fp32 reciprocal: the reference's scale is amax * (1 / 448), which this reproduces exactly.
-INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)
-E4M3_MAX = tl.constexpr(448.0)
-MIN_AMAX = tl.constexpr(1e-12)
+from wan_triton.kernels.fp8_rows_triton import E4M3_MAX, MIN_AMAX
+
+# On CUDA torch divides by a scalar as a product with the scalar's fp32 reciprocal: the reference's scale is
+# amax * (1 / 448), which this reproduces exactly.
+INV_E4M3_MAX = tl.constexpr(1.0 / E4M3_MAX.value)
 
 # Tokens a program covers: BLOCK_TOKENS at a time, TILES times (fewer partials to reduce than one tile a program).
 BLOCK_TOKENS = 64
